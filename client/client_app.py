@@ -1,0 +1,121 @@
+"""fedlora ClientApp: trains the LoRA adapter on the data where it lives.
+
+Thin glue over :mod:`fedlora`: the frozen base model comes from a per-process cache,
+the received adapter tensors are loaded into it, training runs locally and only the
+adapter tensors (LoRA factors, plus the head when ``train-head`` is on) are sent back.
+A site that cannot train (missing or bad data) replies with the reason instead of
+crashing the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import runtime
+from fedlora.adapters import adapter_state, load_adapter_state
+from fedlora.data import DataError
+from fedlora.models import cached_lora_model
+from fedlora.protocol import (
+    CONFIG_KEY,
+    LORA_KEY,
+    METRICS_KEY,
+    STATUS_KEY,
+    NodeInfo,
+    could_not_train,
+    with_overrides,
+)
+from fedlora.training import evaluate, train
+from fedlora.wire import from_record, to_record
+
+log = logging.getLogger("fedlora.client")
+
+def _setup(msg: Message, context: Context):
+    cfg = runtime.resolve_config(context.run_config)
+    runtime.set_threads_once(cfg.client_num_threads)
+    node = NodeInfo.from_node_config(context.node_config, cfg)
+    model = cached_lora_model(runtime.model_spec(cfg, rank=node.lora_rank))
+    load_adapter_state(model, from_record(msg.content[LORA_KEY]))
+    data = runtime.client_data(
+        cfg,
+        partition_id=node.partition_id,
+        num_partitions=node.num_partitions,
+        data_path=node.data_path,
+    )
+    return cfg, node, model, data
+
+
+def train_fn(msg: Message, context: Context) -> Message:
+    """Train the received adapter on this node's data and send the adapter back."""
+    t0 = time.perf_counter()
+    try:
+        cfg, node, model, data = _setup(msg, context)
+    except (DataError, FileNotFoundError) as e:
+        log.error("This site could not train: %s", e)
+        return Message(content=could_not_train(str(e)), reply_to=msg)
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
+    result = train(
+        model,
+        data.data,
+        data.train_idx,
+        steps=cfg.local_steps,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0),
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": data.num_train,
+            "train-loss": result.loss,
+            "train-steps": result.steps,
+            "train-seconds": time.perf_counter() - t0,
+        }
+    )
+    content = RecordDict(
+        {
+            LORA_KEY: to_record(adapter_state(model), cfg.wire_dtype),
+            METRICS_KEY: metrics,
+            STATUS_KEY: ConfigRecord({"status": "ok"}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_fn(msg: Message, context: Context) -> Message:
+    """Evaluate the received adapter on this node's held-out examples."""
+    try:
+        cfg, _, model, data = _setup(msg, context)
+    except (DataError, FileNotFoundError) as e:
+        log.error("This site could not evaluate: %s", e)
+        return Message(content=could_not_train(str(e)), reply_to=msg)
+    res = evaluate(model, data.data, data.val_idx, batch_size=cfg.eval_batch_size)
+    metrics = MetricRecord(
+        {"num-examples": res.examples, "eval-loss": res.loss, "eval-accuracy": res.accuracy}
+    )
+    content = RecordDict({METRICS_KEY: metrics, STATUS_KEY: ConfigRecord({"status": "ok"})})
+    return Message(content=content, reply_to=msg)
+
+
+def build_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` are merged over the run-config (for in-process runs)."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train_fn(msg, with_overrides(context, overrides))
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_fn(msg, with_overrides(context, overrides))
+
+    return client_app
+
+
+app = build_app()

@@ -1,0 +1,68 @@
+"""Aggregation of federated LoRA updates: pure functions, arrays in, arrays out.
+
+Averaging the ``A`` and ``B`` factors separately (FedIT) is not the average of
+the client updates: ``mean(B) @ mean(A) != mean(B @ A)``. This package offers
+several aggregation rules behind one entry point::
+
+    from fedlora.aggregation import LoraFactors, aggregate
+
+    global_factors = aggregate("svd", updates, weights, rank=8)
+
+``updates`` holds one mapping per client, module name -> :class:`LoraFactors`
+(``A``: ``(r, d_in)``, ``B``: ``(d_out, r)``, ``scale = alpha / r``); the
+update of client ``k`` on a module is ``dW_k = s_k * B_k @ A_k``. ``weights``
+are per-client example counts, normalised to ``p_k``. numpy arrays and torch
+tensors are both accepted; the result has the kind, device and dtype of the
+input (computation is in float64).
+
+Methods (see :func:`available_methods`):
+
+* ``fedavg`` - ``A`` and ``s_k B`` averaged separately (inexact baseline;
+  heterogeneous ranks zero-padded to the max rank).
+* ``ffa`` - FFA-LoRA: ``A`` frozen and shared, only ``B`` averaged (exact).
+* ``stack`` - FLoRA: factors concatenated, rank ``sum_k r_k`` (exact).
+* ``svd`` - exact sum re-factorised to rank ``r`` by a factored SVD
+  (Eckart-Young optimal), optionally with error feedback across rounds.
+* ``fedsa`` - FedSA-LoRA: ``A`` averaged and shared, ``B`` kept by clients.
+
+New methods are added with the :func:`register` decorator.
+"""
+
+from .linalg import ProductSVD, product_norm, product_svd, stack_factors
+from .ops import delta_weight, fit_rank, product_error
+from .registry import METHODS, AggregationFn, aggregate, available_methods, get_method, register
+from .types import AggregationError, Array, LoraFactors, ModuleFactors, Updates
+from .validation import PreparedUpdates, normalize_weights
+
+# Importing the method modules registers them.
+from . import fedavg as _fedavg  # noqa: E402,F401  isort: skip
+from . import ffa as _ffa  # noqa: E402,F401  isort: skip
+from . import stack as _stack  # noqa: E402,F401  isort: skip
+from . import svd as _svd  # noqa: E402,F401  isort: skip
+from . import fedsa as _fedsa  # noqa: E402,F401  isort: skip
+from .svd import SvdErrorFeedback, SvdReport  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "AggregationError",
+    "AggregationFn",
+    "Array",
+    "LoraFactors",
+    "ModuleFactors",
+    "PreparedUpdates",
+    "ProductSVD",
+    "SvdErrorFeedback",
+    "SvdReport",
+    "Updates",
+    "aggregate",
+    "available_methods",
+    "delta_weight",
+    "fit_rank",
+    "get_method",
+    "normalize_weights",
+    "product_error",
+    "product_norm",
+    "product_svd",
+    "register",
+    "stack_factors",
+]

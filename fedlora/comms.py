@@ -1,0 +1,113 @@
+"""Communication ledger: the bytes of every message, by round, node, direction and kind."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .adapters import FACTOR_A, FACTOR_B, is_factor_key
+from .wire import WIRE_DTYPES, array_bytes
+
+__all__ = ["CommsEntry", "CommsLedger", "analytic_record_bytes"]
+
+COLUMNS = ("round", "node", "direction", "kind", "bytes", "analytic_bytes", "factor_bytes",
+           "head_bytes", "num_arrays", "wire_dtype", "keys")
+
+
+def _dtype_size(dtype: str) -> int:
+    return WIRE_DTYPES.get(dtype) or np.dtype(dtype).itemsize
+
+
+def analytic_record_bytes(record: Mapping[str, Any]) -> tuple[int, int]:
+    """(factor bytes, head bytes) predicted from shapes alone.
+
+    Factors: sum over LoRA modules of rank x (d_in + d_out) x dtype size; the head:
+    its element count x dtype size.
+    """
+    factor = head = 0
+    for key, arr in record.items():
+        n = int(np.prod(arr.shape, dtype=np.int64)) * _dtype_size(arr.dtype)
+        if key.endswith(FACTOR_A) or key.endswith(FACTOR_B):
+            factor += n
+        else:
+            head += n
+    return factor, head
+
+
+@dataclass(frozen=True)
+class CommsEntry:
+    round: int
+    node: int
+    direction: str  # "up" (client -> server) or "down"
+    kind: str  # "train" or "evaluate"
+    bytes: int  # measured: payload bytes of the arrays as serialised in the message
+    analytic_bytes: int
+    factor_bytes: int
+    head_bytes: int
+    num_arrays: int
+    wire_dtype: str
+    keys: str  # ';'-joined array keys
+
+
+class CommsLedger:
+    """Collects one :class:`CommsEntry` per message and summarises them."""
+
+    def __init__(self, full_model_bytes: int = 0) -> None:
+        self.entries: list[CommsEntry] = []
+        self.full_model_bytes = int(full_model_bytes)
+
+    def record(self, server_round: int, node: int, direction: str, kind: str, record) -> CommsEntry:
+        factor, head = analytic_record_bytes(record)
+        dtypes = sorted({a.dtype for a in record.values()})
+        entry = CommsEntry(
+            round=int(server_round),
+            node=int(node),
+            direction=direction,
+            kind=str(kind).split(".")[-1],
+            bytes=sum(array_bytes(a) for a in record.values()),
+            analytic_bytes=factor + head,
+            factor_bytes=factor,
+            head_bytes=head,
+            num_arrays=len(record),
+            wire_dtype=",".join(dtypes),
+            keys=";".join(sorted(record.keys())),
+        )
+        self.entries.append(entry)
+        return entry
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [asdict(e) for e in self.entries]
+
+    def round_totals(self, server_round: int) -> dict[str, int]:
+        up = sum(e.bytes for e in self.entries if e.round == server_round and e.direction == "up")
+        down = sum(e.bytes for e in self.entries
+                   if e.round == server_round and e.direction == "down")
+        return {"up": up, "down": down}
+
+    def summary(self) -> dict[str, Any]:
+        """Totals per direction, per client and per round, and the ratio to full fine-tuning."""
+        per_dir: dict[str, int] = defaultdict(int)
+        per_node: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
+        per_round: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
+        up_train = [e for e in self.entries if e.direction == "up" and e.kind == "train"]
+        for e in self.entries:
+            per_dir[e.direction] += e.bytes
+            per_node[e.node][e.direction] += e.bytes
+            per_round[e.round][e.direction] += e.bytes
+        per_msg = up_train[0].bytes if up_train else 0
+        out: dict[str, Any] = {
+            "total_bytes": {"up": per_dir.get("up", 0), "down": per_dir.get("down", 0)},
+            "messages": len(self.entries),
+            "bytes_per_client_update": per_msg,
+            "full_model_bytes": self.full_model_bytes,
+            "ratio_update_to_full_model": (per_msg / self.full_model_bytes
+                                           if self.full_model_bytes and per_msg else None),
+            "measured_equals_analytic": all(e.bytes == e.analytic_bytes for e in self.entries),
+            "per_round": {str(r): v for r, v in sorted(per_round.items())},
+            "per_node": {str(n): v for n, v in sorted(per_node.items())},
+        }
+        return out

@@ -1,0 +1,253 @@
+"""The run-config: every key, its type, default and accepted range, parsed once.
+
+Run-config keys are kebab-case (``lora-rank``) as Flower passes them; the typed
+:class:`RunConfig` has snake_case fields. :func:`parse_run_config` is the only way in:
+an unknown key, a wrong type or an out-of-range value raises :class:`ConfigError`
+naming the key, the value and what is accepted, before any round starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ConfigError", "RunConfig", "KEYS", "parse_run_config", "defaults"]
+
+
+class ConfigError(ValueError):
+    """A run-config key or value is not acceptable."""
+
+    def __init__(self, key: str, value: Any, expected: str) -> None:
+        self.key = key
+        self.value = value
+        self.expected = expected
+        super().__init__(f"run-config key '{key}' has bad value {value!r}: expected {expected}")
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key: its type, default and check (which returns an error text or None)."""
+
+    name: str
+    kind: type
+    default: Any
+    expected: str
+    check: Callable[[Any], bool] = lambda v: True
+    help: str = ""
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _choices(*names: str) -> Callable[[Any], bool]:
+    return lambda v: v in names
+
+
+def _modules(v: str) -> bool:
+    parts = [p.strip() for p in v.split(",")]
+    return bool(v.strip()) and all(parts)
+
+
+# The single table of run-config keys. Defaults here equal pyproject.toml's
+# [tool.flwr.app.config] (a test keeps them in step).
+KEYS: tuple[Key, ...] = (
+    Key("task", str, "rotten-tomatoes", "one of the registered tasks (see fedlora.tasks)",
+        help="Workload: model + data. 'custom' reads model-path and data-path."),
+    Key("num-server-rounds", int, 8, "an integer >= 1", lambda v: v >= 1),
+    Key("fraction-train", float, 0.2, "a fraction in (0, 1]", lambda v: 0 < v <= 1),
+    Key("fraction-evaluate", float, 0.2, "a fraction in [0, 1]", lambda v: 0 <= v <= 1),
+    Key("min-train-nodes", int, 1, "an integer >= 1", lambda v: v >= 1),
+    Key("local-steps", int, 10, "an integer >= 1", lambda v: v >= 1,
+        help="Optimiser steps per client per round (used when local-epochs = 0)."),
+    Key("local-epochs", int, 0, "an integer >= 0 (0: use local-steps)", lambda v: v >= 0),
+    Key("batch-size", int, 32, "an integer in [1, 4096]", lambda v: 1 <= v <= 4096),
+    Key("eval-batch-size", int, 128, "an integer in [1, 4096]", lambda v: 1 <= v <= 4096),
+    Key("learning-rate", float, 0.002, "a float in (0, 1]", lambda v: 0 < v <= 1),
+    Key("weight-decay", float, 0.0, "a float >= 0", lambda v: v >= 0),
+    Key("lora-rank", int, 8, "an integer in [1, 1024]", lambda v: 1 <= v <= 1024),
+    Key("lora-alpha", float, 16.0, "a float > 0", _positive),
+    Key("lora-dropout", float, 0.05, "a float in [0, 1)", lambda v: 0 <= v < 1),
+    Key("lora-target-modules", str, "query,value",
+        "a comma-separated list of module names, e.g. 'query,value'", _modules),
+    Key("train-head", bool, True, "true or false",
+        help="Train (and send) the classification head as well as the LoRA factors."),
+    Key("aggregator", str, "fedavg", "a registered aggregator"),
+    Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16",
+        _choices("float32", "float16", "bfloat16"),
+        help="Dtype of the adapter tensors in messages (float16/bfloat16 halve the bytes)."),
+    Key("max-length", int, 64, "an integer in [8, 4096]", lambda v: 8 <= v <= 4096),
+    Key("num-partitions", int, 0, "an integer >= 0 (0: one per SuperNode)", lambda v: v >= 0),
+    Key("partitioner", str, "natural", "one of natural, iid",
+        _choices("natural", "iid")),
+    Key("test-fraction", float, 0.08, "a fraction in (0, 0.5]", lambda v: 0 < v <= 0.5),
+    Key("seed", int, 0, "an integer >= 0", lambda v: v >= 0),
+    Key("client-num-threads", int, 0,
+        "an integer >= 0 (0: the CPU share the simulation gives each client)", lambda v: v >= 0),
+    Key("model-path", str, "", "a local transformers model folder (task 'custom')"),
+    Key("data-path", str, "", "a local CSV or JSONL file (task 'custom')"),
+    Key("test-data-path", str, "", "a local CSV or JSONL file for centralised evaluation"),
+    Key("text-column", str, "text", "a non-empty column name", lambda v: bool(v.strip())),
+    Key("label-column", str, "label", "a non-empty column name", lambda v: bool(v.strip())),
+    Key("labels", str, "", "comma-separated label names (task 'custom')"),
+    Key("output-dir", str, "results", "a non-empty folder path", lambda v: bool(v.strip())),
+    Key("run-name", str, "", "a folder name without '/' ('' : a timestamped name)",
+        lambda v: "/" not in v and v not in (".", "..")),
+)
+KEYS_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
+
+
+def _field_name(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _make_config_class() -> type:
+    fields = [(_field_name(k.name), k.kind, field(default=k.default)) for k in KEYS]
+    return dataclasses.make_dataclass("RunConfig", fields, frozen=True)
+
+
+RunConfig = _make_config_class()
+RunConfig.__doc__ = "Typed, validated run-config (snake_case fields of the kebab-case keys)."
+RunConfig.__module__ = __name__
+
+
+def _target_modules(self: Any) -> list[str]:
+    return [m.strip() for m in self.lora_target_modules.split(",")]
+
+
+def _label_names(self: Any) -> list[str]:
+    return [s.strip() for s in self.labels.split(",") if s.strip()]
+
+
+def _to_dict(self: Any) -> dict[str, Any]:
+    """The config as kebab-case run-config keys (what pyproject.toml holds)."""
+    return {k.name: getattr(self, _field_name(k.name)) for k in KEYS}
+
+
+RunConfig.target_modules = property(_target_modules)
+RunConfig.label_names = property(_label_names)
+RunConfig.to_dict = _to_dict
+
+
+def defaults() -> dict[str, Any]:
+    """The default value of every key, kebab-case."""
+    return {k.name: k.default for k in KEYS}
+
+
+def _coerce(key: Key, value: Any) -> Any:
+    """Convert a run-config value to the key's type, or raise ConfigError."""
+    kind = key.kind
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ConfigError(key.name, value, key.expected)
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(key.name, value, key.expected)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(key.name, value, key.expected)
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(key.name, value, key.expected)
+        if isinstance(value, (int, float)):
+            out = float(value)
+        elif isinstance(value, str):
+            try:
+                out = float(value.strip())
+            except ValueError:
+                raise ConfigError(key.name, value, key.expected) from None
+        else:
+            raise ConfigError(key.name, value, key.expected)
+        if not math.isfinite(out):
+            raise ConfigError(key.name, value, key.expected)
+        return out
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key.name, value, key.expected)
+    raise TypeError(f"unsupported key type {kind}")  # pragma: no cover
+
+
+def parse_run_config(
+    run_config: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    known_tasks: Mapping[str, Any] | None = None,
+    known_aggregators: Mapping[str, Any] | None = None,
+) -> Any:
+    """Parse Flower's run-config (plus optional overrides) into a :class:`RunConfig`.
+
+    Raises :class:`ConfigError` for an unknown key (with the closest known key
+    suggested), a wrong type, an out-of-range value or an incompatible combination.
+    """
+    merged: dict[str, Any] = {}
+    for source in (run_config or {}, overrides or {}):
+        merged.update(source)
+    values: dict[str, Any] = {}
+    for name, raw in merged.items():
+        key = KEYS_BY_NAME.get(name)
+        if key is None:
+            close = difflib.get_close_matches(name, KEYS_BY_NAME, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(name, raw, f"a known key (unknown key{hint})")
+        value = _coerce(key, raw)
+        if not key.check(value):
+            raise ConfigError(name, raw, key.expected)
+        values[_field_name(name)] = value
+    cfg = RunConfig(**values)
+    _check_combinations(cfg, known_tasks, known_aggregators)
+    return cfg
+
+
+def _check_combinations(
+    cfg: Any,
+    known_tasks: Mapping[str, Any] | None,
+    known_aggregators: Mapping[str, Any] | None,
+) -> None:
+    if known_tasks is not None and cfg.task not in known_tasks:
+        raise ConfigError("task", cfg.task, f"one of {', '.join(sorted(known_tasks))}")
+    if known_aggregators is not None and cfg.aggregator not in known_aggregators:
+        raise ConfigError(
+            "aggregator", cfg.aggregator, f"one of {', '.join(sorted(known_aggregators))}"
+        )
+    if cfg.task == "custom":
+        if not cfg.model_path:
+            raise ConfigError("model-path", cfg.model_path,
+                              "a local transformers model folder when task = 'custom'")
+        if len(cfg.label_names) < 2:
+            raise ConfigError("labels", cfg.labels,
+                              "at least two comma-separated label names when task = 'custom'")
+        if len(set(cfg.label_names)) != len(cfg.label_names):
+            raise ConfigError("labels", cfg.labels, "distinct label names")
+
+
+def check_paths(cfg: Any) -> None:
+    """Check that the local paths named in the run-config exist (server side, before round 1).
+
+    A site's own ``data-path`` from its node-config is checked by that site's ClientApp.
+    """
+    from pathlib import Path
+
+    if cfg.model_path:
+        p = Path(cfg.model_path).expanduser()
+        if not (p / "config.json").is_file():
+            raise ConfigError("model-path", cfg.model_path,
+                              "an existing transformers model folder (with config.json)")
+    for name in ("data-path", "test-data-path"):
+        value = getattr(cfg, _field_name(name))
+        if value and not Path(value).expanduser().is_file():
+            raise ConfigError(name, value, "an existing CSV or JSONL file")

@@ -1,0 +1,227 @@
+"""Text-classification data: reading local tables, splitting, partitioning, batching.
+
+Everything here is pure Python/NumPy over a :class:`TextDataset` (parallel lists of
+texts, integer labels and group names); tokenisation happens once per process in
+:class:`EncodedDataset`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "TextDataset",
+    "EncodedDataset",
+    "read_table",
+    "split_by_group",
+    "partition_natural",
+    "partition_iid",
+    "partition",
+    "train_val_split",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """A data file cannot be used: missing, empty, wrong columns or unknown labels."""
+
+
+@dataclass(frozen=True)
+class TextDataset:
+    """Parallel arrays: ``texts[i]`` has label ``labels[i]`` and belongs to ``groups[i]``."""
+
+    texts: list[str]
+    labels: np.ndarray  # (n,) int64
+    groups: list[str]
+    label_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TextDataset:
+        idx = np.asarray(indices, dtype=np.int64)
+        return TextDataset(
+            texts=[self.texts[i] for i in idx],
+            labels=self.labels[idx],
+            groups=[self.groups[i] for i in idx],
+            label_names=self.label_names,
+        )
+
+
+def _read_rows(path: Path) -> list[dict[str, object]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {lineno} is not a JSON object")
+                rows.append(row)
+        return rows
+    if suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise DataError(f"{path}: unsupported file type '{suffix}' (use .csv, .tsv or .jsonl)")
+
+
+def read_table(
+    path: str | Path,
+    *,
+    text_column: str,
+    label_column: str,
+    label_names: Sequence[str],
+    group_column: str | None = None,
+) -> TextDataset:
+    """Read a local CSV/TSV/JSONL file of (text, label) rows, validating everything.
+
+    Labels are matched as strings against ``label_names`` (so ``0``/``1`` and
+    ``negative``/``positive`` both work). Raises :class:`DataError` naming the file,
+    the column or the row at fault.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    rows = _read_rows(p)
+    if not rows:
+        raise DataError(f"{p}: the file holds no rows")
+    for column in (text_column, label_column):
+        if column not in rows[0]:
+            raise DataError(
+                f"{p}: no column '{column}' (columns: {', '.join(map(str, rows[0]))}); "
+                "set text-column / label-column"
+            )
+    lookup = {name: i for i, name in enumerate(label_names)}
+    texts, labels, groups = [], [], []
+    for i, row in enumerate(rows, start=1):
+        text, label = row.get(text_column), row.get(label_column)
+        if text is None or not str(text).strip():
+            raise DataError(f"{p}: row {i} has an empty '{text_column}'")
+        key = str(label).strip() if label is not None else ""
+        if key not in lookup:
+            raise DataError(
+                f"{p}: row {i} has unknown label {label!r} in '{label_column}' "
+                f"(known labels: {', '.join(label_names)})"
+            )
+        texts.append(str(text))
+        labels.append(lookup[key])
+        groups.append(str(row.get(group_column, "")) if group_column else "")
+    return TextDataset(texts, np.asarray(labels, dtype=np.int64), groups, tuple(label_names))
+
+
+def split_by_group(
+    groups: Sequence[str], test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out whole groups (e.g. movies) for a test set: returns (train_idx, test_idx)."""
+    names = sorted(set(groups))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(names)
+    n_test = max(1, round(len(names) * test_fraction))
+    test_names = set(names[:n_test])
+    is_test = np.fromiter((g in test_names for g in groups), dtype=bool, count=len(groups))
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def partition_natural(
+    groups: Sequence[str], num_partitions: int, seed: int
+) -> list[np.ndarray]:
+    """One partition per bundle of whole groups (natural non-IID), sizes balanced greedily.
+
+    Groups are shuffled with ``seed`` then each goes to the currently smallest
+    partition, so every partition holds whole groups and roughly equal counts.
+    """
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    names = sorted(by_group)
+    if len(names) < num_partitions:
+        raise DataError(
+            f"cannot split {len(names)} groups into {num_partitions} natural partitions; "
+            "lower num-partitions or use partitioner = 'iid'"
+        )
+    rng = np.random.default_rng(seed)
+    rng.shuffle(names)
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for name in names:
+        smallest = min(range(num_partitions), key=lambda k: len(parts[k]))
+        parts[smallest].extend(by_group[name])
+    return [np.asarray(sorted(p), dtype=np.int64) for p in parts]
+
+
+def partition_iid(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Shuffle ``n`` indices with ``seed`` and deal them into equal partitions."""
+    if n < num_partitions:
+        raise DataError(f"cannot split {n} examples into {num_partitions} partitions")
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(p) for p in np.array_split(perm, num_partitions)]
+
+
+def partition(
+    data: TextDataset, num_partitions: int, *, method: str, seed: int
+) -> list[np.ndarray]:
+    """Partition ``data`` with the named partitioner (``natural`` or ``iid``)."""
+    if method == "natural":
+        return partition_natural(data.groups, num_partitions, seed)
+    if method == "iid":
+        return partition_iid(len(data), num_partitions, seed)
+    raise ValueError(f"unknown partitioner {method!r} (known: natural, iid)")
+
+
+def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A client's local split of its ``n`` examples into (train_idx, val_idx)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction)) if n >= 5 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class EncodedDataset:
+    """A :class:`TextDataset` tokenised once; batches are padded to their own longest row."""
+
+    def __init__(self, data: TextDataset, tokenizer, max_length: int) -> None:
+        enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
+        self.input_ids: list[list[int]] = enc["input_ids"]
+        self.labels = torch.as_tensor(data.labels, dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = [self.input_ids[i] for i in indices]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (batch, width)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+            mask[j, : len(r)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": self.labels[torch.as_tensor(list(indices), dtype=torch.long)],
+        }
+
+    def batches(
+        self, indices: Sequence[int] | np.ndarray, batch_size: int, *, by_length: bool = True
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches over ``indices`` (for evaluation), grouped by length to pad little."""
+        idx = list(np.asarray(indices).tolist())
+        if by_length:
+            idx.sort(key=lambda i: len(self.input_ids[i]))
+        for start in range(0, len(idx), batch_size):
+            yield self.collate(idx[start : start + batch_size])

@@ -1,0 +1,159 @@
+"""Pretrained models with LoRA adapters, loaded once per process.
+
+A worker process that serves many virtual clients keeps one frozen base model per
+adapter layout (:class:`LoraSpec`) and swaps only the adapter tensors between clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LoraSpec", "load_tokenizer", "build_lora_model", "cached_lora_model", "head_name",
+           "choose_num_threads"]
+
+log = logging.getLogger(__name__)
+
+# Models and tokenizers come from local folders only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# transformers 5 warns from inside its own code when peft inspects a model.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+_HEAD_NAMES = ("classifier", "score", "classification_head")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Everything that fixes the adapter layout (and so the keys and shapes on the wire)."""
+
+    model_path: str
+    num_labels: int
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    train_head: bool
+
+    @classmethod
+    def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None):
+        """The spec a run-config asks for (``rank`` overrides ``lora-rank``, e.g. per site)."""
+        return cls(
+            model_path=model_path,
+            num_labels=num_labels,
+            rank=rank if rank is not None else cfg.lora_rank,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            target_modules=tuple(cfg.target_modules),
+            train_head=cfg.train_head,
+        )
+
+    @property
+    def scale(self) -> float:
+        """LoRA's scale alpha / r: the update of a module is scale * B @ A."""
+        return self.alpha / self.rank
+
+
+def choose_num_threads(requested: int = 0) -> int:
+    """Torch threads for a client: ``requested``, else the CPU share the simulation gave it.
+
+    Ray sets OMP_NUM_THREADS to an actor's ``num_cpus``; oversubscribing the cores
+    with several busy clients makes every step many times slower, so we follow it.
+    """
+    if requested > 0:
+        return requested
+    try:
+        share = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        share = 0
+    return share if share > 0 else max(1, os.cpu_count() or 1)
+
+
+_LOCK = threading.Lock()
+_TOKENIZERS: dict[str, object] = {}
+_MODELS: dict[LoraSpec, nn.Module] = {}
+
+
+def load_tokenizer(model_path: str):
+    """The tokenizer of a local model folder, loaded once per process."""
+    from transformers import AutoTokenizer
+
+    with _LOCK:
+        tok = _TOKENIZERS.get(model_path)
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+            if tok.pad_token_id is None and tok.eos_token is not None:
+                tok.pad_token = tok.eos_token
+            _TOKENIZERS[model_path] = tok
+        return tok
+
+
+def head_name(model: nn.Module) -> str | None:
+    """Name of the classification head of a transformers model (trained with ``train-head``)."""
+    children = dict(model.named_children())
+    return next((n for n in _HEAD_NAMES if n in children), None)
+
+
+def build_lora_model(spec: LoraSpec, *, seed: int = 0) -> nn.Module:
+    """A fresh frozen pretrained model with LoRA adapters (and the head trainable if asked).
+
+    The model is placed on its device before ``get_peft_model`` so that adapter
+    parameters exist where training hooks will look for them.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        spec.model_path, num_labels=spec.num_labels, local_files_only=True
+    )
+    if base.config.pad_token_id is None:
+        tok = load_tokenizer(spec.model_path)
+        base.config.pad_token_id = tok.pad_token_id
+    head = head_name(base)
+    if spec.train_head and head is None:
+        raise ValueError(
+            f"train-head is true but no classification head ({', '.join(_HEAD_NAMES)}) "
+            f"was found in {spec.model_path}"
+        )
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        modules_to_save=[head] if spec.train_head else None,
+    )
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as e:
+        raise ValueError(
+            f"lora-target-modules {','.join(spec.target_modules)!r} do not fit {spec.model_path}: {e}"
+        ) from None
+    return model
+
+
+def cached_lora_model(spec: LoraSpec) -> nn.Module:
+    """The process-wide model for ``spec``: built on first use, reused afterwards.
+
+    Callers load the adapter tensors they need into it before use
+    (:func:`fedlora.adapters.load_adapter_state`), so nothing of one client leaks to the next.
+    """
+    with _LOCK:
+        model = _MODELS.get(spec)
+        if model is None:
+            log.info("Loading base model %s (LoRA r=%d) once for this process",
+                     spec.model_path, spec.rank)
+            model = build_lora_model(spec)
+            _MODELS[spec] = model
+        return model

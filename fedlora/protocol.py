@@ -1,0 +1,76 @@
+"""The message protocol between fedlora's ServerApp and ClientApp.
+
+Server -> client: ``{"lora": ArrayRecord, "config": ConfigRecord}``.
+Client -> server: ``{"lora": ArrayRecord (train only), "metrics": MetricRecord,
+"status": ConfigRecord}``; ``status`` is ``ok`` or ``could-not-train`` with a
+``reason`` the server logs. Only adapter tensors travel in ``lora``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+
+__all__ = ["LORA_KEY", "CONFIG_KEY", "METRICS_KEY", "STATUS_KEY", "NodeInfo", "could_not_train",
+           "with_overrides"]
+
+LORA_KEY = "lora"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+STATUS_KEY = "status"
+STATUS_OK = "ok"
+STATUS_COULD_NOT_TRAIN = "could-not-train"
+
+
+def could_not_train(reason: str) -> RecordDict:
+    """A reply saying this site could not take part, and why."""
+    return RecordDict(
+        {
+            METRICS_KEY: MetricRecord({"num-examples": 0}),
+            STATUS_KEY: ConfigRecord({"status": STATUS_COULD_NOT_TRAIN, "reason": reason[:2000]}),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node's node-config says about it."""
+
+    partition_id: int | None
+    num_partitions: int | None
+    data_path: str | None
+    lora_rank: int | None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg) -> NodeInfo:
+        pid = node_config.get("partition-id")
+        nparts = cfg.num_partitions or node_config.get("num-partitions")
+        rank = node_config.get("lora-rank")
+        if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
+            raise ValueError(f"node-config key 'lora-rank' has bad value {rank!r}: expected >= 1")
+        return cls(
+            partition_id=None if pid is None else int(pid),
+            num_partitions=None if nparts is None else int(nparts),
+            data_path=str(node_config["data-path"]) if node_config.get("data-path") else None,
+            lora_rank=None if rank is None else int(rank),
+        )
+
+
+def with_overrides(context: Context, overrides: Mapping[str, Any] | None) -> Context:
+    """``context`` with ``overrides`` merged over its run-config (in-process runs and tests).
+
+    Flower forbids changing a context's run-config, so this is a new Context that shares
+    the node-config and the persistent ``state`` of the original.
+    """
+    if not overrides:
+        return context
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={**dict(context.run_config), **dict(overrides)},
+    )

@@ -1,0 +1,112 @@
+"""Per-process state shared by the ServerApp and ClientApp: parsed configs, encoded data.
+
+Everything here is cached per process: a simulation worker that serves many virtual
+clients parses the run-config, tokenises the data and loads the base model once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import aggregation
+from .config import parse_run_config
+from .data import EncodedDataset, TextDataset, train_val_split
+from .models import LoraSpec, choose_num_threads, load_tokenizer
+from .tasks import TASKS, client_dataset, get_task, load_task_data, partition_indices
+
+__all__ = ["resolve_config", "model_spec", "encoded_test_set", "ClientData", "client_data",
+           "set_threads_once"]
+
+log = logging.getLogger(__name__)
+
+VAL_FRACTION = 0.1  # share of a client's examples kept for federated evaluation
+
+
+def resolve_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None):
+    """Parse and validate Flower's run-config (cached on its contents)."""
+    items = tuple(sorted({**dict(run_config), **dict(overrides or {})}.items()))
+    return _resolve(items)
+
+
+@functools.lru_cache(maxsize=16)
+def _resolve(items: tuple[tuple[str, Any], ...]):
+    return parse_run_config(
+        dict(items), known_tasks=TASKS, known_aggregators=aggregation.available_methods()
+    )
+
+
+def model_spec(cfg, rank: int | None = None) -> LoraSpec:
+    """The adapter layout of a run (``rank`` overrides ``lora-rank``, e.g. for one site)."""
+    task = get_task(cfg.task)
+    return LoraSpec.from_config(
+        cfg, model_path=task.model_path(cfg), num_labels=len(task.label_names(cfg)), rank=rank
+    )
+
+
+_THREADS_SET = False
+
+
+def set_threads_once(requested: int) -> int:
+    """Set torch's intra-op threads once per process (see :func:`choose_num_threads`)."""
+    global _THREADS_SET
+    n = choose_num_threads(requested)
+    if not _THREADS_SET:
+        torch.set_num_threads(n)
+        _THREADS_SET = True
+    return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=4)
+def encoded_test_set(cfg) -> EncodedDataset | None:
+    """The task's centralised test set, tokenised (None if the task has none)."""
+    test = load_task_data(cfg).test
+    if test is None or len(test) == 0:
+        return None
+    tok = load_tokenizer(get_task(cfg.task).model_path(cfg))
+    return EncodedDataset(test, tok, cfg.max_length)
+
+
+class ClientData:
+    """One client's examples, tokenised, with its local train/validation split."""
+
+    def __init__(self, data: EncodedDataset, indices: np.ndarray, seed: int) -> None:
+        self.data = data
+        tr, va = train_val_split(len(indices), VAL_FRACTION, seed)
+        self.train_idx = indices[tr]
+        self.val_idx = indices[va]
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_idx)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_pool(cfg) -> EncodedDataset:
+    # The whole simulation pool is tokenised once per process; clients index into it.
+    pool = load_task_data(cfg).train
+    tok = load_tokenizer(get_task(cfg.task).model_path(cfg))
+    return EncodedDataset(pool, tok, cfg.max_length)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded_file(cfg, data_path: str) -> EncodedDataset:
+    data: TextDataset = client_dataset(cfg, data_path=data_path)
+    tok = load_tokenizer(get_task(cfg.task).model_path(cfg))
+    return EncodedDataset(data, tok, cfg.max_length)
+
+
+def client_data(
+    cfg, *, partition_id: int | None, num_partitions: int | None, data_path: str | None
+) -> ClientData:
+    """The data of one client: a site's own file, or a partition of the simulation pool."""
+    if data_path:
+        enc = _encoded_file(cfg, data_path)
+        return ClientData(enc, np.arange(len(enc)), cfg.seed)
+    idx = partition_indices(cfg, partition_id, num_partitions)
+    return ClientData(_encoded_pool(cfg), idx, cfg.seed + int(partition_id or 0))

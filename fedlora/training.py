@@ -1,0 +1,101 @@
+"""Local training and evaluation of a LoRA model on encoded text."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import EncodedDataset
+
+__all__ = ["TrainResult", "EvalResult", "train", "evaluate", "trainable_parameters"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    loss: float  # mean training loss over the steps taken
+    steps: int
+    examples: int  # examples seen (steps x batch size, fewer in a short last batch)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(
+    model: nn.Module,
+    data: EncodedDataset,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    steps: int,
+    epochs: int = 0,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> TrainResult:
+    """Train the trainable (adapter) parameters with AdamW.
+
+    Runs ``epochs`` passes over ``indices`` when ``epochs`` > 0, else ``steps``
+    mini-batches drawn by reshuffling ``indices`` as often as needed (seeded).
+    """
+    idx = np.asarray(indices, dtype=np.int64)
+    if len(idx) == 0:
+        raise ValueError("no training examples")
+    rng = np.random.default_rng(seed)
+    per_epoch = math.ceil(len(idx) / batch_size)
+    total = epochs * per_epoch if epochs > 0 else steps
+    params = trainable_parameters(model)
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    model.train()
+    losses, seen, order, pos = [], 0, rng.permutation(idx), 0
+    for _ in range(total):
+        if pos >= len(order):
+            order, pos = rng.permutation(idx), 0
+        batch_idx = order[pos : pos + batch_size]
+        pos += batch_size
+        batch = data.collate(batch_idx)
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        seen += len(batch_idx)
+    return TrainResult(loss=float(np.mean(losses)), steps=total, examples=seen)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data: EncodedDataset,
+    indices: Sequence[int] | np.ndarray | None = None,
+    *,
+    batch_size: int = 128,
+) -> EvalResult:
+    """Mean cross-entropy and accuracy over ``indices`` (all rows if None)."""
+    idx = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if len(idx) == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for batch in data.batches(idx, batch_size):
+        labels = batch.pop("labels")
+        logits = model(**batch).logits  # (batch, num_labels)
+        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+    model.train()
+    return EvalResult(loss=total_loss / len(idx), accuracy=correct / len(idx), examples=len(idx))

@@ -1,0 +1,196 @@
+"""fedlora ServerApp: federated LoRA fine-tuning rounds, results in ``output-dir/<run-name>/``.
+
+Parses the run-config once (a bad key or value stops the run before round 1), builds
+the initial adapter, runs the rounds through :class:`server.strategy.LoraStrategy`,
+evaluates the global adapter on the task's held-out test set after every round and
+writes metrics, the communication ledger and the adapter (peft format) as it goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import runtime
+from fedlora.adapters import adapter_state, analytic_bytes, factor_layout, load_adapter_state
+from fedlora.comms import COLUMNS as COMMS_COLUMNS
+from fedlora.comms import CommsLedger
+from fedlora.config import ConfigError, check_paths
+from fedlora.models import build_lora_model
+from fedlora.protocol import with_overrides
+from fedlora.results import new_run_dir, save_adapter, write_csv, write_json
+from fedlora.training import evaluate
+from fedlora.wire import WIRE_DTYPES, from_record, to_record
+
+from .strategy import LoraStrategy
+
+log = logging.getLogger("fedlora")
+
+METRIC_COLUMNS = (
+    "round", "train_loss", "test_loss", "test_accuracy", "fed_eval_loss", "fed_eval_accuracy",
+    "clients_sampled", "clients_accepted", "clients_refused", "bytes_up", "bytes_down",
+    "round_seconds", "elapsed_seconds",
+)
+
+
+def _setup_logging() -> None:
+    if not any(getattr(h, "_fedlora", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s fedlora: %(message)s"))
+        handler._fedlora = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def main(grid: Grid, context: Context) -> None:
+    """Run the federated fine-tuning described by the run-config."""
+    _setup_logging()
+    try:
+        cfg = runtime.resolve_config(context.run_config)
+        check_paths(cfg)
+    except ConfigError as e:
+        log.error("%s", e)
+        raise SystemExit(f"fedlora: {e}") from None
+    run_federated(grid, cfg)
+
+
+def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; ``overrides`` are merged over the run-config (for in-process runs)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        main(grid, with_overrides(context, overrides))
+
+    return server_app
+
+
+app = build_app()
+
+
+def run_federated(grid: Grid, cfg) -> Path:
+    """The round loop; returns the run folder."""
+    t_start = time.perf_counter()
+    torch.set_num_threads(runtime.choose_num_threads(cfg.client_num_threads))
+    run_dir = new_run_dir(cfg.output_dir, cfg.run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    log.info("fedlora run in %s: task=%s rounds=%d aggregator=%s lora-rank=%d", run_dir,
+             cfg.task, cfg.num_server_rounds, cfg.aggregator, cfg.lora_rank)
+
+    spec = runtime.model_spec(cfg)
+    model = build_lora_model(spec, seed=cfg.seed)
+    state = adapter_state(model)
+    layout = factor_layout(state)
+    full_bytes = sum(p.numel() for p in model.parameters()) * 4
+    per_update = analytic_bytes(layout, WIRE_DTYPES[cfg.wire_dtype])
+    log.info("adapter: %d LoRA modules, %d tensors; %s bytes of factors per message "
+             "(full model: %s bytes, ratio %.5f)", len(layout), len(state), f"{per_update:,}",
+             f"{full_bytes:,}", per_update / full_bytes)
+    test_set = runtime.encoded_test_set(cfg)
+    if test_set is None:
+        log.info("no centralised test set for task '%s': only federated evaluation", cfg.task)
+
+    ledger = CommsLedger(full_model_bytes=full_bytes)
+    strategy = LoraStrategy(
+        aggregator=cfg.aggregator,
+        scale=spec.scale,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        wire_dtype=cfg.wire_dtype,
+        seed=cfg.seed,
+        ledger=ledger,
+    )
+    strategy.summary()
+    arrays: ArrayRecord = to_record(state, cfg.wire_dtype)
+
+    def central_eval(record: ArrayRecord):
+        if test_set is None:
+            return None
+        load_adapter_state(model, from_record(record))
+        return evaluate(model, test_set, batch_size=cfg.eval_batch_size)
+
+    rows: list[dict] = []
+    res0 = central_eval(arrays)
+    rows.append({"round": 0, "test_loss": res0 and res0.loss, "test_accuracy": res0 and res0.accuracy,
+                 "elapsed_seconds": time.perf_counter() - t_start})
+    if res0 is not None:
+        log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f",
+                 cfg.num_server_rounds, res0.loss, res0.accuracy)
+
+    def write_results() -> None:
+        write_json(run_dir / "metrics.json", {"config": cfg.to_dict(), "rounds": rows,
+                                              "comms": ledger.summary()})
+        write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
+        write_csv(run_dir / "comms.csv", ledger.rows(), COMMS_COLUMNS)
+        write_json(run_dir / "comms.json", ledger.summary())
+
+    train_config = ConfigRecord({})
+    for rnd in range(1, cfg.num_server_rounds + 1):
+        t0 = time.perf_counter()
+        replies = grid.send_and_receive(
+            messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=3600)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        fed = None
+        if cfg.fraction_evaluate > 0:
+            ev_replies = grid.send_and_receive(
+                messages=strategy.configure_evaluate(rnd, arrays, train_config, grid),
+                timeout=3600)
+            fed = strategy.aggregate_evaluate(rnd, ev_replies)
+        res = central_eval(arrays)
+        outcome = strategy.last_outcome
+        totals = ledger.round_totals(rnd)
+        row = {
+            "round": rnd,
+            "train_loss": train_metrics.get("train-loss") if train_metrics else None,
+            "test_loss": res.loss if res else None,
+            "test_accuracy": res.accuracy if res else None,
+            "fed_eval_loss": fed.get("eval-loss") if fed else None,
+            "fed_eval_accuracy": fed.get("eval-accuracy") if fed else None,
+            "clients_sampled": outcome.sampled,
+            "clients_accepted": len(outcome.accepted),
+            "clients_refused": len(outcome.refused),
+            "refused": [{"node": n, "reason": r} for n, r in outcome.refused],
+            "bytes_up": totals["up"],
+            "bytes_down": totals["down"],
+            "round_seconds": time.perf_counter() - t0,
+            "elapsed_seconds": time.perf_counter() - t_start,
+        }
+        rows.append(row)
+        load_adapter_state(model, from_record(arrays))
+        save_adapter(model, run_dir / "adapter")
+        write_results()
+        log.info(
+            "[round %d/%d] train loss %s | test loss %s, accuracy %s | fed-eval accuracy %s | "
+            "clients %d/%d (%d refused) | up %s B, down %s B | %.1f s",
+            rnd, cfg.num_server_rounds, _fmt(row["train_loss"]), _fmt(row["test_loss"]),
+            _fmt(row["test_accuracy"]), _fmt(row["fed_eval_accuracy"]),
+            len(outcome.accepted), outcome.sampled, len(outcome.refused),
+            f"{totals['up']:,}", f"{totals['down']:,}", row["round_seconds"],
+        )
+
+    write_results()
+    final = rows[-1]
+    log.info("done in %.1f s: test accuracy %s -> %s over %d rounds; %s bytes up, %s bytes "
+             "down; results in %s (adapter: %s)",
+             time.perf_counter() - t_start, _fmt(rows[0].get("test_accuracy")),
+             _fmt(final.get("test_accuracy")), cfg.num_server_rounds,
+             f"{ledger.summary()['total_bytes']['up']:,}",
+             f"{ledger.summary()['total_bytes']['down']:,}", run_dir, run_dir / "adapter")
+    return run_dir

@@ -1,0 +1,261 @@
+"""The fedlora strategy: sample nodes, send the global adapter, validate replies, aggregate.
+
+A Flower :class:`~flwr.serverapp.strategy.Strategy`. Aggregation itself is the pure
+:func:`fedlora.aggregation.aggregate`; this file is the glue between messages and arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora import aggregation
+from fedlora.adapters import FACTOR_A, FACTOR_B, is_factor_key, module_of
+from fedlora.comms import CommsLedger
+from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, STATUS_OK
+from fedlora.wire import from_record, to_record
+
+log = logging.getLogger("fedlora.server")
+
+MAX_NUM_EXAMPLES = 10_000_000  # a reply claiming more examples than this is refused
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to the replies of one round (for metrics and logs)."""
+
+    sampled: int = 0
+    accepted: list[int] = field(default_factory=list)
+    refused: list[tuple[int, str]] = field(default_factory=list)
+
+
+class LoraStrategy(Strategy):
+    """Federated averaging of LoRA adapters through a pluggable factor aggregator.
+
+    Parameters
+    ----------
+    aggregator : str
+        A method of :mod:`fedlora.aggregation` (``fedavg``, ``svd``, ...).
+    scale : float
+        LoRA scale alpha / r of the global adapter; aggregated factors are returned in it.
+    fraction_train, fraction_evaluate : float
+        Share of connected nodes sampled per round for training / federated evaluation.
+    min_train_nodes : int
+        Fewest nodes to sample for training; a round with fewer valid replies is skipped.
+    wire_dtype : str
+        Dtype of adapter tensors in messages.
+    seed : int
+        Seeds node sampling, so a run is reproducible.
+    ledger : CommsLedger, optional
+        Records the bytes of every message.
+    """
+
+    def __init__(
+        self,
+        *,
+        aggregator: str,
+        scale: float,
+        fraction_train: float,
+        fraction_evaluate: float,
+        min_train_nodes: int = 1,
+        wire_dtype: str = "float32",
+        seed: int = 0,
+        ledger: CommsLedger | None = None,
+    ) -> None:
+        if not 0 < fraction_train <= 1:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if not 0 <= fraction_evaluate <= 1:
+            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
+        if min_train_nodes < 1:
+            raise ValueError(f"min_train_nodes must be >= 1, got {min_train_nodes}")
+        aggregation.get_method(aggregator)  # raises naming the known methods
+        self.aggregator = aggregator
+        self.scale = float(scale)
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.min_train_nodes = min_train_nodes
+        self.wire_dtype = wire_dtype
+        self.rng = np.random.default_rng(seed)
+        self.ledger = ledger
+        self.last_outcome = RoundOutcome()
+        self._expected: dict[str, tuple[int, ...]] = {}
+
+    # -- sampling ---------------------------------------------------------------------
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        if not nodes:
+            return []
+        n = min(len(nodes), max(minimum, int(round(len(nodes) * fraction))))
+        # Choose positions, not ids: node ids are uint64 and would lose bits as float/int64.
+        picks = self.rng.choice(len(nodes), size=n, replace=False)
+        return sorted(nodes[int(i)] for i in picks)
+
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int],
+        kind: str,
+    ) -> list[Message]:
+        config = ConfigRecord({**dict(config), "server-round": server_round})
+        record = RecordDict({LORA_KEY: arrays, CONFIG_KEY: config})
+        msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
+        if self.ledger is not None:
+            for n in nodes:
+                self.ledger.record(server_round, n, "down", kind, arrays)
+        return msgs
+
+    # -- Strategy API -----------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample ``fraction-train`` of the nodes and send each the global adapter."""
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        self._expected = {k: tuple(a.shape) for k, a in arrays.items()}
+        self.last_outcome = RoundOutcome(sampled=len(nodes))
+        log.info("round %d: training on %d of %d nodes", server_round, len(nodes),
+                 len(list(grid.get_node_ids())))
+        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+
+    def _check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], int]:
+        """Decode and validate one training reply; raises ValueError with the reason."""
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        content = msg.content
+        status = content.get(STATUS_KEY)
+        if status is not None and status.get("status", STATUS_OK) != STATUS_OK:
+            raise ValueError(f"{status.get('status')}: {status.get('reason', '')}")
+        if METRICS_KEY not in content or "num-examples" not in content[METRICS_KEY]:
+            raise ValueError("reply has no 'num-examples' metric")
+        n = content[METRICS_KEY]["num-examples"]
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) \
+                or not 0 < n <= MAX_NUM_EXAMPLES:
+            raise ValueError(f"num-examples {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]")
+        if LORA_KEY not in content:
+            raise ValueError(f"reply has no '{LORA_KEY}' array record")
+        record = content[LORA_KEY]
+        extra = sorted(set(record) - set(self._expected))
+        missing = sorted(set(self._expected) - set(record))
+        if extra:
+            raise ValueError(f"unexpected array key(s) {extra[:3]} (only adapter tensors "
+                             "that the server sent may come back)")
+        if missing:
+            raise ValueError(f"missing array key(s) {missing[:3]}")
+        state = from_record(record)
+        for k, a in state.items():
+            if a.shape != self._expected[k]:
+                raise ValueError(f"array '{k}' has shape {a.shape}, expected {self._expected[k]}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"array '{k}' has non-finite values")
+        return state, int(n)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate every reply, aggregate the valid ones; None if too few remain."""
+        states, weights, metrics = [], [], []
+        outcome = self.last_outcome
+        for msg in replies:
+            node = int(msg.metadata.src_node_id)
+            if self.ledger is not None and not msg.has_error() and LORA_KEY in msg.content:
+                self.ledger.record(server_round, node, "up", MessageType.TRAIN,
+                                   msg.content[LORA_KEY])
+            try:
+                state, n = self._check_reply(msg)
+            except ValueError as e:
+                outcome.refused.append((node, str(e)))
+                log.warning("round %d: refused reply from node %d: %s", server_round, node, e)
+                continue
+            outcome.accepted.append(node)
+            states.append(state)
+            weights.append(n)
+            metrics.append(msg.content[METRICS_KEY])
+        if len(states) < self.min_train_nodes:
+            log.warning("round %d: %d valid replies, fewer than min-train-nodes = %d; "
+                        "the global adapter is left unchanged", server_round, len(states),
+                        self.min_train_nodes)
+            return None, None
+        merged = aggregate_states(self.aggregator, states, weights, scale=self.scale)
+        return to_record(merged, self.wire_dtype), weighted_metrics(metrics, weights)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample ``fraction-evaluate`` of the nodes for federated evaluation."""
+        if self.fraction_evaluate == 0:
+            return []
+        nodes = self._sample(grid, self.fraction_evaluate, 1)
+        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation metrics."""
+        metrics, weights = [], []
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: evaluation failed on node %d: %s", server_round,
+                            msg.metadata.src_node_id, msg.error.reason)
+                continue
+            m = msg.content.get(METRICS_KEY)
+            n = m.get("num-examples", 0) if m is not None else 0
+            if m is None or not n or n <= 0:
+                continue
+            metrics.append(m)
+            weights.append(int(n))
+        return weighted_metrics(metrics, weights) if metrics else None
+
+    def summary(self) -> None:
+        log.info("LoraStrategy: aggregator=%s fraction-train=%.2f fraction-evaluate=%.2f "
+                 "min-train-nodes=%d wire-dtype=%s", self.aggregator, self.fraction_train,
+                 self.fraction_evaluate, self.min_train_nodes, self.wire_dtype)
+
+
+def weighted_metrics(metrics: list[MetricRecord], weights: list[int]) -> MetricRecord:
+    """Example-weighted mean of every numeric metric; ``num-examples`` is summed."""
+    total = float(sum(weights))
+    keys = set().union(*(m.keys() for m in metrics)) - {"num-examples"}
+    out: dict[str, float | int] = {"num-examples": int(total)}
+    for key in sorted(keys):
+        vals = [(float(m[key]), w) for m, w in zip(metrics, weights)
+                if key in m and isinstance(m[key], (int, float)) and math.isfinite(float(m[key]))]
+        wsum = sum(w for _, w in vals)
+        if wsum > 0:
+            out[key] = sum(v * w for v, w in vals) / wsum
+    return MetricRecord(out)
+
+
+def aggregate_states(
+    method: str,
+    states: list[Mapping[str, np.ndarray]],
+    weights: list[int],
+    *,
+    scale: float,
+) -> dict[str, np.ndarray]:
+    """Aggregate full adapter states: LoRA factors through ``method``, other tensors
+    (a trained head) by their example-weighted mean. All states share the keys of the first.
+    """
+    keys = list(states[0])
+    modules = sorted({module_of(k) for k in keys if is_factor_key(k)})
+    updates = [
+        {m: aggregation.LoraFactors(A=s[m + FACTOR_A], B=s[m + FACTOR_B], scale=scale)
+         for m in modules}
+        for s in states
+    ]
+    merged = aggregation.aggregate(method, updates, weights, scale=scale)
+    p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+    out: dict[str, np.ndarray] = {}
+    for k in keys:
+        if is_factor_key(k):
+            f = merged[module_of(k)]
+            # Return the factors in the global adapter's scale: s_out * B = scale * B'.
+            b = np.asarray(f.B, dtype=np.float64) * (f.scale / scale)
+            out[k] = (np.asarray(f.A) if k.endswith(FACTOR_A) else b).astype(np.float32)
+        else:
+            out[k] = np.tensordot(p, np.stack([s[k] for s in states]).astype(np.float64),
+                                  axes=1).astype(np.float32)
+    return out
