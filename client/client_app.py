@@ -103,9 +103,12 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def build_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` are merged over the run-config (for in-process runs)."""
-    client_app = ClientApp()
+def build_app(
+    overrides: Mapping[str, Any] | None = None, mods: list | None = None
+) -> ClientApp:
+    """A ClientApp; ``overrides`` are merged over the run-config (for in-process runs) and
+    ``mods`` are Flower client mods (e.g. to inspect or alter messages in tests)."""
+    client_app = ClientApp(mods=mods or [])
 
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:

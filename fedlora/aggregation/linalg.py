@@ -69,42 +69,74 @@ def product_norm(B: np.ndarray, A: np.ndarray) -> float:
 
 @dataclass
 class ProductSVD:
-    """Thin SVD ``B @ A = U diag(s) Vt`` kept as ``U = q_left @ u_core``,
-    ``Vt = vt_core @ q_right.T``; singular values ``s`` are sorted descending."""
+    """Thin SVD ``B @ A = U diag(s) V^T`` of a factored product, ``s`` sorted descending.
 
-    q_left: np.ndarray  # (d_out, k_B), orthonormal columns
+    With ``B = Q_B R_B`` and ``A^T = Q_A R_A`` and the core SVD
+    ``R_B R_A^T = u_core diag(s) vt_core``: ``U = Q_B u_core`` and
+    ``V^T = vt_core Q_A^T``. When the orthonormal factors ``Q_B``/``Q_A`` were not
+    formed (the cheaper path), singular vectors are recovered from the factors:
+    ``U_i = B (R_A^T v_i) / s_i`` and ``V_i^T = (u_i^T R_B) A / s_i``, since
+    ``B A V = U S`` and ``U^T B A = S V^T``.
+    """
+
+    B: np.ndarray  # (d_out, R)
+    A: np.ndarray  # (R, d_in)
+    r_left: np.ndarray  # R_B: (k_B, R)
+    r_right: np.ndarray  # R_A: (k_A, R)
     u_core: np.ndarray  # (k_B, k)
     s: np.ndarray  # (k,)
     vt_core: np.ndarray  # (k, k_A)
-    q_right: np.ndarray  # (d_in, k_A), orthonormal columns
+    q_left: Optional[np.ndarray] = None  # Q_B: (d_out, k_B), orthonormal columns
+    q_right: Optional[np.ndarray] = None  # Q_A: (d_in, k_A), orthonormal columns
+
+    def _inverse_s(self, start: int, stop: int) -> np.ndarray:
+        s = self.s[start:stop]
+        out = np.zeros_like(s)
+        np.divide(1.0, s, out=out, where=s > 0.0)
+        return out
 
     def left(self, start: int, stop: int) -> np.ndarray:
         """Left singular vectors ``start:stop`` as a ``(d_out, stop - start)`` array."""
-        return self.q_left @ self.u_core[:, start:stop]
+        if self.q_left is not None:
+            return self.q_left @ self.u_core[:, start:stop]
+        y = self.r_right.T @ self.vt_core[start:stop].T  # (R, n)
+        return (self.B @ y) * self._inverse_s(start, stop)
 
     def right(self, start: int, stop: int) -> np.ndarray:
         """Right singular vectors ``start:stop`` as a ``(stop - start, d_in)`` array."""
-        return self.vt_core[start:stop] @ self.q_right.T
+        if self.q_right is not None:
+            return self.vt_core[start:stop] @ self.q_right.T
+        z = self.u_core[:, start:stop].T @ self.r_left  # (n, R)
+        return (z @ self.A) * self._inverse_s(start, stop)[:, None]
 
     @property
     def noise_floor(self) -> float:
         """Singular values at or below this are numerical noise."""
         if self.s.size == 0:
             return 0.0
-        size = max(self.u_core.shape[0], self.vt_core.shape[1])
+        size = max(self.B.shape[0], self.A.shape[1], self.B.shape[1])
         return float(self.s[0]) * np.finfo(np.float64).eps * size
 
 
-def product_svd(B: np.ndarray, A: np.ndarray) -> ProductSVD:
+def product_svd(B: np.ndarray, A: np.ndarray, *, explicit_q: bool = False) -> ProductSVD:
     """Thin SVD of ``B @ A`` without forming it.
 
     ``B``: ``(d_out, R)``, ``A``: ``(R, d_in)``. Thin QR ``B = Q_B R_B`` and
     ``A^T = Q_A R_A``, then an SVD of the small core ``R_B @ R_A^T``
     (``min(d_out, R) x min(d_in, R)``): ``B A = Q_B (R_B R_A^T) Q_A^T``.
-    Cost ``O((d_out + d_in) R^2 + R^3)``.
+    Cost ``O((d_out + d_in) R^2 + R^3)``. With ``explicit_q=False`` only the
+    triangular factors are computed (about half the QR cost) and singular
+    vectors are recovered from ``B`` and ``A`` on demand (accurate to
+    ``eps * ||B|| ||A|| / s_i``, fine for the leading directions); use
+    ``explicit_q=True`` when many small singular directions are needed.
     """
-    Q_B, R_B = np.linalg.qr(B)  # (d_out, k_B), (k_B, R)
-    Q_A, R_A = np.linalg.qr(A.T)  # (d_in, k_A), (k_A, R)
+    if explicit_q:
+        Q_B, R_B = np.linalg.qr(B)  # (d_out, k_B), (k_B, R)
+        Q_A, R_A = np.linalg.qr(A.T)  # (d_in, k_A), (k_A, R)
+    else:
+        Q_B = Q_A = None
+        R_B = np.linalg.qr(B, mode="r")  # (k_B, R)
+        R_A = np.linalg.qr(A.T, mode="r")  # (k_A, R)
     core = R_B @ R_A.T  # (k_B, k_A)
     u, s, vt = np.linalg.svd(core, full_matrices=False)  # (k_B, k), (k,), (k, k_A)
-    return ProductSVD(q_left=Q_B, u_core=u, s=s, vt_core=vt, q_right=Q_A)
+    return ProductSVD(B=B, A=A, r_left=R_B, r_right=R_A, u_core=u, s=s, vt_core=vt, q_left=Q_B, q_right=Q_A)

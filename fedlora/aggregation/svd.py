@@ -203,11 +203,12 @@ def svd(
         B_stack, A_stack = stack_factors(
             [f for _, f in active], [c for c, _ in active], extra=[carried]
         )  # (d_out, R), (R, d_in)
-        psvd = product_svd(B_stack, A_stack)
-        del B_stack, A_stack
+        # Explicit orthonormal bases only when the small discarded directions are needed.
+        psvd = product_svd(B_stack, A_stack, explicit_q=error_feedback)
+        del B_stack, A_stack  # still referenced by psvd
 
         s_all = psvd.s  # (k,)
-        keep = min(r_out, int(np.count_nonzero(s_all > 0.0)))
+        keep = min(r_out, int(np.count_nonzero(s_all > psvd.noise_floor)))
         s_out = resolve_scale(r_out, weighted_alpha(factors, p), scale=scale, alpha=alpha)
         B, A = _balanced_factors(psvd, keep, r_out, s_out, d_out, d_in)
         out[name] = LoraFactors(A=A, B=B, scale=s_out)
