@@ -16,6 +16,8 @@ from fedlora.aggregation import (
     delta_weight,
     fit_rank,
     product_error,
+    product_norm,
+    product_svd,
 )
 
 PROPERTY = settings(deadline=None, max_examples=60, derandomize=True)
@@ -209,6 +211,54 @@ def test_svd_per_module_rank_and_scale_option():
         aggregate("svd", updates, [1, 1], rank={"layer.0.q": 2})
     with pytest.raises(ValueError, match="positive integer"):
         aggregate("svd", updates, [1, 1], rank=0)
+
+
+def test_svd_near_identical_A_is_accurate():
+    """Clients starting from one shared A give an ill-conditioned stacked A."""
+    rng = np.random.default_rng(8)
+    A0 = rng.standard_normal((4, 30))
+    updates = [
+        {"m": LoraFactors(A=A0 + 1e-9 * rng.standard_normal(A0.shape), B=rng.standard_normal((20, 4)), scale=2.0)}
+        for _ in range(5)
+    ]
+    weights = [1, 2, 3, 4, 5]
+    exact = exact_sum(updates, weights, "m")
+    s = np.linalg.svd(exact, compute_uv=False)
+    for rank in (2, 4, 6):
+        f = aggregate("svd", updates, weights, rank=rank)["m"]
+        err = np.linalg.norm(exact - dense(f))
+        assert abs(err - np.sqrt(np.sum(s[rank:] ** 2))) <= 1e-10 * s[0]
+        # Balanced factors stay (numerically) orthogonal directions.
+        gram = f.B.T @ f.B
+        np.testing.assert_allclose(gram, np.diag(np.diag(gram)), atol=1e-8 * s[0])
+
+
+@pytest.mark.parametrize("explicit_q", [False, True])
+@pytest.mark.parametrize("rank", [None, 3])
+def test_product_svd_matches_dense(explicit_q, rank):
+    rng = np.random.default_rng(2)
+    B = rng.standard_normal((12, 9))
+    A = rng.standard_normal((9, 10))
+    dense_s = np.linalg.svd(B @ A, compute_uv=False)
+    psvd = product_svd(B, A, rank, explicit_q=explicit_q)
+    n = psvd.s.size
+    np.testing.assert_allclose(psvd.s, dense_s[:n], rtol=1e-12)
+    k = psvd.singular_values.size
+    assert k == 9
+    np.testing.assert_allclose(psvd.singular_values, dense_s[:k], rtol=1e-6, atol=1e-7 * dense_s[0])
+    U, Vt = psvd.left(0, n), psvd.right(0, n)
+    np.testing.assert_allclose(U.T @ U, np.eye(n), atol=1e-10)
+    np.testing.assert_allclose(Vt @ Vt.T, np.eye(n), atol=1e-10)
+    approx = (U * psvd.s) @ Vt
+    assert np.linalg.norm(B @ A - approx) == pytest.approx(np.sqrt(np.sum(dense_s[n:] ** 2)), abs=1e-10)
+    assert psvd.tail_norm == pytest.approx(np.sqrt(np.sum(dense_s[n:] ** 2)), abs=1e-10)
+
+
+def test_product_norm_matches_dense():
+    rng = np.random.default_rng(3)
+    B = rng.standard_normal((7, 5))
+    A = rng.standard_normal((5, 11))
+    assert product_norm(B, A) == pytest.approx(np.linalg.norm(B @ A), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- svd error feedback

@@ -67,12 +67,37 @@ def product_norm(B: np.ndarray, A: np.ndarray) -> float:
     return float(np.linalg.norm(R_B @ R_A.T))
 
 
+def _leading_triplets(C: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Leading ``n`` singular triplets of ``C`` (``(k_B, k_A)``, ``n < min(k_B, k_A)``).
+
+    Returns ``(u, s, vt, s_all)``: ``u`` ``(k_B, n)`` and ``vt`` ``(n, k_A)`` with
+    orthonormal columns/rows, ``s`` ``(n,)`` descending, and ``s_all`` estimates
+    of all singular values. The eigenvectors of the Gram matrix ``C^T C``
+    (``syevd``, about half the cost of a full SVD of ``C``) give a basis of the
+    leading right subspace; one Rayleigh-Ritz step (QR of ``C V_0`` and an SVD
+    of the small ``n x k_A`` projection) then yields triplets with
+    ``u^T C = diag(s) vt`` to working precision, so the rank-``n`` approximation
+    ``u diag(s) vt`` is an orthogonal projection of ``C``. The trailing entries of
+    ``s_all`` come from the Gram eigenvalues (absolute accuracy about
+    ``sqrt(eps) * s_max``); use the full SVD when those matter.
+    """
+    if C.shape[1] > C.shape[0]:
+        vt_t, s, u_t, s_all = _leading_triplets(C.T, n)
+        return u_t.T, s, vt_t.T, s_all
+    lam, W = np.linalg.eigh(C.T @ C)  # ascending; W: (k_A, k_A)
+    V0 = W[:, ::-1][:, :n]  # (k_A, n) leading right singular directions
+    Qy, _ = np.linalg.qr(C @ V0)  # (k_B, n) orthonormal basis of the leading left subspace
+    us, s, vt = np.linalg.svd(Qy.T @ C, full_matrices=False)  # (n, n), (n,), (n, k_A)
+    tail = np.sqrt(np.clip(lam[::-1][n:], 0.0, None))  # (k_A - n,)
+    return Qy @ us, s, vt, np.concatenate([s, tail])
+
+
 @dataclass
 class ProductSVD:
-    """Thin SVD ``B @ A = U diag(s) V^T`` of a factored product, ``s`` sorted descending.
+    """Leading singular triplets of a factored product ``B @ A``, without forming it.
 
     With ``B = Q_B R_B`` and ``A^T = Q_A R_A`` and the core SVD
-    ``R_B R_A^T = u_core diag(s) vt_core``: ``U = Q_B u_core`` and
+    ``R_B R_A^T ~ u_core diag(s) vt_core``: ``U = Q_B u_core`` and
     ``V^T = vt_core Q_A^T``. When the orthonormal factors ``Q_B``/``Q_A`` were not
     formed (the cheaper path), singular vectors are recovered from the factors:
     ``U_i = B (R_A^T v_i) / s_i`` and ``V_i^T = (u_i^T R_B) A / s_i``, since
@@ -83,9 +108,11 @@ class ProductSVD:
     A: np.ndarray  # (R, d_in)
     r_left: np.ndarray  # R_B: (k_B, R)
     r_right: np.ndarray  # R_A: (k_A, R)
-    u_core: np.ndarray  # (k_B, k)
-    s: np.ndarray  # (k,)
-    vt_core: np.ndarray  # (k, k_A)
+    u_core: np.ndarray  # (k_B, n) leading core left vectors (n = k for a full SVD)
+    s: np.ndarray  # (n,) leading singular values, descending
+    vt_core: np.ndarray  # (n, k_A)
+    singular_values: np.ndarray  # (k,) all singular values, k = min(k_B, k_A)
+    tail_norm: float  # ||B A - U_n diag(s) V_n^T||_F, computed directly
     q_left: Optional[np.ndarray] = None  # Q_B: (d_out, k_B), orthonormal columns
     q_right: Optional[np.ndarray] = None  # Q_A: (d_in, k_A), orthonormal columns
 
@@ -118,17 +145,23 @@ class ProductSVD:
         return float(self.s[0]) * np.finfo(np.float64).eps * size
 
 
-def product_svd(B: np.ndarray, A: np.ndarray, *, explicit_q: bool = False) -> ProductSVD:
-    """Thin SVD of ``B @ A`` without forming it.
+def product_svd(
+    B: np.ndarray, A: np.ndarray, rank: Optional[int] = None, *, explicit_q: bool = False
+) -> ProductSVD:
+    """SVD of ``B @ A`` without forming it (full thin SVD, or the leading ``rank`` triplets).
 
     ``B``: ``(d_out, R)``, ``A``: ``(R, d_in)``. Thin QR ``B = Q_B R_B`` and
-    ``A^T = Q_A R_A``, then an SVD of the small core ``R_B @ R_A^T``
-    (``min(d_out, R) x min(d_in, R)``): ``B A = Q_B (R_B R_A^T) Q_A^T``.
-    Cost ``O((d_out + d_in) R^2 + R^3)``. With ``explicit_q=False`` only the
-    triangular factors are computed (about half the QR cost) and singular
-    vectors are recovered from ``B`` and ``A`` on demand (accurate to
-    ``eps * ||B|| ||A|| / s_i``, fine for the leading directions); use
-    ``explicit_q=True`` when many small singular directions are needed.
+    ``A^T = Q_A R_A``, then an SVD of the small core ``C = R_B @ R_A^T``
+    (``min(d_out, R) x min(d_in, R)``): ``B A = Q_B C Q_A^T``.
+    Cost ``O((d_out + d_in) R^2 + R^3)``; ``d_out x d_in`` is never formed.
+
+    With ``explicit_q=False`` only the triangular factors are computed (about
+    half the QR cost) and singular vectors are recovered from ``B`` and ``A``
+    on demand, accurate for the directions above the noise floor. With ``rank``
+    smaller than the core, only the leading ``rank`` triplets are computed
+    (see :func:`_leading_triplets`); otherwise the core gets a full SVD
+    (``gesdd``). Use ``explicit_q=True`` and no ``rank`` when all directions,
+    including small ones, are needed to full accuracy.
     """
     if explicit_q:
         Q_B, R_B = np.linalg.qr(B)  # (d_out, k_B), (k_B, R)
@@ -138,5 +171,22 @@ def product_svd(B: np.ndarray, A: np.ndarray, *, explicit_q: bool = False) -> Pr
         R_B = np.linalg.qr(B, mode="r")  # (k_B, R)
         R_A = np.linalg.qr(A.T, mode="r")  # (k_A, R)
     core = R_B @ R_A.T  # (k_B, k_A)
-    u, s, vt = np.linalg.svd(core, full_matrices=False)  # (k_B, k), (k,), (k, k_A)
-    return ProductSVD(B=B, A=A, r_left=R_B, r_right=R_A, u_core=u, s=s, vt_core=vt, q_left=Q_B, q_right=Q_A)
+    if rank is not None and 0 < rank < min(core.shape):
+        u, s, vt, s_all = _leading_triplets(core, rank)
+        tail = float(np.linalg.norm(core - (u * s) @ vt))
+    else:
+        u, s, vt = np.linalg.svd(core, full_matrices=False)  # (k_B, k), (k,), (k, k_A)
+        s_all, tail = s, 0.0
+    return ProductSVD(
+        B=B,
+        A=A,
+        r_left=R_B,
+        r_right=R_A,
+        u_core=u,
+        s=s,
+        vt_core=vt,
+        singular_values=s_all,
+        tail_norm=tail,
+        q_left=Q_B,
+        q_right=Q_A,
+    )

@@ -34,7 +34,10 @@ class SvdReport:
     """
 
     rank: int  # rank of the returned factors
-    singular_values: np.ndarray  # (k,) all singular values of the target, descending
+    # (k,) singular values of the target, descending. The leading ``rank`` are
+    # accurate to working precision; without error feedback the trailing ones
+    # are Gram-eigenvalue estimates (absolute accuracy ~ sqrt(eps) * s_max).
+    singular_values: np.ndarray
     truncation_error: float
     relative_error: float  # truncation_error / ||target||_F (0 when the target is 0)
     residual_rank: int  # rank of the residual carried to the next round (0 without feedback)
@@ -157,6 +160,9 @@ def svd(
     ``R_B @ R_A^T``; the dense ``d_out x d_in`` matrix is never formed. Keeping
     the top ``r`` singular triplets is optimal in Frobenius and spectral norm
     (Eckart-Young); the error is the norm of the discarded singular values.
+    Without error feedback only the leading ``r`` triplets of the core are
+    computed (Gram eigenvectors refined by one Rayleigh-Ritz step); with error
+    feedback the core gets a full SVD so the discarded directions are exact.
 
     Options:
         rank: output rank ``r`` (int, or module -> int); default the max client rank.
@@ -203,19 +209,23 @@ def svd(
         B_stack, A_stack = stack_factors(
             [f for _, f in active], [c for c, _ in active], extra=[carried]
         )  # (d_out, R), (R, d_in)
-        # Explicit orthonormal bases only when the small discarded directions are needed.
-        psvd = product_svd(B_stack, A_stack, explicit_q=error_feedback)
+        if error_feedback:
+            # Full SVD with explicit orthonormal bases: the small discarded
+            # directions become the residual and must be accurate.
+            psvd = product_svd(B_stack, A_stack, explicit_q=True)
+        else:
+            psvd = product_svd(B_stack, A_stack, rank=r_out)
         del B_stack, A_stack  # still referenced by psvd
 
-        s_all = psvd.s  # (k,)
-        keep = min(r_out, int(np.count_nonzero(s_all > psvd.noise_floor)))
+        s_lead = psvd.s  # (n,) leading singular values (all of them on the full path)
+        keep = min(r_out, int(np.count_nonzero(s_lead > psvd.noise_floor)))
         s_out = resolve_scale(r_out, weighted_alpha(factors, p), scale=scale, alpha=alpha)
         B, A = _balanced_factors(psvd, keep, r_out, s_out, d_out, d_in)
         out[name] = LoraFactors(A=A, B=B, scale=s_out)
 
-        discarded = s_all[keep:]
-        truncation_error = float(math.sqrt(float(np.sum(discarded**2))))
-        total = float(math.sqrt(float(np.sum(s_all**2))))
+        discarded = s_lead[keep:]
+        truncation_error = math.sqrt(psvd.tail_norm**2 + float(np.sum(discarded**2)))
+        total = math.sqrt(float(np.sum(s_lead[:keep] ** 2)) + truncation_error**2)
         residual_rank = 0
         if error_feedback:
             n_res = int(np.count_nonzero(discarded > psvd.noise_floor))
@@ -232,7 +242,7 @@ def svd(
             residual_rank = n_res
         reports[name] = SvdReport(
             rank=r_out,
-            singular_values=s_all.copy(),
+            singular_values=psvd.singular_values.copy(),
             truncation_error=truncation_error,
             relative_error=truncation_error / total if total > 0.0 else 0.0,
             residual_rank=residual_rank,
