@@ -18,7 +18,6 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import runtime
-from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.data import DataError
 from fedlora.models import cached_lora_model
 from fedlora.protocol import (
@@ -39,23 +38,25 @@ def _setup(msg: Message, context: Context):
     cfg = runtime.resolve_config(context.run_config)
     runtime.set_threads_once(cfg.client_num_threads)
     node = NodeInfo.from_node_config(context.node_config, cfg)
-    model = cached_lora_model(runtime.model_spec(cfg, rank=node.lora_rank))
-    load_adapter_state(model, from_record(msg.content[LORA_KEY]))
+    spec = runtime.model_spec(cfg, rank=node.lora_rank)
+    model = cached_lora_model(spec)
+    method = runtime.method_for(cfg)
+    method.load(model, from_record(msg.content[LORA_KEY]), client_rank=spec.rank)
     data = runtime.client_data(
         cfg,
         partition_id=node.partition_id,
         num_partitions=node.num_partitions,
         data_path=node.data_path,
     )
-    return cfg, node, model, data
+    return cfg, node, model, data, method
 
 
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's data and send the adapter back."""
     t0 = time.perf_counter()
     try:
-        cfg, node, model, data = _setup(msg, context)
-    except (DataError, FileNotFoundError) as e:
+        cfg, node, model, data, method = _setup(msg, context)
+    except (DataError, FileNotFoundError, ValueError) as e:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
@@ -80,7 +81,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            LORA_KEY: to_record(adapter_state(model), cfg.wire_dtype),
+            LORA_KEY: to_record(method.reply(model), cfg.wire_dtype),
             METRICS_KEY: metrics,
             STATUS_KEY: ConfigRecord({"status": "ok"}),
         }
@@ -91,8 +92,8 @@ def train_fn(msg: Message, context: Context) -> Message:
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this node's held-out examples."""
     try:
-        cfg, _, model, data = _setup(msg, context)
-    except (DataError, FileNotFoundError) as e:
+        cfg, _, model, data, _ = _setup(msg, context)
+    except (DataError, FileNotFoundError, ValueError) as e:
         log.error("This site could not evaluate: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
     res = evaluate(model, data.data, data.val_idx, batch_size=cfg.eval_batch_size)

@@ -42,9 +42,12 @@ class LoraSpec:
     dropout: float
     target_modules: tuple[str, ...]
     train_head: bool
+    init_seed: int = 0  # seeds the head and LoRA initialisation (shared by all parties)
+    freeze_a: bool = False  # FFA-LoRA: A stays at its initialisation, only B trains
 
     @classmethod
-    def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None):
+    def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None,
+                    freeze_a: bool = False):
         """The spec a run-config asks for (``rank`` overrides ``lora-rank``, e.g. per site)."""
         return cls(
             model_path=model_path,
@@ -54,6 +57,8 @@ class LoraSpec:
             dropout=cfg.lora_dropout,
             target_modules=tuple(cfg.target_modules),
             train_head=cfg.train_head,
+            init_seed=cfg.seed,
+            freeze_a=freeze_a,
         )
 
     @property
@@ -102,7 +107,7 @@ def head_name(model: nn.Module) -> str | None:
     return next((n for n in _HEAD_NAMES if n in children), None)
 
 
-def build_lora_model(spec: LoraSpec, *, seed: int = 0) -> nn.Module:
+def build_lora_model(spec: LoraSpec) -> nn.Module:
     """A fresh frozen pretrained model with LoRA adapters (and the head trainable if asked).
 
     The model is placed on its device before ``get_peft_model`` so that adapter
@@ -114,7 +119,7 @@ def build_lora_model(spec: LoraSpec, *, seed: int = 0) -> nn.Module:
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
     hf_logging.disable_progress_bar()
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.init_seed)
     base = AutoModelForSequenceClassification.from_pretrained(
         spec.model_path, num_labels=spec.num_labels, local_files_only=True
     )
@@ -140,6 +145,10 @@ def build_lora_model(spec: LoraSpec, *, seed: int = 0) -> nn.Module:
         raise ValueError(
             f"lora-target-modules {','.join(spec.target_modules)!r} do not fit {spec.model_path}: {e}"
         ) from None
+    if spec.freeze_a:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     return model
 
 

@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import aggregation
+from . import methods
 from .config import parse_run_config
 from .data import EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, load_tokenizer
 from .tasks import TASKS, client_dataset, get_task, load_task_data, partition_indices
 
-__all__ = ["resolve_config", "model_spec", "encoded_test_set", "ClientData", "client_data",
+__all__ = ["resolve_config", "model_spec", "method_for", "encoded_test_set", "ClientData", "client_data",
            "set_threads_once"]
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def resolve_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] |
 @functools.lru_cache(maxsize=16)
 def _resolve(items: tuple[tuple[str, Any], ...]):
     return parse_run_config(
-        dict(items), known_tasks=TASKS, known_aggregators=aggregation.available_methods()
+        dict(items), known_tasks=TASKS, known_aggregators=methods.METHODS
     )
 
 
@@ -45,8 +45,15 @@ def model_spec(cfg, rank: int | None = None) -> LoraSpec:
     """The adapter layout of a run (``rank`` overrides ``lora-rank``, e.g. for one site)."""
     task = get_task(cfg.task)
     return LoraSpec.from_config(
-        cfg, model_path=task.model_path(cfg), num_labels=len(task.label_names(cfg)), rank=rank
+        cfg, model_path=task.model_path(cfg), num_labels=len(task.label_names(cfg)), rank=rank,
+        freeze_a=methods.METHODS[cfg.aggregator].freeze_a,
     )
+
+
+def method_for(cfg) -> methods.Method:
+    """The federated method (protocol around the aggregator) a run-config asks for."""
+    return methods.get_method(cfg.aggregator, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
+                              error_feedback=cfg.svd_error_feedback)
 
 
 _THREADS_SET = False

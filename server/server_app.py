@@ -8,6 +8,7 @@ writes metrics, the communication ledger and the adapter (peft format) as it goe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -81,6 +82,15 @@ def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 app = build_app()
 
 
+def save_global_adapter(method, spec, global_state: dict, path: Path) -> None:
+    """Save the global model as one peft LoRA adapter (for stack: base + stacked update)."""
+    rank, alpha, state = method.export(global_state)
+    export_spec = dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False)
+    model = build_lora_model(export_spec)
+    load_adapter_state(model, state)
+    save_adapter(model, path)
+
+
 def run_federated(grid: Grid, cfg) -> Path:
     """The round loop; returns the run folder."""
     t_start = time.perf_counter()
@@ -92,7 +102,8 @@ def run_federated(grid: Grid, cfg) -> Path:
              cfg.task, cfg.num_server_rounds, cfg.aggregator, cfg.lora_rank)
 
     spec = runtime.model_spec(cfg)
-    model = build_lora_model(spec, seed=cfg.seed)
+    method = runtime.method_for(cfg)
+    model = build_lora_model(spec)
     state = adapter_state(model)
     layout = factor_layout(state)
     full_bytes = sum(p.numel() for p in model.parameters()) * 4
@@ -106,8 +117,8 @@ def run_federated(grid: Grid, cfg) -> Path:
 
     ledger = CommsLedger(full_model_bytes=full_bytes)
     strategy = LoraStrategy(
-        aggregator=cfg.aggregator,
-        scale=spec.scale,
+        method=method,
+        template=state,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
@@ -121,7 +132,7 @@ def run_federated(grid: Grid, cfg) -> Path:
     def central_eval(record: ArrayRecord):
         if test_set is None:
             return None
-        load_adapter_state(model, from_record(record))
+        method.load(model, method.payload(from_record(record)), client_rank=cfg.lora_rank)
         return evaluate(model, test_set, batch_size=cfg.eval_batch_size)
 
     rows: list[dict] = []
@@ -173,8 +184,7 @@ def run_federated(grid: Grid, cfg) -> Path:
             "elapsed_seconds": time.perf_counter() - t_start,
         }
         rows.append(row)
-        load_adapter_state(model, from_record(arrays))
-        save_adapter(model, run_dir / "adapter")
+        save_global_adapter(method, spec, from_record(arrays), run_dir / "adapter")
         write_results()
         log.info(
             "[round %d/%d] train loss %s | test loss %s, accuracy %s | fed-eval accuracy %s | "

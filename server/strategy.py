@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,9 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora import aggregation
-from fedlora.adapters import FACTOR_A, FACTOR_B, is_factor_key, module_of
 from fedlora.comms import CommsLedger
+from fedlora.methods import Method
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, STATUS_OK
 from fedlora.wire import from_record, to_record
 
@@ -41,10 +40,10 @@ class LoraStrategy(Strategy):
 
     Parameters
     ----------
-    aggregator : str
-        A method of :mod:`fedlora.aggregation` (``fedavg``, ``svd``, ...).
-    scale : float
-        LoRA scale alpha / r of the global adapter; aggregated factors are returned in it.
+    method : fedlora.methods.Method
+        The federated method: what is sent, how replies are checked and aggregated.
+    template : dict[str, ndarray]
+        A fresh adapter state at the global rank: the keys and shapes replies must match.
     fraction_train, fraction_evaluate : float
         Share of connected nodes sampled per round for training / federated evaluation.
     min_train_nodes : int
@@ -60,8 +59,8 @@ class LoraStrategy(Strategy):
     def __init__(
         self,
         *,
-        aggregator: str,
-        scale: float,
+        method: Method,
+        template: dict[str, np.ndarray],
         fraction_train: float,
         fraction_evaluate: float,
         min_train_nodes: int = 1,
@@ -75,9 +74,8 @@ class LoraStrategy(Strategy):
             raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
         if min_train_nodes < 1:
             raise ValueError(f"min_train_nodes must be >= 1, got {min_train_nodes}")
-        aggregation.get_method(aggregator)  # raises naming the known methods
-        self.aggregator = aggregator
-        self.scale = float(scale)
+        self.method = method
+        self.template = template
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
@@ -85,7 +83,7 @@ class LoraStrategy(Strategy):
         self.rng = np.random.default_rng(seed)
         self.ledger = ledger
         self.last_outcome = RoundOutcome()
-        self._expected: dict[str, tuple[int, ...]] = {}
+        self._global: dict[str, np.ndarray] = {}
 
     # -- sampling ---------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -102,6 +100,7 @@ class LoraStrategy(Strategy):
         kind: str,
     ) -> list[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
+        arrays = to_record(self.method.payload(from_record(arrays)), self.wire_dtype)
         record = RecordDict({LORA_KEY: arrays, CONFIG_KEY: config})
         msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
         if self.ledger is not None:
@@ -115,7 +114,7 @@ class LoraStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample ``fraction-train`` of the nodes and send each the global adapter."""
         nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        self._expected = {k: tuple(a.shape) for k, a in arrays.items()}
+        self._global = from_record(arrays)
         self.last_outcome = RoundOutcome(sampled=len(nodes))
         log.info("round %d: training on %d of %d nodes", server_round, len(nodes),
                  len(list(grid.get_node_ids())))
@@ -132,25 +131,20 @@ class LoraStrategy(Strategy):
         if METRICS_KEY not in content or "num-examples" not in content[METRICS_KEY]:
             raise ValueError("reply has no 'num-examples' metric")
         n = content[METRICS_KEY]["num-examples"]
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or n != int(n) \
-                or not 0 < n <= MAX_NUM_EXAMPLES:
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) \
+                or n != int(n) or not 0 < n <= MAX_NUM_EXAMPLES:
             raise ValueError(f"num-examples {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]")
         if LORA_KEY not in content:
             raise ValueError(f"reply has no '{LORA_KEY}' array record")
-        record = content[LORA_KEY]
-        extra = sorted(set(record) - set(self._expected))
-        missing = sorted(set(self._expected) - set(record))
-        if extra:
-            raise ValueError(f"unexpected array key(s) {extra[:3]} (only adapter tensors "
-                             "that the server sent may come back)")
-        if missing:
-            raise ValueError(f"missing array key(s) {missing[:3]}")
-        state = from_record(record)
+        wrong = sorted(k for k, a in content[LORA_KEY].items() if a.dtype != self.wire_dtype)
+        if wrong:
+            raise ValueError(f"array '{wrong[0]}' has dtype "
+                             f"{content[LORA_KEY][wrong[0]].dtype}, expected {self.wire_dtype}")
+        state = from_record(content[LORA_KEY])
         for k, a in state.items():
-            if a.shape != self._expected[k]:
-                raise ValueError(f"array '{k}' has shape {a.shape}, expected {self._expected[k]}")
             if not np.isfinite(a).all():
                 raise ValueError(f"array '{k}' has non-finite values")
+        self.method.check_reply(state, self.template)  # ReplyShapeError is a ValueError
         return state, int(n)
 
     def aggregate_train(
@@ -179,7 +173,7 @@ class LoraStrategy(Strategy):
                         "the global adapter is left unchanged", server_round, len(states),
                         self.min_train_nodes)
             return None, None
-        merged = aggregate_states(self.aggregator, states, weights, scale=self.scale)
+        merged = self.method.aggregate(states, weights, self._global)
         return to_record(merged, self.wire_dtype), weighted_metrics(metrics, weights)
 
     def configure_evaluate(
@@ -210,8 +204,8 @@ class LoraStrategy(Strategy):
         return weighted_metrics(metrics, weights) if metrics else None
 
     def summary(self) -> None:
-        log.info("LoraStrategy: aggregator=%s fraction-train=%.2f fraction-evaluate=%.2f "
-                 "min-train-nodes=%d wire-dtype=%s", self.aggregator, self.fraction_train,
+        log.info("LoraStrategy: method=%s fraction-train=%.2f fraction-evaluate=%.2f "
+                 "min-train-nodes=%d wire-dtype=%s", self.method.name, self.fraction_train,
                  self.fraction_evaluate, self.min_train_nodes, self.wire_dtype)
 
 
@@ -227,35 +221,3 @@ def weighted_metrics(metrics: list[MetricRecord], weights: list[int]) -> MetricR
         if wsum > 0:
             out[key] = sum(v * w for v, w in vals) / wsum
     return MetricRecord(out)
-
-
-def aggregate_states(
-    method: str,
-    states: list[Mapping[str, np.ndarray]],
-    weights: list[int],
-    *,
-    scale: float,
-) -> dict[str, np.ndarray]:
-    """Aggregate full adapter states: LoRA factors through ``method``, other tensors
-    (a trained head) by their example-weighted mean. All states share the keys of the first.
-    """
-    keys = list(states[0])
-    modules = sorted({module_of(k) for k in keys if is_factor_key(k)})
-    updates = [
-        {m: aggregation.LoraFactors(A=s[m + FACTOR_A], B=s[m + FACTOR_B], scale=scale)
-         for m in modules}
-        for s in states
-    ]
-    merged = aggregation.aggregate(method, updates, weights, scale=scale)
-    p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
-    out: dict[str, np.ndarray] = {}
-    for k in keys:
-        if is_factor_key(k):
-            f = merged[module_of(k)]
-            # Return the factors in the global adapter's scale: s_out * B = scale * B'.
-            b = np.asarray(f.B, dtype=np.float64) * (f.scale / scale)
-            out[k] = (np.asarray(f.A) if k.endswith(FACTOR_A) else b).astype(np.float32)
-        else:
-            out[k] = np.tensordot(p, np.stack([s[k] for s in states]).astype(np.float64),
-                                  axes=1).astype(np.float32)
-    return out

@@ -235,16 +235,18 @@ def test_svd_near_identical_A_is_accurate():
 
 @pytest.mark.parametrize("explicit_q", [False, True])
 @pytest.mark.parametrize("rank", [None, 3])
-def test_product_svd_matches_dense(explicit_q, rank):
+@pytest.mark.parametrize("shape", [(12, 9, 10), (6, 9, 5), (5, 9, 8)])  # (d_out, R, d_in)
+def test_product_svd_matches_dense(explicit_q, rank, shape):
+    d_out, R, d_in = shape
     rng = np.random.default_rng(2)
-    B = rng.standard_normal((12, 9))
-    A = rng.standard_normal((9, 10))
+    B = rng.standard_normal((d_out, R))
+    A = rng.standard_normal((R, d_in))
     dense_s = np.linalg.svd(B @ A, compute_uv=False)
     psvd = product_svd(B, A, rank, explicit_q=explicit_q)
     n = psvd.s.size
     np.testing.assert_allclose(psvd.s, dense_s[:n], rtol=1e-12)
     k = psvd.singular_values.size
-    assert k == 9
+    assert k == min(d_out, R, d_in)
     np.testing.assert_allclose(psvd.singular_values, dense_s[:k], rtol=1e-6, atol=1e-7 * dense_s[0])
     U, Vt = psvd.left(0, n), psvd.right(0, n)
     np.testing.assert_allclose(U.T @ U, np.eye(n), atol=1e-10)

@@ -25,6 +25,19 @@ Methods (see :func:`available_methods`):
   (Eckart-Young optimal), optionally with error feedback across rounds.
 * ``fedsa`` - FedSA-LoRA: ``A`` averaged and shared, ``B`` kept by clients.
 
+Output scale conventions (every method also accepts ``scale=`` to set the
+output scale explicitly, or ``alpha=`` for ``alpha / r_out``; only the product
+``scale * B @ A`` is meaningful, and it does not depend on this choice):
+
+* ``fedavg`` / ``fedsa``: rank ``r_max``; ``scale = alpha_bar / r_max`` with
+  ``alpha_bar = sum_k p_k s_k r_k`` (the common alpha if all clients share it);
+  client scales are folded into ``B`` before averaging.
+* ``ffa``: rank ``r``; ``scale = sum_k p_k s_k`` (the common scale if shared).
+* ``stack``: rank ``sum_k r_k``; ``scale = 1.0``, weights and client scales
+  folded into the stacked ``A``.
+* ``svd``: rank ``r`` (default max client rank); ``scale = alpha_bar / r``;
+  balanced factors ``B = U sqrt(S / scale)``, ``A = sqrt(S / scale) V^T``.
+
 New methods are added with the :func:`register` decorator.
 """
 

@@ -67,29 +67,35 @@ def product_norm(B: np.ndarray, A: np.ndarray) -> float:
     return float(np.linalg.norm(R_B @ R_A.T))
 
 
-def _leading_triplets(C: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _leading_triplets(C: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
     """Leading ``n`` singular triplets of ``C`` (``(k_B, k_A)``, ``n < min(k_B, k_A)``).
 
-    Returns ``(u, s, vt, s_all)``: ``u`` ``(k_B, n)`` and ``vt`` ``(n, k_A)`` with
-    orthonormal columns/rows, ``s`` ``(n,)`` descending, and ``s_all`` estimates
-    of all singular values. The eigenvectors of the Gram matrix ``C^T C``
-    (``syevd``, about half the cost of a full SVD of ``C``) give a basis of the
-    leading right subspace; one Rayleigh-Ritz step (QR of ``C V_0`` and an SVD
-    of the small ``n x k_A`` projection) then yields triplets with
-    ``u^T C = diag(s) vt`` to working precision, so the rank-``n`` approximation
-    ``u diag(s) vt`` is an orthogonal projection of ``C``. The trailing entries of
-    ``s_all`` come from the Gram eigenvalues (absolute accuracy about
-    ``sqrt(eps) * s_max``); use the full SVD when those matter.
+    Returns ``(u, s, vt, s_all, tail)``: ``u`` ``(k_B, n)`` and ``vt`` ``(n, k_A)``
+    with orthonormal columns/rows, ``s`` ``(n,)`` descending, ``s_all`` estimates
+    of all singular values and ``tail = ||C - C_n||_F`` for the rank-``n``
+    approximation ``C_n`` described below.
+
+    The eigenvectors of the Gram matrix of ``C`` on its smaller side (``syevd``,
+    about half the cost of a full SVD of ``C``) span the leading singular
+    subspace on that side; one Rayleigh-Ritz step (QR of ``C V_0`` and an SVD of
+    the small ``n x k_A`` projection) then gives triplets with
+    ``u^T C = diag(s) vt`` to working precision, so that
+    ``C_n = (C vt^T) diag(1/s) (u^T C) = C vt^T vt`` is an orthogonal
+    projection of ``C`` (for a wide ``C`` the roles swap: ``C vt^T = u diag(s)``
+    and ``C_n = u u^T C``). The trailing entries of ``s_all`` come from the Gram
+    eigenvalues (absolute accuracy about ``sqrt(eps) * s_max``); use the full
+    SVD when those matter.
     """
     if C.shape[1] > C.shape[0]:
-        vt_t, s, u_t, s_all = _leading_triplets(C.T, n)
-        return u_t.T, s, vt_t.T, s_all
+        vt_t, s, u_t, s_all, tail = _leading_triplets(C.T, n)
+        return u_t.T, s, vt_t.T, s_all, tail
     lam, W = np.linalg.eigh(C.T @ C)  # ascending; W: (k_A, k_A)
     V0 = W[:, ::-1][:, :n]  # (k_A, n) leading right singular directions
     Qy, _ = np.linalg.qr(C @ V0)  # (k_B, n) orthonormal basis of the leading left subspace
     us, s, vt = np.linalg.svd(Qy.T @ C, full_matrices=False)  # (n, n), (n,), (n, k_A)
-    tail = np.sqrt(np.clip(lam[::-1][n:], 0.0, None))  # (k_A - n,)
-    return Qy @ us, s, vt, np.concatenate([s, tail])
+    s_trailing = np.sqrt(np.clip(lam[::-1][n:], 0.0, None))  # (k_A - n,)
+    tail = float(np.linalg.norm(C - (C @ vt.T) @ vt))
+    return Qy @ us, s, vt, np.concatenate([s, s_trailing]), tail
 
 
 @dataclass
@@ -112,7 +118,7 @@ class ProductSVD:
     s: np.ndarray  # (n,) leading singular values, descending
     vt_core: np.ndarray  # (n, k_A)
     singular_values: np.ndarray  # (k,) all singular values, k = min(k_B, k_A)
-    tail_norm: float  # ||B A - U_n diag(s) V_n^T||_F, computed directly
+    tail_norm: float  # ||B A - (rank-n approximation built from left()/right())||_F
     q_left: Optional[np.ndarray] = None  # Q_B: (d_out, k_B), orthonormal columns
     q_right: Optional[np.ndarray] = None  # Q_A: (d_in, k_A), orthonormal columns
 
@@ -153,7 +159,9 @@ def product_svd(
     ``B``: ``(d_out, R)``, ``A``: ``(R, d_in)``. Thin QR ``B = Q_B R_B`` and
     ``A^T = Q_A R_A``, then an SVD of the small core ``C = R_B @ R_A^T``
     (``min(d_out, R) x min(d_in, R)``): ``B A = Q_B C Q_A^T``.
-    Cost ``O((d_out + d_in) R^2 + R^3)``; ``d_out x d_in`` is never formed.
+    Cost ``O((d_out + d_in) R^2 + R^3)``; ``d_out x d_in`` is never formed,
+    except when ``R >= min(d_out, d_in)``: then the factors are no smaller than
+    the product and the core is ``B @ A`` itself (``Q_B = I``, ``Q_A = I``).
 
     With ``explicit_q=False`` only the triangular factors are computed (about
     half the QR cost) and singular vectors are recovered from ``B`` and ``A``
@@ -163,7 +171,15 @@ def product_svd(
     (``gesdd``). Use ``explicit_q=True`` and no ``rank`` when all directions,
     including small ones, are needed to full accuracy.
     """
-    if explicit_q:
+    d_out, total = B.shape
+    d_in = A.shape[1]
+    if total >= min(d_out, d_in):
+        # The stacked factors are no smaller than the product itself: QR would
+        # not shrink anything, so the core is B @ A with Q_B = I, Q_A = I.
+        R_B, R_A = B, A.T  # (d_out, R), (d_in, R)
+        Q_B = np.eye(d_out) if explicit_q else None
+        Q_A = np.eye(d_in) if explicit_q else None
+    elif explicit_q:
         Q_B, R_B = np.linalg.qr(B)  # (d_out, k_B), (k_B, R)
         Q_A, R_A = np.linalg.qr(A.T)  # (d_in, k_A), (k_A, R)
     else:
@@ -172,8 +188,7 @@ def product_svd(
         R_A = np.linalg.qr(A.T, mode="r")  # (k_A, R)
     core = R_B @ R_A.T  # (k_B, k_A)
     if rank is not None and 0 < rank < min(core.shape):
-        u, s, vt, s_all = _leading_triplets(core, rank)
-        tail = float(np.linalg.norm(core - (u * s) @ vt))
+        u, s, vt, s_all, tail = _leading_triplets(core, rank)
     else:
         u, s, vt = np.linalg.svd(core, full_matrices=False)  # (k_B, k), (k,), (k, k_A)
         s_all, tail = s, 0.0

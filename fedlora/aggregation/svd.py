@@ -157,7 +157,8 @@ def svd(
 
     The stacked factors (``B_stack``: ``(d_out, R)``, ``A_stack``: ``(R, d_in)``,
     ``R = sum_k r_k``) are reduced by thin QR and an SVD of the small core
-    ``R_B @ R_A^T``; the dense ``d_out x d_in`` matrix is never formed. Keeping
+    ``R_B @ R_A^T``; the dense ``d_out x d_in`` matrix is never formed (unless
+    ``R >= min(d_out, d_in)``, where the factors are no smaller than it). Keeping
     the top ``r`` singular triplets is optimal in Frobenius and spectral norm
     (Eckart-Young); the error is the norm of the discarded singular values.
     Without error feedback only the leading ``r`` triplets of the core are

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -12,7 +11,14 @@ import numpy as np
 from .backend import OutputSpec, to_numpy
 from .types import AggregationError, LoraFactors, Updates, is_finite_scale
 
-__all__ = ["PreparedUpdates", "normalize_weights", "prepare_updates"]
+__all__ = [
+    "PreparedUpdates",
+    "check_rank_option",
+    "normalize_weights",
+    "prepare_updates",
+    "resolve_scale",
+    "weighted_alpha",
+]
 
 
 def normalize_weights(weights: Optional[Any], num_clients: int) -> np.ndarray:
@@ -188,7 +194,3 @@ def weighted_alpha(factors: Sequence[LoraFactors], p: np.ndarray) -> float:
     """Weighted mean of the client alphas ``sum_k p_k * s_k * r_k``."""
     return float(sum(pk * f.scale * f.rank for pk, f in zip(p, factors)))
 
-
-def isclose_scale(a: float, b: float) -> bool:
-    """Relative comparison of two scales."""
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
