@@ -33,19 +33,11 @@ def _inspect_mod(log_path: str):
     return mod
 
 
-def run_in_process(overrides: dict, num_nodes: int, mods=None) -> None:
-    from flwr.simulation import run_simulation
+def run_in_process(overrides: dict, num_nodes: int, mods=None, node_ranks=None) -> Path:
+    from simulations.harness import run_inprocess
 
-    from client.client_app import build_app as client_app
-    from server.server_app import build_app as server_app
-
-    run_simulation(
-        server_app=server_app(overrides),
-        client_app=client_app(overrides, mods=mods),
-        num_supernodes=num_nodes,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
-    )
+    return run_inprocess(overrides, num_nodes=num_nodes, mods=mods, node_ranks=node_ranks,
+                         total_cpus=2)
 
 
 @pytest.fixture()

@@ -1,0 +1,79 @@
+"""Run fedlora in-process with Flower's simulation engine (for sweeps, benchmarks and tests).
+
+``flwr run .`` is the way to run the app; this module drives the same ServerApp and
+ClientApp through :func:`flwr.simulation.run_simulation` so that a Python program can
+run many configurations, give virtual nodes their own node-config (e.g. heterogeneous
+``lora-rank``) and read the results folder back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+
+log = logging.getLogger(__name__)
+
+__all__ = ["node_config_mod", "run_inprocess", "read_metrics"]
+
+
+def node_config_mod(per_partition: Callable[[int], Mapping[str, Any]]):
+    """A client mod that adds node-config entries chosen by the node's partition-id
+    (in deployment each SuperNode has its own ``--node-config``)."""
+
+    def mod(msg, context, call_next):
+        pid = int(context.node_config.get("partition-id", 0))
+        extra = dict(per_partition(pid))
+        if extra:
+            context = Context(run_id=context.run_id, node_id=context.node_id,
+                              node_config={**dict(context.node_config), **extra},
+                              state=context.state, run_config=context.run_config)
+        return call_next(msg, context)
+
+    return mod
+
+
+def run_inprocess(
+    overrides: Mapping[str, Any],
+    *,
+    num_nodes: int,
+    cpus_per_client: float = 1,
+    node_ranks: Sequence[int] | None = None,
+    mods: list | None = None,
+    total_cpus: int | None = None,
+) -> Path:
+    """Run one federated fine-tuning in this process; returns its results folder.
+
+    ``node_ranks[i % len(node_ranks)]`` is the ``lora-rank`` of the node with partition-id i.
+    """
+    from flwr.simulation import run_simulation
+
+    from client.client_app import build_app as client_app
+    from server.server_app import build_app as server_app
+
+    if "run-name" not in overrides or not overrides["run-name"]:
+        raise ValueError("run_inprocess needs a 'run-name' so that it can find the results")
+    mods = list(mods or [])
+    if node_ranks:
+        ranks = list(node_ranks)
+        mods.insert(0, node_config_mod(lambda pid: {"lora-rank": ranks[pid % len(ranks)]}))
+    init_args: dict[str, Any] = {"include_dashboard": False}
+    if total_cpus:
+        init_args["num_cpus"] = total_cpus
+    run_simulation(
+        server_app=server_app(overrides),
+        client_app=client_app(overrides, mods=mods),
+        num_supernodes=num_nodes,
+        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                        "init_args": init_args},
+    )
+    return Path(overrides.get("output-dir", "results")) / str(overrides["run-name"])
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The metrics.json of a finished run."""
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
