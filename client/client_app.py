@@ -17,19 +17,21 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import runtime
+from fedlora import dp, runtime
 from fedlora.data import DataError
 from fedlora.models import cached_lora_model
 from fedlora.protocol import (
     CONFIG_KEY,
     LORA_KEY,
     METRICS_KEY,
+    STATUS_BUDGET_EXHAUSTED,
     STATUS_KEY,
     NodeInfo,
     could_not_train,
     with_overrides,
 )
-from fedlora.training import evaluate, train
+from fedlora.privacy import PrivacyStateError
+from fedlora.training import evaluate, train, train_private
 from fedlora.wire import from_record, to_record
 
 log = logging.getLogger("fedlora.client")
@@ -51,38 +53,68 @@ def _setup(msg: Message, context: Context):
     return cfg, node, model, data, method
 
 
+PRIVACY_STATE_KEY = "fedlora-privacy"
+
+
+def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> dp.Ledger | None:
+    plan = dp.plan_for(cfg, num_examples)
+    if plan is None:
+        return None
+    stored = context.state.get(PRIVACY_STATE_KEY) if PRIVACY_STATE_KEY in context.state else None
+    return dp.Ledger(plan, path=node.privacy_state_path,
+                     state=dict(stored) if stored is not None else None)
+
+
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's data and send the adapter back."""
     t0 = time.perf_counter()
     try:
         cfg, node, model, data, method = _setup(msg, context)
-    except (DataError, FileNotFoundError, ValueError) as e:
+        ledger = _ledger(cfg, node, context, data.num_train)
+    except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
+    if ledger is not None:
+        try:
+            ledger.check()
+        except dp.BudgetExhausted as e:
+            log.warning("Not training this round: %s", e)
+            return Message(content=could_not_train(str(e), STATUS_BUDGET_EXHAUSTED,
+                                                   {"dp-" + k: v for k, v in ledger.metrics().items()
+                                                    if not isinstance(v, str)}),
+                           reply_to=msg)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
-    result = train(
-        model,
-        data.data,
-        data.train_idx,
-        steps=cfg.local_steps,
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0),
-    )
-    metrics = MetricRecord(
-        {
-            "num-examples": data.num_train,
-            "train-loss": result.loss,
-            "train-steps": result.steps,
-            "train-seconds": time.perf_counter() - t0,
-        }
-    )
+    seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)
+    received = method.reply(model)  # the starting point, as it would be sent back
+    common = dict(batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                  weight_decay=cfg.weight_decay, seed=seed)
+    if ledger is not None and ledger.plan.mode == "sample":
+        result = train_private(model, data.data, data.train_idx, steps=ledger.plan.steps,
+                               noise_multiplier=ledger.plan.noise_multiplier,
+                               max_grad_norm=cfg.max_grad_norm, **common)
+    else:
+        result = train(model, data.data, data.train_idx, steps=cfg.local_steps,
+                       epochs=cfg.local_epochs, **common)
+    reply = method.reply(model)
+    metrics: dict = {
+        "num-examples": data.num_train,
+        "train-loss": result.loss,
+        "train-steps": result.steps,
+    }
+    if ledger is not None:
+        if ledger.plan.mode == "update":
+            reply, norm = dp.privatize_reply(reply, received, max_norm=cfg.update_max_norm,
+                                             noise_multiplier=ledger.plan.noise_multiplier,
+                                             seed=seed + 17)
+            metrics["update-norm"] = norm
+        ledger.spend()  # persisted before anything leaves the site
+        context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
+        metrics.update({"dp-" + k: v for k, v in ledger.metrics().items()})
+    metrics["train-seconds"] = time.perf_counter() - t0
     content = RecordDict(
         {
-            LORA_KEY: to_record(method.reply(model), cfg.wire_dtype),
-            METRICS_KEY: metrics,
+            LORA_KEY: to_record(reply, cfg.wire_dtype),
+            METRICS_KEY: MetricRecord(metrics),
             STATUS_KEY: ConfigRecord({"status": "ok"}),
         }
     )

@@ -25,12 +25,17 @@ STATUS_OK = "ok"
 STATUS_COULD_NOT_TRAIN = "could-not-train"
 
 
-def could_not_train(reason: str) -> RecordDict:
-    """A reply saying this site could not take part, and why."""
+STATUS_BUDGET_EXHAUSTED = "budget-exhausted"
+
+
+def could_not_train(
+    reason: str, status: str = STATUS_COULD_NOT_TRAIN, metrics: Mapping[str, Any] | None = None
+) -> RecordDict:
+    """A reply saying this site did not take part, and why."""
     return RecordDict(
         {
-            METRICS_KEY: MetricRecord({"num-examples": 0}),
-            STATUS_KEY: ConfigRecord({"status": STATUS_COULD_NOT_TRAIN, "reason": reason[:2000]}),
+            METRICS_KEY: MetricRecord({"num-examples": 0, **dict(metrics or {})}),
+            STATUS_KEY: ConfigRecord({"status": status, "reason": reason[:2000]}),
         }
     )
 
@@ -43,6 +48,7 @@ class NodeInfo:
     num_partitions: int | None
     data_path: str | None
     lora_rank: int | None
+    privacy_state_path: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], cfg) -> NodeInfo:
@@ -56,6 +62,8 @@ class NodeInfo:
             num_partitions=None if nparts is None else int(nparts),
             data_path=str(node_config["data-path"]) if node_config.get("data-path") else None,
             lora_rank=None if rank is None else int(rank),
+            privacy_state_path=(str(node_config["privacy-state-path"])
+                                if node_config.get("privacy-state-path") else None),
         )
 
 

@@ -99,3 +99,71 @@ def evaluate(
         correct += (logits.argmax(-1) == labels).sum().item()
     model.train()
     return EvalResult(loss=total_loss / len(idx), accuracy=correct / len(idx), examples=len(idx))
+
+
+def train_private(
+    model: nn.Module,
+    data: EncodedDataset,
+    indices: Sequence[int] | np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    grad_sample_mode: str = "hooks",
+) -> TrainResult:
+    """DP-SGD (Opacus) on the trainable (adapter) parameters only.
+
+    Each step draws a Poisson sample of ``indices`` with rate ``q = batch_size / n``,
+    clips every per-example gradient to ``max_grad_norm`` and adds Gaussian noise of std
+    ``noise_multiplier * max_grad_norm`` (Opacus' DPOptimizer). Frozen base weights get no
+    gradient at all. Accounting is the caller's: ``steps`` steps at rate ``q``.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    idx = np.asarray(indices, dtype=np.int64)
+    n = len(idx)
+    if n == 0:
+        raise ValueError("no training examples")
+    q = min(1.0, batch_size / n)
+    rng = np.random.default_rng(seed)
+    params = trainable_parameters(model)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
+                           force_functorch=grad_sample_mode == "functorch")
+    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+    opt = DPOptimizer(
+        torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, round(q * n)),
+        loss_reduction="mean",
+        generator=noise_gen,
+    )
+    gsm.train()
+    losses, seen = [], 0
+    try:
+        for _ in range(steps):
+            batch_idx = idx[rng.random(n) < q]  # Poisson sampling: each example with prob q
+            if len(batch_idx) == 0:
+                # An empty Poisson batch releases only noise; the step is still accounted.
+                continue
+            batch = data.collate(batch_idx)
+            out = gsm(**batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+            seen += len(batch_idx)
+    finally:
+        gsm._close()  # remove the hooks: the cached model serves non-private clients too
+        for p in params:
+            for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+            p.grad = None
+    return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
+                       examples=seen)

@@ -35,9 +35,13 @@ from .strategy import LoraStrategy
 
 log = logging.getLogger("fedlora")
 
+PRIVACY_COLUMNS = ("round", "node", "mode", "noise_multiplier", "sample_rate", "steps",
+                   "epsilon", "delta", "target_epsilon")
+
 METRIC_COLUMNS = (
     "round", "train_loss", "test_loss", "test_accuracy", "fed_eval_loss", "fed_eval_accuracy",
-    "clients_sampled", "clients_accepted", "clients_refused", "bytes_up", "bytes_down",
+    "clients_sampled", "clients_accepted", "clients_refused", "max_epsilon", "bytes_up",
+    "bytes_down",
     "round_seconds", "elapsed_seconds",
 )
 
@@ -136,6 +140,7 @@ def run_federated(grid: Grid, cfg) -> Path:
         return evaluate(model, test_set, batch_size=cfg.eval_batch_size)
 
     rows: list[dict] = []
+    privacy_rows: list[dict] = []
     res0 = central_eval(arrays)
     rows.append({"round": 0, "test_loss": res0 and res0.loss, "test_accuracy": res0 and res0.accuracy,
                  "elapsed_seconds": time.perf_counter() - t_start})
@@ -149,6 +154,8 @@ def run_federated(grid: Grid, cfg) -> Path:
         write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
         write_csv(run_dir / "comms.csv", ledger.rows(), COMMS_COLUMNS)
         write_json(run_dir / "comms.json", ledger.summary())
+        if cfg.dp_mode != "off":
+            write_csv(run_dir / "privacy.csv", privacy_rows, PRIVACY_COLUMNS)
 
     train_config = ConfigRecord({})
     for rnd in range(1, cfg.num_server_rounds + 1):
@@ -167,6 +174,14 @@ def run_federated(grid: Grid, cfg) -> Path:
         res = central_eval(arrays)
         outcome = strategy.last_outcome
         totals = ledger.round_totals(rnd)
+        for node, p in outcome.privacy:
+            privacy_rows.append({
+                "round": rnd, "node": node, "mode": cfg.dp_mode,
+                "noise_multiplier": p.get("noise-multiplier"), "sample_rate": p.get("sample-rate"),
+                "steps": p.get("steps"), "epsilon": p.get("epsilon"), "delta": p.get("delta"),
+                "target_epsilon": p.get("target-epsilon"),
+            })
+        spent = [p["epsilon"] for _, p in outcome.privacy if "epsilon" in p]
         row = {
             "round": rnd,
             "train_loss": train_metrics.get("train-loss") if train_metrics else None,
@@ -177,6 +192,7 @@ def run_federated(grid: Grid, cfg) -> Path:
             "clients_sampled": outcome.sampled,
             "clients_accepted": len(outcome.accepted),
             "clients_refused": len(outcome.refused),
+            "max_epsilon": max(spent) if spent else None,
             "refused": [{"node": n, "reason": r} for n, r in outcome.refused],
             "bytes_up": totals["up"],
             "bytes_down": totals["down"],
@@ -188,10 +204,11 @@ def run_federated(grid: Grid, cfg) -> Path:
         write_results()
         log.info(
             "[round %d/%d] train loss %s | test loss %s, accuracy %s | fed-eval accuracy %s | "
-            "clients %d/%d (%d refused) | up %s B, down %s B | %.1f s",
+            "clients %d/%d (%d refused)%s | up %s B, down %s B | %.1f s",
             rnd, cfg.num_server_rounds, _fmt(row["train_loss"]), _fmt(row["test_loss"]),
             _fmt(row["test_accuracy"]), _fmt(row["fed_eval_accuracy"]),
             len(outcome.accepted), outcome.sampled, len(outcome.refused),
+            "" if not spent else f" | max epsilon {max(spent):.3f} (target {cfg.target_epsilon})",
             f"{totals['up']:,}", f"{totals['down']:,}", row["round_seconds"],
         )
 

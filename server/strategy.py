@@ -33,6 +33,7 @@ class RoundOutcome:
     sampled: int = 0
     accepted: list[int] = field(default_factory=list)
     refused: list[tuple[int, str]] = field(default_factory=list)
+    privacy: list[tuple[int, dict]] = field(default_factory=list)  # (node, dp-* metrics)
 
 
 class LoraStrategy(Strategy):
@@ -158,6 +159,10 @@ class LoraStrategy(Strategy):
             if self.ledger is not None and not msg.has_error() and LORA_KEY in msg.content:
                 self.ledger.record(server_round, node, "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
+            m = None if msg.has_error() else msg.content.get(METRICS_KEY)
+            if m is not None and "dp-epsilon" in m:
+                outcome.privacy.append((node, {k[3:]: v for k, v in m.items()
+                                               if k.startswith("dp-")}))
             try:
                 state, n = self._check_reply(msg)
             except ValueError as e:

@@ -12,10 +12,12 @@ from .flwr_local import flwr_run, local_flwr
 pytestmark = pytest.mark.slow
 
 
-def test_flwr_run_real_model_writes_results_and_a_loadable_adapter(tmp_path):
+@pytest.mark.parametrize("aggregator", ["fedavg", "svd", "ffa", "stack"])
+def test_flwr_run_real_model_writes_results_and_a_loadable_adapter(tmp_path, aggregator):
     out = tmp_path / "results"
     run_config = (f"num-server-rounds=2 local-steps=4 fraction-train=0.5 fraction-evaluate=0.25 "
-                  f"lora-rank=4 test-fraction=0.03 output-dir='{out}' run-name='e2e'")
+                  f"lora-rank=4 test-fraction=0.03 aggregator='{aggregator}' "
+                  f"output-dir='{out}' run-name='e2e'")
     with local_flwr(tmp_path / "flwr-home") as env:
         proc = flwr_run(env, run_config, num_supernodes=4, timeout=900)
     log = proc.stdout + proc.stderr
@@ -27,6 +29,7 @@ def test_flwr_run_real_model_writes_results_and_a_loadable_adapter(tmp_path):
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert metrics["config"]["lora-rank"] == 4  # the run-config override took effect
+    assert metrics["config"]["aggregator"] == aggregator
     assert all(r["clients_accepted"] == 2 for r in rounds[1:])
     for name in ("metrics.csv", "comms.csv", "comms.json", "config.json",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):

@@ -1,0 +1,134 @@
+"""Differential privacy in training: private steps, update noise, budgets across runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlora import dp, privacy
+from fedlora.adapters import adapter_state
+from fedlora.config import ConfigError, parse_run_config
+from fedlora.data import EncodedDataset, read_table
+from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.training import train_private
+
+from .conftest import write_reviews
+from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+
+
+def test_a_private_step_trains_the_factors_and_nothing_else(tiny_model_dir, tmp_path):
+    model = build_lora_model(LoraSpec(str(tiny_model_dir), 2, 4, 8.0, 0.0, ("query", "value"), True))
+    data = read_table(write_reviews(tmp_path / "r.csv", 64), text_column="text",
+                      label_column="label", label_names=("negative", "positive"))
+    enc = EncodedDataset(data, load_tokenizer(str(tiny_model_dir)), 16)
+    before = adapter_state(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train_private(model, enc, np.arange(64), steps=2, batch_size=16, learning_rate=1e-2,
+                  noise_multiplier=1.0, max_grad_norm=1.0, seed=0)
+    after = adapter_state(model)
+    changed = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert sorted(changed) == sorted(before)  # every LoRA factor (and the head) moved
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(frozen[n], p), n
+    # The hooks are gone: the cached model can serve a non-private client next.
+    assert not any(hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_update_noise_has_the_calibrated_scale():
+    rng = np.random.default_rng(0)
+    received = {"m.lora_A.weight": rng.normal(size=(8, 300)).astype(np.float32),
+                "m.lora_B.weight": rng.normal(size=(300, 8)).astype(np.float32)}
+    step = {k: v + 1e-3 * rng.normal(size=v.shape).astype(np.float32) for k, v in received.items()}
+    sigma, c = 1.7, 0.5
+    noised, norm = dp.privatize_reply(step, received, max_norm=c, noise_multiplier=sigma, seed=3)
+    assert norm < c  # small update: not clipped, so noised - clean is pure noise
+    diff = np.concatenate([(noised[k].astype(np.float64) - step[k]).ravel() for k in step])
+    n = diff.size
+    se = sigma * c / np.sqrt(2 * (n - 1))  # standard error of the sample std
+    assert abs(diff.std() - sigma * c) < 4 * se
+    assert abs(diff.mean()) < 4 * sigma * c / np.sqrt(n)
+
+
+def test_calibrated_plan_ends_at_or_just_under_the_target():
+    cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 2.0, "num-server-rounds": 5,
+                            "local-steps": 10, "batch-size": 32})
+    plan = dp.plan_for(cfg, 500)
+    ledger = dp.Ledger(plan, path=None, state=None)
+    eps = []
+    for _ in range(cfg.num_server_rounds):
+        ledger.check()
+        eps.append(ledger.spend())
+    assert eps == sorted(eps) and 0.97 * 2.0 < eps[-1] <= 2.0
+    independent = privacy.epsilon_dp_accounting(noise_multiplier=plan.noise_multiplier,
+                                                sample_rate=32 / 500, steps=50, delta=1e-5)
+    assert eps[-1] == pytest.approx(independent, rel=0.01)
+    with pytest.raises(dp.BudgetExhausted, match="budget exhausted"):
+        ledger.check()
+
+
+def test_ledger_file_survives_a_restart_and_a_lost_file(tmp_path):
+    cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 3.0, "num-server-rounds": 3})
+    plan = dp.plan_for(cfg, 400)
+    path = tmp_path / "site" / "privacy.json"
+    path.parent.mkdir()
+    first = dp.Ledger(plan, path=str(path), state=None)
+    first.spend()
+    spent = first.spend()
+    again = dp.Ledger(plan, path=str(path), state=None)  # a restarted site
+    assert again.epsilon() == pytest.approx(spent) and again.epsilon() > 0
+    path.write_text("{ truncated")  # a damaged ledger falls back to its backup, never to zero
+    assert dp.Ledger(plan, path=str(path), state=None).epsilon() > 0
+    path.with_name(path.name + ".bak").write_text("garbage")
+    with pytest.raises(privacy.PrivacyStateError):
+        dp.Ledger(plan, path=str(path), state=None)
+
+
+@pytest.mark.parametrize("key,value", [("target-epsilon", 0.0), ("target-epsilon", -1),
+                                       ("target-delta", 1.0), ("target-delta", 0.0),
+                                       ("max-grad-norm", 0.0), ("dp-mode", "loud"),
+                                       ("accountant", "moments")])
+def test_bad_privacy_settings_fail_before_round_one(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        parse_run_config({key: value})
+
+
+def test_delta_must_be_below_one_over_n():
+    cfg = parse_run_config({"dp-mode": "sample", "target-delta": 0.01})
+    with pytest.raises(ValueError, match="target-delta"):
+        dp.plan_for(cfg, 200)
+
+
+def _privacy_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "privacy.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tmp_path):  # noqa: F811
+    from simulations.harness import node_config_mod
+
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    mod = node_config_mod(lambda pid: {"privacy-state-path": str(ledgers / f"site{pid}.json")})
+    overrides = dict(custom_task, **{"dp-mode": "sample", "target-epsilon": 1.0,
+                                     "target-delta": 1e-3, "fraction-train": 1.0,
+                                     "fraction-evaluate": 0.0, "run-name": "dp1"})
+    run1 = run_in_process(overrides, num_nodes=4, mods=[mod])
+    rows = _privacy_rows(run1)
+    assert len(rows) == 2 * 4
+    for node in {r["node"] for r in rows}:
+        eps = [float(r["epsilon"]) for r in rows if r["node"] == node]
+        assert eps == sorted(eps) and eps[-1] <= 1.0 + 1e-9 and eps[-1] > 0.9
+    metrics = json.loads((run1 / "metrics.json").read_text())
+    assert metrics["rounds"][-1]["max_epsilon"] <= 1.0
+
+    # The same sites join a new run: their ledgers say the budget is spent.
+    run2 = run_in_process(dict(overrides, **{"run-name": "dp2"}), num_nodes=4, mods=[mod])
+    rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
+    assert all(r["clients_accepted"] == 0 and r["clients_refused"] == 4 for r in rounds[1:])
+    assert all("budget exhausted" in x["reason"] for r in rounds[1:] for x in r["refused"])
