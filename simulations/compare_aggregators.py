@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from simulations.harness import read_metrics, run_inprocess  # noqa: E402
+from simulations.harness import parse_sets, read_metrics, run_inprocess  # noqa: E402
 
 HET_RANKS = (4, 8, 16)
 
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare-aggregators")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     ap.add_argument("--no-het", action="store_true", help="skip the heterogeneous-rank runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra run-config entries for every run (repeatable)")
     args = ap.parse_args(argv)
+    extra = parse_sets(args.set)
     logging.basicConfig(level=logging.WARNING)
     if args.quick:
         args.rounds, args.local_steps = min(args.rounds, 2), min(args.local_steps, 3)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fraction-evaluate": 0.0, "output-dir": str(args.out), "run-name": name,
             }
             t0 = time.perf_counter()
-            run_dir = run_inprocess(overrides, num_nodes=args.clients,
+            run_dir = run_inprocess({**extra, **overrides}, num_nodes=args.clients,
                                     node_ranks=HET_RANKS if het else None)
             m = read_metrics(run_dir)
             final = m["rounds"][-1]

@@ -18,7 +18,23 @@ from flwr.app import Context
 
 log = logging.getLogger(__name__)
 
-__all__ = ["node_config_mod", "run_inprocess", "read_metrics"]
+__all__ = ["node_config_mod", "run_inprocess", "read_metrics", "parse_sets"]
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["lora-rank=4", "task=custom"]`` -> run-config overrides (values parsed as TOML)."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def node_config_mod(per_partition: Callable[[int], Mapping[str, Any]]):
