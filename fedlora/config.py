@@ -95,6 +95,9 @@ KEYS: tuple[Key, ...] = (
     Key("update-max-norm", float, 1.0, "a float > 0", _positive,
         help="Clipping norm of a client's adapter update (dp-mode = update)."),
     Key("accountant", str, "rdp", "one of rdp, prv", _choices("rdp", "prv")),
+    Key("foreign-keys", str, "fail", "one of fail, refuse", _choices("fail", "refuse"),
+        help="A reply with an array that is not a LoRA factor or the configured head: "
+        "fail stops the run naming the key; refuse drops that reply and carries on."),
     Key("max-length", int, 64, "an integer in [8, 4096]", lambda v: 8 <= v <= 4096),
     Key("num-partitions", int, 0, "an integer >= 0 (0: one per SuperNode)", lambda v: v >= 0),
     Key("partitioner", str, "natural", "one of natural, iid",

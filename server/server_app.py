@@ -31,7 +31,7 @@ from fedlora.results import new_run_dir, save_adapter, write_csv, write_json
 from fedlora.training import evaluate
 from fedlora.wire import WIRE_DTYPES, from_record, to_record
 
-from .strategy import LoraStrategy
+from .strategy import AuditError, LoraStrategy
 
 log = logging.getLogger("fedlora")
 
@@ -129,6 +129,7 @@ def run_federated(grid: Grid, cfg) -> Path:
         wire_dtype=cfg.wire_dtype,
         seed=cfg.seed,
         ledger=ledger,
+        foreign_keys=cfg.foreign_keys,
     )
     strategy.summary()
     arrays: ArrayRecord = to_record(state, cfg.wire_dtype)
@@ -162,7 +163,11 @@ def run_federated(grid: Grid, cfg) -> Path:
         t0 = time.perf_counter()
         replies = grid.send_and_receive(
             messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=3600)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        try:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        except AuditError:
+            write_results()  # keep the ledger that shows the offending key; earlier rounds stay
+            raise
         if new_arrays is not None:
             arrays = new_arrays
         fed = None

@@ -26,6 +26,10 @@ log = logging.getLogger("fedlora.server")
 MAX_NUM_EXAMPLES = 10_000_000  # a reply claiming more examples than this is refused
 
 
+class AuditError(RuntimeError):
+    """A client sent an array that is neither a LoRA factor nor the configured head."""
+
+
 @dataclass
 class RoundOutcome:
     """What happened to the replies of one round (for metrics and logs)."""
@@ -68,6 +72,7 @@ class LoraStrategy(Strategy):
         wire_dtype: str = "float32",
         seed: int = 0,
         ledger: CommsLedger | None = None,
+        foreign_keys: str = "fail",
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -75,8 +80,13 @@ class LoraStrategy(Strategy):
             raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
         if min_train_nodes < 1:
             raise ValueError(f"min_train_nodes must be >= 1, got {min_train_nodes}")
+        if foreign_keys not in ("fail", "refuse"):
+            raise ValueError(f"foreign_keys must be 'fail' or 'refuse', got {foreign_keys!r}")
         self.method = method
         self.template = template
+        self.foreign_keys = foreign_keys
+        # What may ever leave a client: LoRA factors and the head tensors this run trains.
+        self.allowed_keys = frozenset(template)
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
@@ -137,6 +147,13 @@ class LoraStrategy(Strategy):
             raise ValueError(f"num-examples {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]")
         if LORA_KEY not in content:
             raise ValueError(f"reply has no '{LORA_KEY}' array record")
+        foreign = sorted(set(content[LORA_KEY]) - self.allowed_keys)
+        if foreign:
+            reason = (f"array key(s) {foreign[:5]} are neither LoRA factors nor the configured "
+                      "head")
+            if self.foreign_keys == "fail":
+                raise AuditError(f"audit failed: node {msg.metadata.src_node_id} sent {reason}")
+            raise ValueError(reason)
         wrong = sorted(k for k, a in content[LORA_KEY].items() if a.dtype != self.wire_dtype)
         if wrong:
             raise ValueError(f"array '{wrong[0]}' has dtype "
@@ -165,6 +182,10 @@ class LoraStrategy(Strategy):
                                                if k.startswith("dp-")}))
             try:
                 state, n = self._check_reply(msg)
+            except AuditError as e:
+                log.error("round %d: %s; stopping the run (set foreign-keys = 'refuse' to drop "
+                          "such replies instead)", server_round, e)
+                raise
             except ValueError as e:
                 outcome.refused.append((node, str(e)))
                 log.warning("round %d: refused reply from node %d: %s", server_round, node, e)
