@@ -1,0 +1,219 @@
+"""A whole deployment on 127.0.0.1: one SuperLink, N SuperNodes, `flwr run` against them.
+
+    python -m simulations.local_federation --nodes 2 --run-config "num-server-rounds=2"
+
+Each SuperNode is a separate process with its own node-config (by default partition i of
+the default task's data; ``--data-dir`` gives each site its own ``site<i>.csv``/``.jsonl``)
+and its own privacy ledger path. Every process started here is stopped by its PID and
+process group when the run ends, fails or is interrupted. Insecure (no TLS) on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+__all__ = ["LocalFederation", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _node_config_arg(cfg: Mapping[str, Any]) -> str:
+    parts = []
+    for k, v in cfg.items():
+        parts.append(f"{k}={json.dumps(v) if isinstance(v, str) else v}")
+    return " ".join(parts)
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {proc.returncode}; see {log}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+class LocalFederation:
+    """Start a SuperLink and SuperNodes on loopback; stop them all on exit."""
+
+    def __init__(self, workdir: Path, node_configs: Sequence[Mapping[str, Any]]) -> None:
+        self.workdir = Path(workdir)
+        self.node_configs = [dict(c) for c in node_configs]
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self._stopped_groups: set[int] = set()
+        self.port = free_port()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.env = dict(os.environ)
+        self.env.update({
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        })
+
+    # -- processes ---------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = self.workdir / f"{name}.log"
+        f = log.open("ab")
+        proc = subprocess.Popen(cmd, cwd=self.workdir, env=self.env, stdout=f,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # own group: stop it and its children
+        f.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def start(self, timeout: float = 60) -> LocalFederation:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deployment"\n\n'
+            f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        link = self._spawn("superlink", [
+            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
+            "--port", str(self.port), "--database", str(self.workdir / "superlink.db"),
+            "--disable-runtime-dependency-installation"])
+        _wait_port(self.port, link, timeout, "flower-superlink", self.workdir / "superlink.log")
+        for i, cfg in enumerate(self.node_configs):
+            self.start_node(i, cfg)
+        return self
+
+    def start_node(self, i: int, cfg: Mapping[str, Any] | None = None) -> subprocess.Popen:
+        cfg = self.node_configs[i] if cfg is None else cfg
+        port = free_port()
+        return self._spawn(f"supernode{i}", [
+            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--node-config", _node_config_arg(cfg)])
+
+    def node_process(self, i: int) -> subprocess.Popen:
+        return dict(self.procs)[f"supernode{i}"]
+
+    def _helper_groups(self) -> set[int]:
+        # SuperLink and SuperNodes start a SuperExec in a session of its own (it watches
+        # --parent-pid); stop those groups too rather than wait for them to notice.
+        groups = set()
+        for _, proc in self.procs:
+            out = subprocess.run(["pgrep", "-f", f"flower-superexec.*--parent-pid {proc.pid}"],
+                                 capture_output=True, text=True).stdout
+            for pid in out.split():
+                with contextlib.suppress(ProcessLookupError):
+                    groups.add(os.getpgid(int(pid)))
+        return groups
+
+    def alive_groups(self) -> set[int]:
+        """Process groups started here that still hold a live (non-zombie) process."""
+        alive = set()
+        for g in {proc.pid for _, proc in self.procs} | self._stopped_groups:
+            out = subprocess.run(["ps", "-o", "stat=", "-g", str(g)], capture_output=True,
+                                 text=True).stdout.split()
+            if any(not stat.startswith("Z") for stat in out):
+                alive.add(g)
+        return alive
+
+    def stop(self) -> None:
+        """SIGTERM every process group started here, then SIGKILL what is left, and wait."""
+        groups = {proc.pid for _, proc in self.procs} | self._helper_groups()
+        self._stopped_groups |= groups
+        for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for g in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(g, sig)
+            deadline = time.monotonic() + wait
+            for _, proc in self.procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            while self.alive_groups() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self.alive_groups():
+                break
+
+    def __enter__(self) -> LocalFederation:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- flwr commands -----------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+
+    def run(self, run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        return self.flwr("run", ".", "local-deployment", "--stream", "--run-config", run_config,
+                         timeout=timeout)
+
+    def runs(self) -> list[dict[str, Any]]:
+        out = self.flwr("ls", "local-deployment", "--format", "json", timeout=60)
+        return json.loads(out.stdout).get("runs", [])
+
+
+def default_node_configs(n: int, workdir: Path, data_dir: Path | None) -> list[dict[str, Any]]:
+    configs = []
+    for i in range(n):
+        cfg: dict[str, Any] = {"privacy-state-path": str(workdir / f"site{i}" / "privacy.json")}
+        if data_dir is not None:
+            found = sorted(Path(data_dir).glob(f"site{i}.*"))
+            if not found:
+                raise SystemExit(f"no data file site{i}.csv/.jsonl in {data_dir}")
+            cfg["data-path"] = str(found[0])
+        else:
+            cfg.update({"partition-id": i, "num-partitions": n})
+        (workdir / f"site{i}").mkdir(parents=True, exist_ok=True)
+        configs.append(cfg)
+    return configs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--run-config", default="num-server-rounds=2")
+    ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "local-federation")
+    ap.add_argument("--data-dir", type=Path, default=None,
+                    help="folder with site0.csv, site1.csv, ... (one file per SuperNode)")
+    args = ap.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    configs = default_node_configs(args.nodes, args.workdir, args.data_dir)
+    run_config = args.run_config
+    if "output-dir" not in run_config:
+        run_config += f" output-dir='{args.workdir / 'results'}'"
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with LocalFederation(args.workdir, configs) as fed:
+        print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {args.workdir}",
+              flush=True)
+        proc = fed.run(run_config)
+        sys.stdout.write(proc.stdout)
+        sys.stderr.write(proc.stderr)
+        return proc.returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
