@@ -57,3 +57,22 @@ def test_foreign_keys_refuse_mode_drops_the_reply(custom_task):  # noqa: F811
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert all(r["clients_accepted"] == 0 and r["clients_refused"] == 2 for r in rounds[1:])
     assert all(FOREIGN in x["reason"] for r in rounds[1:] for x in r["refused"])
+
+
+def _float16_mod(msg, context, call_next):
+    """A client that sends its factors in another dtype than the run's wire dtype."""
+    from fedlora.wire import from_record, to_record
+
+    reply = call_next(msg, context)
+    if msg.metadata.message_type == "train" and "lora" in reply.content:
+        reply.content["lora"] = to_record(from_record(reply.content["lora"]), "float16")
+    return reply
+
+
+def test_a_reply_in_the_wrong_dtype_is_refused(custom_task):  # noqa: F811
+    overrides = dict(custom_task, **{"run-name": "dtype", "fraction-evaluate": 0.0})
+    run_dir = run_in_process(overrides, num_nodes=4, mods=[_float16_mod])
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert all(r["clients_accepted"] == 0 for r in rounds[1:])
+    assert all("dtype float16, expected float32" in x["reason"] for r in rounds[1:]
+               for x in r["refused"])

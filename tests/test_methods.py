@@ -183,3 +183,29 @@ def test_ffa_refuses_a_site_with_another_rank(custom_task):  # noqa: F811
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["clients_accepted"] for r in rounds[1:]] == [3, 3]
     assert all("global rank" in r["refused"][0]["reason"] for r in rounds[1:])
+
+
+def test_svd_error_feedback_runs_in_process(custom_task):  # noqa: F811
+    overrides = dict(custom_task, aggregator="svd", **{
+        "svd-error-feedback": True, "run-name": "svd-ef", "fraction-train": 1.0,
+        "fraction-evaluate": 0.0, "num-server-rounds": 3})
+    run_dir = run_in_process(overrides, num_nodes=4, node_ranks=[4, 8])
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["clients_accepted"] for r in rounds[1:]] == [4, 4, 4]
+
+
+def test_svd_error_feedback_keeps_what_truncation_drops(tiny_model_dir):
+    template = adapter_state(build_lora_model(_spec(tiny_model_dir, rank=2)))
+    module = next(k[: -len(FACTOR_A)] for k in template if k.endswith(FACTOR_A))
+    rng = np.random.default_rng(5)
+    method = get_method("svd", alpha=4.0, rank=2, error_feedback=True)
+    total_exact, total_sent = 0.0, 0.0
+    for _ in range(3):
+        replies = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in template.items()}
+                   for _ in range(3)]
+        total_exact = total_exact + sum(_delta(r, module, 2.0) for r in replies) / 3
+        out = method.aggregate(replies, [1, 1, 1], template)
+        total_sent = total_sent + _delta(out, module, 2.0)
+    residual = method.feedback.residual(module)
+    kept = np.asarray(residual.B, np.float64) @ np.asarray(residual.A) * residual.scale
+    np.testing.assert_allclose(total_sent + kept, total_exact, rtol=1e-4, atol=1e-4)
