@@ -84,7 +84,7 @@ def save_adapter(model, path: Path) -> None:
 
 def new_run_dir(output_dir: str, run_name: str) -> Path:
     """``output_dir/run_name``, or a fresh timestamped name when ``run_name`` is empty."""
-    base = Path(output_dir).expanduser()
+    base = Path(output_dir).expanduser().resolve()
     if run_name:
         return base / run_name
     stamp = time.strftime("%Y%m%d-%H%M%S")

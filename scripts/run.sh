@@ -22,6 +22,12 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# Results go to ./results unless the run-config says otherwise (a TOML file given with
+# --run-config cannot be combined with other overrides, so then its output-dir is used as is).
+extra=(--run-config "output-dir='$PWD/results'")
+for arg in "$@"; do
+  case "$arg" in *.toml|*output-dir=*) extra=() ;; esac
+done
 flwr run . --stream \
   --federation-config "num-supernodes=$NUM client-resources-num-cpus=$CPUS" \
-  --run-config "output-dir='$PWD/results'" "$@"
+  "${extra[@]}" "$@"
