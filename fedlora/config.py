@@ -95,6 +95,10 @@ KEYS: tuple[Key, ...] = (
     Key("update-max-norm", float, 1.0, "a float > 0", _positive,
         help="Clipping norm of a client's adapter update (dp-mode = update)."),
     Key("accountant", str, "rdp", "one of rdp, prv", _choices("rdp", "prv")),
+    Key("max-update-norm", float, 50.0, "a float >= 0 (0: no bound)", lambda v: v >= 0,
+        help="Refuse a reply whose change to the adapter (L2 norm over all its tensors) is larger."),
+    Key("max-num-examples", int, 10_000_000, "an integer >= 1", lambda v: v >= 1,
+        help="Refuse a reply that claims more training examples (it would dominate the average)."),
     Key("foreign-keys", str, "fail", "one of fail, refuse", _choices("fail", "refuse"),
         help="A reply with an array that is not a LoRA factor or the configured head: "
         "fail stops the run naming the key; refuse drops that reply and carries on."),

@@ -156,6 +156,22 @@ class Method:
         """(rank, alpha, adapter state) of the global model as one peft LoRA adapter."""
         return self.rank, self.alpha, global_state
 
+    def start_state(self, global_state: State, *, rank: int) -> State:
+        """What a client of rank ``rank`` started from, in the keys of its reply."""
+        if rank != self.rank:
+            return refit_state(global_state, rank=rank, from_scale=self.scale,
+                               to_scale=self.alpha / rank)
+        return dict(global_state)
+
+    def update_norm(self, reply: State, global_state: State, *, rank: int) -> float:
+        """L2 norm, over every tensor of a reply, of what the client changed."""
+        start = self.start_state(global_state, rank=rank)
+        total = 0.0
+        for k, v in reply.items():
+            d = v.astype(np.float64) - start[k]
+            total += float(np.dot(d.ravel(), d.ravel()))
+        return float(np.sqrt(total))
+
     # -- client side -----------------------------------------------------------------
     def load(self, model: nn.Module, payload: State, *, client_rank: int) -> None:
         """Load what the server sent into a client's model of rank ``client_rank``."""
@@ -237,6 +253,9 @@ class FfaMethod(Method):
     def reply(self, model: nn.Module) -> State:
         return {k: v for k, v in adapter_state(model).items() if not k.endswith(FACTOR_A)}
 
+    def start_state(self, global_state: State, *, rank: int) -> State:
+        return self.payload(global_state)
+
 
 @register_method
 class StackMethod(Method):
@@ -281,6 +300,22 @@ class StackMethod(Method):
         for m, (b, a) in self.cumulative.items():
             state[m + FACTOR_A], state[m + FACTOR_B] = a, b
         return total, float(total), state
+
+    def start_state(self, global_state: State, *, rank: int) -> State:
+        # Clients restart from a fresh adapter: B = 0, A at the client's own seeded
+        # initialisation (not known here for other ranks), the head from the server.
+        return {k: v for k, v in global_state.items() if not is_factor_key(k)}
+
+    def update_norm(self, reply: State, global_state: State, *, rank: int) -> float:
+        """Norm of the trained B factors (they start at zero) and of the head's change."""
+        start = self.start_state(global_state, rank=rank)
+        total = 0.0
+        for k, v in reply.items():
+            if k.endswith(FACTOR_A):
+                continue
+            d = v.astype(np.float64) - start.get(k, 0.0)
+            total += float(np.sum(d * d))
+        return float(np.sqrt(total))
 
     def load(self, model: nn.Module, payload: State, *, client_rank: int) -> None:
         fold_update(model, {k: v for k, v in payload.items() if is_factor_key(k)})

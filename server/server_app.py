@@ -40,7 +40,8 @@ PRIVACY_COLUMNS = ("round", "node", "mode", "noise_multiplier", "sample_rate", "
 
 METRIC_COLUMNS = (
     "round", "train_loss", "test_loss", "test_accuracy", "fed_eval_loss", "fed_eval_accuracy",
-    "clients_sampled", "clients_accepted", "clients_refused", "max_epsilon", "bytes_up",
+    "clients_sampled", "clients_accepted", "clients_refused", "max_epsilon", "max_update_norm",
+    "bytes_up",
     "bytes_down",
     "round_seconds", "elapsed_seconds",
 )
@@ -130,6 +131,8 @@ def run_federated(grid: Grid, cfg) -> Path:
         seed=cfg.seed,
         ledger=ledger,
         foreign_keys=cfg.foreign_keys,
+        max_update_norm=cfg.max_update_norm,
+        max_num_examples=cfg.max_num_examples,
     )
     strategy.summary()
     arrays: ArrayRecord = to_record(state, cfg.wire_dtype)
@@ -198,6 +201,7 @@ def run_federated(grid: Grid, cfg) -> Path:
             "clients_accepted": len(outcome.accepted),
             "clients_refused": len(outcome.refused),
             "max_epsilon": max(spent) if spent else None,
+            "max_update_norm": max(outcome.update_norms) if outcome.update_norms else None,
             "refused": [{"node": n, "reason": r} for n, r in outcome.refused],
             "bytes_up": totals["up"],
             "bytes_down": totals["down"],

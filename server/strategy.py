@@ -23,7 +23,6 @@ from fedlora.wire import from_record, to_record
 
 log = logging.getLogger("fedlora.server")
 
-MAX_NUM_EXAMPLES = 10_000_000  # a reply claiming more examples than this is refused
 
 
 class AuditError(RuntimeError):
@@ -38,6 +37,7 @@ class RoundOutcome:
     accepted: list[int] = field(default_factory=list)
     refused: list[tuple[int, str]] = field(default_factory=list)
     privacy: list[tuple[int, dict]] = field(default_factory=list)  # (node, dp-* metrics)
+    update_norms: list[float] = field(default_factory=list)  # of the accepted replies
 
 
 class LoraStrategy(Strategy):
@@ -73,6 +73,8 @@ class LoraStrategy(Strategy):
         seed: int = 0,
         ledger: CommsLedger | None = None,
         foreign_keys: str = "fail",
+        max_update_norm: float = 0.0,
+        max_num_examples: int = 10_000_000,
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -85,6 +87,10 @@ class LoraStrategy(Strategy):
         self.method = method
         self.template = template
         self.foreign_keys = foreign_keys
+        if max_update_norm < 0:
+            raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
+        self.max_update_norm = float(max_update_norm)
+        self.max_num_examples = int(max_num_examples)
         # What may ever leave a client: LoRA factors and the head tensors this run trains.
         self.allowed_keys = frozenset(template)
         self.fraction_train = fraction_train
@@ -143,8 +149,8 @@ class LoraStrategy(Strategy):
             raise ValueError("reply has no 'num-examples' metric")
         n = content[METRICS_KEY]["num-examples"]
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) \
-                or n != int(n) or not 0 < n <= MAX_NUM_EXAMPLES:
-            raise ValueError(f"num-examples {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]")
+                or n != int(n) or not 0 < n <= self.max_num_examples:
+            raise ValueError(f"num-examples {n!r} is not an integer in [1, {self.max_num_examples}]")
         if LORA_KEY not in content:
             raise ValueError(f"reply has no '{LORA_KEY}' array record")
         foreign = sorted(set(content[LORA_KEY]) - self.allowed_keys)
@@ -162,7 +168,12 @@ class LoraStrategy(Strategy):
         for k, a in state.items():
             if not np.isfinite(a).all():
                 raise ValueError(f"array '{k}' has non-finite values")
-        self.method.check_reply(state, self.template)  # ReplyShapeError is a ValueError
+        rank = self.method.check_reply(state, self.template)  # ReplyShapeError: a ValueError
+        norm = self.method.update_norm(state, self._global, rank=rank)
+        if self.max_update_norm > 0 and norm > self.max_update_norm:
+            raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm "
+                             f"{self.max_update_norm:g}")
+        self.last_outcome.update_norms.append(norm)
         return state, int(n)
 
     def aggregate_train(
