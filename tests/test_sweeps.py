@@ -35,3 +35,14 @@ def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):  # noqa: F
     rows = json.loads((out / "table.json").read_text())
     assert [r["aggregator"] for r in rows] == ["fedavg", "svd"]
     assert all(r["bytes_up"] > 0 for r in rows)
+
+
+def test_poisoning_comparison_refuses_only_with_checks_on(custom_task, tmp_path):  # noqa: F811
+    from simulations import poisoning
+
+    out = tmp_path / "poison"
+    argv = ["--rounds", "1", "--clients", "4", "--out", str(out)] + sum(
+        (["--set", s] for s in _sets(custom_task)), [])
+    assert poisoning.main(argv) == 0
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["refused_replies"] for r in rows] == [0, 1, 0]
