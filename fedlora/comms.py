@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .adapters import FACTOR_A, FACTOR_B, is_factor_key
+from .adapters import FACTOR_A, FACTOR_B
 from .wire import WIRE_DTYPES, array_bytes
 
 __all__ = ["CommsEntry", "CommsLedger", "analytic_record_bytes"]
