@@ -15,7 +15,7 @@ from .wire import WIRE_DTYPES, array_bytes
 __all__ = ["CommsEntry", "CommsLedger", "analytic_record_bytes"]
 
 COLUMNS = ("round", "node", "direction", "kind", "bytes", "analytic_bytes", "factor_bytes",
-           "head_bytes", "num_arrays", "wire_dtype", "keys")
+           "head_bytes", "num_arrays", "wire_dtype", "keys", "array_bytes")
 
 
 def _dtype_size(dtype: str) -> int:
@@ -51,6 +51,7 @@ class CommsEntry:
     num_arrays: int
     wire_dtype: str
     keys: str  # ';'-joined array keys
+    array_bytes: str  # ';'-joined serialised bytes of each array, in the order of ``keys``
 
 
 class CommsLedger:
@@ -75,6 +76,7 @@ class CommsLedger:
             num_arrays=len(record),
             wire_dtype=",".join(dtypes),
             keys=";".join(sorted(record.keys())),
+            array_bytes=";".join(str(array_bytes(record[k])) for k in sorted(record.keys())),
         )
         self.entries.append(entry)
         return entry

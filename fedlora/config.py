@@ -246,6 +246,13 @@ def _check_combinations(
         raise ConfigError(
             "aggregator", cfg.aggregator, f"one of {', '.join(sorted(known_aggregators))}"
         )
+    if cfg.svd_error_feedback and cfg.aggregator != "svd":
+        raise ConfigError("svd-error-feedback", cfg.svd_error_feedback,
+                          f"false unless aggregator = 'svd' (aggregator is '{cfg.aggregator}')")
+    if cfg.dp_mode == "sample" and cfg.local_epochs > 0:
+        raise ConfigError("local-epochs", cfg.local_epochs,
+                          "0 with dp-mode = 'sample' (DP-SGD runs local-steps Poisson-sampled "
+                          "steps)")
     if cfg.task == "custom":
         if not cfg.model_path:
             raise ConfigError("model-path", cfg.model_path,

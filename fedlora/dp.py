@@ -53,8 +53,8 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
 def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:
     """The client's plan for a run-config, calibrated for all planned rounds (None if off).
 
-    ``sample``: q = batch-size / n, ``local-steps`` steps a round (local-epochs: the steps
-    of that many epochs). ``update``: one release a round with q = 1.
+    ``sample``: q = batch-size / n, ``local-steps`` steps a round. ``update``: one release a
+    round with q = 1.
     """
     if cfg.dp_mode == "off":
         return None
@@ -63,8 +63,7 @@ def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:
         max_grad_norm=cfg.max_grad_norm, num_examples=num_examples, mode=cfg.dp_mode)
     if cfg.dp_mode == "sample":
         q = min(1.0, cfg.batch_size / num_examples)
-        per_round = (cfg.local_epochs * int(np.ceil(num_examples / cfg.batch_size))
-                     if cfg.local_epochs > 0 else cfg.local_steps)
+        per_round = cfg.local_steps  # the config refuses local-epochs with dp-mode = sample
     else:
         q, per_round = 1.0, 1
     total = privacy.planned_steps(num_rounds=cfg.num_server_rounds, local_steps=per_round)

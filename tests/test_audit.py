@@ -31,6 +31,9 @@ def test_ledger_bytes_equal_the_analytic_count(custom_task, wire, size):  # noqa
     rows = list(csv.DictReader((run_dir / "comms.csv").open()))
     assert rows and all(r["wire_dtype"] == wire for r in rows)
     assert all(int(r["bytes"]) == int(r["analytic_bytes"]) for r in rows)
+    for r in rows:  # per array: its serialised bytes, in the order of the keys
+        sizes = [int(x) for x in r["array_bytes"].split(";")]
+        assert len(sizes) == len(r["keys"].split(";")) and sum(sizes) == int(r["bytes"])
     # Independent: element count of the adapter (rank 4, hidden 32, 2 layers x 2 modules,
     # head 2 x 32 + 2) times the dtype size.
     numel = 2 * 2 * 4 * (32 + 32) + 2 * 32 + 2

@@ -99,3 +99,12 @@ def test_every_key_has_a_type_and_an_expected_text():
     for key in KEYS:
         assert key.expected and key.kind in (int, float, str, bool)
         assert key.check(key.default), key.name
+
+
+@pytest.mark.parametrize("config,key", [
+    ({"svd-error-feedback": True, "aggregator": "fedavg"}, "svd-error-feedback"),
+    ({"dp-mode": "sample", "local-epochs": 1}, "local-epochs"),
+])
+def test_incompatible_combinations_name_the_key(config, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        parse_run_config(config)
