@@ -127,7 +127,7 @@ class Ledger:
         """What the client reports to the server about its privacy spend."""
         p = self.plan
         return {"epsilon": self.epsilon(), "delta": p.delta, "noise-multiplier": p.noise_multiplier,
-                "sample-rate": p.sample_rate, "dp-steps": self.accountant.total_steps,
+                "sample-rate": p.sample_rate, "steps": self.accountant.total_steps,
                 "target-epsilon": p.target_epsilon}
 
     def epsilon(self) -> float:

@@ -121,6 +121,8 @@ def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tm
     run1 = run_in_process(overrides, num_nodes=4, mods=[mod])
     rows = _privacy_rows(run1)
     assert len(rows) == 2 * 4
+    assert {r["mode"] for r in rows} == {"sample"}
+    assert sorted({int(r["steps"]) for r in rows}) == [3, 6]  # local-steps 3, two rounds
     for node in {r["node"] for r in rows}:
         eps = [float(r["epsilon"]) for r in rows if r["node"] == node]
         assert eps == sorted(eps) and eps[-1] <= 1.0 + 1e-9 and eps[-1] > 0.9
