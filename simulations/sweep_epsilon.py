@@ -40,8 +40,11 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r["epsilon"] is None:
             ax.axhline(r["test_accuracy"], ls="--", color="gray", label="no DP")
-        ax.axhline(r["initial_accuracy"], ls=":", color="lightgray")
+    ax.axhline(rows[0]["initial_accuracy"], ls=":", color="silver", label="before training")
     ax.set_xscale("log")
+    ax.set_xticks([r["epsilon"] for r in private])
+    ax.set_xticklabels([format(r["epsilon"], "g") for r in private])
+    ax.minorticks_off()
     ax.set_xlabel("target epsilon per client (delta = %g)" % rows[0]["delta"])
     ax.set_ylabel("test accuracy (held-out movies)")
     ax.set_title("Accuracy against privacy budget")
@@ -63,8 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "epsilon-sweep")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra run-config entries for every run (repeatable)")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw the plot from --out/table.json")
     args = ap.parse_args(argv)
     extra = parse_sets(args.set)
+    if args.replot:
+        plot(json.loads((args.out / "table.json").read_text()), args.out / "accuracy_vs_epsilon.png")
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     targets: list[float | None] = [float(e) for e in args.epsilons.split(",") if e.strip()]
     if not args.no_baseline:
