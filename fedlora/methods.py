@@ -324,9 +324,11 @@ class StackMethod(Method):
         load_adapter_state(model, fresh)
 
 
-# The frozen base weights of each model before any fold, and its fresh adapter init.
-_BASE_WEIGHTS: dict[int, dict[str, torch.Tensor]] = {}
-_FRESH: dict[int, State] = {}
+# Kept on the model object itself (not in a table keyed by id(), which Python reuses
+# after a model is freed): its pretrained base weights before any fold, and its fresh
+# adapter (the seeded initialisation each FLoRA round restarts from).
+_BASE_ATTR = "_fedlora_pretrained_weights"
+_FRESH_ATTR = "_fedlora_fresh_adapter"
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -337,24 +339,28 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def fresh_adapter(model: nn.Module) -> State:
     """The adapter state the model had when first seen here (its seeded initialisation)."""
-    key = id(model)
-    if key not in _FRESH:
-        _FRESH[key] = adapter_state(model)
-    return {k: v.copy() for k, v in _FRESH[key].items()}
+    if not hasattr(model, _FRESH_ATTR):
+        object.__setattr__(model, _FRESH_ATTR, adapter_state(model))
+    return {k: v.copy() for k, v in getattr(model, _FRESH_ATTR).items()}
 
 
 def fold_update(model: nn.Module, stacked: Mapping[str, np.ndarray]) -> None:
     """Set each LoRA-wrapped base weight to W0 + B_cum @ A_cum (scale 1), W0 the pretrained
-    weight. Modules without stacked factors go back to W0."""
+    weight. Modules without stacked factors go back to W0.
+
+    Module names from ``named_modules`` of a PeftModel ('base_model.model.<path>') are
+    the prefixes of peft's state-dict keys, so they index ``stacked`` directly.
+    """
     layers = _lora_layers(model)
-    base = _BASE_WEIGHTS.setdefault(id(model), {})
+    if not hasattr(model, _BASE_ATTR):
+        object.__setattr__(model, _BASE_ATTR, {})
+    base: dict[str, torch.Tensor] = getattr(model, _BASE_ATTR)
     fresh_adapter(model)  # remember the initial adapter before anything changes
     for name, layer in layers.items():
         w = layer.base_layer.weight
         if name not in base:
             base[name] = w.detach().clone()
-        m = _peft_module_name(name)
-        a, b = stacked.get(m + FACTOR_A), stacked.get(m + FACTOR_B)
+        a, b = stacked.get(name + FACTOR_A), stacked.get(name + FACTOR_B)
         with torch.no_grad():
             if a is None or b is None:
                 w.copy_(base[name])
@@ -362,12 +368,6 @@ def fold_update(model: nn.Module, stacked: Mapping[str, np.ndarray]) -> None:
                 delta = torch.from_numpy(np.asarray(b, np.float32)) @ torch.from_numpy(
                     np.asarray(a, np.float32))  # (d_out, R) @ (R, d_in)
                 w.copy_(base[name] + delta.to(w.dtype))
-
-
-def _peft_module_name(name: str) -> str:
-    # named_modules of a PeftModel gives 'base_model.model.<path>', the same prefix
-    # get_peft_model_state_dict uses.
-    return name
 
 
 def get_method(name: str, *, alpha: float, rank: int, **options: Any) -> Method:
