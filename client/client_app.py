@@ -60,7 +60,7 @@ def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> dp.Ledg
     plan = dp.plan_for(cfg, num_examples)
     if plan is None:
         return None
-    stored = context.state.get(PRIVACY_STATE_KEY) if PRIVACY_STATE_KEY in context.state else None
+    stored = context.state.get(PRIVACY_STATE_KEY)
     return dp.Ledger(plan, path=node.privacy_state_path,
                      state=dict(stored) if stored is not None else None)
 

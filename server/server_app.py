@@ -87,11 +87,16 @@ def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 app = build_app()
 
 
-def save_global_adapter(method, spec, global_state: dict, path: Path) -> None:
-    """Save the global model as one peft LoRA adapter (for stack: base + stacked update)."""
+def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> None:
+    """Save the global model as one peft LoRA adapter (for stack: base + stacked update).
+
+    The server's own model holds it when the layout matches (only the adapter is saved,
+    and the next evaluation reloads what it needs); a stacked adapter of another rank
+    gets a model of its own.
+    """
     rank, alpha, state = method.export(global_state)
-    export_spec = dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False)
-    model = build_lora_model(export_spec)
+    if (rank, alpha) != (spec.rank, spec.alpha):
+        model = build_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False))
     load_adapter_state(model, state)
     save_adapter(model, path)
 
@@ -209,7 +214,7 @@ def run_federated(grid: Grid, cfg) -> Path:
             "elapsed_seconds": time.perf_counter() - t_start,
         }
         rows.append(row)
-        save_global_adapter(method, spec, from_record(arrays), run_dir / "adapter")
+        save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
         write_results()
         log.info(
             "[round %d/%d] train loss %s | test loss %s, accuracy %s | fed-eval accuracy %s | "
