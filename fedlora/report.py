@@ -280,6 +280,14 @@ def _no_data(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
+def _legend_or_note(ax, drawn: bool, empty_note: str) -> None:
+    """A legend for a plot with data, a note saying what is missing otherwise."""
+    if drawn:
+        ax.legend(fontsize="small")
+    else:
+        _no_data(ax, empty_note)
+
+
 def _png_data_uri(fig) -> str:
     """Render a Figure to a ``data:image/png;base64,...`` URI."""
     fig.tight_layout()
@@ -341,10 +349,7 @@ def _plot_bytes_per_node(run: RunData) -> str:
     ax.set_xticklabels([_short_node(n) for n in nodes], rotation=60 if len(nodes) > 6 else 0,
                        fontsize="small")
     _bytes_axis(ax.yaxis)
-    if nodes:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax, "no per-client bytes recorded")
+    _legend_or_note(ax, bool(nodes), "no per-client bytes recorded")
     return _png_data_uri(fig)
 
 
@@ -361,10 +366,7 @@ def plot_accuracy_vs_bytes(runs: Sequence[RunData]) -> str:
             ax.plot(xs, ys, "-o", color=_color(i), label=run.name)
             drawn = True
     _bytes_axis(ax.xaxis)
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax, "no accuracy recorded")
+    _legend_or_note(ax, bool(drawn), "no accuracy recorded")
     return _png_data_uri(fig)
 
 
@@ -378,10 +380,7 @@ def plot_epsilon(runs: Sequence[RunData]) -> str:
             ax.plot(rounds, eps, "-o", color=_color(i), label=run.name)
             drawn = True
     ax.xaxis.get_major_locator().set_params(integer=True)
-    if drawn:
-        ax.legend(fontsize="small")
-    else:
-        _no_data(ax, "privacy.csv has no epsilon values")
+    _legend_or_note(ax, bool(drawn), "privacy.csv has no epsilon values")
     return _png_data_uri(fig)
 
 
