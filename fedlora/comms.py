@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,11 @@ class CommsLedger:
         )
         self.entries.append(entry)
         return entry
+
+    def restore(self, rows: list[Mapping[str, Any]]) -> None:
+        """Continue from the rows of an earlier :meth:`rows` (a resumed run)."""
+        names = {f.name for f in fields(CommsEntry)}
+        self.entries = [CommsEntry(**{k: v for k, v in r.items() if k in names}) for r in rows]
 
     def rows(self) -> list[dict[str, Any]]:
         return [asdict(e) for e in self.entries]

@@ -57,7 +57,8 @@ def _modules(v: str) -> bool:
 # [tool.flwr.app.config] (a test keeps them in step).
 KEYS: tuple[Key, ...] = (
     Key("task", str, "rotten-tomatoes", "one of the registered tasks (see fedlora.tasks)",
-        help="Workload: model + data. 'custom' reads model-path and data-path."),
+        help="Workload: model + data: rotten-tomatoes, news, or custom (reads model-path "
+        "and data-path)."),
     Key("num-server-rounds", int, 8, "an integer >= 1", lambda v: v >= 1),
     Key("fraction-train", float, 0.2, "a fraction in (0, 1]", lambda v: 0 < v <= 1),
     Key("fraction-evaluate", float, 0.2, "a fraction in [0, 1]", lambda v: 0 <= v <= 1),
@@ -83,17 +84,20 @@ KEYS: tuple[Key, ...] = (
     Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16",
         _choices("float32", "float16", "bfloat16"),
         help="Dtype of the adapter tensors in messages (float16/bfloat16 halve the bytes)."),
-    Key("dp-mode", str, "off", "one of off, sample, update", _choices("off", "sample", "update"),
+    Key("dp-mode", str, "off", "one of off, sample, update, client, sample+client",
+        _choices("off", "sample", "update", "client", "sample+client"),
         help="off; sample: DP-SGD with Opacus on each client; update: clipped, noised "
-        "factor updates (DP-LoRA)."),
+        "factor updates (DP-LoRA); client: user-level DP-FedAvg at the server (clipped "
+        "updates, noised mean); sample+client: both sample and client."),
     Key("target-epsilon", float, 8.0, "a float > 0", _positive,
-        help="Each client's privacy budget for the whole run."),
+        help="Privacy budget for the whole run: each client's (sample, update) and the "
+        "server's user-level one (client)."),
     Key("target-delta", float, 1e-5, "a float in (0, 1), below 1/n for a client's n examples",
         lambda v: 0 < v < 1),
     Key("max-grad-norm", float, 1.0, "a float > 0", _positive,
         help="Per-example gradient clipping norm (dp-mode = sample)."),
     Key("update-max-norm", float, 1.0, "a float > 0", _positive,
-        help="Clipping norm of a client's adapter update (dp-mode = update)."),
+        help="Clipping norm of a client's adapter update (dp-mode = update or client)."),
     Key("accountant", str, "rdp", "one of rdp, prv", _choices("rdp", "prv")),
     Key("max-update-norm", float, 50.0, "a float >= 0 (0: no bound)", lambda v: v >= 0,
         help="Refuse a reply whose change to the adapter (L2 norm over all its tensors) is larger."),
@@ -104,8 +108,13 @@ KEYS: tuple[Key, ...] = (
         "fail stops the run naming the key; refuse drops that reply and carries on."),
     Key("max-length", int, 64, "an integer in [8, 4096]", lambda v: 8 <= v <= 4096),
     Key("num-partitions", int, 0, "an integer >= 0 (0: one per SuperNode)", lambda v: v >= 0),
-    Key("partitioner", str, "natural", "one of natural, iid",
-        _choices("natural", "iid")),
+    Key("partitioner", str, "natural", "one of natural, iid, dirichlet",
+        _choices("natural", "iid", "dirichlet"),
+        help="How the task's pool is split into simulated clients: natural groups (tasks "
+        "without groups fall back to iid), iid, or Dirichlet label skew (dirichlet-alpha)."),
+    Key("dirichlet-alpha", float, 0.5, "a float > 0", _positive,
+        help="Concentration of partitioner = 'dirichlet': small values give each client "
+        "few labels, large values approach iid."),
     Key("test-fraction", float, 0.08, "a fraction in (0, 0.5]", lambda v: 0 < v <= 0.5),
     Key("seed", int, 0, "an integer >= 0", lambda v: v >= 0),
     Key("client-num-threads", int, 0,
@@ -119,6 +128,14 @@ KEYS: tuple[Key, ...] = (
     Key("output-dir", str, "results", "a non-empty folder path", lambda v: bool(v.strip())),
     Key("run-name", str, "", "a folder name without '/' ('' : a timestamped name)",
         lambda v: "/" not in v and v not in (".", "..")),
+    Key("resume", bool, False, "true or false",
+        help="Continue output-dir/run-name (with run-name '': the newest unfinished run in "
+        "output-dir) from its last finished round, using the checkpoint saved every round."),
+    Key("round-timeout", float, 0.0, "a float >= 0 (0: wait for every reply)",
+        lambda v: v >= 0,
+        help="Seconds to wait for the replies of a round; nodes that have not replied by then "
+        "are logged as dropped and the round goes on without them. With 0 a node that goes "
+        "offline is dropped when it misses its heartbeats (about a minute)."),
 )
 KEYS_BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}
 
@@ -249,10 +266,16 @@ def _check_combinations(
     if cfg.svd_error_feedback and cfg.aggregator != "svd":
         raise ConfigError("svd-error-feedback", cfg.svd_error_feedback,
                           f"false unless aggregator = 'svd' (aggregator is '{cfg.aggregator}')")
-    if cfg.dp_mode == "sample" and cfg.local_epochs > 0:
+    if "sample" in cfg.dp_mode.split("+") and cfg.local_epochs > 0:
         raise ConfigError("local-epochs", cfg.local_epochs,
                           "0 with dp-mode = 'sample' (DP-SGD runs local-steps Poisson-sampled "
                           "steps)")
+    if "client" in cfg.dp_mode.split("+") and cfg.aggregator not in ("fedavg", "ffa"):
+        # fedlora.central_dp: central DP noises the mean of the tensors clients send; svd's
+        # aggregate is not linear in them and stack releases every client's own factors.
+        raise ConfigError("aggregator", cfg.aggregator,
+                          f"fedavg or ffa with dp-mode = '{cfg.dp_mode}' (user-level DP noises "
+                          "a mean of the sent tensors)")
     if cfg.task == "custom":
         if not cfg.model_path:
             raise ConfigError("model-path", cfg.model_path,

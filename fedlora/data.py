@@ -17,14 +17,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 __all__ = [
     "DataError",
     "TextDataset",
     "EncodedDataset",
     "read_table",
     "split_by_group",
+    "split_stratified",
     "partition_natural",
     "partition_iid",
+    "partition_dirichlet",
     "partition",
     "train_val_split",
 ]
@@ -137,6 +141,23 @@ def split_by_group(
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+def split_stratified(
+    labels: Sequence[int] | np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``test_fraction`` of each label's examples (at least one per label):
+    returns (train_idx, test_idx), for data without groups to hold out whole."""
+    y = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    test: list[np.ndarray] = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test.append(idx[: max(1, round(len(idx) * test_fraction))])
+    is_test = np.zeros(len(y), dtype=bool)
+    if test:
+        is_test[np.concatenate(test)] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
 def partition_natural(
     groups: Sequence[str], num_partitions: int, seed: int
 ) -> list[np.ndarray]:
@@ -171,15 +192,77 @@ def partition_iid(n: int, num_partitions: int, seed: int) -> list[np.ndarray]:
     return [np.sort(p) for p in np.array_split(perm, num_partitions)]
 
 
-def partition(
-    data: TextDataset, num_partitions: int, *, method: str, seed: int
+DIRICHLET_REDRAWS = 10  # draws tried before empty partitions are filled deterministically
+
+
+def partition_dirichlet(
+    labels: Sequence[int] | np.ndarray, num_partitions: int, *, alpha: float, seed: int
 ) -> list[np.ndarray]:
-    """Partition ``data`` with the named partitioner (``natural`` or ``iid``)."""
+    """Label-skewed partitions: each label's examples are shared out in Dirichlet(alpha)
+    proportions.
+
+    For every label (in sorted order) the generator seeded with ``seed`` shuffles that
+    label's examples and draws the shares of the ``num_partitions`` partitions from
+    Dirichlet(alpha, ..., alpha); so each partition's label mix is skewed, strongly for
+    small ``alpha`` (few labels per partition) and barely for large ``alpha`` (close to
+    the global mix). Every index lands in exactly one partition.
+
+    No partition is left empty: if a draw leaves one empty, the whole draw is repeated
+    (up to ``DIRICHLET_REDRAWS`` times, from the same generator, so still reproducible);
+    if every draw leaves one empty, each empty partition in turn takes one example from
+    the currently largest partition (the last index of that partition's most common
+    label), which changes the draw as little as possible.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not (
+        np.isfinite(alpha) and alpha > 0
+    ):
+        raise ConfigError("dirichlet-alpha", alpha, "a float > 0")
+    y = np.asarray(labels, dtype=np.int64)
+    n = len(y)
+    if n < num_partitions:
+        raise DataError(f"cannot split {n} examples into {num_partitions} partitions")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    parts: list[list[int]] = []
+    for _ in range(DIRICHLET_REDRAWS):
+        parts = [[] for _ in range(num_partitions)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(y == c))
+            shares = rng.dirichlet(np.full(num_partitions, float(alpha)))
+            cuts = np.floor(np.cumsum(shares)[:-1] * len(idx)).astype(np.int64)
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k].extend(chunk.tolist())
+        if all(parts):
+            break
+    else:
+        empty = [k for k, p in enumerate(parts) if not p]
+        log.info("Dirichlet draws left %d of %d partitions empty after %d tries; "
+                 "moving one example into each from the largest", len(empty),
+                 num_partitions, DIRICHLET_REDRAWS)
+        for k in empty:
+            donor = max(range(num_partitions), key=lambda j: (len(parts[j]), -j))
+            donor_labels = y[parts[donor]]
+            common = int(np.bincount(donor_labels).argmax())
+            pos = max(i for i, lab in enumerate(donor_labels) if lab == common)
+            parts[k].append(parts[donor].pop(pos))
+    return [np.asarray(sorted(p), dtype=np.int64) for p in parts]
+
+
+PARTITIONERS = ("natural", "iid", "dirichlet")
+
+
+def partition(
+    data: TextDataset, num_partitions: int, *, method: str, seed: int, alpha: float = 0.5
+) -> list[np.ndarray]:
+    """Partition ``data`` with the named partitioner (``natural``, ``iid`` or ``dirichlet``;
+    ``alpha`` is the Dirichlet concentration of ``dirichlet``)."""
     if method == "natural":
         return partition_natural(data.groups, num_partitions, seed)
     if method == "iid":
         return partition_iid(len(data), num_partitions, seed)
-    raise ValueError(f"unknown partitioner {method!r} (known: natural, iid)")
+    if method == "dirichlet":
+        return partition_dirichlet(data.labels, num_partitions, alpha=alpha, seed=seed)
+    raise ValueError(f"unknown partitioner {method!r} (known: {', '.join(PARTITIONERS)})")
 
 
 def train_val_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

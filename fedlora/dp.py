@@ -54,21 +54,24 @@ def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:
     """The client's plan for a run-config, calibrated for all planned rounds (None if off).
 
     ``sample``: q = batch-size / n, ``local-steps`` steps a round. ``update``: one release a
-    round with q = 1.
+    round with q = 1. ``client`` is the server's (:mod:`fedlora.central_dp`): a client
+    plans only the part of ``dp-mode`` it runs itself (``sample`` of ``sample+client``).
     """
-    if cfg.dp_mode == "off":
+    local = privacy.parse_dp_mode(cfg.dp_mode) - {"client"}
+    if not local:
         return None
     privacy.check_privacy_params(
         target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
         max_grad_norm=cfg.max_grad_norm, num_examples=num_examples, mode=cfg.dp_mode)
-    if cfg.dp_mode == "sample":
+    mode = "+".join(sorted(local))
+    if mode == "sample":
         q = min(1.0, cfg.batch_size / num_examples)
         per_round = cfg.local_steps  # the config refuses local-epochs with dp-mode = sample
     else:
         q, per_round = 1.0, 1
     total = privacy.planned_steps(num_rounds=cfg.num_server_rounds, local_steps=per_round)
     sigma = _calibrate(cfg.target_epsilon, cfg.target_delta, q, total, cfg.accountant)
-    return DpPlan(mode=cfg.dp_mode, noise_multiplier=sigma, sample_rate=q, steps=per_round,
+    return DpPlan(mode=mode, noise_multiplier=sigma, sample_rate=q, steps=per_round,
                   target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
                   accountant=cfg.accountant)
 

@@ -101,6 +101,17 @@ class Method:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    # -- checkpoint ------------------------------------------------------------------
+    def checkpoint_state(self) -> tuple[State, dict[str, Any]]:
+        """The state this method carries across rounds: (arrays, JSON-able values)."""
+        return {}, {}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], values: Mapping[str, Any]) -> None:
+        """Restore what :meth:`checkpoint_state` returned."""
+        if arrays:
+            raise ValueError(f"method {self.name!r} keeps no arrays across rounds, but the "
+                             f"checkpoint has {sorted(arrays)[:3]}")
+
     # -- server side -----------------------------------------------------------------
     def payload(self, global_state: State) -> State:
         """What the server sends for the current global adapter."""
@@ -211,6 +222,24 @@ class SvdMethod(Method):
         self.feedback = (aggregation.SvdErrorFeedback()
                          if self.options.get("error_feedback") else None)
 
+    def checkpoint_state(self) -> tuple[State, dict[str, Any]]:
+        if self.feedback is None:
+            return {}, {}
+        sd = self.feedback.state_dict()
+        arrays = {f"residual/{m}/{which}": pair[which]
+                  for m, pair in sd.pop("residuals").items() for which in ("A", "B")}
+        return arrays, sd
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], values: Mapping[str, Any]) -> None:
+        if self.feedback is None:
+            super().restore_state(arrays, values)
+            return
+        residuals: dict[str, dict[str, np.ndarray]] = {}
+        for key, a in arrays.items():
+            module, which = key[len("residual/"):].rsplit("/", 1)
+            residuals.setdefault(module, {})[which] = a
+        self.feedback.load_state_dict({**values, "residuals": residuals})
+
     def _options(self, global_state: State) -> dict[str, Any]:
         opts: dict[str, Any] = {"scale": self.scale, "rank": self.rank}
         if self.feedback is not None:
@@ -268,6 +297,19 @@ class StackMethod(Method):
     def __post_init__(self) -> None:
         # module -> (B_cum (d_out, R), A_cum (R, d_in)), scale 1: the global update so far.
         self.cumulative: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def checkpoint_state(self) -> tuple[State, dict[str, Any]]:
+        arrays = {}
+        for m, (b, a) in self.cumulative.items():
+            arrays[f"cumulative/{m}/B"], arrays[f"cumulative/{m}/A"] = b, a
+        return arrays, {}
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], values: Mapping[str, Any]) -> None:
+        pairs: dict[str, dict[str, np.ndarray]] = {}
+        for key, a in arrays.items():
+            module, which = key[len("cumulative/"):].rsplit("/", 1)
+            pairs.setdefault(module, {})[which] = np.asarray(a, np.float32)
+        self.cumulative = {m: (p["B"], p["A"]) for m, p in pairs.items()}
 
     def payload(self, global_state: State) -> State:
         out = {k: v for k, v in global_state.items() if not is_factor_key(k)}

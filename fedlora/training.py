@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
@@ -37,6 +38,19 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+@contextlib.contextmanager
+def seeded_torch(seed: int):
+    """Run a block with torch's global RNG (dropout) seeded by ``seed``, then restore it.
+
+    A worker process serves many virtual clients in turn; without this, dropout masks would
+    depend on which clients the process served before, and runs would not repeat.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed) % (2**63 - 1))
+        yield
+
+
 def train(
     model: nn.Module,
     data: EncodedDataset,
@@ -64,18 +78,19 @@ def train(
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model.train()
     losses, seen, order, pos = [], 0, rng.permutation(idx), 0
-    for _ in range(total):
-        if pos >= len(order):
-            order, pos = rng.permutation(idx), 0
-        batch_idx = order[pos : pos + batch_size]
-        pos += batch_size
-        batch = data.collate(batch_idx)
-        out = model(**batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        seen += len(batch_idx)
+    with seeded_torch(seed):
+        for _ in range(total):
+            if pos >= len(order):
+                order, pos = rng.permutation(idx), 0
+            batch_idx = order[pos : pos + batch_size]
+            pos += batch_size
+            batch = data.collate(batch_idx)
+            out = model(**batch)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+            seen += len(batch_idx)
     return TrainResult(loss=float(np.mean(losses)), steps=total, examples=seen)
 
 
@@ -146,6 +161,8 @@ def train_private(
     )
     gsm.train()
     losses, seen = [], 0
+    scope = contextlib.ExitStack()
+    scope.enter_context(seeded_torch(seed))
     try:
         for _ in range(steps):
             batch_idx = idx[rng.random(n) < q]  # Poisson sampling: each example with prob q
@@ -163,6 +180,7 @@ def train_private(
             losses.append(out.loss.item())
             seen += len(batch_idx)
     finally:
+        scope.close()
         gsm._close()  # remove the hooks: the cached model serves non-private clients too
         for p in params:
             for attr in ("grad_sample", "_forward_counter", "summed_grad"):

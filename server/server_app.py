@@ -4,6 +4,9 @@ Parses the run-config once (a bad key or value stops the run before round 1), bu
 the initial adapter, runs the rounds through :class:`server.strategy.LoraStrategy`,
 evaluates the global adapter on the task's held-out test set after every round and
 writes metrics, the communication ledger and the adapter (peft format) as it goes.
+
+After every round it also writes ``checkpoint.npz`` (:mod:`fedlora.checkpoint`); a run
+started with ``resume=true`` continues from the last finished round of that checkpoint.
 """
 
 from __future__ import annotations
@@ -22,8 +25,17 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import runtime
 from fedlora.adapters import adapter_state, analytic_bytes, factor_layout, load_adapter_state
+from fedlora.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_differences,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedlora.comms import COLUMNS as COMMS_COLUMNS
 from fedlora.comms import CommsLedger
+from fedlora.central_dp import CentralDp
 from fedlora.config import ConfigError, check_paths
 from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
@@ -40,10 +52,8 @@ PRIVACY_COLUMNS = ("round", "node", "mode", "noise_multiplier", "sample_rate", "
 
 METRIC_COLUMNS = (
     "round", "train_loss", "test_loss", "test_accuracy", "fed_eval_loss", "fed_eval_accuracy",
-    "clients_sampled", "clients_accepted", "clients_refused", "max_epsilon", "max_update_norm",
-    "bytes_up",
-    "bytes_down",
-    "round_seconds", "elapsed_seconds",
+    "clients_sampled", "clients_accepted", "clients_refused", "clients_dropped", "max_epsilon",
+    "max_update_norm", "bytes_up", "bytes_down", "round_seconds", "elapsed_seconds",
 )
 
 
@@ -67,10 +77,10 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = runtime.resolve_config(context.run_config)
         check_paths(cfg)
+        run_federated(grid, cfg)
     except ConfigError as e:
         log.error("%s", e)
         raise SystemExit(f"fedlora: {e}") from None
-    run_federated(grid, cfg)
 
 
 def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
@@ -101,11 +111,43 @@ def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> 
     save_adapter(model, path)
 
 
+def open_checkpoint(cfg) -> tuple[Path, Checkpoint]:
+    """The run folder and checkpoint that ``resume=true`` continues; ConfigError if there is
+    none, or if it was made under a run-config that may not change within a run."""
+    try:
+        run_dir = find_resumable(cfg.output_dir, cfg.run_name)
+        ckpt = load_checkpoint(run_dir)
+    except CheckpointError as e:
+        raise ConfigError("resume", True, f"a run to continue, but {e}") from None
+    current = cfg.to_dict()
+    for key in config_differences(ckpt.config, current):
+        raise ConfigError(key, current.get(key),
+                          f"{ckpt.config.get(key)!r} as in the checkpoint of {run_dir} (a "
+                          "resumed run keeps it)")
+    if cfg.dp_mode != "off" and ckpt.config.get("num-server-rounds") != cfg.num_server_rounds:
+        raise ConfigError("num-server-rounds", cfg.num_server_rounds,
+                          f"{ckpt.config.get('num-server-rounds')} as in the checkpoint of "
+                          f"{run_dir}: with dp-mode = '{cfg.dp_mode}' the privacy budget was "
+                          "calibrated for that many rounds")
+    if ckpt.round > cfg.num_server_rounds:
+        raise ConfigError("num-server-rounds", cfg.num_server_rounds,
+                          f"at least {ckpt.round}, the rounds the checkpoint of {run_dir} "
+                          "already finished")
+    return run_dir, ckpt
+
+
 def run_federated(grid: Grid, cfg) -> Path:
     """The round loop; returns the run folder."""
     t_start = time.perf_counter()
     torch.set_num_threads(runtime.choose_num_threads(cfg.client_num_threads))
-    run_dir = new_run_dir(cfg.output_dir, cfg.run_name)
+    ckpt = None
+    if cfg.resume:
+        run_dir, ckpt = open_checkpoint(cfg)
+    else:
+        run_dir = new_run_dir(cfg.output_dir, cfg.run_name)
+        if (run_dir / "metrics.json").exists():
+            log.warning("%s already holds a run; it is replaced (resume=true continues it "
+                        "instead)", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_dict())
     log.info("fedlora run in %s: task=%s rounds=%d aggregator=%s lora-rank=%d", run_dir,
@@ -138,6 +180,7 @@ def run_federated(grid: Grid, cfg) -> Path:
         foreign_keys=cfg.foreign_keys,
         max_update_norm=cfg.max_update_norm,
         max_num_examples=cfg.max_num_examples,
+        central=CentralDp.from_config(cfg),
     )
     strategy.summary()
     arrays: ArrayRecord = to_record(state, cfg.wire_dtype)
@@ -150,27 +193,66 @@ def run_federated(grid: Grid, cfg) -> Path:
 
     rows: list[dict] = []
     privacy_rows: list[dict] = []
-    res0 = central_eval(arrays)
-    rows.append({"round": 0, "test_loss": res0 and res0.loss, "test_accuracy": res0 and res0.accuracy,
-                 "elapsed_seconds": time.perf_counter() - t_start})
-    if res0 is not None:
-        log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f",
-                 cfg.num_server_rounds, res0.loss, res0.accuracy)
+    resumes: list[dict] = []
+    first_round = 1
+    if ckpt is None:
+        res0 = central_eval(arrays)
+        rows.append({"round": 0, "test_loss": res0 and res0.loss,
+                     "test_accuracy": res0 and res0.accuracy,
+                     "elapsed_seconds": time.perf_counter() - t_start})
+        if res0 is not None:
+            log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f",
+                     cfg.num_server_rounds, res0.loss, res0.accuracy)
+    else:
+        arrays = to_record(ckpt.global_state, cfg.wire_dtype)
+        method.restore_state(ckpt.method_state, ckpt.extra.get("method", {}))
+        if ckpt.rng_state:
+            strategy.rng.bit_generator.state = ckpt.rng_state
+        rows, privacy_rows = list(ckpt.rows), list(ckpt.privacy_rows)
+        ledger.restore(ckpt.comms_rows)
+        resumes = list(ckpt.extra.get("resumes", []))
+        if strategy.central is not None:  # the server's user-level ledger, never reset
+            strategy.central.load_state_dict(ckpt.extra.get("central-dp"))
+        first_round = ckpt.round + 1
+        t_start -= float(rows[-1].get("elapsed_seconds") or 0.0) if rows else 0.0
+        res = central_eval(arrays)
+        recorded = rows[-1].get("test_accuracy") if rows else None
+        resumes.append({"after_round": ckpt.round, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                        "test_accuracy": res.accuracy if res else None,
+                        "test_loss": res.loss if res else None})
+        log.info("resuming %s after round %d of %d (from its checkpoint): the round-%d adapter "
+                 "has test accuracy %s (recorded then: %s); rounds %d-%d to go", run_dir,
+                 ckpt.round, cfg.num_server_rounds, ckpt.round, _fmt(res and res.accuracy),
+                 _fmt(recorded), first_round, cfg.num_server_rounds)
 
     def write_results() -> None:
         write_json(run_dir / "metrics.json", {"config": cfg.to_dict(), "rounds": rows,
-                                              "comms": ledger.summary()})
+                                              "comms": ledger.summary(), "resumes": resumes})
         write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
         write_csv(run_dir / "comms.csv", ledger.rows(), COMMS_COLUMNS)
         write_json(run_dir / "comms.json", ledger.summary())
         if cfg.dp_mode != "off":
             write_csv(run_dir / "privacy.csv", privacy_rows, PRIVACY_COLUMNS)
 
+    def write_checkpoint(rnd: int) -> None:
+        method_arrays, method_values = method.checkpoint_state()
+        save_checkpoint(run_dir, Checkpoint(
+            round=rnd, config=cfg.to_dict(), global_state=from_record(arrays),
+            method_state=method_arrays, rng_state=strategy.rng.bit_generator.state,
+            rows=rows, comms_rows=ledger.rows(), privacy_rows=privacy_rows,
+            extra={"method": method_values, "resumes": resumes,
+                   **({"central-dp": strategy.central.state_dict()}
+                      if strategy.central is not None else {})}))
+
+    if first_round > cfg.num_server_rounds:
+        log.info("%s already finished all %d rounds; nothing to do", run_dir,
+                 cfg.num_server_rounds)
     train_config = ConfigRecord({})
-    for rnd in range(1, cfg.num_server_rounds + 1):
+    timeout = cfg.round_timeout or None
+    for rnd in range(first_round, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(
-            messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=3600)
+            messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
         try:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         except AuditError:
@@ -182,14 +264,14 @@ def run_federated(grid: Grid, cfg) -> Path:
         if cfg.fraction_evaluate > 0:
             ev_replies = grid.send_and_receive(
                 messages=strategy.configure_evaluate(rnd, arrays, train_config, grid),
-                timeout=3600)
+                timeout=timeout)
             fed = strategy.aggregate_evaluate(rnd, ev_replies)
         res = central_eval(arrays)
         outcome = strategy.last_outcome
         totals = ledger.round_totals(rnd)
         for node, p in outcome.privacy:
             privacy_rows.append({
-                "round": rnd, "node": node, "mode": cfg.dp_mode,
+                "round": rnd, "node": node, "mode": p.get("mode", cfg.dp_mode),
                 "noise_multiplier": p.get("noise-multiplier"), "sample_rate": p.get("sample-rate"),
                 "steps": p.get("steps"), "epsilon": p.get("epsilon"), "delta": p.get("delta"),
                 "target_epsilon": p.get("target-epsilon"),
@@ -205,9 +287,11 @@ def run_federated(grid: Grid, cfg) -> Path:
             "clients_sampled": outcome.sampled,
             "clients_accepted": len(outcome.accepted),
             "clients_refused": len(outcome.refused),
+            "clients_dropped": len(outcome.dropped),
             "max_epsilon": max(spent) if spent else None,
             "max_update_norm": max(outcome.update_norms) if outcome.update_norms else None,
             "refused": [{"node": n, "reason": r} for n, r in outcome.refused],
+            "dropped": [{"node": n, "reason": r} for n, r in outcome.dropped],
             "bytes_up": totals["up"],
             "bytes_down": totals["down"],
             "round_seconds": time.perf_counter() - t0,
@@ -216,12 +300,13 @@ def run_federated(grid: Grid, cfg) -> Path:
         rows.append(row)
         save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
         write_results()
+        write_checkpoint(rnd)
         log.info(
             "[round %d/%d] train loss %s | test loss %s, accuracy %s | fed-eval accuracy %s | "
-            "clients %d/%d (%d refused)%s | up %s B, down %s B | %.1f s",
+            "clients %d/%d (%d refused, %d dropped)%s | up %s B, down %s B | %.1f s",
             rnd, cfg.num_server_rounds, _fmt(row["train_loss"]), _fmt(row["test_loss"]),
             _fmt(row["test_accuracy"]), _fmt(row["fed_eval_accuracy"]),
-            len(outcome.accepted), outcome.sampled, len(outcome.refused),
+            len(outcome.accepted), outcome.sampled, len(outcome.refused), len(outcome.dropped),
             "" if not spent else f" | max epsilon {max(spent):.3f} (target {cfg.target_epsilon})",
             f"{totals['up']:,}", f"{totals['down']:,}", row["round_seconds"],
         )

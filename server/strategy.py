@@ -6,6 +6,7 @@ A Flower :class:`~flwr.serverapp.strategy.Strategy`. Aggregation itself is the p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.central_dp import CentralDp
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, STATUS_OK
@@ -34,8 +36,12 @@ class RoundOutcome:
     """What happened to the replies of one round (for metrics and logs)."""
 
     sampled: int = 0
+    sampled_nodes: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     refused: list[tuple[int, str]] = field(default_factory=list)
+    # Sampled nodes whose reply never came (timed out) or came back as an error from
+    # Flower (the node went offline, its ClientApp crashed): (node, reason).
+    dropped: list[tuple[int, str]] = field(default_factory=list)
     privacy: list[tuple[int, dict]] = field(default_factory=list)  # (node, dp-* metrics)
     update_norms: list[float] = field(default_factory=list)  # of the accepted replies
 
@@ -59,6 +65,9 @@ class LoraStrategy(Strategy):
         Seeds node sampling, so a run is reproducible.
     ledger : CommsLedger, optional
         Records the bytes of every message.
+    central : fedlora.central_dp.CentralDp, optional
+        User-level DP (``dp-mode = client``): Poisson sampling of training nodes, clipped
+        updates, a noised mean and the server's accountant replace the method's aggregate.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class LoraStrategy(Strategy):
         foreign_keys: str = "fail",
         max_update_norm: float = 0.0,
         max_num_examples: int = 10_000_000,
+        central: CentralDp | None = None,
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -99,8 +109,10 @@ class LoraStrategy(Strategy):
         self.wire_dtype = wire_dtype
         self.rng = np.random.default_rng(seed)
         self.ledger = ledger
+        self.central = central
         self.last_outcome = RoundOutcome()
         self._global: dict[str, np.ndarray] = {}
+        self._sent_train: list[Message] = []
 
     # -- sampling ---------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -130,12 +142,13 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample ``fraction-train`` of the nodes and send each the global adapter."""
-        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        nodes = self._sample_train(server_round, grid)
         self._global = from_record(arrays)
-        self.last_outcome = RoundOutcome(sampled=len(nodes))
+        self.last_outcome = RoundOutcome(sampled=len(nodes), sampled_nodes=list(nodes))
         log.info("round %d: training on %d of %d nodes", server_round, len(nodes),
                  len(list(grid.get_node_ids())))
-        return self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+        self._sent_train = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+        return self._sent_train
 
     def _check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], int]:
         """Decode and validate one training reply; raises ValueError with the reason."""
@@ -182,8 +195,12 @@ class LoraStrategy(Strategy):
         """Validate every reply, aggregate the valid ones; None if too few remain."""
         states, weights, metrics = [], [], []
         outcome = self.last_outcome
+        replies = list(replies)
         for msg in replies:
             node = int(msg.metadata.src_node_id)
+            if msg.has_error():
+                self._dropped(server_round, self._error_node(msg), msg.error.reason)
+                continue
             if self.ledger is not None and not msg.has_error() and LORA_KEY in msg.content:
                 self.ledger.record(server_round, node, "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
@@ -205,13 +222,65 @@ class LoraStrategy(Strategy):
             states.append(state)
             weights.append(n)
             metrics.append(msg.content[METRICS_KEY])
+        answered = {n for n, _ in outcome.dropped} | set(outcome.accepted) | \
+            {n for n, _ in outcome.refused}
+        for node in outcome.sampled_nodes:
+            if node not in answered:
+                self._dropped(server_round, node, "no reply before the round's timeout "
+                              "(round-timeout)")
+        if self.central is not None:
+            return self._release(server_round, states, weights, metrics)
         if len(states) < self.min_train_nodes:
             log.warning("round %d: %d valid replies, fewer than min-train-nodes = %d; "
                         "the global adapter is left unchanged", server_round, len(states),
                         self.min_train_nodes)
             return None, None
+        # Aggregate in an order fixed by the replies' contents, not by their arrival: float
+        # sums depend on order, and Adam turns last-bit differences into lr-sized ones, so
+        # this is what makes a run repeat exactly.
+        order = sorted(range(len(states)), key=lambda i: _digest(states[i]))
+        states = [states[i] for i in order]
+        weights = [weights[i] for i in order]
+        metrics = [metrics[i] for i in order]
         merged = self.method.aggregate(states, weights, self._global)
         return to_record(merged, self.wire_dtype), weighted_metrics(metrics, weights)
+
+    def _sample_train(self, server_round: int, grid: Grid) -> list[int]:
+        if self.central is None:
+            return self._sample(grid, self.fraction_train, self.min_train_nodes)
+        nodes = sorted(grid.get_node_ids())
+        self.central.start_round(server_round, num_nodes=len(nodes))
+        return self.central.sample(nodes, self.rng)
+
+    def _release(self, server_round: int, states: list, weights: list[int], metrics: list
+                 ) -> tuple[ArrayRecord, MetricRecord | None]:
+        """User-level DP: every round releases clipped updates plus noise, whatever the
+        number of valid replies (min-train-nodes does not apply; see fedlora.central_dp)."""
+        outcome = self.last_outcome
+        if self.central.local_mode:  # the clients' own (record-level) ledgers
+            for _, p in outcome.privacy:
+                p.setdefault("mode", self.central.local_mode)
+        merged, _ = self.central.release(server_round, self._global, states, self.method)
+        outcome.privacy.append(("server", self.central.metrics()))
+        return (to_record(merged, self.wire_dtype),
+                weighted_metrics(metrics, weights) if metrics else None)
+
+    def _error_node(self, msg: Message) -> int:
+        """The node an error reply stands for.
+
+        Errors made by the SuperLink (node unavailable, reply expired) come from the
+        SuperLink itself, not from the node: map them back through the instruction they
+        reply to (the Grid gave each sent message its id in place).
+        """
+        node = int(msg.metadata.src_node_id)
+        if node in self.last_outcome.sampled_nodes:
+            return node
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent_train}
+        return sent.get(msg.metadata.reply_to_message_id, node)
+
+    def _dropped(self, server_round: int, node: int, reason: str) -> None:
+        self.last_outcome.dropped.append((node, reason))
+        log.warning("round %d: node %d dropped out of the round: %s", server_round, node, reason)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -244,6 +313,14 @@ class LoraStrategy(Strategy):
         log.info("LoraStrategy: method=%s fraction-train=%.2f fraction-evaluate=%.2f "
                  "min-train-nodes=%d wire-dtype=%s", self.method.name, self.fraction_train,
                  self.fraction_evaluate, self.min_train_nodes, self.wire_dtype)
+
+
+def _digest(state: dict[str, np.ndarray]) -> bytes:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(state[k]).tobytes())
+    return h.digest()
 
 
 def weighted_metrics(metrics: list[MetricRecord], weights: list[int]) -> MetricRecord:

@@ -2,10 +2,16 @@
 
     python -m simulations.local_federation --nodes 2 --run-config "num-server-rounds=2"
 
+By default it is secured as a real federation would be: the SuperLink serves TLS with a
+certificate from a fresh CA (``fedlora certs``), SuperNode authentication is on, and each
+SuperNode has its own key pair (``fedlora node-key``), registered with
+``flwr supernode register`` before it starts. ``--insecure`` turns both off.
+
 Each SuperNode is a separate process with its own node-config (by default partition i of
 the default task's data; ``--data-dir`` gives each site its own ``site<i>.csv``/``.jsonl``)
 and its own privacy ledger path. Every process started here is stopped by its PID and
-process group when the run ends, fails or is interrupted. Insecure (no TLS) on loopback.
+process group when the run ends, fails or is interrupted. Logs, credentials and results
+are in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedlora.deploy import make_certificates, make_node_key
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -57,9 +65,13 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log
 class LocalFederation:
     """Start a SuperLink and SuperNodes on loopback; stop them all on exit."""
 
-    def __init__(self, workdir: Path, node_configs: Sequence[Mapping[str, Any]]) -> None:
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: Path, node_configs: Sequence[Mapping[str, Any]],
+                 secure: bool = True) -> None:
+        self.workdir = Path(workdir).resolve()
         self.node_configs = [dict(c) for c in node_configs]
+        self.secure = secure
+        self.certs = self.workdir / "certs"
+        self.node_ids: dict[int, int] = {}  # SuperNode index -> node id given at registration
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self._stopped_groups: set[int] = set()
         self.port = free_port()
@@ -89,25 +101,68 @@ class LocalFederation:
     def start(self, timeout: float = 60) -> LocalFederation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True, exist_ok=True)
+        connection = f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.port}"\n'
+        link_cmd = [str(BIN / "flower-superlink"), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--database", str(self.workdir / "superlink.db"),
+                    "--disable-runtime-dependency-installation"]
+        if self.secure:
+            if not (self.certs / "ca.crt").is_file():
+                make_certificates(self.certs, ["127.0.0.1", "localhost"])
+            connection += f'root-certificates = "{self.certs / "ca.crt"}"\n'
+            link_cmd += ["--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                         "--ssl-certfile", str(self.certs / "server.crt"),
+                         "--ssl-keyfile", str(self.certs / "server.key"),
+                         "--enable-supernode-auth"]
+        else:
+            connection += "insecure = true\n"
+            link_cmd.append("--insecure")
         (self.flwr_home / "config.toml").write_text(
-            '[superlink]\ndefault = "local-deployment"\n\n'
-            f'[superlink.local-deployment]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        link = self._spawn("superlink", [
-            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-            "--port", str(self.port), "--database", str(self.workdir / "superlink.db"),
-            "--disable-runtime-dependency-installation"])
+            '[superlink]\ndefault = "local-deployment"\n\n' + connection)
+        link = self._spawn("superlink", link_cmd)
         _wait_port(self.port, link, timeout, "flower-superlink", self.workdir / "superlink.log")
         for i, cfg in enumerate(self.node_configs):
             self.start_node(i, cfg)
         return self
 
-    def start_node(self, i: int, cfg: Mapping[str, Any] | None = None) -> subprocess.Popen:
+    def node_key(self, i: int) -> Path:
+        """SuperNode ``i``'s private key (created on first use; ``.pub`` beside it)."""
+        path = self.workdir / "keys" / f"supernode{i}"
+        if not path.is_file():
+            make_node_key(path, comment=f"supernode{i}")
+        return path
+
+    def register(self, i: int) -> int:
+        """Register SuperNode ``i``'s public key with the SuperLink; returns its node id."""
+        pub = Path(str(self.node_key(i)) + ".pub")
+        out = self.flwr("supernode", "register", str(pub), "local-deployment", "--format",
+                        "json", timeout=60)
+        if out.returncode != 0:
+            raise RuntimeError(f"flwr supernode register failed: {(out.stdout + out.stderr)[-2000:]}")
+        node_id = int(json.loads(out.stdout)["node-id"])
+        self.node_ids[i] = node_id
+        return node_id
+
+    def start_node(self, i: int, cfg: Mapping[str, Any] | None = None, *,
+                   register: bool = True) -> subprocess.Popen:
+        """Start SuperNode ``i`` (with TLS and its key when secure; registered first unless
+        ``register`` is false, which a SuperLink with authentication must refuse)."""
         cfg = self.node_configs[i] if cfg is None else cfg
-        port = free_port()
-        return self._spawn(f"supernode{i}", [
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--node-config", _node_config_arg(cfg)])
+        cmd = [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+               "--host", "127.0.0.1", "--port", str(free_port()),
+               "--node-config", _node_config_arg(cfg)]
+        if self.secure:
+            if register and i not in self.node_ids:
+                self.register(i)
+            cmd += ["--root-certificates", str(self.certs / "ca.crt"),
+                    "--auth-supernode-private-key", str(self.node_key(i))]
+        else:
+            cmd.append("--insecure")
+        return self._spawn(f"supernode{i}", cmd)
+
+    def log(self, name: str) -> str:
+        """The log of process ``name`` (``superlink``, ``supernode0``, ...) so far."""
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
 
     def node_process(self, i: int) -> subprocess.Popen:
         return dict(self.procs)[f"supernode{i}"]
@@ -199,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "local-federation")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="folder with site0.csv, site1.csv, ... (one file per SuperNode)")
+    ap.add_argument("--insecure", action="store_true",
+                    help="no TLS and no SuperNode authentication (loopback experiments only)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     configs = default_node_configs(args.nodes, args.workdir, args.data_dir)
@@ -206,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     if "output-dir" not in run_config:
         run_config += f" output-dir='{args.workdir / 'results'}'"
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with LocalFederation(args.workdir, configs) as fed:
-        print(f"SuperLink on 127.0.0.1:{fed.port}, {args.nodes} SuperNodes; logs in {args.workdir}",
-              flush=True)
+    with LocalFederation(args.workdir, configs, secure=not args.insecure) as fed:
+        how = "insecure" if args.insecure else "TLS + SuperNode authentication"
+        print(f"SuperLink on 127.0.0.1:{fed.port} ({how}), {args.nodes} SuperNodes "
+              f"{fed.node_ids or ''}; logs and credentials in {args.workdir}", flush=True)
         proc = fed.run(run_config)
         sys.stdout.write(proc.stdout)
         sys.stderr.write(proc.stderr)
