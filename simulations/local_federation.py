@@ -73,6 +73,8 @@ class LocalFederation:
         self.certs = self.workdir / "certs"
         self.node_ids: dict[int, int] = {}  # SuperNode index -> node id given at registration
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.started_at: dict[str, float] = {}  # process name -> time.monotonic() at spawn
+        self.events: dict[str, dict[str, float]] = {}  # name -> event -> seconds after spawn
         self._stopped_groups: set[int] = set()
         self.port = free_port()
         self.flwr_home = self.workdir / "flwr-home"
@@ -96,6 +98,7 @@ class LocalFederation:
                                 start_new_session=True)  # own group: stop it and its children
         f.close()
         self.procs.append((name, proc))
+        self.started_at[name] = time.monotonic()
         return proc
 
     def start(self, timeout: float = 60) -> LocalFederation:
@@ -167,11 +170,44 @@ class LocalFederation:
     def node_process(self, i: int) -> subprocess.Popen:
         return dict(self.procs)[f"supernode{i}"]
 
-    def _helper_groups(self) -> set[int]:
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` and everything it started (a site that crashes or loses
+        power: no goodbye to the SuperLink)."""
+        proc = self.node_process(i)
+        groups = {proc.pid} | self._helper_groups(proc)
+        for g in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(g, signal.SIGKILL)
+        self._stopped_groups |= groups
+        proc.wait(timeout=10)
+
+    # SuperNode log lines that mark its progress (Flower 1.41's wording).
+    NODE_EVENTS = {"connected": "SuperNode ID:", "first-message": "Receiving: train message",
+                   "first-reply": "Sent successfully"}
+
+    def watch(self) -> dict[str, dict[str, float]]:
+        """Record, per SuperNode, when each of :attr:`NODE_EVENTS` first appeared in its log
+        (seconds after the process was spawned; resolution: how often this is called)."""
+        now = time.monotonic()
+        for name in self.started_at:
+            if not name.startswith("supernode"):
+                continue
+            seen = self.events.setdefault(name, {})
+            if len(seen) == len(self.NODE_EVENTS):
+                continue
+            text = self.log(name)
+            for event, marker in self.NODE_EVENTS.items():
+                if event not in seen and marker in text:
+                    seen[event] = now - self.started_at[name]
+        return self.events
+
+    def _helper_groups(self, only: subprocess.Popen | None = None) -> set[int]:
         # SuperLink and SuperNodes start a SuperExec in a session of its own (it watches
         # --parent-pid); stop those groups too rather than wait for them to notice.
         groups = set()
         for _, proc in self.procs:
+            if only is not None and proc is not only:
+                continue
             out = subprocess.run(["pgrep", "-f", f"flower-superexec.*--parent-pid {proc.pid}"],
                                  capture_output=True, text=True).stdout
             for pid in out.split():
@@ -222,9 +258,39 @@ class LocalFederation:
                               capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 
-    def run(self, run_config: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        return self.flwr("run", ".", "local-deployment", "--stream", "--run-config", run_config,
-                         timeout=timeout)
+    def start_run(self, run_config: str) -> subprocess.Popen:
+        """``flwr run . local-deployment --stream`` in the background (output to ``run.log``)."""
+        log = (self.workdir / "run.log").open("wb")
+        proc = subprocess.Popen(
+            [str(BIN / "flwr"), "run", ".", "local-deployment", "--stream", "--run-config",
+             run_config], cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        self.procs.append(("flwr-run", proc))
+        self.started_at["flwr-run"] = time.monotonic()
+        return proc
+
+    def run(self, run_config: str, timeout: float = 900,
+            on_poll=None) -> subprocess.CompletedProcess:
+        """Run ``flwr run`` to the end, watching the SuperNodes' logs meanwhile.
+
+        ``on_poll(self)`` is called every 0.2 s while the run goes on (tests use it to act
+        mid-run). The returned ``stdout`` is the streamed log of the run.
+        """
+        proc = self.start_run(run_config)
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise subprocess.TimeoutExpired(proc.args, timeout, output=self.log("run"))
+            self.watch()
+            if on_poll is not None:
+                on_poll(self)
+            time.sleep(0.2)
+        self.watch()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, self.log("run"), "")
 
     def runs(self) -> list[dict[str, Any]]:
         out = self.flwr("ls", "local-deployment", "--format", "json", timeout=60)
@@ -267,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         how = "insecure" if args.insecure else "TLS + SuperNode authentication"
         print(f"SuperLink on 127.0.0.1:{fed.port} ({how}), {args.nodes} SuperNodes "
               f"{fed.node_ids or ''}; logs and credentials in {args.workdir}", flush=True)
+        t0 = time.monotonic()
         proc = fed.run(run_config)
         sys.stdout.write(proc.stdout)
-        sys.stderr.write(proc.stderr)
+        print(f"\nrun finished in {time.monotonic() - t0:.1f} s (exit code {proc.returncode})")
+        for name, ev in sorted(fed.events.items()):
+            print(f"{name}: " + ", ".join(f"{k} after {v:.1f} s" for k, v in ev.items()))
         return proc.returncode
 
 

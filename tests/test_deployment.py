@@ -1,10 +1,18 @@
-"""A real deployment on 127.0.0.1: SuperLink + SuperNodes as processes, `flwr run` against it."""
+"""A real deployment on 127.0.0.1: SuperLink + SuperNodes as processes, `flwr run` against it.
+
+TLS (a CA and certificate from ``fedlora certs``) and SuperNode authentication (keys from
+``fedlora node-key``, registered with ``flwr supernode register``) are on, as a site would
+run them. Every process a test starts is stopped by its PID and process group, also when
+the test fails.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import re
+import time
 
 import pytest
 
@@ -12,30 +20,48 @@ from simulations.local_federation import LocalFederation, default_node_configs
 
 pytestmark = pytest.mark.slow
 
+SMALL = ("local-steps=2 fraction-train=1.0 fraction-evaluate=0.0 test-fraction=0.03 "
+         "min-train-nodes=1")
 
-def test_two_sites_run_and_flower_counts_the_same_bytes(tmp_path):
+
+def _assert_all_stopped(fed: LocalFederation) -> None:
+    assert all(p.poll() is not None for _, p in fed.procs)
+    assert not fed.alive_groups()
+
+
+def test_two_sites_with_tls_and_auth_run_and_flower_counts_the_same_bytes(tmp_path):
     configs = default_node_configs(2, tmp_path, None)
     out = tmp_path / "results"
     fed = LocalFederation(tmp_path, configs)
     try:
+        t0 = time.monotonic()
         fed.start()
-        proc = fed.run(f"num-server-rounds=2 local-steps=2 fraction-train=1.0 "
-                       f"fraction-evaluate=0.0 test-fraction=0.03 dp-mode='sample' "
-                       f"target-epsilon=8.0 output-dir='{out}' run-name='sites'", timeout=900)
+        proc = fed.run(f"num-server-rounds=2 {SMALL} dp-mode='sample' target-epsilon=8.0 "
+                       f"output-dir='{out}' run-name='sites'", timeout=900)
+        wall = time.monotonic() - t0
         runs = fed.runs()
+        nodes = json.loads(fed.flwr("supernode", "list", "local-deployment", "--format",
+                                    "json").stdout)["nodes"]
     finally:
         fed.stop()
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    # Every process we started, and everything they started, is gone.
-    assert all(p.poll() is not None for _, p in fed.procs)
-    assert not fed.alive_groups()
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    _assert_all_stopped(fed)
+
+    # TLS and authentication were on: the connection trusts our CA, the SuperLink served
+    # with our certificate and required registered keys, and only the registered nodes ran.
+    config_toml = (fed.flwr_home / "config.toml").read_text()
+    assert "root-certificates" in config_toml and "insecure" not in config_toml
+    link_cmd = next(p.args for n, p in fed.procs if n == "superlink")
+    assert "--enable-supernode-auth" in link_cmd and "--ssl-certfile" in link_cmd
+    assert {int(n["node-id"]) for n in nodes} == set(fed.node_ids.values())
 
     run_dir = out / "sites"
-    for name in ("metrics.json", "comms.csv", "comms.json", "privacy.csv",
+    for name in ("metrics.json", "comms.csv", "comms.json", "privacy.csv", "checkpoint.npz",
                  "adapter/adapter_model.safetensors"):
         assert (run_dir / name).is_file(), name
     rows = list(csv.DictReader((run_dir / "privacy.csv").open()))
     assert len(rows) == 4 and all(0 < float(r["epsilon"]) <= 8.0 for r in rows)
+    assert {int(r["node"]) for r in rows} == set(fed.node_ids.values())
     # Each site's ledger is on the site, in the file its node-config names.
     for cfg in configs:
         assert os.path.getsize(cfg["privacy-state-path"]) > 0
@@ -47,6 +73,63 @@ def test_two_sites_run_and_flower_counts_the_same_bytes(tmp_path):
     # Flower counts whole messages (configs, metrics and framing too) but stores arrays
     # content-addressed, so identical arrays of a message (the all-zero B factors of the
     # initial adapter) travel once: over two rounds the totals agree within a few percent.
-    print(f"flower {run['network-traffic']} ours up {comms['total_bytes']['up']} "
-          f"down {comms['total_bytes']['down']}")
+    print(f"two-site TLS run: {wall:.1f} s wall (start to finish); per round "
+          f"{comms['per_round']}; flower {run['network-traffic']}; node events {fed.events}")
     assert abs(flower - ours) / ours < 0.08, (flower, ours)
+    for name, ev in fed.events.items():
+        assert ev["connected"] <= ev["first-message"] <= ev["first-reply"], (name, ev)
+
+
+def test_unregistered_supernode_is_refused(tmp_path):
+    configs = default_node_configs(2, tmp_path, None)
+    fed = LocalFederation(tmp_path, configs[:1])
+    try:
+        fed.start()
+        intruder = fed.start_node(1, configs[1], register=False)  # a key nobody registered
+        deadline = time.monotonic() + 120
+        while intruder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        nodes = json.loads(fed.flwr("supernode", "list", "local-deployment", "--format",
+                                    "json").stdout)["nodes"]
+    finally:
+        fed.stop()
+    _assert_all_stopped(fed)
+    assert intruder.returncode not in (None, 0)
+    assert "Failed to activate SuperNode" in fed.log("supernode1")
+    assert [int(n["node-id"]) for n in nodes] == [fed.node_ids[0]]  # only the registered one
+
+
+def test_killed_supernode_is_dropped_and_the_run_finishes(tmp_path):
+    configs = default_node_configs(2, tmp_path, None)
+    out = tmp_path / "results"
+    fed = LocalFederation(tmp_path, configs)
+    killed: dict[str, float] = {}
+
+    def kill_when_training(f: LocalFederation) -> None:
+        # Kill site 1 while it trains in round 1 (its ClientApp is running).
+        if not killed and "first-message" in f.events.get("supernode1", {}):
+            f.kill_node(1)
+            killed["at"] = time.monotonic()
+
+    try:
+        fed.start()
+        proc = fed.run(f"num-server-rounds=2 {SMALL} output-dir='{out}' run-name='killed'",
+                       timeout=900, on_poll=kill_when_training)
+    finally:
+        fed.stop()
+    _assert_all_stopped(fed)
+    assert killed, "site 1 never received its round-1 message"
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    dead, alive = fed.node_ids[1], fed.node_ids[0]
+    # The server's log names the node that dropped out, and why.
+    assert re.search(rf"round 1: node {dead} dropped out of the round: .*Node Unavailable",
+                     proc.stdout), proc.stdout[-4000:]
+    rounds = json.loads((out / "killed" / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    r1 = rounds[1]
+    assert r1["clients_sampled"] == 2 and r1["clients_accepted"] == 1
+    assert r1["clients_dropped"] == 1 and r1["dropped"][0]["node"] == dead
+    # Round 2 samples only the node that is still online.
+    assert rounds[2]["clients_accepted"] == 1 and rounds[2]["clients_sampled"] == 1
+    comms = list(csv.DictReader((out / "killed" / "comms.csv").open()))
+    assert {int(r["node"]) for r in comms if r["direction"] == "up"} == {alive}
