@@ -74,6 +74,13 @@ def train_fn(msg: Message, context: Context) -> Message:
     except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
+    resumed_after = int(msg.content[CONFIG_KEY].get("resumed-after", 0))
+    if (ledger is not None and ledger.fresh and resumed_after > 0
+            and node.privacy_state_path is None):
+        log.warning("The run resumed after round %d and this client's privacy ledger did not "
+                    "survive the restart (no privacy-state-path): charging those %d rounds as "
+                    "if it trained in every one", resumed_after, resumed_after)
+        ledger.charge_missed_rounds(resumed_after)
     if ledger is not None:
         try:
             ledger.check()

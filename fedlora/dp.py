@@ -91,6 +91,7 @@ class Ledger:
             acc = privacy.load_state(self.path)
         elif state is not None and len(state) > 0:
             acc = privacy.from_record_dict(dict(state))
+        self.fresh = acc is None  # no record anywhere: a client new to this run
         if acc is None:
             acc = privacy.ClientAccountant(plan.accountant, target_epsilon=plan.target_epsilon,
                                            target_delta=plan.delta)
@@ -112,6 +113,21 @@ class Ledger:
             raise BudgetExhausted(
                 f"privacy budget exhausted: epsilon would reach {after:.4f} > target "
                 f"{p.target_epsilon} (spent {self.epsilon():.4f} at delta {p.delta})")
+
+    def charge_missed_rounds(self, rounds: int) -> None:
+        """Charge ``rounds`` earlier rounds as if this client had trained in every one.
+
+        A resumed simulation starts its clients with empty ``context.state``: the ledgers of
+        the rounds before the restart are gone. Assuming the worst (it took part in all of
+        them) keeps the reported epsilon an upper bound instead of restarting it at zero.
+        """
+        if rounds <= 0 or self.accountant.total_steps > 0:
+            return
+        p = self.plan
+        self.accountant.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                             num_steps=p.steps * rounds)
+        if self.path is not None:
+            privacy.save_state(self.path, self.accountant)
 
     def spend(self) -> float:
         """Record this round's steps, persist the ledger, return the epsilon spent so far."""

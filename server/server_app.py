@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -55,6 +56,8 @@ METRIC_COLUMNS = (
     "clients_sampled", "clients_accepted", "clients_refused", "clients_dropped", "max_epsilon",
     "max_update_norm", "bytes_up", "bytes_down", "round_seconds", "elapsed_seconds",
 )
+# Only for causal-LM tasks (e.g. shakespeare), where test_accuracy is next-token accuracy.
+PERPLEXITY_COLUMNS = ("test_perplexity", "fed_eval_perplexity")
 
 
 def _setup_logging() -> None:
@@ -69,6 +72,11 @@ def _setup_logging() -> None:
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
+
+
+def _perplexity(loss: float | None) -> float | None:
+    """exp of a mean token loss (the federated one is example-weighted over clients)."""
+    return None if loss is None or not math.isfinite(loss) else math.exp(min(loss, 700.0))
 
 
 def main(grid: Grid, context: Context) -> None:
@@ -154,6 +162,7 @@ def run_federated(grid: Grid, cfg) -> Path:
              cfg.task, cfg.num_server_rounds, cfg.aggregator, cfg.lora_rank)
 
     spec = runtime.model_spec(cfg)
+    columns = METRIC_COLUMNS + (PERPLEXITY_COLUMNS if spec.causal_lm else ())
     method = runtime.method_for(cfg)
     model = build_lora_model(spec)
     state = adapter_state(model)
@@ -200,9 +209,12 @@ def run_federated(grid: Grid, cfg) -> Path:
         rows.append({"round": 0, "test_loss": res0 and res0.loss,
                      "test_accuracy": res0 and res0.accuracy,
                      "elapsed_seconds": time.perf_counter() - t_start})
+        if spec.causal_lm:
+            rows[-1]["test_perplexity"] = res0 and res0.perplexity
         if res0 is not None:
-            log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f",
-                     cfg.num_server_rounds, res0.loss, res0.accuracy)
+            log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f%s",
+                     cfg.num_server_rounds, res0.loss, res0.accuracy,
+                     f", test perplexity {res0.perplexity:.2f}" if spec.causal_lm else "")
     else:
         arrays = to_record(ckpt.global_state, cfg.wire_dtype)
         method.restore_state(ckpt.method_state, ckpt.extra.get("method", {}))
@@ -228,7 +240,7 @@ def run_federated(grid: Grid, cfg) -> Path:
     def write_results() -> None:
         write_json(run_dir / "metrics.json", {"config": cfg.to_dict(), "rounds": rows,
                                               "comms": ledger.summary(), "resumes": resumes})
-        write_csv(run_dir / "metrics.csv", rows, METRIC_COLUMNS)
+        write_csv(run_dir / "metrics.csv", rows, columns)
         write_csv(run_dir / "comms.csv", ledger.rows(), COMMS_COLUMNS)
         write_json(run_dir / "comms.json", ledger.summary())
         if cfg.dp_mode != "off":
@@ -247,7 +259,9 @@ def run_federated(grid: Grid, cfg) -> Path:
     if first_round > cfg.num_server_rounds:
         log.info("%s already finished all %d rounds; nothing to do", run_dir,
                  cfg.num_server_rounds)
-    train_config = ConfigRecord({})
+    # A resumed run tells clients after which round it resumed: a client whose privacy
+    # ledger did not survive the restart charges those rounds (fedlora.dp.Ledger).
+    train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
@@ -297,15 +311,20 @@ def run_federated(grid: Grid, cfg) -> Path:
             "round_seconds": time.perf_counter() - t0,
             "elapsed_seconds": time.perf_counter() - t_start,
         }
+        if spec.causal_lm:
+            row["test_perplexity"] = res.perplexity if res else None
+            row["fed_eval_perplexity"] = _perplexity(fed.get("eval-loss")) if fed else None
         rows.append(row)
         save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
         write_results()
         write_checkpoint(rnd)
         log.info(
-            "[round %d/%d] train loss %s | test loss %s, accuracy %s | fed-eval accuracy %s | "
+            "[round %d/%d] train loss %s | test loss %s, accuracy %s%s | fed-eval accuracy %s | "
             "clients %d/%d (%d refused, %d dropped)%s | up %s B, down %s B | %.1f s",
             rnd, cfg.num_server_rounds, _fmt(row["train_loss"]), _fmt(row["test_loss"]),
-            _fmt(row["test_accuracy"]), _fmt(row["fed_eval_accuracy"]),
+            _fmt(row["test_accuracy"]),
+            f", perplexity {_fmt(row['test_perplexity'], '.2f')}" if spec.causal_lm else "",
+            _fmt(row["fed_eval_accuracy"]),
             len(outcome.accepted), outcome.sampled, len(outcome.refused), len(outcome.dropped),
             "" if not spent else f" | max epsilon {max(spent):.3f} (target {cfg.target_epsilon})",
             f"{totals['up']:,}", f"{totals['down']:,}", row["round_seconds"],
@@ -313,10 +332,13 @@ def run_federated(grid: Grid, cfg) -> Path:
 
     write_results()
     final = rows[-1]
-    log.info("done in %.1f s: test accuracy %s -> %s over %d rounds; %s bytes up, %s bytes "
+    log.info("done in %.1f s: test accuracy %s -> %s%s over %d rounds; %s bytes up, %s bytes "
              "down; results in %s (adapter: %s)",
              time.perf_counter() - t_start, _fmt(rows[0].get("test_accuracy")),
-             _fmt(final.get("test_accuracy")), cfg.num_server_rounds,
+             _fmt(final.get("test_accuracy")),
+             f" (perplexity {_fmt(rows[0].get('test_perplexity'), '.2f')} -> "
+             f"{_fmt(final.get('test_perplexity'), '.2f')})" if spec.causal_lm else "",
+             cfg.num_server_rounds,
              f"{ledger.summary()['total_bytes']['up']:,}",
              f"{ledger.summary()['total_bytes']['down']:,}", run_dir, run_dir / "adapter")
     return run_dir
