@@ -328,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     run_config = args.run_config
     if "output-dir" not in run_config:
         run_config += f" output-dir='{args.workdir / 'results'}'"
+    # Stop everything on Ctrl-C or kill, also when started where SIGINT is ignored (a
+    # background job of a script): the with-block below stops every process it started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
     with LocalFederation(args.workdir, configs, secure=not args.insecure) as fed:
         how = "insecure" if args.insecure else "TLS + SuperNode authentication"
         print(f"SuperLink on 127.0.0.1:{fed.port} ({how}), {args.nodes} SuperNodes "

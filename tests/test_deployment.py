@@ -133,3 +133,35 @@ def test_killed_supernode_is_dropped_and_the_run_finishes(tmp_path):
     assert rounds[2]["clients_accepted"] == 1 and rounds[2]["clients_sampled"] == 1
     comms = list(csv.DictReader((out / "killed" / "comms.csv").open()))
     assert {int(r["node"]) for r in comms if r["direction"] == "up"} == {alive}
+
+
+def test_interrupted_local_federation_stops_every_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from simulations.local_federation import ROOT
+
+    work = tmp_path / "fed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simulations.local_federation", "--nodes", "2", "--workdir",
+         str(work), "--run-config", "num-server-rounds=3 local-steps=1 test-fraction=0.03"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        log = work / "supernode1.log"
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log.is_file() and "Receiving: train message" in log.read_text(errors="replace"):
+                break  # mid-run: both SuperNodes connected and training has started
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
+    assert left.strip() == "", f"processes left behind: {left}"
+    assert proc.returncode != 0  # interrupted, and says so
