@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -65,9 +66,41 @@ def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> dp.Ledg
                      state=dict(stored) if stored is not None else None)
 
 
+class SimulatedFailure(RuntimeError):
+    """A failure injected by ``dropout-fraction`` (simulation of a crashing site)."""
+
+
+def simulated_fate(cfg, server_round: int, partition_id: int | None) -> str:
+    """``"drop"``, ``"straggle"`` or ``"ok"`` for this client in this round.
+
+    Drawn from (seed, round, partition): reproducible, independent across rounds, and the
+    same whichever worker process serves the client.
+    """
+    if cfg.dropout_fraction <= 0 and cfg.straggler_fraction <= 0:
+        return "ok"
+    u = np.random.default_rng([cfg.seed, server_round, partition_id or 0, 0x5EED]).random()
+    if u < cfg.dropout_fraction:
+        return "drop"
+    if u < cfg.dropout_fraction + cfg.straggler_fraction:
+        return "straggle"
+    return "ok"
+
+
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's data and send the adapter back."""
     t0 = time.perf_counter()
+    cfg0 = runtime.resolve_config(context.run_config)
+    if cfg0.dropout_fraction > 0 or cfg0.straggler_fraction > 0:
+        node0 = NodeInfo.from_node_config(context.node_config, cfg0)
+        rnd = int(msg.content[CONFIG_KEY].get("server-round", 0))
+        fate = simulated_fate(cfg0, rnd, node0.partition_id)
+        if fate == "drop":
+            raise SimulatedFailure(f"simulated failure of partition {node0.partition_id} in "
+                                   f"round {rnd} (dropout-fraction {cfg0.dropout_fraction})")
+        if fate == "straggle":
+            log.info("Straggling: replying %.1f s late (straggler-fraction)",
+                     cfg0.straggler_delay)
+            time.sleep(cfg0.straggler_delay)
     try:
         cfg, node, model, data, method = _setup(msg, context)
         ledger = _ledger(cfg, node, context, data.num_train)

@@ -57,8 +57,8 @@ def _modules(v: str) -> bool:
 # [tool.flwr.app.config] (a test keeps them in step).
 KEYS: tuple[Key, ...] = (
     Key("task", str, "rotten-tomatoes", "one of the registered tasks (see fedlora.tasks)",
-        help="Workload: model + data: rotten-tomatoes, news, or custom (reads model-path "
-        "and data-path)."),
+        help="Workload: model + data: rotten-tomatoes, news, shakespeare (causal LM), or "
+        "custom (reads model-path and data-path)."),
     Key("num-server-rounds", int, 8, "an integer >= 1", lambda v: v >= 1),
     Key("fraction-train", float, 0.2, "a fraction in (0, 1]", lambda v: 0 < v <= 1),
     Key("fraction-evaluate", float, 0.2, "a fraction in [0, 1]", lambda v: 0 <= v <= 1),
@@ -116,6 +116,10 @@ KEYS: tuple[Key, ...] = (
         help="Concentration of partitioner = 'dirichlet': small values give each client "
         "few labels, large values approach iid."),
     Key("test-fraction", float, 0.08, "a fraction in (0, 0.5]", lambda v: 0 < v <= 0.5),
+    Key("max-test-examples", int, 0, "an integer >= 0 (0: the whole test set)",
+        lambda v: v >= 0,
+        help="Evaluate centrally on a seeded sample of at most this many test examples "
+        "(the task 'shakespeare' defaults to 128)."),
     Key("seed", int, 0, "an integer >= 0", lambda v: v >= 0),
     Key("client-num-threads", int, 0,
         "an integer >= 0 (0: the CPU share the simulation gives each client)", lambda v: v >= 0),
@@ -128,6 +132,13 @@ KEYS: tuple[Key, ...] = (
     Key("output-dir", str, "results", "a non-empty folder path", lambda v: bool(v.strip())),
     Key("run-name", str, "", "a folder name without '/' ('' : a timestamped name)",
         lambda v: "/" not in v and v not in (".", "..")),
+    Key("dropout-fraction", float, 0.0, "a fraction in [0, 1)", lambda v: 0 <= v < 1,
+        help="Simulation: the share of sampled clients that fail in a round (their ClientApp "
+        "raises, as a crashed site would); chosen per round from seed."),
+    Key("straggler-fraction", float, 0.0, "a fraction in [0, 1)", lambda v: 0 <= v < 1,
+        help="Simulation: the share of sampled clients that reply straggler-delay seconds "
+        "late; with a round-timeout below the delay they are dropped."),
+    Key("straggler-delay", float, 30.0, "a float >= 0 (seconds)", lambda v: v >= 0),
     Key("resume", bool, False, "true or false",
         help="Continue output-dir/run-name (with run-name '': the newest unfinished run in "
         "output-dir) from its last finished round, using the checkpoint saved every round."),
@@ -247,9 +258,27 @@ def parse_run_config(
         if not key.check(value):
             raise ConfigError(name, raw, key.expected)
         values[_field_name(name)] = value
+    _apply_task_defaults(values, known_tasks)
     cfg = RunConfig(**values)
     _check_combinations(cfg, known_tasks, known_aggregators)
     return cfg
+
+
+def _apply_task_defaults(values: dict[str, Any], known_tasks: Mapping[str, Any] | None) -> None:
+    """Give keys left at their global default the task's own default (``config_defaults``
+    of :class:`fedlora.tasks.Task`), e.g. the LoRA target modules of its model.
+
+    Flower passes every key of pyproject.toml, so "left at the default" means "equal to
+    the global default": a task default replaces exactly that value, any other is kept.
+    """
+    task = (known_tasks or {}).get(values.get("task", KEYS_BY_NAME["task"].default))
+    for name, raw in dict(getattr(task, "config_defaults", None) or {}).items():
+        key = KEYS_BY_NAME[name]
+        if values.get(_field_name(name), key.default) == key.default:
+            value = _coerce(key, raw)
+            if not key.check(value):
+                raise ConfigError(name, raw, key.expected)
+            values[_field_name(name)] = value
 
 
 def _check_combinations(
@@ -276,6 +305,9 @@ def _check_combinations(
         raise ConfigError("aggregator", cfg.aggregator,
                           f"fedavg or ffa with dp-mode = '{cfg.dp_mode}' (user-level DP noises "
                           "a mean of the sent tensors)")
+    task_check = getattr((known_tasks or {}).get(cfg.task), "check_config", None)
+    if task_check is not None:
+        task_check(cfg)
     if cfg.task == "custom":
         if not cfg.model_path:
             raise ConfigError("model-path", cfg.model_path,

@@ -23,9 +23,11 @@ __all__ = [
     "DataError",
     "TextDataset",
     "EncodedDataset",
+    "CausalLMDataset",
     "read_table",
     "split_by_group",
     "split_stratified",
+    "split_within_groups",
     "partition_natural",
     "partition_iid",
     "partition_dirichlet",
@@ -155,6 +157,24 @@ def split_stratified(
     is_test = np.zeros(len(y), dtype=bool)
     if test:
         is_test[np.concatenate(test)] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def split_within_groups(
+    groups: Sequence[str], test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``test_fraction`` of every group's examples (at least one, never all of a
+    group with two or more): returns (train_idx, test_idx). Every group keeps training
+    data, as when each group is one client (LEAF's per-user split)."""
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(groups), dtype=bool)
+    for name in sorted(by_group):
+        idx = rng.permutation(by_group[name])
+        n_test = min(max(1, round(len(idx) * test_fraction)), max(1, len(idx) - 1))
+        is_test[idx[:n_test]] = True
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
@@ -308,3 +328,14 @@ class EncodedDataset:
             idx.sort(key=lambda i: len(self.input_ids[i]))
         for start in range(0, len(idx), batch_size):
             yield self.collate(idx[start : start + batch_size])
+
+
+class CausalLMDataset(EncodedDataset):
+    """Texts for next-token prediction: a batch's labels are its input ids, with padding
+    set to -100 so that the loss (transformers' shifted cross-entropy) skips it."""
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        batch = super().collate(indices)
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (batch, width)
+        batch["labels"] = ids.masked_fill(mask == 0, -100)
+        return batch

@@ -44,11 +44,16 @@ class LoraSpec:
     train_head: bool
     init_seed: int = 0  # seeds the head and LoRA initialisation (shared by all parties)
     freeze_a: bool = False  # FFA-LoRA: A stays at its initialisation, only B trains
+    causal_lm: bool = False  # a causal LM (next-token loss, no classification head)
 
     @classmethod
     def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None,
-                    freeze_a: bool = False):
-        """The spec a run-config asks for (``rank`` overrides ``lora-rank``, e.g. per site)."""
+                    freeze_a: bool = False, causal_lm: bool = False):
+        """The spec a run-config asks for (``rank`` overrides ``lora-rank``, e.g. per site).
+
+        A causal LM has no classification head: ``train-head`` does not apply to it (its
+        output layer, tied to the input embeddings, stays frozen and is never sent).
+        """
         return cls(
             model_path=model_path,
             num_labels=num_labels,
@@ -56,9 +61,10 @@ class LoraSpec:
             alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
             target_modules=tuple(cfg.target_modules),
-            train_head=cfg.train_head,
+            train_head=cfg.train_head and not causal_lm,
             init_seed=cfg.seed,
             freeze_a=freeze_a,
+            causal_lm=causal_lm,
         )
 
     @property
@@ -111,8 +117,11 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
     """A fresh frozen pretrained model with LoRA adapters (and the head trainable if asked).
 
     The model is placed on its device before ``get_peft_model`` so that adapter
-    parameters exist where training hooks will look for them.
+    parameters exist where training hooks will look for them. With ``spec.causal_lm`` it is
+    a causal language model (peft task type CAUSAL_LM) with LoRA factors only.
     """
+    if spec.causal_lm:
+        return _build_causal_lm(spec)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -166,3 +175,37 @@ def cached_lora_model(spec: LoraSpec) -> nn.Module:
             model = build_lora_model(spec)
             _MODELS[spec] = model
         return model
+
+
+def _build_causal_lm(spec: LoraSpec) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if spec.train_head:
+        raise ValueError("train-head: a causal language model has no classification head to "
+                         "train (LoraSpec.from_config turns it off for causal-LM tasks)")
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(spec.init_seed)
+    base = AutoModelForCausalLM.from_pretrained(spec.model_path, local_files_only=True)
+    base.config.use_cache = False  # never generates here: no key/value cache to build
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = load_tokenizer(spec.model_path).pad_token_id
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as e:
+        raise ValueError(
+            f"lora-target-modules {','.join(spec.target_modules)!r} do not fit {spec.model_path}: {e}"
+        ) from None
+    if spec.freeze_a:
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return model

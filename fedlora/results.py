@@ -6,11 +6,13 @@ A crash mid-round leaves the previous round's files intact and readable.
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,8 +72,12 @@ def save_adapter(model, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         model.save_pretrained(str(tmp))
+        _fsync_tree(tmp)
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous adapter
+            return
         old = None
-        if path.exists():
+        if path.exists():  # no atomic exchange here: a short window without the folder
             old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
             os.replace(path, old)
         os.replace(tmp, path)
@@ -80,6 +86,31 @@ def save_adapter(model, path: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False if the
+    platform cannot, and the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    res = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return res == 0
 
 
 def new_run_dir(output_dir: str, run_name: str) -> Path:

@@ -16,12 +16,12 @@ import torch
 
 from . import methods
 from .config import parse_run_config
-from .data import EncodedDataset, TextDataset, train_val_split
+from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, load_tokenizer
 from .tasks import TASKS, client_dataset, get_task, load_task_data, partition_indices
 
-__all__ = ["resolve_config", "model_spec", "method_for", "encoded_test_set", "ClientData", "client_data",
-           "set_threads_once"]
+__all__ = ["resolve_config", "model_spec", "method_for", "encode", "encoded_test_set", "ClientData",
+           "client_data", "set_threads_once"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def model_spec(cfg, rank: int | None = None) -> LoraSpec:
     task = get_task(cfg.task)
     return LoraSpec.from_config(
         cfg, model_path=task.model_path(cfg), num_labels=len(task.label_names(cfg)), rank=rank,
-        freeze_a=methods.METHODS[cfg.aggregator].freeze_a,
+        freeze_a=methods.METHODS[cfg.aggregator].freeze_a, causal_lm=task.causal_lm,
     )
 
 
@@ -69,14 +69,27 @@ def set_threads_once(requested: int) -> int:
     return torch.get_num_threads()
 
 
+def encode(cfg, data: TextDataset) -> EncodedDataset:
+    """``data`` tokenised for the task's model: labelled texts for a classifier, or
+    next-token targets for a causal language model."""
+    task = get_task(cfg.task)
+    tok = load_tokenizer(task.model_path(cfg))
+    kind = CausalLMDataset if task.causal_lm else EncodedDataset
+    return kind(data, tok, cfg.max_length)
+
+
 @functools.lru_cache(maxsize=4)
 def encoded_test_set(cfg) -> EncodedDataset | None:
-    """The task's centralised test set, tokenised (None if the task has none)."""
+    """The task's centralised test set, tokenised (None if the task has none); a seeded
+    sample of ``max-test-examples`` of it when that is set and smaller."""
     test = load_task_data(cfg).test
     if test is None or len(test) == 0:
         return None
-    tok = load_tokenizer(get_task(cfg.task).model_path(cfg))
-    return EncodedDataset(test, tok, cfg.max_length)
+    if 0 < cfg.max_test_examples < len(test):
+        keep = np.random.default_rng(cfg.seed).choice(len(test), cfg.max_test_examples,
+                                                      replace=False)
+        test = test.subset(np.sort(keep))
+    return encode(cfg, test)
 
 
 class ClientData:
@@ -96,16 +109,12 @@ class ClientData:
 @functools.lru_cache(maxsize=4)
 def _encoded_pool(cfg) -> EncodedDataset:
     # The whole simulation pool is tokenised once per process; clients index into it.
-    pool = load_task_data(cfg).train
-    tok = load_tokenizer(get_task(cfg.task).model_path(cfg))
-    return EncodedDataset(pool, tok, cfg.max_length)
+    return encode(cfg, load_task_data(cfg).train)
 
 
 @functools.lru_cache(maxsize=8)
 def _encoded_file(cfg, data_path: str) -> EncodedDataset:
-    data: TextDataset = client_dataset(cfg, data_path=data_path)
-    tok = load_tokenizer(get_task(cfg.task).model_path(cfg))
-    return EncodedDataset(data, tok, cfg.max_length)
+    return encode(cfg, client_dataset(cfg, data_path=data_path))
 
 
 def client_data(

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import EncodedDataset
+from .data import CausalLMDataset, EncodedDataset
 
 __all__ = ["TrainResult", "EvalResult", "train", "evaluate", "trainable_parameters"]
 
@@ -29,9 +29,17 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
+    """Classifier: mean cross-entropy per example and accuracy. Causal LM: mean
+    cross-entropy per predicted token, next-token (top-1) accuracy and perplexity."""
+
     loss: float
     accuracy: float
     examples: int
+    perplexity: float | None = None  # exp(loss), for causal language models only
+
+
+# Logits of a causal LM are (rows, width, vocab): evaluate at most this many floats at once.
+LOGIT_BUDGET = 2**25
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -102,10 +110,14 @@ def evaluate(
     *,
     batch_size: int = 128,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy over ``indices`` (all rows if None)."""
+    """Mean cross-entropy and accuracy over ``indices`` (all rows if None); for a
+    :class:`CausalLMDataset`, per next token, with perplexity (see :class:`EvalResult`)."""
     idx = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
-        return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0)
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0,
+                          perplexity=float("nan") if isinstance(data, CausalLMDataset) else None)
+    if isinstance(data, CausalLMDataset):
+        return _evaluate_lm(model, data, idx, batch_size=batch_size)
     model.eval()
     total_loss, correct = 0.0, 0
     for batch in data.batches(idx, batch_size):
@@ -115,6 +127,34 @@ def evaluate(
         correct += (logits.argmax(-1) == labels).sum().item()
     model.train()
     return EvalResult(loss=total_loss / len(idx), accuracy=correct / len(idx), examples=len(idx))
+
+
+def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,
+                 batch_size: int) -> EvalResult:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50_000
+    nll, correct, tokens = 0.0, 0, 0
+    model.eval()
+    for batch in data.batches(idx, batch_size):
+        labels = batch.pop("labels")  # (batch, width): input ids, -100 on padding
+        rows = max(1, LOGIT_BUDGET // (labels.shape[1] * vocab))
+        for s in range(0, len(labels), rows):
+            logits = model(input_ids=batch["input_ids"][s : s + rows],
+                           attention_mask=batch["attention_mask"][s : s + rows]).logits
+            logits = logits[:, :-1].float()  # (rows, width - 1, vocab): predicts token t + 1
+            target = labels[s : s + rows, 1:]  # (rows, width - 1)
+            valid = target != -100
+            nll += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                               target.reshape(-1), ignore_index=-100,
+                                               reduction="sum").item()
+            correct += ((logits.argmax(-1) == target) & valid).sum().item()
+            tokens += valid.sum().item()
+    model.train()
+    if tokens == 0:
+        return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=len(idx),
+                          perplexity=float("nan"))
+    loss = nll / tokens
+    return EvalResult(loss=loss, accuracy=correct / tokens, examples=len(idx),
+                      perplexity=math.exp(min(loss, 700.0)))
 
 
 def train_private(

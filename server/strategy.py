@@ -199,7 +199,7 @@ class LoraStrategy(Strategy):
         for msg in replies:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
-                self._dropped(server_round, self._error_node(msg), msg.error.reason)
+                self._dropped(server_round, self._error_node(msg), _short(msg.error.reason))
                 continue
             if self.ledger is not None and not msg.has_error() and LORA_KEY in msg.content:
                 self.ledger.record(server_round, node, "up", MessageType.TRAIN,
@@ -313,6 +313,17 @@ class LoraStrategy(Strategy):
         log.info("LoraStrategy: method=%s fraction-train=%.2f fraction-evaluate=%.2f "
                  "min-train-nodes=%d wire-dtype=%s", self.method.name, self.fraction_train,
                  self.fraction_evaluate, self.min_train_nodes, self.wire_dtype)
+
+
+def _short(reason: str, limit: int = 300) -> str:
+    """An error reason without the traceback around it: Flower's simulation wraps a crashed
+    ClientApp's exception in a Ray traceback ending in "Message: <the exception's text>"."""
+    reason = str(reason)
+    marker = "Message: "
+    if marker in reason:
+        reason = "client crashed: " + reason[reason.rindex(marker) + len(marker):]
+    reason = " ".join(reason.split()).rstrip("'>\"")
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
 def _digest(state: dict[str, np.ndarray]) -> bytes:
