@@ -121,6 +121,11 @@ KEYS: tuple[Key, ...] = (
         help="Evaluate centrally on a seeded sample of at most this many test examples "
         "(the task 'shakespeare' defaults to 128)."),
     Key("seed", int, 0, "an integer >= 0", lambda v: v >= 0),
+    Key("device", str, "auto", "auto, cpu, cuda or cuda:<index>",
+        lambda v: v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+        help="Where clients and the server run the model: auto is the GPU when torch sees "
+        "one (give simulated clients a GPU share with client-resources-num-gpus), else the "
+        "CPU."),
     Key("client-num-threads", int, 0,
         "an integer >= 0 (0: the CPU share the simulation gives each client)", lambda v: v >= 0),
     Key("model-path", str, "", "a local transformers model folder (task 'custom')"),

@@ -409,7 +409,7 @@ def fold_update(model: nn.Module, stacked: Mapping[str, np.ndarray]) -> None:
             else:
                 delta = torch.from_numpy(np.asarray(b, np.float32)) @ torch.from_numpy(
                     np.asarray(a, np.float32))  # (d_out, R) @ (R, d_in)
-                w.copy_(base[name] + delta.to(w.dtype))
+                w.copy_(base[name] + delta.to(w.device, w.dtype))
 
 
 def get_method(name: str, *, alpha: float, rank: int, **options: Any) -> Method:

@@ -45,6 +45,7 @@ class LoraSpec:
     init_seed: int = 0  # seeds the head and LoRA initialisation (shared by all parties)
     freeze_a: bool = False  # FFA-LoRA: A stays at its initialisation, only B trains
     causal_lm: bool = False  # a causal LM (next-token loss, no classification head)
+    device: str = "cpu"  # where the model lives: "cpu", "cuda", "cuda:1", ...
 
     @classmethod
     def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None,
@@ -65,6 +66,7 @@ class LoraSpec:
             init_seed=cfg.seed,
             freeze_a=freeze_a,
             causal_lm=causal_lm,
+            device=resolve_device(getattr(cfg, "device", "cpu")),
         )
 
     @property
@@ -105,6 +107,25 @@ def load_tokenizer(model_path: str):
                 tok.pad_token = tok.eos_token
             _TOKENIZERS[model_path] = tok
         return tok
+
+
+def resolve_device(requested: str) -> str:
+    """The torch device for run-config ``device``: ``auto`` is the GPU when torch sees one
+    (Flower's simulation shows a worker only the GPU share it was given), else the CPU."""
+    requested = (requested or "auto").strip()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda"):
+        from .config import ConfigError
+
+        if not torch.cuda.is_available():
+            raise ConfigError("device", requested, f"'auto' or 'cpu': torch {torch.__version__} "
+                              "sees no GPU on this machine")
+        index = torch.device(requested).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError("device", requested, f"a GPU index below "
+                              f"{torch.cuda.device_count()}, the GPUs on this machine")
+    return requested
 
 
 def head_name(model: nn.Module) -> str | None:
@@ -158,6 +179,9 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    # Built and initialised on the CPU, so every party (server on a CPU, sites on GPUs)
+    # draws the same seeded adapter; then moved, before any training hook is attached.
+    model.to(spec.device)
     return model
 
 
@@ -208,4 +232,7 @@ def _build_causal_lm(spec: LoraSpec) -> nn.Module:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    # Built and initialised on the CPU, so every party (server on a CPU, sites on GPUs)
+    # draws the same seeded adapter; then moved, before any training hook is attached.
+    model.to(spec.device)
     return model

@@ -46,6 +46,17 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device the model's parameters are on (where its batches must go)."""
+    return next(model.parameters()).device
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @contextlib.contextmanager
 def seeded_torch(seed: int):
     """Run a block with torch's global RNG (dropout) seeded by ``seed``, then restore it.
@@ -83,6 +94,7 @@ def train(
     per_epoch = math.ceil(len(idx) / batch_size)
     total = epochs * per_epoch if epochs > 0 else steps
     params = trainable_parameters(model)
+    device = model_device(model)
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     model.train()
     losses, seen, order, pos = [], 0, rng.permutation(idx), 0
@@ -92,7 +104,7 @@ def train(
                 order, pos = rng.permutation(idx), 0
             batch_idx = order[pos : pos + batch_size]
             pos += batch_size
-            batch = data.collate(batch_idx)
+            batch = _to(data.collate(batch_idx), device)
             out = model(**batch)
             out.loss.backward()
             opt.step()
@@ -119,8 +131,10 @@ def evaluate(
     if isinstance(data, CausalLMDataset):
         return _evaluate_lm(model, data, idx, batch_size=batch_size)
     model.eval()
+    device = model_device(model)
     total_loss, correct = 0.0, 0
     for batch in data.batches(idx, batch_size):
+        batch = _to(batch, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits  # (batch, num_labels)
         total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
@@ -134,7 +148,9 @@ def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,
     vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 50_000
     nll, correct, tokens = 0.0, 0, 0
     model.eval()
+    device = model_device(model)
     for batch in data.batches(idx, batch_size):
+        batch = _to(batch, device)
         labels = batch.pop("labels")  # (batch, width): input ids, -100 on padding
         rows = max(1, LOGIT_BUDGET // (labels.shape[1] * vocab))
         for s in range(0, len(labels), rows):
@@ -188,6 +204,7 @@ def train_private(
     q = min(1.0, batch_size / n)
     rng = np.random.default_rng(seed)
     params = trainable_parameters(model)
+    device = model_device(model)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
                            force_functorch=grad_sample_mode == "functorch")
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
@@ -209,7 +226,7 @@ def train_private(
             if len(batch_idx) == 0:
                 # An empty Poisson batch releases only noise; the step is still accounted.
                 continue
-            batch = data.collate(batch_idx)
+            batch = _to(data.collate(batch_idx), device)
             out = gsm(**batch)
             with warnings.catch_warnings():
                 # Opacus' hooks on a model whose inputs need no grad: expected, harmless.
