@@ -127,7 +127,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)
     received = method.reply(model)  # the starting point, as it would be sent back
     common = dict(batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                  weight_decay=cfg.weight_decay, seed=seed)
+                  weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
     if ledger is not None and ledger.plan.mode == "sample":
         result = train_private(model, data.data, data.train_idx, steps=ledger.plan.steps,
                                noise_multiplier=ledger.plan.noise_multiplier,

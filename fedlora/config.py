@@ -70,6 +70,9 @@ KEYS: tuple[Key, ...] = (
     Key("eval-batch-size", int, 128, "an integer in [1, 4096]", lambda v: 1 <= v <= 4096),
     Key("learning-rate", float, 0.002, "a float in (0, 1]", lambda v: 0 < v <= 1),
     Key("weight-decay", float, 0.0, "a float >= 0", lambda v: v >= 0),
+    Key("optimizer", str, "adamw", "one of adamw, sgd", _choices("adamw", "sgd"),
+        help="Local optimiser: adamw, or sgd with momentum 0.9 (often better under DP-SGD's "
+        "noise)."),
     Key("lora-rank", int, 8, "an integer in [1, 1024]", lambda v: 1 <= v <= 1024),
     Key("lora-alpha", float, 16.0, "a float > 0", _positive),
     Key("lora-dropout", float, 0.05, "a float in [0, 1)", lambda v: 0 <= v < 1),

@@ -70,6 +70,20 @@ def seeded_torch(seed: int):
         yield
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(name: str, params, *, learning_rate: float, weight_decay: float):
+    """AdamW, or SGD with momentum 0.9 (under DP-SGD's noise, Adam's per-coordinate scaling
+    moves every coordinate by about the learning rate whatever its signal; SGD averages the
+    noise out across steps)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
+
+
 def train(
     model: nn.Module,
     data: EncodedDataset,
@@ -81,8 +95,9 @@ def train(
     learning_rate: float,
     weight_decay: float = 0.0,
     seed: int = 0,
+    optimizer: str = "adamw",
 ) -> TrainResult:
-    """Train the trainable (adapter) parameters with AdamW.
+    """Train the trainable (adapter) parameters with ``optimizer`` (AdamW by default).
 
     Runs ``epochs`` passes over ``indices`` when ``epochs`` > 0, else ``steps``
     mini-batches drawn by reshuffling ``indices`` as often as needed (seeded).
@@ -95,7 +110,8 @@ def train(
     total = epochs * per_epoch if epochs > 0 else steps
     params = trainable_parameters(model)
     device = model_device(model)
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, params, learning_rate=learning_rate,
+                         weight_decay=weight_decay)
     model.train()
     losses, seen, order, pos = [], 0, rng.permutation(idx), 0
     with seeded_torch(seed):
@@ -186,6 +202,7 @@ def train_private(
     weight_decay: float = 0.0,
     seed: int = 0,
     grad_sample_mode: str = "hooks",
+    optimizer: str = "adamw",
 ) -> TrainResult:
     """DP-SGD (Opacus) on the trainable (adapter) parameters only.
 
@@ -209,7 +226,8 @@ def train_private(
                            force_functorch=grad_sample_mode == "functorch")
     noise_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
     opt = DPOptimizer(
-        torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay),
+        make_optimizer(optimizer, params, learning_rate=learning_rate,
+                       weight_decay=weight_decay),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         expected_batch_size=max(1, round(q * n)),
