@@ -13,14 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .results import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "save_checkpoint",
            "load_checkpoint", "find_resumable", "RESUMABLE_CHANGES"]
@@ -84,17 +84,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     buf = io.BytesIO()
     np.savez(buf, **arrays, **{_META: np.frombuffer(meta_bytes, dtype=np.uint8)})
     path = run_dir / CHECKPOINT_FILE
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

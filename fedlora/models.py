@@ -143,7 +143,7 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
     """
     if spec.causal_lm:
         return _build_causal_lm(spec)
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -169,6 +169,13 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
         target_modules=list(spec.target_modules),
         modules_to_save=[head] if spec.train_head else None,
     )
+    return _attach_lora(base, config, spec)
+
+
+def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
+    """Wrap ``base`` in peft's LoRA per ``config``; freeze A for FFA; move to the device."""
+    from peft import get_peft_model
+
     try:
         model = get_peft_model(base, config)
     except ValueError as e:
@@ -202,7 +209,7 @@ def cached_lora_model(spec: LoraSpec) -> nn.Module:
 
 
 def _build_causal_lm(spec: LoraSpec) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -222,17 +229,4 @@ def _build_causal_lm(spec: LoraSpec) -> nn.Module:
         target_modules=list(spec.target_modules),
         task_type="CAUSAL_LM",
     )
-    try:
-        model = get_peft_model(base, config)
-    except ValueError as e:
-        raise ValueError(
-            f"lora-target-modules {','.join(spec.target_modules)!r} do not fit {spec.model_path}: {e}"
-        ) from None
-    if spec.freeze_a:
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.requires_grad_(False)
-    # Built and initialised on the CPU, so every party (server on a CPU, sites on GPUs)
-    # draws the same seeded adapter; then moved, before any training hook is attached.
-    model.to(spec.device)
-    return model
+    return _attach_lora(base, config, spec)
