@@ -6,6 +6,7 @@ out of a model; everything else works on plain ``{name: ndarray}`` mappings.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -66,6 +67,18 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, np.ndarray | torch.
                              f"expected {tuple(ref.shape)}")
         tensors[k] = t.to(ref.device, ref.dtype)
     set_peft_model_state_dict(inner, tensors)
+
+
+def state_digest(state: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 of named arrays (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        a = np.ascontiguousarray(state[k])
+        h.update(k.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.digest()
 
 
 def is_factor_key(key: str) -> bool:

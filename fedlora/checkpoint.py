@@ -10,7 +10,6 @@ it was made under. A SHA-256 of the arrays guards against a damaged file.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .adapters import state_digest
 from .results import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "save_checkpoint",
@@ -57,17 +57,6 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _digest(arrays: Mapping[str, np.ndarray]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k])
-        h.update(k.encode())
-        h.update(str(a.dtype).encode())
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     """Write ``run_dir/checkpoint.npz`` atomically; returns its path."""
     run_dir = Path(run_dir)
@@ -78,7 +67,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     meta = {
         "version": FORMAT_VERSION, "round": int(ckpt.round), "config": ckpt.config,
         "rng_state": ckpt.rng_state, "rows": ckpt.rows, "comms_rows": ckpt.comms_rows,
-        "privacy_rows": ckpt.privacy_rows, "extra": ckpt.extra, "sha256": _digest(arrays),
+        "privacy_rows": ckpt.privacy_rows, "extra": ckpt.extra,
+        "sha256": state_digest(arrays).hex(),
     }
     meta_bytes = json.dumps(meta, default=_json_default).encode()
     buf = io.BytesIO()
@@ -108,7 +98,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {meta.get('version')!r}, "
                               f"this fedlora reads version {FORMAT_VERSION}")
-    if _digest(data) != meta.get("sha256"):
+    if state_digest(data).hex() != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {path} is damaged (its arrays do not match their "
                               "checksum)")
     glob = {k[len("global/"):]: v for k, v in data.items() if k.startswith("global/")}

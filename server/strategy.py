@@ -6,7 +6,6 @@ A Flower :class:`~flwr.serverapp.strategy.Strategy`. Aggregation itself is the p
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterable
@@ -17,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.adapters import state_digest
 from fedlora.central_dp import CentralDp
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
@@ -201,7 +201,7 @@ class LoraStrategy(Strategy):
             if msg.has_error():
                 self._dropped(server_round, self._error_node(msg), _short(msg.error.reason))
                 continue
-            if self.ledger is not None and not msg.has_error() and LORA_KEY in msg.content:
+            if self.ledger is not None and LORA_KEY in msg.content:
                 self.ledger.record(server_round, node, "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
             m = None if msg.has_error() else msg.content.get(METRICS_KEY)
@@ -228,6 +228,13 @@ class LoraStrategy(Strategy):
             if node not in answered:
                 self._dropped(server_round, node, "no reply before the round's timeout "
                               "(round-timeout)")
+        # Aggregate in an order fixed by the replies' contents, not by their arrival: float
+        # sums depend on order, and Adam turns last-bit differences into lr-sized ones, so
+        # this is what makes a run repeat exactly.
+        order = sorted(range(len(states)), key=lambda i: state_digest(states[i]))
+        states = [states[i] for i in order]
+        weights = [weights[i] for i in order]
+        metrics = [metrics[i] for i in order]
         if self.central is not None:
             return self._release(server_round, states, weights, metrics)
         if len(states) < self.min_train_nodes:
@@ -235,13 +242,6 @@ class LoraStrategy(Strategy):
                         "the global adapter is left unchanged", server_round, len(states),
                         self.min_train_nodes)
             return None, None
-        # Aggregate in an order fixed by the replies' contents, not by their arrival: float
-        # sums depend on order, and Adam turns last-bit differences into lr-sized ones, so
-        # this is what makes a run repeat exactly.
-        order = sorted(range(len(states)), key=lambda i: _digest(states[i]))
-        states = [states[i] for i in order]
-        weights = [weights[i] for i in order]
-        metrics = [metrics[i] for i in order]
         merged = self.method.aggregate(states, weights, self._global)
         return to_record(merged, self.wire_dtype), weighted_metrics(metrics, weights)
 
@@ -324,14 +324,6 @@ def _short(reason: str, limit: int = 300) -> str:
         reason = "client crashed: " + reason[reason.rindex(marker) + len(marker):]
     reason = " ".join(reason.split()).rstrip("'>\"")
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
-
-
-def _digest(state: dict[str, np.ndarray]) -> bytes:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(state[k]).tobytes())
-    return h.digest()
 
 
 def weighted_metrics(metrics: list[MetricRecord], weights: list[int]) -> MetricRecord:
