@@ -10,6 +10,7 @@ round that would exceed the budget is refused before any training happens.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,12 +43,57 @@ class DpPlan:
     accountant: str
 
 
+SIGMA_CACHE_FILE = "noise-multipliers.json"
+
+
 @functools.lru_cache(maxsize=256)
 def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int,
                accountant: str) -> float:
-    return privacy.calibrate_noise_multiplier(
+    """The calibrated noise multiplier, remembered in this process and in a small file in the
+    user cache folder shared by every process (a deployed site starts a process per message;
+    a simulation worker serves clients of many sizes). A remembered value is used only if
+    it still meets the target under the accountant, so a stale or edited file can cost a
+    recalibration, never privacy."""
+    from .model_cache import cache_root
+
+    key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}"
+    path = cache_root() / SIGMA_CACHE_FILE
+    cached = _read_sigmas(path).get(key)
+    if isinstance(cached, (int, float)) and cached > 0:
+        spent = privacy.epsilon_of_history([(float(cached), sample_rate, steps)], delta=delta,
+                                           accountant=accountant)
+        if spent <= target_epsilon:
+            return float(cached)
+        log.warning("ignoring a remembered noise multiplier %s that gives epsilon %.4f > "
+                    "target %s; recalibrating", cached, spent, target_epsilon)
+    sigma = privacy.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
         steps=steps, accountant=accountant)
+    _remember_sigma(path, key, sigma)
+    return sigma
+
+
+def _read_sigmas(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_sigma(path: Path, key: str, sigma: float) -> None:
+    """Add one entry to the shared file (best effort: a read-only cache just is not used)."""
+    from .model_cache import _locked
+    from .results import atomic_write_text
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.with_name(path.name + ".lock")):
+            data = _read_sigmas(path)
+            data[key] = sigma
+            atomic_write_text(path, json.dumps(data, indent=0, sort_keys=True) + "\n")
+    except OSError as e:
+        log.debug("cannot remember the noise multiplier in %s: %s", path, e)
 
 
 def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:

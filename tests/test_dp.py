@@ -134,3 +134,39 @@ def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tm
     rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
     assert all(r["clients_accepted"] == 0 and r["clients_refused"] == 4 for r in rounds[1:])
     assert all("budget exhausted" in x["reason"] for r in rounds[1:] for x in r["refused"])
+
+
+def test_calibrated_sigma_is_remembered_across_processes_and_checked(tmp_path, monkeypatch):
+    import json
+
+    from fedlora import dp, privacy
+
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
+    args = (3.0, 1e-5, 0.04, 60, "rdp")
+    dp._calibrate.cache_clear()
+    sigma = dp._calibrate(*args)
+    stored = json.loads((tmp_path / dp.SIGMA_CACHE_FILE).read_text())
+    assert list(stored.values()) == [sigma]
+
+    # Another process (a fresh in-process cache) reads the file instead of calibrating.
+    def no_calibration(**_):
+        raise AssertionError("calibrated again although the value was remembered")
+
+    dp._calibrate.cache_clear()
+    monkeypatch.setattr(privacy, "calibrate_noise_multiplier", no_calibration)
+    assert dp._calibrate(*args) == sigma
+
+    # A remembered value that would overspend the budget is not trusted.
+    key = next(iter(stored))
+    (tmp_path / dp.SIGMA_CACHE_FILE).write_text(json.dumps({key: sigma / 3}))
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
+    dp._calibrate.cache_clear()
+    assert dp._calibrate(*args) == pytest.approx(sigma)
+    eps = privacy.epsilon_of_history([(dp._calibrate(*args), 0.04, 60)], delta=1e-5)
+    assert eps <= 3.0
+    # A damaged file is ignored.
+    (tmp_path / dp.SIGMA_CACHE_FILE).write_text("{not json")
+    dp._calibrate.cache_clear()
+    assert dp._calibrate(*args) == pytest.approx(sigma)
+    dp._calibrate.cache_clear()
