@@ -86,27 +86,28 @@ def simulated_fate(cfg, server_round: int, partition_id: int | None) -> str:
     return "ok"
 
 
+def _simulate_failure(cfg, server_round: int, partition_id: int | None) -> None:
+    """Fail or straggle as ``dropout-fraction`` / ``straggler-fraction`` ask (simulation)."""
+    fate = simulated_fate(cfg, server_round, partition_id)
+    if fate == "drop":
+        raise SimulatedFailure(f"simulated failure of partition {partition_id} in round "
+                               f"{server_round} (dropout-fraction {cfg.dropout_fraction})")
+    if fate == "straggle":
+        log.info("Straggling: replying %.1f s late (straggler-fraction)", cfg.straggler_delay)
+        time.sleep(cfg.straggler_delay)
+
+
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's data and send the adapter back."""
     t0 = time.perf_counter()
-    cfg0 = runtime.resolve_config(context.run_config)
-    if cfg0.dropout_fraction > 0 or cfg0.straggler_fraction > 0:
-        node0 = NodeInfo.from_node_config(context.node_config, cfg0)
-        rnd = int(msg.content[CONFIG_KEY].get("server-round", 0))
-        fate = simulated_fate(cfg0, rnd, node0.partition_id)
-        if fate == "drop":
-            raise SimulatedFailure(f"simulated failure of partition {node0.partition_id} in "
-                                   f"round {rnd} (dropout-fraction {cfg0.dropout_fraction})")
-        if fate == "straggle":
-            log.info("Straggling: replying %.1f s late (straggler-fraction)",
-                     cfg0.straggler_delay)
-            time.sleep(cfg0.straggler_delay)
     try:
         cfg, node, model, data, method = _setup(msg, context)
         ledger = _ledger(cfg, node, context, data.num_train)
     except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
+    _simulate_failure(cfg, server_round, node.partition_id)
     resumed_after = int(msg.content[CONFIG_KEY].get("resumed-after", 0))
     if (ledger is not None and ledger.fresh and resumed_after > 0
             and node.privacy_state_path is None):
@@ -123,7 +124,6 @@ def train_fn(msg: Message, context: Context) -> Message:
                                                    {"dp-" + k: v for k, v in ledger.metrics().items()
                                                     if not isinstance(v, str)}),
                            reply_to=msg)
-    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)
     received = method.reply(model)  # the starting point, as it would be sent back
     common = dict(batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
