@@ -129,6 +129,12 @@ KEYS: tuple[Key, ...] = (
         help="Where clients and the server run the model: auto is the GPU when torch sees "
         "one (give simulated clients a GPU share with client-resources-num-gpus), else the "
         "CPU."),
+    Key("base-dtype", str, "float32", "auto, float32, bfloat16 or float16",
+        _choices("auto", "float32", "bfloat16", "float16"),
+        help="Precision of the frozen base weights (the adapter, its gradients and the "
+        "optimiser stay float32): bfloat16 halves the base model's memory and, on GPUs and "
+        "on CPUs with AVX512-BF16 or AMX, speeds up training; auto picks bfloat16 where the "
+        "hardware computes it natively. float16 needs a GPU."),
     Key("client-num-threads", int, 0,
         "an integer >= 0 (0: the CPU share the simulation gives each client)", lambda v: v >= 0),
     Key("model-path", str, "", "a local transformers model folder (task 'custom')"),

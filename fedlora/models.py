@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ["LoraSpec", "load_tokenizer", "build_lora_model", "cached_lora_model", "head_name",
-           "choose_num_threads"]
+           "choose_num_threads", "resolve_base_dtype", "cast_frozen_base", "BASE_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class LoraSpec:
     freeze_a: bool = False  # FFA-LoRA: A stays at its initialisation, only B trains
     causal_lm: bool = False  # a causal LM (next-token loss, no classification head)
     device: str = "cpu"  # where the model lives: "cpu", "cuda", "cuda:1", ...
+    base_dtype: str = "float32"  # the frozen base weights' dtype; adapters stay float32
 
     @classmethod
     def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None,
@@ -55,6 +56,7 @@ class LoraSpec:
         A causal LM has no classification head: ``train-head`` does not apply to it (its
         output layer, tied to the input embeddings, stays frozen and is never sent).
         """
+        device = resolve_device(getattr(cfg, "device", "cpu"))
         return cls(
             model_path=model_path,
             num_labels=num_labels,
@@ -66,7 +68,8 @@ class LoraSpec:
             init_seed=cfg.seed,
             freeze_a=freeze_a,
             causal_lm=causal_lm,
-            device=resolve_device(getattr(cfg, "device", "cpu")),
+            device=device,
+            base_dtype=resolve_base_dtype(getattr(cfg, "base_dtype", "float32"), device),
         )
 
     @property
@@ -128,6 +131,89 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+BASE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so that a
+    bfloat16 base model is faster than float32 rather than emulated and slower."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_base_dtype(requested: str, device: str) -> str:
+    """The dtype of the frozen base weights for run-config ``base-dtype``.
+
+    ``auto`` is bfloat16 where the device computes it natively (a CUDA GPU that supports
+    it; a CPU with AVX512-BF16 or AMX), else float32. float16 needs a GPU: CPUs have no fast
+    float16 matrix products.
+    """
+    requested = (requested or "float32").strip()
+    gpu = device.startswith("cuda")
+    if requested == "auto":
+        fast = torch.cuda.is_bf16_supported() if gpu else _cpu_has_fast_bf16()
+        return "bfloat16" if fast else "float32"
+    if requested not in BASE_DTYPES:
+        from .config import ConfigError
+
+        raise ConfigError("base-dtype", requested, f"auto or one of {', '.join(BASE_DTYPES)}")
+    if requested == "float16" and not gpu:
+        from .config import ConfigError
+
+        raise ConfigError("base-dtype", requested, "float32, bfloat16 or auto on a CPU (float16 "
+                          "needs a GPU: set device to cuda)")
+    return requested
+
+
+def _keep_float32(model: nn.Module) -> set[int]:
+    """Ids of the parameters that stay float32 under a lower-precision base: the LoRA
+    factors (trainable or frozen under FFA: they are the adapter on the wire) and every
+    parameter of a trained head (peft's modules_to_save wrapper, original included)."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    keep: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            keep.update(id(p) for p in module.parameters())
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            keep.add(id(param))
+    return keep
+
+
+def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen base weights of a peft LoRA model in ``dtype`` (e.g. bfloat16).
+
+    The adapter stays float32: peft casts a LoRA layer's input to its factors' dtype and
+    its output back to the base layer's, so the factors, their gradients (per-example ones
+    under DP-SGD included) and the optimiser state are float32, and only the frozen
+    matrix products run in ``dtype``. A trained head stays float32 and gets float32 inputs.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    keep = _keep_float32(model)
+    for param in model.parameters():
+        if id(param) not in keep and param.is_floating_point() and param.dtype != dtype:
+            if param.requires_grad:
+                raise ValueError(f"a trainable base parameter ({tuple(param.shape)}) cannot be "
+                                 f"stored in {dtype}")
+            param.data = param.data.to(dtype)
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            module.register_forward_pre_hook(_float32_inputs)
+
+
 def head_name(model: nn.Module) -> str | None:
     """Name of the classification head of a transformers model (trained with ``train-head``)."""
     children = dict(model.named_children())
@@ -186,6 +272,9 @@ def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    if spec.base_dtype != "float32":
+        # After the adapter is drawn (in float32, the same for every party).
+        cast_frozen_base(model, getattr(torch, spec.base_dtype))
     # Built and initialised on the CPU, so every party (server on a CPU, sites on GPUs)
     # draws the same seeded adapter; then moved, before any training hook is attached.
     model.to(spec.device)
@@ -201,8 +290,8 @@ def cached_lora_model(spec: LoraSpec) -> nn.Module:
     with _LOCK:
         model = _MODELS.get(spec)
         if model is None:
-            log.info("Loading base model %s (LoRA r=%d) once for this process",
-                     spec.model_path, spec.rank)
+            log.info("Loading base model %s (LoRA r=%d, base %s) once for this process",
+                     spec.model_path, spec.rank, spec.base_dtype)
             model = build_lora_model(spec)
             _MODELS[spec] = model
         return model
