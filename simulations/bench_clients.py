@@ -4,6 +4,7 @@ against the rebuild-per-message pattern of Flower's examples.
     python -m simulations.bench_clients                   # N = 10, 100, 1000; DP-SGD on
     python -m simulations.bench_clients --dp both         # DP-SGD and non-private
     python -m simulations.bench_clients --quick           # smoke run: N = 4, 2 timed updates
+    python -m simulations.bench_clients --patterns fedlora-bf16,rebuild-bf16  # equal precision
 
 Two ClientApps run through the same Flower simulation engine with the same ServerApp
 (fedlora's, so the same sampling, reply checks and aggregation) and the same run-config:
@@ -18,7 +19,14 @@ Two ClientApps run through the same Flower simulation engine with the same Serve
   tokenises its partition, builds a DataLoader and (with DP) a new Opacus
   ``PrivacyEngine`` + ``make_private``, trains, and replies in fedlora's wire format.
 
-Same per-client work for both: every round samples the same number of nodes
+Each ClientApp runs as a pattern: ``fedlora`` and ``rebuild`` with the base model in float32
+(the baseline is the plain ``rebuild``, as in Flower's examples), and ``fedlora-bf16`` and
+``rebuild-bf16`` with run-config ``base-dtype = "bfloat16"``: the frozen base weights in
+bfloat16, the adapter, its (per-example) gradients and the optimiser in float32. The default
+runs fedlora, fedlora-bf16 and rebuild; the ratios compare each fedlora pattern with the
+baseline, and fedlora-bf16 with rebuild-bf16 when both ran.
+
+Same per-client work for all: every round samples the same number of nodes
 (``--per-round``; ``fraction-train`` = k / N and ``min-train-nodes`` = k), each trains
 ``local-steps`` steps of ``batch-size`` examples with the same ``dp-mode``, and virtual node
 i trains on partition ``i mod --partitions`` of an iid split of the task's pool (equal
@@ -72,7 +80,22 @@ log = logging.getLogger("fedlora.bench_clients")
 
 __all__ = ["bench_overrides", "build_rebuild_app", "main", "rebuild_train", "run_one"]
 
-PATTERNS = ("fedlora", "rebuild")
+# A pattern is a ClientApp and the dtype of its frozen base model: "-bf16" runs the same
+# ClientApp with run-config base-dtype = "bfloat16" (adapter, gradients and optimiser stay
+# float32). The plain rebuild is the baseline: fp32, as in Flower's examples.
+PATTERNS = ("fedlora", "fedlora-bf16", "rebuild", "rebuild-bf16")
+DEFAULT_PATTERNS = ("fedlora", "fedlora-bf16", "rebuild")
+BASELINE = "rebuild"
+
+
+def pattern_app(pattern: str) -> str:
+    """The ClientApp of a pattern: fedlora or rebuild."""
+    return pattern.split("-", 1)[0]
+
+
+def pattern_overrides(pattern: str) -> dict[str, Any]:
+    return {"base-dtype": "bfloat16"} if pattern.endswith("-bf16") else {}
+
 DEFAULT_NODES = (10, 100, 1000)
 DEFAULT_OUT = ROOT / "results" / "bench-clients"
 
@@ -109,7 +132,7 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     from fedlora import dp, methods
     from fedlora.config import parse_run_config
     from fedlora.data import EncodedDataset, train_val_split
-    from fedlora.models import choose_num_threads, head_name
+    from fedlora.models import cast_frozen_base, choose_num_threads, head_name, resolve_base_dtype
     from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, NodeInfo
     from fedlora.runtime import VAL_FRACTION
     from fedlora.tasks import TASKS, client_dataset, get_task
@@ -149,6 +172,8 @@ def rebuild_train(msg: Message, context: Context) -> Message:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    if cfg.base_dtype != "float32":  # as fedlora's models.build_lora_model
+        cast_frozen_base(model, getattr(torch, resolve_base_dtype(cfg.base_dtype, "cpu")))
     method.load(model, from_record(msg.content[LORA_KEY]), client_rank=rank)
 
     # The data: this client's partition, tokenised for this message.
@@ -278,6 +303,7 @@ def bench_overrides(*, pattern: str, num_nodes: int, per_round: int, rounds: int
         "run-name": f"{pattern}-dp-{dp_mode}-n{num_nodes}",
     }
     out.update(dict(extra or {}))
+    out.update(pattern_overrides(pattern))
     return out
 
 
@@ -304,7 +330,7 @@ def run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
 
     # Virtual node i trains on partition i mod P: the same data per client for every N.
     mods = [node_config_mod(lambda pid: {"partition-id": pid % partitions})]
-    client_app = (fedlora_client_app(overrides, mods=mods) if pattern == "fedlora"
+    client_app = (fedlora_client_app(overrides, mods=mods) if pattern_app(pattern) == "fedlora"
                   else build_rebuild_app(overrides, mods=mods))
     t0 = time.perf_counter()
     run_simulation(
@@ -454,6 +480,15 @@ CSV_COLUMNS = ("dp_mode", "pattern", "nodes", "timed_updates", "timed_seconds", 
                "wall_seconds")
 
 
+def _ratio_pairs(present: set[str]) -> list[tuple[str, str]]:
+    """(fedlora pattern, rebuild pattern) pairs to compare: every fedlora pattern against
+    the float32 baseline, and a bfloat16 fedlora against a bfloat16 rebuild if both ran
+    (what the cached model alone is worth at equal precision)."""
+    pairs = [(p, BASELINE) for p in PATTERNS if pattern_app(p) == "fedlora"]
+    pairs.append(("fedlora-bf16", "rebuild-bf16"))
+    return [(f, b) for f, b in pairs if f in present and b in present]
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(b) and b > 0 else float("nan")
 
@@ -470,17 +505,19 @@ def format_report(rows: Sequence[Mapping[str, Any]], nodes: Sequence[int]) -> st
             f"{r['updates_per_s_all_rounds']:.3f} | {r['client_seconds_mean']:.2f} | "
             f"{r['peak_rss_mb']:.0f} | {r['peak_rss_workers_mb']:.0f} |")
     by = {(r["dp_mode"], r["pattern"], r["nodes"]): r for r in rows}
-    lines += ["", ("| dp-mode | N | fedlora / rebuild updates/s | (all rounds) | "
-                   "fedlora / rebuild peak RSS |"), "|---|---|---|---|---|"]
+    lines += ["", ("| dp-mode | N | patterns | ratio of updates/s | (all rounds) | "
+                   "ratio of peak RSS |"), "|---|---|---|---|---|---|"]
     for dp_mode in dict.fromkeys(r["dp_mode"] for r in rows):
         for n in nodes:
-            f, b = by.get((dp_mode, "fedlora", n)), by.get((dp_mode, "rebuild", n))
-            if f and b:
+            for fp, bp in _ratio_pairs({r["pattern"] for r in rows}):
+                f, b = by.get((dp_mode, fp, n)), by.get((dp_mode, bp, n))
+                if not (f and b):
+                    continue
                 speed = _ratio(f["updates_per_s"], b["updates_per_s"])
                 speed_all = _ratio(f["updates_per_s_all_rounds"], b["updates_per_s_all_rounds"])
                 memory = _ratio(f["peak_rss_mb"], b["peak_rss_mb"])
-                lines.append(f"| {dp_mode} | {n} | {speed:.2f}x | {speed_all:.2f}x | "
-                             f"{memory:.2f}x |")
+                lines.append(f"| {dp_mode} | {n} | {fp} / {bp} | {speed:.2f}x | "
+                             f"{speed_all:.2f}x | {memory:.2f}x |")
     if len(nodes) > 1:
         lo, hi = min(nodes), max(nodes)
         lines += ["", (f"| dp-mode | pattern | peak RSS N={hi} / N={lo} | workers' RSS "
@@ -537,8 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPUs given to the simulation (default 2)")
     ap.add_argument("--cpus-per-client", type=float, default=1.0,
                     help="CPUs per ClientApp worker (default 1: --cpus workers in parallel)")
-    ap.add_argument("--patterns", default=",".join(PATTERNS),
-                    help=f"which ClientApps to run (default {','.join(PATTERNS)})")
+    ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS),
+                    help=f"which ClientApps to run, of {', '.join(PATTERNS)} (default "
+                    f"{','.join(DEFAULT_PATTERNS)}); -bf16: the same ClientApp with its frozen "
+                    "base model in bfloat16 (run-config base-dtype)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra run-config overrides for both patterns (e.g. task=custom)")
     ap.add_argument("--sample-interval", type=float, default=0.2,

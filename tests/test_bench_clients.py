@@ -34,7 +34,7 @@ def test_quick_run_reports_both_patterns(tmp_path, tiny_model_dir, capsys):
 
     result = json.loads((out / "results.json").read_text())
     rows = {r["pattern"]: r for r in result["rows"]}
-    assert set(rows) == {"fedlora", "rebuild"}
+    assert set(rows) == {"fedlora", "fedlora-bf16", "rebuild"}
     for pattern, row in rows.items():
         assert row["nodes"] == 4
         assert row["timed_updates"] == 2, pattern  # round 2 only: 2 clients
@@ -43,14 +43,17 @@ def test_quick_run_reports_both_patterns(tmp_path, tiny_model_dir, capsys):
         assert row["peak_rss_mb"] > 0 and row["peak_rss_workers_mb"] > 0, pattern
         assert row["client_seconds_mean"] > 0, pattern
         assert f"| sample | {pattern} | 4 | 2 |" in printed
-    assert "fedlora / rebuild updates/s" in printed
+    for pair in ("fedlora / rebuild", "fedlora-bf16 / rebuild"):
+        assert f"| sample | 4 | {pair} |" in printed
 
     with (out / "results.csv").open() as f:
-        assert {r["pattern"] for r in csv.DictReader(f)} == {"fedlora", "rebuild"}
-    # The server accepted every reply of both ClientApps (same wire format, same checks).
+        assert {r["pattern"] for r in csv.DictReader(f)} == set(rows)
+    # The server accepted every reply of every ClientApp (same wire format, same checks).
     for pattern in rows:
         run_dir = out / "runs" / f"{pattern}-dp-sample-n4"
         metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["config"]["base-dtype"] == ("bfloat16" if pattern.endswith("-bf16")
+                                                   else "float32")
         trained = [r for r in metrics["rounds"] if r["round"] > 0]
         assert [r["clients_accepted"] for r in trained] == [2, 2]
         assert all(r["max_epsilon"] and r["max_epsilon"] > 0 for r in trained)
