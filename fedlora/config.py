@@ -129,7 +129,7 @@ KEYS: tuple[Key, ...] = (
         help="Where clients and the server run the model: auto is the GPU when torch sees "
         "one (give simulated clients a GPU share with client-resources-num-gpus), else the "
         "CPU."),
-    Key("base-dtype", str, "float32", "auto, float32, bfloat16 or float16",
+    Key("base-dtype", str, "auto", "auto, float32, bfloat16 or float16",
         _choices("auto", "float32", "bfloat16", "float16"),
         help="Precision of the frozen base weights (the adapter, its gradients and the "
         "optimiser stay float32): bfloat16 halves the base model's memory and, on GPUs and "

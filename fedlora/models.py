@@ -69,7 +69,7 @@ class LoraSpec:
             freeze_a=freeze_a,
             causal_lm=causal_lm,
             device=device,
-            base_dtype=resolve_base_dtype(getattr(cfg, "base_dtype", "float32"), device),
+            base_dtype=resolve_base_dtype(getattr(cfg, "base_dtype", "auto"), device),
         )
 
     @property

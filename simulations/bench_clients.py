@@ -82,7 +82,8 @@ __all__ = ["bench_overrides", "build_rebuild_app", "main", "rebuild_train", "run
 
 # A pattern is a ClientApp and the dtype of its frozen base model: "-bf16" runs the same
 # ClientApp with run-config base-dtype = "bfloat16" (adapter, gradients and optimiser stay
-# float32). The plain rebuild is the baseline: fp32, as in Flower's examples.
+# float32), the others with "float32". The plain rebuild is the baseline: float32, as in
+# Flower's examples.
 PATTERNS = ("fedlora", "fedlora-bf16", "rebuild", "rebuild-bf16")
 DEFAULT_PATTERNS = ("fedlora", "fedlora-bf16", "rebuild")
 BASELINE = "rebuild"
@@ -94,7 +95,7 @@ def pattern_app(pattern: str) -> str:
 
 
 def pattern_overrides(pattern: str) -> dict[str, Any]:
-    return {"base-dtype": "bfloat16"} if pattern.endswith("-bf16") else {}
+    return {"base-dtype": "bfloat16" if pattern.endswith("-bf16") else "float32"}
 
 DEFAULT_NODES = (10, 100, 1000)
 DEFAULT_OUT = ROOT / "results" / "bench-clients"
@@ -172,8 +173,9 @@ def rebuild_train(msg: Message, context: Context) -> Message:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    if cfg.base_dtype != "float32":  # as fedlora's models.build_lora_model
-        cast_frozen_base(model, getattr(torch, resolve_base_dtype(cfg.base_dtype, "cpu")))
+    base_dtype = resolve_base_dtype(cfg.base_dtype, "cpu")
+    if base_dtype != "float32":  # as fedlora's models.build_lora_model
+        cast_frozen_base(model, getattr(torch, base_dtype))
     method.load(model, from_record(msg.content[LORA_KEY]), client_rank=rank)
 
     # The data: this client's partition, tokenised for this message.

@@ -31,7 +31,7 @@ def _data(tiny_model_dir, tmp_path, n=64):
 
 
 def test_key_is_validated_and_resolved(monkeypatch):
-    assert parse_run_config({}).base_dtype == "float32"
+    assert parse_run_config({}).base_dtype == "auto"
     for ok in ("auto", "float32", "bfloat16", "float16"):
         assert parse_run_config({"base-dtype": ok}).base_dtype == ok
     for bad in ("bf16", "fp32", "int8", ""):
@@ -53,7 +53,8 @@ def test_spec_from_config_carries_the_dtype():
 
     spec = runtime.model_spec(runtime.resolve_config({"base-dtype": "bfloat16"}))
     assert spec.base_dtype == "bfloat16"
-    assert spec != runtime.model_spec(runtime.resolve_config({}))  # a separate cached model
+    fp32 = runtime.model_spec(runtime.resolve_config({"base-dtype": "float32"}))
+    assert fp32.base_dtype == "float32" and spec != fp32  # a separate cached model
 
 
 @pytest.mark.parametrize("freeze_a", [False, True])
