@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ __all__ = [
     "TextDataset",
     "EncodedDataset",
     "CausalLMDataset",
-    "read_table",
+    "read_table", "read_texts",
     "split_by_group",
     "split_stratified",
     "split_within_groups",
@@ -128,6 +129,41 @@ def read_table(
         labels.append(lookup[key])
         groups.append(str(row.get(group_column, "")) if group_column else "")
     return TextDataset(texts, np.asarray(labels, dtype=np.int64), groups, tuple(label_names))
+
+
+def read_texts(path: str | Path, *, text_column: str) -> TextDataset:
+    """Read a local file of unlabelled texts for a causal language model.
+
+    A ``.txt`` file holds one example per paragraph (blocks separated by blank lines, so a
+    speech or a note keeps its line breaks); a CSV/TSV/JSONL file one example per row, in
+    ``text_column``. Raises :class:`DataError` naming the file, the column or the row at
+    fault.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    if p.suffix.lower() == ".txt":
+        try:
+            raw = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        texts = [b.strip() for b in re.split(r"\n\s*\n", raw) if b.strip()]
+        if not texts:
+            raise DataError(f"{p}: the file holds no text")
+    else:
+        rows = _read_rows(p)
+        if not rows:
+            raise DataError(f"{p}: the file holds no rows")
+        if text_column not in rows[0]:
+            raise DataError(f"{p}: no column '{text_column}' (columns: "
+                            f"{', '.join(map(str, rows[0]))}); set text-column")
+        texts = []
+        for i, row in enumerate(rows, start=1):
+            text = row.get(text_column)
+            if text is None or not str(text).strip():
+                raise DataError(f"{p}: row {i} has an empty '{text_column}'")
+            texts.append(str(text))
+    return TextDataset(texts, np.zeros(len(texts), dtype=np.int64), [""] * len(texts), ())
 
 
 def split_by_group(

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError
-from .data import (DataError, TextDataset, partition, read_table, split_by_group,
+from .data import (DataError, TextDataset, partition, read_table, read_texts,
+                   split_by_group,
                    split_stratified, split_within_groups)
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
@@ -394,14 +395,18 @@ def client_dataset(
 ) -> TextDataset:
     """The examples one client trains on.
 
-    A site with its own ``data-path`` (node-config) reads that file; a simulated
-    client takes partition ``partition_id`` of the task's pool.
+    A site with its own ``data-path`` (node-config) reads that file (labelled rows for a
+    classifier, unlabelled texts for a causal language model); a simulated client takes
+    partition ``partition_id`` of the task's pool.
     """
     if data_path:
+        task = get_task(cfg.task)
+        if task.causal_lm:  # unlabelled text: next-token targets
+            return read_texts(data_path, text_column=cfg.text_column)
         return read_table(
             data_path,
             text_column=cfg.text_column,
             label_column=cfg.label_column,
-            label_names=get_task(cfg.task).label_names(cfg),
+            label_names=task.label_names(cfg),
         )
     return load_task_data(cfg).train.subset(partition_indices(cfg, partition_id, num_partitions))

@@ -350,3 +350,51 @@ def test_one_federated_round_on_smollm2_reports_perplexity(tmp_path, smollm2_cac
     adapter = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) == set(TARGETS)
     assert adapter["task_type"] == "CAUSAL_LM"
+
+
+def test_causal_lm_site_files_are_read_as_texts(tmp_path):
+    from fedlora.data import DataError, read_texts
+
+    txt = tmp_path / "site.txt"
+    txt.write_text("Who's there?\nStand, and unfold yourself.\n\n\nLong live the king!\r\n"
+                   "\r\n  \n  He is welcome.\n")
+    assert read_texts(txt, text_column="text").texts == [
+        "Who's there?\nStand, and unfold yourself.", "Long live the king!", "He is welcome."]
+    rows = tmp_path / "site.jsonl"
+    rows.write_text(json.dumps({"line": "Peace, break thee off."}) + "\n")
+    data = read_texts(rows, text_column="line")
+    assert data.texts == ["Peace, break thee off."] and data.labels.tolist() == [0]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    for path, column, message in [(blank, "text", "holds no text"),
+                                  (rows, "text", "no column 'text'"),
+                                  (tmp_path / "none.txt", "text", "not found")]:
+        with pytest.raises(DataError, match=message):
+            read_texts(path, text_column=column)
+
+
+@pytest.mark.slow
+def test_sites_train_the_causal_lm_on_their_own_text(tiny_llama_dir, tmp_path):
+    from simulations.harness import node_config_mod, read_metrics, run_inprocess
+
+    speeches = ["Who's there?\nNay, answer me.", "Long live the king!", "He is welcome.",
+                "Look where it comes again.", "Peace, break thee off.", "It is a nipping air."]
+    txt = tmp_path / "site0.txt"
+    txt.write_text("\n\n".join(speeches) + "\n")
+    jsonl = tmp_path / "site1.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": s}) + "\n" for s in speeches))
+    blank = tmp_path / "site2.txt"
+    blank.write_text("\n\n")
+    site = {0: txt, 1: jsonl, 2: blank}
+    mod = node_config_mod(lambda pid: {"data-path": str(site[pid])})
+    overrides = {"task": "shakespeare", "model-path": str(tiny_llama_dir), "max-length": 16,
+                 "num-server-rounds": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+                 "local-steps": 2, "batch-size": 2, "max-test-examples": 8,
+                 "lora-rank": 4, "lora-alpha": 8.0,
+                 "output-dir": str(tmp_path / "results"), "run-name": "sites"}
+    run_dir = run_inprocess(overrides, num_nodes=3, mods=[mod], total_cpus=2)
+    last = read_metrics(run_dir)["rounds"][-1]
+    assert last["round"] == 1 and last["clients_accepted"] == 2
+    assert [x["reason"] for x in last["refused"]] == [
+        f"could-not-train: {blank}: the file holds no text"]
+    assert math.isfinite(last["test_perplexity"])
