@@ -48,6 +48,11 @@ ServerApp and Flower's simulation engine) and of all its descendants (Ray's proc
 the worker processes that run the ClientApps) and keeps the peak of their sum. RSS counts
 shared pages (e.g. torch's libraries) once per process; the figure compares like with like.
 
+On a GPU (``--gpus-per-client``, Flower's fractional ``client-resources-num-gpus``) the
+clients run with ``device = "cuda"``, and a thread of this process reads ``nvidia-smi``
+every sample: the GPUs' mean utilisation during the timed training exchanges and their peak
+memory are reported.
+
 Results: a table and ratios on stdout; JSON and CSV under ``results/bench-clients/``.
 """
 
@@ -127,13 +132,15 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
     from transformers.utils import logging as hf_logging
 
     from fedlora import dp, methods
     from fedlora.config import parse_run_config
-    from fedlora.data import EncodedDataset, train_val_split
-    from fedlora.models import cast_frozen_base, choose_num_threads, head_name, resolve_base_dtype
+    from fedlora.data import CausalLMDataset, EncodedDataset, train_val_split
+    from fedlora.models import (cast_frozen_base, choose_num_threads, head_name,
+                                resolve_base_dtype, resolve_device)
     from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, NodeInfo
     from fedlora.runtime import VAL_FRACTION
     from fedlora.tasks import TASKS, client_dataset, get_task
@@ -157,18 +164,23 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=len(task.label_names(cfg)), local_files_only=True)
+    if task.causal_lm:
+        base = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+        base.config.use_cache = False
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(task.label_names(cfg)), local_files_only=True)
     tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     if base.config.pad_token_id is None:
         base.config.pad_token_id = tok.pad_token_id
-    head = head_name(base)
+    head = None if task.causal_lm else head_name(base)
     model = get_peft_model(base, LoraConfig(
         r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules),
-        modules_to_save=[head] if cfg.train_head and head else None))
+        modules_to_save=[head] if cfg.train_head and head else None,
+        task_type="CAUSAL_LM" if task.causal_lm else None))
     if method.freeze_a:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
@@ -176,12 +188,14 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     base_dtype = resolve_base_dtype(cfg.base_dtype, "cpu")
     if base_dtype != "float32":  # as fedlora's models.build_lora_model
         cast_frozen_base(model, getattr(torch, base_dtype))
+    device = torch.device(resolve_device(cfg.device))  # as Flower's examples: net.to(device)
+    model.to(device)
     method.load(model, from_record(msg.content[LORA_KEY]), client_rank=rank)
 
     # The data: this client's partition, tokenised for this message.
     texts = client_dataset(cfg, partition_id=node.partition_id,
                            num_partitions=node.num_partitions, data_path=node.data_path)
-    enc = EncodedDataset(texts, tok, cfg.max_length)
+    enc = (CausalLMDataset if task.causal_lm else EncodedDataset)(texts, tok, cfg.max_length)
     train_idx, _ = train_val_split(len(enc), VAL_FRACTION, cfg.seed + pid)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + pid
@@ -216,7 +230,7 @@ def rebuild_train(msg: Message, context: Context) -> Message:
             steps += 1
             if batch["labels"].numel() == 0:  # an empty Poisson batch: nothing to learn from
                 continue
-            out = model(**batch)
+            out = model(**{k: v.to(device) for k, v in batch.items()})
             out.loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -264,6 +278,7 @@ class _TimedGrid:
 
     def send_and_receive(self, messages, *, timeout: float | None = None):
         messages = list(messages)
+        started = time.time()  # wall clock: matched against the GPU readings of the parent
         t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         seconds = time.perf_counter() - t0
@@ -280,7 +295,8 @@ class _TimedGrid:
                 client_seconds.append(float(m["train-seconds"]))
         kinds = sorted({m.metadata.message_type for m in messages})
         self._records.append({"kind": ",".join(kinds), "sent": len(messages), "ok": ok,
-                              "seconds": seconds, "client_seconds": client_seconds})
+                              "seconds": seconds, "client_seconds": client_seconds,
+                              "started": started, "ended": time.time()})
         return replies
 
 
@@ -340,7 +356,8 @@ def run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
         client_app=client_app,
         num_supernodes=num_nodes,
         backend_config={"client_resources": {"num_cpus": float(spec["cpus_per_client"]),
-                                             "num_gpus": 0.0},
+                                             "num_gpus": float(spec.get("gpus_per_client",
+                                                                        0.0))},
                         "init_args": {"include_dashboard": False,
                                       "num_cpus": int(spec["total_cpus"])}},
     )
@@ -349,15 +366,48 @@ def run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"pattern": pattern, "nodes": num_nodes, "rounds": train, "wall_seconds": wall}
 
 
-# --- measuring from outside: memory of the process tree ----------------------------------
+# --- measuring from outside: memory of the process tree, GPU use -----------------------
+
+NVIDIA_SMI_QUERY = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                    "--format=csv,noheader,nounits"]
+
+
+def parse_nvidia_smi(text: str) -> tuple[float, float] | None:
+    """(mean utilisation % over the GPUs, summed memory used MiB) from ``nvidia-smi
+    --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits``; None if
+    the output has no readable row."""
+    utils, mems = [], []
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2:
+            continue
+        try:
+            utils.append(float(parts[0]))
+            mems.append(float(parts[1]))
+        except ValueError:
+            continue
+    if not utils:
+        return None
+    return sum(utils) / len(utils), sum(mems)
+
+
+def sample_gpu() -> tuple[float, float] | None:
+    """One reading of the GPUs' utilisation and memory, or None without nvidia-smi."""
+    try:
+        out = subprocess.run(NVIDIA_SMI_QUERY, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_nvidia_smi(out.stdout) if out.returncode == 0 else None
 
 
 class TreeMemorySampler(threading.Thread):
     """Samples the summed RSS of a process and all its descendants; keeps the peaks."""
 
-    def __init__(self, pid: int, interval: float = 0.2) -> None:
+    def __init__(self, pid: int, interval: float = 0.2, gpu: bool = False) -> None:
         super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
+        self.pid, self.interval, self.gpu = pid, interval, gpu
+        self.gpu_utilisation: list[tuple[float, float]] = []  # (time.time(), %) per sample
+        self.peak_gpu_memory = 0.0  # MiB, all processes on the GPUs
         self.stop_event = threading.Event()
         self.peak_total = 0  # bytes
         self.peak_workers = 0  # the simulation's worker processes (they run the ClientApps)
@@ -398,6 +448,11 @@ class TreeMemorySampler(threading.Thread):
             self.peak_workers = max(self.peak_workers, workers)
             self.peak_driver = max(self.peak_driver, driver)
             self.max_processes = max(self.max_processes, len(procs))
+            if self.gpu:
+                reading = sample_gpu()
+                if reading is not None:
+                    self.gpu_utilisation.append((time.time(), reading[0]))
+                    self.peak_gpu_memory = max(self.peak_gpu_memory, reading[1])
             self.samples += 1
             self.stop_event.wait(self.interval)
 
@@ -416,7 +471,8 @@ def measure(spec: Mapping[str, Any], log_path: Path, interval: float) -> dict[st
            "--one-result", str(result_path)]
     with log_path.open("w") as logf:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logf, stderr=subprocess.STDOUT)
-        sampler = TreeMemorySampler(proc.pid, interval)
+        sampler = TreeMemorySampler(proc.pid, interval,
+                                    gpu=float(spec.get("gpus_per_client", 0.0)) > 0)
         sampler.start()
         try:
             rc = proc.wait()
@@ -439,10 +495,21 @@ def measure(spec: Mapping[str, Any], log_path: Path, interval: float) -> dict[st
     res.update(peak_rss_mb=sampler.peak_total / mb, peak_rss_workers_mb=sampler.peak_workers / mb,
                peak_rss_driver_mb=sampler.peak_driver / mb, max_processes=sampler.max_processes,
                memory_samples=sampler.samples,
+               gpu_utilisation_pct=_timed_utilisation(sampler.gpu_utilisation, res["rounds"][1:]),
+               peak_gpu_memory_mb=sampler.peak_gpu_memory if sampler.gpu else float("nan"),
                processes=sorted(({"pid": pid, "name": name, "peak_rss_mb": rss / mb}
                                  for pid, (name, rss) in sampler.per_process.items()),
                                 key=lambda d: -d["peak_rss_mb"]))
     return res
+
+
+def _timed_utilisation(readings: Sequence[tuple[float, float]],
+                       rounds: Sequence[Mapping[str, Any]]) -> float:
+    """Mean GPU utilisation (%) of the readings taken during the timed training exchanges
+    (NaN without readings there: no GPU, or no nvidia-smi)."""
+    inside = [u for t, u in readings
+              if any(r.get("started", 0) <= t <= r.get("ended", -1) for r in rounds)]
+    return sum(inside) / len(inside) if inside else float("nan")
 
 
 def summarise(res: Mapping[str, Any], warmup_rounds: int) -> dict[str, Any]:
@@ -469,6 +536,8 @@ def summarise(res: Mapping[str, Any], warmup_rounds: int) -> dict[str, Any]:
         "peak_rss_workers_mb": res["peak_rss_workers_mb"],
         "peak_rss_driver_mb": res["peak_rss_driver_mb"],
         "max_processes": res["max_processes"],
+        "gpu_utilisation_pct": res.get("gpu_utilisation_pct", float("nan")),
+        "peak_gpu_memory_mb": res.get("peak_gpu_memory_mb", float("nan")),
         "wall_seconds": res["wall_seconds"],
         "processes": res.get("processes", []),
     }
@@ -479,7 +548,7 @@ def summarise(res: Mapping[str, Any], warmup_rounds: int) -> dict[str, Any]:
 CSV_COLUMNS = ("dp_mode", "pattern", "nodes", "timed_updates", "timed_seconds", "updates_per_s",
                "all_updates", "all_seconds", "updates_per_s_all_rounds", "client_seconds_mean",
                "peak_rss_mb", "peak_rss_workers_mb", "peak_rss_driver_mb", "max_processes",
-               "wall_seconds")
+               "gpu_utilisation_pct", "peak_gpu_memory_mb", "wall_seconds")
 
 
 def _ratio_pairs(present: set[str]) -> list[tuple[str, str]]:
@@ -500,12 +569,19 @@ def format_report(rows: Sequence[Mapping[str, Any]], nodes: Sequence[int]) -> st
     lines = [("| dp-mode | pattern | N | updates | train time (s) | updates/s | updates/s "
               "(all rounds) | client s/update | peak RSS (MB) | workers' RSS (MB) |"),
              "|---|---|---|---|---|---|---|---|---|---|"]
+    gpu = any(not math.isnan(r.get("peak_gpu_memory_mb", float("nan"))) for r in rows)
+    if gpu:
+        lines[0] += " GPU utilisation (timed rounds) | peak GPU memory (MiB) |"
+        lines[1] += "---|---|"
     for r in rows:
-        lines.append(
-            f"| {r['dp_mode']} | {r['pattern']} | {r['nodes']} | {r['timed_updates']} | "
-            f"{r['timed_seconds']:.1f} | {r['updates_per_s']:.3f} | "
-            f"{r['updates_per_s_all_rounds']:.3f} | {r['client_seconds_mean']:.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['peak_rss_workers_mb']:.0f} |")
+        line = (f"| {r['dp_mode']} | {r['pattern']} | {r['nodes']} | {r['timed_updates']} | "
+                f"{r['timed_seconds']:.1f} | {r['updates_per_s']:.3f} | "
+                f"{r['updates_per_s_all_rounds']:.3f} | {r['client_seconds_mean']:.2f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['peak_rss_workers_mb']:.0f} |")
+        if gpu:
+            line += (f" {r.get('gpu_utilisation_pct', float('nan')):.0f}% | "
+                     f"{r.get('peak_gpu_memory_mb', float('nan')):.0f} |")
+        lines.append(line)
     by = {(r["dp_mode"], r["pattern"], r["nodes"]): r for r in rows}
     lines += ["", ("| dp-mode | N | patterns | ratio of updates/s | (all rounds) | "
                    "ratio of peak RSS |"), "|---|---|---|---|---|---|"]
@@ -576,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPUs given to the simulation (default 2)")
     ap.add_argument("--cpus-per-client", type=float, default=1.0,
                     help="CPUs per ClientApp worker (default 1: --cpus workers in parallel)")
+    ap.add_argument("--gpus-per-client", type=float, default=0.0,
+                    help="GPU share per ClientApp worker (Flower's client-resources-num-gpus; "
+                    "e.g. 0.1: ten workers per GPU). Above 0 the clients run with device "
+                    "cuda and the GPUs' utilisation during the timed rounds and peak memory "
+                    "are read with nvidia-smi (default 0: CPU only)")
     ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS),
                     help=f"which ClientApps to run, of {', '.join(PATTERNS)} (default "
                     f"{','.join(DEFAULT_PATTERNS)}); -bf16: the same ClientApp with its frozen "
@@ -627,13 +708,23 @@ def main(argv: list[str] | None = None) -> int:
     for n in nodes:
         if per_round > n:
             raise SystemExit(f"--per-round {per_round} is more than N = {n}")
+    if args.gpus_per_client < 0 or args.gpus_per_client > 1:
+        raise SystemExit(f"--gpus-per-client must be in [0, 1], got {args.gpus_per_client:g}")
+    if args.gpus_per_client > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--gpus-per-client {args.gpus_per_client:g}: torch "
+                             f"{torch.__version__} sees no GPU on this machine")
+        extra = {"device": "cuda", **extra}
 
     out: Path = args.out
     (out / "logs").mkdir(parents=True, exist_ok=True)
     print(f"bench-clients: N = {','.join(map(str, nodes))}; {per_round} clients per round x "
           f"{rounds} rounds (round 1 warm-up: {per_round * (rounds - 1)} timed updates per "
           f"configuration); per update {local_steps} steps of batch {batch_size}; dp-mode "
-          f"{' and '.join(dp_modes)}; {args.cpus} CPUs, {args.cpus_per_client:g} per client; "
+          f"{' and '.join(dp_modes)}; {args.cpus} CPUs, {args.cpus_per_client:g} per client"
+          f"{f', {args.gpus_per_client:g} GPU per client' if args.gpus_per_client else ''}; "
           f"partition = node mod {args.partitions}", flush=True)
     rows: list[dict] = []
     t_start = time.perf_counter()
@@ -645,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
                     local_steps=local_steps, batch_size=batch_size, dp_mode=dp_mode,
                     partitions=args.partitions, output_dir=str(out / "runs"), extra=extra)
                 spec = {"pattern": pattern, "nodes": n, "overrides": overrides,
-                        "total_cpus": args.cpus, "cpus_per_client": args.cpus_per_client}
+                        "total_cpus": args.cpus, "cpus_per_client": args.cpus_per_client,
+                        "gpus_per_client": args.gpus_per_client}
                 log_path = out / "logs" / f"{overrides['run-name']}.log"
                 res = measure(spec, log_path, args.sample_interval)
                 row = {"dp_mode": dp_mode, **summarise(res, warmup_rounds=1)}
@@ -665,6 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": nodes, "per_round": per_round, "rounds": rounds, "warmup_rounds": 1,
         "local_steps": local_steps, "batch_size": batch_size, "dp_modes": dp_modes,
         "partitions": args.partitions, "cpus": args.cpus, "cpus_per_client": args.cpus_per_client,
+        "gpus_per_client": args.gpus_per_client,
         "overrides": extra, "machine": {"cpu_count": os.cpu_count(),
                                         "platform": platform.platform()},
         "total_seconds": total,

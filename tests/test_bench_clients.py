@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 
@@ -57,3 +58,60 @@ def test_quick_run_reports_both_patterns(tmp_path, tiny_model_dir, capsys):
         trained = [r for r in metrics["rounds"] if r["round"] > 0]
         assert [r["clients_accepted"] for r in trained] == [2, 2]
         assert all(r["max_epsilon"] and r["max_epsilon"] > 0 for r in trained)
+
+
+def test_gpu_readings_are_parsed_and_kept_to_the_timed_rounds():
+    from simulations.bench_clients import _timed_utilisation, format_report, parse_nvidia_smi
+
+    assert parse_nvidia_smi("87, 30211\n45, 1000\n") == (66.0, 31211.0)
+    assert parse_nvidia_smi("") is None
+    assert parse_nvidia_smi("[N/A], [N/A]\nNo devices were found\n") is None
+    rounds = [{"started": 10.0, "ended": 20.0}, {"started": 30.0, "ended": 40.0}]
+    readings = [(5.0, 0.0), (12.0, 80.0), (25.0, 0.0), (35.0, 60.0), (45.0, 0.0)]
+    assert _timed_utilisation(readings, rounds) == 70.0
+    assert math.isnan(_timed_utilisation([], rounds))
+    row = {"dp_mode": "off", "pattern": "fedlora", "nodes": 100, "timed_updates": 300,
+           "timed_seconds": 10.0, "updates_per_s": 30.0, "updates_per_s_all_rounds": 25.0,
+           "client_seconds_mean": 0.5, "peak_rss_mb": 9000.0, "peak_rss_workers_mb": 8000.0,
+           "gpu_utilisation_pct": 70.0, "peak_gpu_memory_mb": 31211.0}
+    report = format_report([row], [100])
+    assert "GPU utilisation" in report and "| 70% | 31211 |" in report
+    cpu_only = format_report([{**row, "gpu_utilisation_pct": float("nan"),
+                               "peak_gpu_memory_mb": float("nan")}], [100])
+    assert "GPU" not in cpu_only
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_a_gpu_share_without_a_gpu_is_refused(tmp_path):
+    from simulations import bench_clients
+
+    with pytest.raises(SystemExit, match="--gpus-per-client 0.1: torch .* sees no GPU"):
+        bench_clients.main(["--quick", "--gpus-per-client", "0.1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="must be in \\[0, 1\\]"):
+        bench_clients.main(["--quick", "--gpus-per-client", "2", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_the_rebuild_baseline_runs_a_causal_lm(tmp_path):
+    """Both ClientApps train the shakespeare task (here on a tiny random Llama) through the
+    simulation engine, so the benchmark can compare them on a causal LM too."""
+    from simulations import bench_clients
+    from tests.test_shakespeare import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "tiny-llama")
+    out = tmp_path / "bench"
+    rc = bench_clients.main([
+        "--quick", "--nodes", "4", "--per-round", "2", "--rounds", "2", "--partitions", "4",
+        "--patterns", "fedlora,rebuild", "--dp", "off", "--out", str(out),
+        "--set", "task=shakespeare", "--set", f"model-path={json.dumps(str(model))}",
+        "--set", "max-length=16", "--set", "max-test-examples=8", "--set", "lora-rank=4",
+        "--set", "lora-alpha=8.0",
+    ])
+    assert rc == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["pattern"] for r in rows} == {"fedlora", "rebuild"}
+    for pattern in ("fedlora", "rebuild"):
+        metrics = json.loads((out / "runs" / f"{pattern}-dp-off-n4" / "metrics.json").read_text())
+        trained = [r for r in metrics["rounds"] if r["round"] > 0]
+        assert [r["clients_accepted"] for r in trained] == [2, 2]
+        assert all(math.isfinite(r["test_perplexity"]) for r in trained)

@@ -115,12 +115,15 @@ def test_one_natural_partition_per_role():
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_tiny_llama(path: Path) -> Path:
     """A 2-layer, 32-wide random Llama with MiniLM's tokenizer, saved as a local folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from fedlora.tasks import minilm_path
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
