@@ -29,6 +29,7 @@ from fedlora.protocol import (
     STATUS_KEY,
     NodeInfo,
     could_not_train,
+    identity_reply,
     with_overrides,
 )
 from fedlora.privacy import PrivacyStateError
@@ -176,6 +177,11 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def query_fn(msg: Message, context: Context) -> Message:
+    """Answer the server's identity query (no model, no data is touched)."""
+    return Message(content=identity_reply(context.node_config), reply_to=msg)
+
+
 def build_app(
     overrides: Mapping[str, Any] | None = None, mods: list | None = None
 ) -> ClientApp:
@@ -190,6 +196,10 @@ def build_app(
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         return evaluate_fn(msg, with_overrides(context, overrides))
+
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return query_fn(msg, context)
 
     return client_app
 

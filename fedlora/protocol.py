@@ -14,13 +14,14 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-__all__ = ["LORA_KEY", "CONFIG_KEY", "METRICS_KEY", "STATUS_KEY", "NodeInfo", "could_not_train",
+__all__ = ["IDENTITY_KEY", "identity_reply", "LORA_KEY", "CONFIG_KEY", "METRICS_KEY", "STATUS_KEY", "NodeInfo", "could_not_train",
            "with_overrides"]
 
 LORA_KEY = "lora"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 STATUS_KEY = "status"
+IDENTITY_KEY = "identity"  # a query reply: a simulated node's partition-id, nothing else
 STATUS_OK = "ok"
 STATUS_COULD_NOT_TRAIN = "could-not-train"
 
@@ -82,3 +83,12 @@ def with_overrides(context: Context, overrides: Mapping[str, Any] | None) -> Con
         state=context.state,
         run_config={**dict(context.run_config), **dict(overrides)},
     )
+
+
+def identity_reply(node_config: Mapping[str, Any]) -> RecordDict:
+    """What a node answers the server's identity query: its simulation ``partition-id``
+    (stable across runs, unlike Flower's node ids) when it has one, else nothing. Never
+    anything about its data."""
+    pid = node_config.get("partition-id")
+    record = {} if pid is None else {"partition-id": int(pid)}
+    return RecordDict({IDENTITY_KEY: ConfigRecord(record)})

@@ -48,6 +48,8 @@ from .strategy import AuditError, LoraStrategy
 
 log = logging.getLogger("fedlora")
 
+IDENTIFY_TIMEOUT = 120.0  # seconds the nodes get to answer the identity query
+
 PRIVACY_COLUMNS = ("round", "node", "mode", "noise_multiplier", "sample_rate", "steps",
                    "epsilon", "delta", "target_epsilon")
 
@@ -264,6 +266,9 @@ def run_federated(grid: Grid, cfg) -> Path:
     # ledger did not survive the restart charges those rounds (fedlora.dp.Ledger).
     train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
+    if first_round <= cfg.num_server_rounds:
+        # Stable sampling order across runs: nodes by their partition-id, not Flower's ids.
+        strategy.identify_nodes(grid, timeout=cfg.round_timeout or IDENTIFY_TIMEOUT)
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         t0 = time.perf_counter()
         replies = grid.send_and_receive(

@@ -20,7 +20,8 @@ from fedlora.adapters import state_digest
 from fedlora.central_dp import CentralDp
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
-from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, STATUS_OK
+from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY,
+                              STATUS_OK)
 from fedlora.wire import from_record, to_record
 
 log = logging.getLogger("fedlora.server")
@@ -113,16 +114,49 @@ class LoraStrategy(Strategy):
         self.last_outcome = RoundOutcome()
         self._global: dict[str, np.ndarray] = {}
         self._sent_train: list[Message] = []
+        self.node_keys: dict[int, int] = {}  # node id -> partition-id, from identify_nodes
 
     # -- sampling ---------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+    def identify_nodes(self, grid: Grid, timeout: float | None = None) -> int:
+        """Ask every node for its identity (a query message) and order nodes by it.
+
+        Flower's simulation gives nodes new random ids in every run; sampling positions in
+        the id order would pick other partitions each run. Nodes that tell their
+        ``partition-id`` are ordered by it, so a seeded run samples the same partitions
+        every time, and a resumed one the partitions the uninterrupted run would. Nodes that
+        do not answer (deployed sites, another ClientApp, a timeout) come after, by id.
+        Returns the number of nodes identified.
+        """
         nodes = sorted(grid.get_node_ids())
+        msgs = [Message(content=RecordDict({CONFIG_KEY: ConfigRecord({"query": "identity"})}),
+                        message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        keys: dict[int, int] = {}
+        for reply in grid.send_and_receive(msgs, timeout=timeout):
+            if reply.has_error():
+                continue
+            record = reply.content.get(IDENTITY_KEY)
+            if record is not None and "partition-id" in record:
+                keys[reply.metadata.src_node_id] = int(record["partition-id"])
+        self.node_keys = keys
+        if nodes:
+            log.info("%d of %d nodes told their partition-id: sampling follows partition ids%s",
+                     len(keys), len(nodes), "" if len(keys) == len(nodes)
+                     else " (the others after them, by node id)")
+        return len(keys)
+
+    def _ordered(self, nodes: Iterable[int]) -> list[int]:
+        """Nodes in sampling order: by partition-id where known, then by node id."""
+        keys = self.node_keys
+        return sorted(nodes, key=lambda n: (0, keys[n], n) if n in keys else (1, 0, n))
+
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        nodes = self._ordered(grid.get_node_ids())
         if not nodes:
             return []
         n = min(len(nodes), max(minimum, int(round(len(nodes) * fraction))))
         # Choose positions, not ids: node ids are uint64 and would lose bits as float/int64.
         picks = self.rng.choice(len(nodes), size=n, replace=False)
-        return sorted(nodes[int(i)] for i in picks)
+        return self._ordered(nodes[int(i)] for i in picks)
 
     def _messages(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int],
@@ -248,7 +282,7 @@ class LoraStrategy(Strategy):
     def _sample_train(self, server_round: int, grid: Grid) -> list[int]:
         if self.central is None:
             return self._sample(grid, self.fraction_train, self.min_train_nodes)
-        nodes = sorted(grid.get_node_ids())
+        nodes = self._ordered(grid.get_node_ids())
         self.central.start_round(server_round, num_nodes=len(nodes))
         return self.central.sample(nodes, self.rng)
 

@@ -250,8 +250,8 @@ def rebuild_train(msg: Message, context: Context) -> Message:
 
 def build_rebuild_app(overrides: Mapping[str, Any] | None = None,
                       mods: list | None = None) -> ClientApp:
-    """The rebuild-per-message ClientApp (train messages only; run it with
-    ``fraction-evaluate`` = 0)."""
+    """The rebuild-per-message ClientApp (train messages, and the identity query that
+    orders sampling; run it with ``fraction-evaluate`` = 0)."""
     from fedlora.protocol import with_overrides
 
     app = ClientApp(mods=mods or [])
@@ -259,6 +259,12 @@ def build_rebuild_app(overrides: Mapping[str, Any] | None = None,
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         return rebuild_train(msg, with_overrides(context, overrides))
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:  # as fedlora's: same sampling
+        from client.client_app import query_fn
+
+        return query_fn(msg, context)
 
     return app
 

@@ -4,8 +4,8 @@
     python -m simulations.compare_aggregators --rounds 2 --quick
 
 Every run uses the same seed, partitions, rounds, number of sampled clients and local
-steps (Flower gives simulated nodes new ids in every run, so which partitions are sampled
-differs between runs); the heterogeneous-rank runs give the virtual clients ranks 4, 8 and 16 in turn (global
+steps, and samples the same partitions (the server orders nodes by partition-id); the
+heterogeneous-rank runs give the virtual clients ranks 4, 8 and 16 in turn (global
 rank 8). FFA-LoRA needs one shared rank, so it has no heterogeneous row.
 """
 

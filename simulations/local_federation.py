@@ -181,13 +181,16 @@ class LocalFederation:
         self._stopped_groups |= groups
         proc.wait(timeout=10)
 
-    # SuperNode log lines that mark its progress (Flower 1.41's wording).
+    # SuperNode log lines that mark its progress (Flower 1.41's wording), in order: each is
+    # looked for after the previous one, so first-reply is the reply to the first training
+    # message (the server's identity query comes before it).
     NODE_EVENTS = {"connected": "SuperNode ID:", "first-message": "Receiving: train message",
                    "first-reply": "Sent successfully"}
 
     def watch(self) -> dict[str, dict[str, float]]:
         """Record, per SuperNode, when each of :attr:`NODE_EVENTS` first appeared in its log
-        (seconds after the process was spawned; resolution: how often this is called)."""
+        after the one before it (seconds after the process was spawned; resolution: how
+        often this is called)."""
         now = time.monotonic()
         for name in self.started_at:
             if not name.startswith("supernode"):
@@ -195,10 +198,13 @@ class LocalFederation:
             seen = self.events.setdefault(name, {})
             if len(seen) == len(self.NODE_EVENTS):
                 continue
-            text = self.log(name)
+            text, pos = self.log(name), 0
             for event, marker in self.NODE_EVENTS.items():
-                if event not in seen and marker in text:
-                    seen[event] = now - self.started_at[name]
+                found = text.find(marker, pos)
+                if found < 0:
+                    break
+                seen.setdefault(event, now - self.started_at[name])
+                pos = found + len(marker)
         return self.events
 
     def _helper_groups(self, only: subprocess.Popen | None = None) -> set[int]:
