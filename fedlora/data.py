@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +25,8 @@ __all__ = [
     "TextDataset",
     "EncodedDataset",
     "CausalLMDataset",
-    "read_table", "read_texts",
+    "read_table",
+    "read_texts",
     "split_by_group",
     "split_stratified",
     "split_within_groups",

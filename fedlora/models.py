@@ -179,7 +179,7 @@ def _keep_float32(model: nn.Module) -> set[int]:
     from peft.utils.other import ModulesToSaveWrapper
 
     keep: set[int] = set()
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             keep.update(id(p) for p in module.parameters())
     for name, param in model.named_parameters():

@@ -14,8 +14,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-__all__ = ["IDENTITY_KEY", "identity_reply", "LORA_KEY", "CONFIG_KEY", "METRICS_KEY", "STATUS_KEY", "NodeInfo", "could_not_train",
-           "with_overrides"]
+__all__ = ["LORA_KEY", "CONFIG_KEY", "METRICS_KEY", "STATUS_KEY", "IDENTITY_KEY", "NodeInfo",
+           "could_not_train", "identity_reply", "with_overrides"]
 
 LORA_KEY = "lora"
 CONFIG_KEY = "config"

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError
-from .data import (DataError, TextDataset, partition, read_table, read_texts,
-                   split_by_group,
+from .data import (DataError, TextDataset, partition, read_table, read_texts, split_by_group,
                    split_stratified, split_within_groups)
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",

@@ -138,10 +138,12 @@ class LoraStrategy(Strategy):
             if record is not None and "partition-id" in record:
                 keys[reply.metadata.src_node_id] = int(record["partition-id"])
         self.node_keys = keys
-        if nodes:
+        if keys:
             log.info("%d of %d nodes told their partition-id: sampling follows partition ids%s",
                      len(keys), len(nodes), "" if len(keys) == len(nodes)
                      else " (the others after them, by node id)")
+        elif nodes:
+            log.info("no node told a partition-id (deployed sites): sampling follows node ids")
         return len(keys)
 
     def _ordered(self, nodes: Iterable[int]) -> list[int]:
