@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +15,8 @@ from torch import nn
 
 from .data import CausalLMDataset, EncodedDataset
 
-__all__ = ["TrainResult", "EvalResult", "train", "evaluate", "trainable_parameters"]
+__all__ = ["TrainResult", "EvalResult", "train", "evaluate", "trainable_parameters",
+           "minibatches"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,18 @@ def make_optimizer(name: str, params, *, learning_rate: float, weight_decay: flo
     raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
 
 
+def minibatches(idx: np.ndarray, batch_size: int, total: int,
+                rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """``total`` mini-batches of ``idx``: consecutive slices of a permutation, reshuffled
+    (from ``rng``) each time it is used up; the last slice of a pass may be shorter."""
+    order, pos = rng.permutation(idx), 0
+    for _ in range(total):
+        if pos >= len(order):
+            order, pos = rng.permutation(idx), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
 def train(
     model: nn.Module,
     data: EncodedDataset,
@@ -113,13 +126,9 @@ def train(
     opt = make_optimizer(optimizer, params, learning_rate=learning_rate,
                          weight_decay=weight_decay)
     model.train()
-    losses, seen, order, pos = [], 0, rng.permutation(idx), 0
+    losses, seen = [], 0
     with seeded_torch(seed):
-        for _ in range(total):
-            if pos >= len(order):
-                order, pos = rng.permutation(idx), 0
-            batch_idx = order[pos : pos + batch_size]
-            pos += batch_size
+        for batch_idx in minibatches(idx, batch_size, total, rng):
             batch = _to(data.collate(batch_idx), device)
             out = model(**batch)
             out.loss.backward()
