@@ -193,7 +193,7 @@ def train_batched(
         for _ in range(steps):
             picks = [next(d) for d in draws]
             parts = [d.collate(p) for d, p in zip(data, picks)]
-            batch = _to(_concat(parts, pad_id=_pad_id(data[0])), device)
+            batch = _to(_concat(parts, pad_id=data[0].pad_id), device)
             slots.sizes = [len(p) for p in picks]
             per_client = _losses(model, batch, slots.sizes, causal[0])
             torch.stack(per_client).sum().backward()
@@ -206,10 +206,6 @@ def train_batched(
     results = [TrainResult(loss=float(np.mean(ls)) if ls else math.nan, steps=steps,
                            examples=n) for ls, n in zip(losses, seen)]
     return trained, results
-
-
-def _pad_id(data: EncodedDataset) -> int:
-    return int(getattr(data, "pad_id", 0) or 0)
 
 
 def _concat(parts: Sequence[Mapping[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -185,11 +185,11 @@ def rebuild_train(msg: Message, context: Context) -> Message:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    base_dtype = resolve_base_dtype(cfg.base_dtype, "cpu")
+    device = resolve_device(cfg.device)
+    base_dtype = resolve_base_dtype(cfg.base_dtype, device)
     if base_dtype != "float32":  # as fedlora's models.build_lora_model
         cast_frozen_base(model, getattr(torch, base_dtype))
-    device = torch.device(resolve_device(cfg.device))  # as Flower's examples: net.to(device)
-    model.to(device)
+    model.to(device)  # as Flower's examples: net.to(device)
     method.load(model, from_record(msg.content[LORA_KEY]), client_rank=rank)
 
     # The data: this client's partition, tokenised for this message.

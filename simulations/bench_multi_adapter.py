@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench-multi-adapter: task {cfg.task}, base {spec.base_dtype}, {args.steps} steps x "
           f"batch {args.batch_size} per client, {args.threads} thread(s), median of "
           f"{args.repeats}", flush=True)
-    sequential(1), batched(min(2, k_max))  # warm-up: first-call costs out of the timings
+    # Warm-up: first-call costs stay out of the timings.
+    sequential(1)
+    batched(min(2, k_max))
     rows = []
     for k in args.clients:
         seq, bat = timed(sequential, k), timed(batched, k)
