@@ -134,9 +134,18 @@ def resolve_device(requested: str) -> str:
 BASE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+#: Set to 0 to treat this CPU as one without native bfloat16 (``auto`` then resolves to
+#: float32, and tests that need a native bfloat16 base skip), e.g. to measure what a
+#: machine without AVX512-BF16/AMX would do.
+NATIVE_BF16_ENV = "FEDLORA_NATIVE_BF16"
+
+
 def _cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so that a
-    bfloat16 base model is faster than float32 rather than emulated and slower."""
+    bfloat16 base model is faster than float32 rather than emulated and slower
+    (``FEDLORA_NATIVE_BF16=0`` says no whatever the CPU)."""
+    if os.environ.get(NATIVE_BF16_ENV, "").strip() == "0":
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:

@@ -46,6 +46,9 @@ def test_key_is_validated_and_resolved(monkeypatch):
     assert resolve_base_dtype("auto", "cpu") == "bfloat16"
     monkeypatch.setattr(models, "_cpu_has_fast_bf16", lambda: False)
     assert resolve_base_dtype("auto", "cpu") == "float32"
+    monkeypatch.undo()
+    monkeypatch.setenv(models.NATIVE_BF16_ENV, "0")  # a stand-in for a CPU without it
+    assert resolve_base_dtype("auto", "cpu") == "float32"
 
 
 def test_spec_from_config_carries_the_dtype():
@@ -133,6 +136,8 @@ def test_private_training_under_bfloat16_clips_every_example(tiny_model_dir, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not models._cpu_has_fast_bf16(),
+                    reason="this CPU emulates bfloat16 (tens of times slower than float32)")
 def test_real_model_learns_with_a_bfloat16_base(tmp_path):
     """The default task (all-MiniLM-L6-v2, rotten tomatoes) in-process with a bfloat16
     base, 2 rounds: accuracy rises as it does with float32. Measured: test accuracy
