@@ -18,7 +18,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import dp, runtime
+from fedlora import privacy, runtime
+from fedlora.config import ConfigError
 from fedlora.data import DataError
 from fedlora.models import cached_lora_model
 from fedlora.protocol import (
@@ -32,8 +33,8 @@ from fedlora.protocol import (
     identity_reply,
     with_overrides,
 )
-from fedlora.privacy import PrivacyStateError
-from fedlora.training import evaluate, train, train_private
+from fedlora.privacy import BudgetExhausted, PrivacyStateError
+from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
 
 log = logging.getLogger("fedlora.client")
@@ -58,13 +59,23 @@ def _setup(msg: Message, context: Context):
 PRIVACY_STATE_KEY = "fedlora-privacy"
 
 
-def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> dp.Ledger | None:
-    plan = dp.plan_for(cfg, num_examples)
-    if plan is None:
+def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> privacy.Ledger | None:
+    """This client's privacy ledger for the run's local DP mechanism (None without one).
+
+    A deployed site (no simulation partition-id) must keep its ledger in a file: its
+    SuperNode may restart, and a ledger in memory would forget the budget it spent.
+    """
+    mechanism = privacy.client_mechanism(cfg.dp_mode)
+    if mechanism is None:
         return None
+    if node.partition_id is None and node.privacy_state_path is None:
+        raise PrivacyStateError(
+            f"dp-mode = '{cfg.dp_mode}' on a deployed site needs a persistent privacy ledger: "
+            "start the SuperNode with --node-config \"privacy-state-path='<file>'\" (its "
+            "spent budget would otherwise be forgotten when the SuperNode restarts)")
     stored = context.state.get(PRIVACY_STATE_KEY)
-    return dp.Ledger(plan, path=node.privacy_state_path,
-                     state=dict(stored) if stored is not None else None)
+    return privacy.Ledger(mechanism.plan(cfg, num_examples), path=node.privacy_state_path,
+                          state=dict(stored) if stored is not None else None)
 
 
 class SimulatedFailure(RuntimeError):
@@ -106,52 +117,76 @@ def train_fn(msg: Message, context: Context) -> Message:
         ledger = _ledger(cfg, node, context, data.num_train)
     except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
         log.error("This site could not train: %s", e)
-        return Message(content=could_not_train(str(e)), reply_to=msg)
+        return Message(content=could_not_train(_public_reason(e, context)), reply_to=msg)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     _simulate_failure(cfg, server_round, node.partition_id)
     resumed_after = int(msg.content[CONFIG_KEY].get("resumed-after", 0))
-    if (ledger is not None and ledger.fresh and resumed_after > 0
-            and node.privacy_state_path is None):
-        log.warning("The run resumed after round %d and this client's privacy ledger did not "
-                    "survive the restart (no privacy-state-path): charging those %d rounds as "
-                    "if it trained in every one", resumed_after, resumed_after)
-        ledger.charge_missed_rounds(resumed_after)
-    if ledger is not None:
-        try:
-            ledger.check()
-        except dp.BudgetExhausted as e:
-            log.warning("Not training this round: %s", e)
-            return Message(content=could_not_train(str(e), STATUS_BUDGET_EXHAUSTED,
-                                                   {"dp-" + k: v for k, v in ledger.metrics().items()
-                                                    if not isinstance(v, str)}),
-                           reply_to=msg)
-    seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)
+    seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)  # not for noise
+    if ledger is None:
+        reply, result = _train_and_release(cfg, model, data, method, None, seed)
+        metrics = {"num-examples": data.num_train, "train-loss": result.loss,
+                   "train-steps": result.steps, "train-seconds": time.perf_counter() - t0}
+        return _reply(msg, cfg, reply, metrics)
+    try:
+        # With a ledger file, the session holds its lock from the check to the spend.
+        with ledger.session():
+            if ledger.fresh and resumed_after > 0 and node.privacy_state_path is None:
+                # The rounds before the restart, and the interrupted one: its reply may have
+                # reached the server before the crash.
+                log.warning("The run resumed after round %d and this client's privacy ledger "
+                            "did not survive the restart (no privacy-state-path): charging "
+                            "%d rounds as if it trained in every one and in the interrupted "
+                            "round", resumed_after, resumed_after + 1)
+                ledger.charge_missed_rounds(resumed_after + 1)
+            try:
+                ledger.check()
+            except BudgetExhausted as e:
+                log.warning("Not training this round: %s", e)
+                return Message(content=could_not_train(
+                    str(e), STATUS_BUDGET_EXHAUSTED,
+                    {"dp-" + k: v for k, v in ledger.metrics().items() if not isinstance(v, str)}),
+                    reply_to=msg)
+            try:
+                reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed)
+            except (ArithmeticError, RuntimeError, ValueError):
+                # e.g. a diverged (non-finite) update: nothing is released, nothing spent,
+                # and the details stay here (they are about this site's data).
+                log.exception("Private training failed at this site; nothing was sent")
+                return Message(content=could_not_train(PRIVATE_FAILURE), reply_to=msg)
+            ledger.spend()  # persisted before anything leaves the site
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
+            dp_metrics = {"dp-" + k: v for k, v in ledger.metrics().items()}
+    except PrivacyStateError as e:  # another run holds the ledger, or it is unreadable
+        log.error("This site could not train: %s", e)
+        return Message(content=could_not_train(str(e)), reply_to=msg)
+    return _reply(msg, cfg, reply, {"num-examples": data.num_train,
+                                     "train-steps": result.steps, **dp_metrics})
+
+
+PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"
+
+
+def _public_reason(error: Exception, context: Context) -> str:
+    """What a site may tell the server about a failure: everything without DP; under DP only
+    configuration and ledger problems, not messages that may quote its data (a bad row)."""
+    dp_on = str(context.run_config.get("dp-mode", "off")) != "off"
+    if not dp_on or isinstance(error, (PrivacyStateError, ConfigError)):
+        return str(error)
+    return PRIVATE_FAILURE
+
+
+def _train_and_release(cfg, model, data, method, plan, seed: int):
+    """Local training by the run's client mechanism (plain training without one), then
+    what the mechanism releases of the adapter. Returns ``(reply tensors, TrainResult)``."""
+    mechanism = privacy.client_mechanism(cfg.dp_mode) or privacy.NO_LOCAL_DP
     received = method.reply(model)  # the starting point, as it would be sent back
-    common = dict(batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                  weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
-    if ledger is not None and ledger.plan.mode == "sample":
-        result = train_private(model, data.data, data.train_idx, steps=ledger.plan.steps,
-                               noise_multiplier=ledger.plan.noise_multiplier,
-                               max_grad_norm=cfg.max_grad_norm, **common)
-    else:
-        result = train(model, data.data, data.train_idx, steps=cfg.local_steps,
-                       epochs=cfg.local_epochs, **common)
-    reply = method.reply(model)
-    metrics: dict = {
-        "num-examples": data.num_train,
-        "train-loss": result.loss,
-        "train-steps": result.steps,
-    }
-    if ledger is not None:
-        if ledger.plan.mode == "update":
-            reply, norm = dp.privatize_reply(reply, received, max_norm=cfg.update_max_norm,
-                                             noise_multiplier=ledger.plan.noise_multiplier,
-                                             seed=seed + 17)
-            metrics["update-norm"] = norm
-        ledger.spend()  # persisted before anything leaves the site
-        context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
-        metrics.update({"dp-" + k: v for k, v in ledger.metrics().items()})
-    metrics["train-seconds"] = time.perf_counter() - t0
+    result = mechanism.train(model, data.data, data.train_idx, plan=plan, cfg=cfg, seed=seed)
+    return mechanism.release(method.reply(model), received, plan=plan, cfg=cfg), result
+
+
+def _reply(msg: Message, cfg, reply, metrics: dict) -> Message:
+    if cfg.dp_mode != "off":  # under any DP mode: nothing about the data outside the guarantee
+        metrics = privacy.released_metrics(metrics)
     content = RecordDict(
         {
             LORA_KEY: to_record(reply, cfg.wire_dtype),
@@ -163,7 +198,14 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 
 def evaluate_fn(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on this node's held-out examples."""
+    """Evaluate the received adapter on this node's held-out examples (never under DP: the
+    loss and accuracy on private data would leave the site un-noised)."""
+    cfg = runtime.resolve_config(context.run_config)
+    if cfg.dp_mode != "off":
+        log.warning("Not evaluating: with dp-mode = '%s' this site releases nothing about its "
+                    "data outside the privacy guarantee", cfg.dp_mode)
+        return Message(content=could_not_train(
+            f"federated evaluation is off under dp-mode = '{cfg.dp_mode}'"), reply_to=msg)
     try:
         cfg, _, model, data, _ = _setup(msg, context)
     except (DataError, FileNotFoundError, ValueError) as e:

@@ -87,8 +87,7 @@ KEYS: tuple[Key, ...] = (
     Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16",
         _choices("float32", "float16", "bfloat16"),
         help="Dtype of the adapter tensors in messages (float16/bfloat16 halve the bytes)."),
-    Key("dp-mode", str, "off", "one of off, sample, update, client, sample+client",
-        _choices("off", "sample", "update", "client", "sample+client"),
+    Key("dp-mode", str, "off", "one of the registered DP modes (see fedlora.privacy)",
         help="off; sample: DP-SGD with Opacus on each client; update: clipped, noised "
         "factor updates (DP-LoRA); client: user-level DP-FedAvg at the server (clipped "
         "updates, noised mean); sample+client: both sample and client."),
@@ -309,16 +308,9 @@ def _check_combinations(
     if cfg.svd_error_feedback and cfg.aggregator != "svd":
         raise ConfigError("svd-error-feedback", cfg.svd_error_feedback,
                           f"false unless aggregator = 'svd' (aggregator is '{cfg.aggregator}')")
-    if "sample" in cfg.dp_mode.split("+") and cfg.local_epochs > 0:
-        raise ConfigError("local-epochs", cfg.local_epochs,
-                          "0 with dp-mode = 'sample' (DP-SGD runs local-steps Poisson-sampled "
-                          "steps)")
-    if "client" in cfg.dp_mode.split("+") and cfg.aggregator not in ("fedavg", "ffa"):
-        # fedlora.central_dp: central DP noises the mean of the tensors clients send; svd's
-        # aggregate is not linear in them and stack releases every client's own factors.
-        raise ConfigError("aggregator", cfg.aggregator,
-                          f"fedavg or ffa with dp-mode = '{cfg.dp_mode}' (user-level DP noises "
-                          "a mean of the sent tensors)")
+    from .privacy import check_dp_config  # each DP mechanism owns its checks
+
+    check_dp_config(cfg)
     task_check = getattr((known_tasks or {}).get(cfg.task), "check_config", None)
     if task_check is not None:
         task_check(cfg)

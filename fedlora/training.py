@@ -198,6 +198,20 @@ def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,
                       perplexity=math.exp(min(loss, 700.0)))
 
 
+def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of each example, averaged over that example's own tokens.
+
+    ``logits``: (batch, width, vocab); ``labels``: (batch, width), -100 on padding.
+    Returns (batch,). An example with no predicted token has loss 0.
+    """
+    logits = logits[:, :-1].float()  # (batch, width - 1, vocab): predicts token t + 1
+    target = labels[:, 1:]  # (batch, width - 1)
+    tokens = nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+                                         reduction="none")  # (batch, width - 1)
+    counts = (target != -100).sum(dim=1).clamp(min=1)
+    return tokens.sum(dim=1) / counts
+
+
 def train_private(
     model: nn.Module,
     data: EncodedDataset,
@@ -219,21 +233,31 @@ def train_private(
     clips every per-example gradient to ``max_grad_norm`` and adds Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` (Opacus' DPOptimizer). Frozen base weights get no
     gradient at all. Accounting is the caller's: ``steps`` steps at rate ``q``.
+
+    The Poisson masks and the noise come from OS entropy (the noise generator on the
+    parameters' device), never from ``seed``: whoever knows the run-config must not be able
+    to regenerate them. ``seed`` only fixes dropout. An empty Poisson batch still takes a
+    step of pure noise, so that nothing reveals that the batch was empty. A causal LM's loss
+    is a mean per example over its own tokens, then over the batch, so that one example's
+    gradient is one clipped term however long it is.
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
+
+    from .privacy.entropy import private_numpy_rng, private_torch_generator
 
     idx = np.asarray(indices, dtype=np.int64)
     n = len(idx)
     if n == 0:
         raise ValueError("no training examples")
     q = min(1.0, batch_size / n)
-    rng = np.random.default_rng(seed)
+    rng = private_numpy_rng()
     params = trainable_parameters(model)
     device = model_device(model)
+    causal_lm = isinstance(data, CausalLMDataset)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
                            force_functorch=grad_sample_mode == "functorch")
-    noise_gen = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
+    noise_gen = private_torch_generator(device)
     opt = DPOptimizer(
         make_optimizer(optimizer, params, learning_rate=learning_rate,
                        weight_decay=weight_decay),
@@ -251,17 +275,25 @@ def train_private(
         for _ in range(steps):
             batch_idx = idx[rng.random(n) < q]  # Poisson sampling: each example with prob q
             if len(batch_idx) == 0:
-                # An empty Poisson batch releases only noise; the step is still accounted.
+                # An empty Poisson batch: no gradient, but the step's noise is still added.
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
                 continue
             batch = _to(data.collate(batch_idx), device)
-            out = gsm(**batch)
+            if causal_lm:
+                labels = batch.pop("labels")
+                loss = per_example_lm_loss(gsm(**batch).logits, labels).mean()
+            else:
+                loss = gsm(**batch).loss  # cross-entropy: already a mean of per-example losses
             with warnings.catch_warnings():
                 # Opacus' hooks on a model whose inputs need no grad: expected, harmless.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                out.loss.backward()
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
+            losses.append(loss.item())
             seen += len(batch_idx)
     finally:
         scope.close()

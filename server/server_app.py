@@ -24,7 +24,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import runtime
+from fedlora import privacy, runtime
 from fedlora.adapters import adapter_state, analytic_bytes, factor_layout, load_adapter_state
 from fedlora.checkpoint import (
     Checkpoint,
@@ -36,7 +36,6 @@ from fedlora.checkpoint import (
 )
 from fedlora.comms import COLUMNS as COMMS_COLUMNS
 from fedlora.comms import CommsLedger
-from fedlora.central_dp import CentralDp
 from fedlora.config import ConfigError, check_paths
 from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
@@ -191,8 +190,17 @@ def run_federated(grid: Grid, cfg) -> Path:
         foreign_keys=cfg.foreign_keys,
         max_update_norm=cfg.max_update_norm,
         max_num_examples=cfg.max_num_examples,
-        central=CentralDp.from_config(cfg),
+        central=privacy.server_hook(cfg),
+        noise_norm_allowance=privacy.reply_norm_allowance(cfg, method.payload(state)),
+        dp_on=cfg.dp_mode != "off",
     )
+    for mechanism in privacy.parse_dp_mode(cfg.dp_mode):
+        log.info("dp-mode '%s' protects: %s", mechanism.name, mechanism.neighbouring)
+    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off"
+    if cfg.fraction_evaluate > 0 and not fed_eval:
+        log.info("federated evaluation is off under dp-mode = '%s': the sites' validation "
+                 "loss and accuracy would leave them un-noised (the centralised test set "
+                 "is evaluated as usual)", cfg.dp_mode)
     strategy.summary()
     arrays: ArrayRecord = to_record(state, cfg.wire_dtype)
 
@@ -263,7 +271,7 @@ def run_federated(grid: Grid, cfg) -> Path:
         log.info("%s already finished all %d rounds; nothing to do", run_dir,
                  cfg.num_server_rounds)
     # A resumed run tells clients after which round it resumed: a client whose privacy
-    # ledger did not survive the restart charges those rounds (fedlora.dp.Ledger).
+    # ledger did not survive the restart charges those rounds (fedlora.privacy.Ledger).
     train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
     if first_round <= cfg.num_server_rounds:
@@ -281,7 +289,7 @@ def run_federated(grid: Grid, cfg) -> Path:
         if new_arrays is not None:
             arrays = new_arrays
         fed = None
-        if cfg.fraction_evaluate > 0:
+        if fed_eval:
             ev_replies = grid.send_and_receive(
                 messages=strategy.configure_evaluate(rnd, arrays, train_config, grid),
                 timeout=timeout)
@@ -310,8 +318,10 @@ def run_federated(grid: Grid, cfg) -> Path:
             "clients_dropped": len(outcome.dropped),
             "max_epsilon": max(spent) if spent else None,
             "max_update_norm": max(outcome.update_norms) if outcome.update_norms else None,
-            "refused": [{"node": n, "reason": r} for n, r in outcome.refused],
-            "dropped": [{"node": n, "reason": r} for n, r in outcome.dropped],
+            "refused": [{"node": strategy.public_node(n), "reason": r}
+                        for n, r in outcome.refused],
+            "dropped": [{"node": strategy.public_node(n), "reason": r}
+                        for n, r in outcome.dropped],
             "bytes_up": totals["up"],
             "bytes_down": totals["down"],
             "round_seconds": time.perf_counter() - t0,
@@ -321,9 +331,11 @@ def run_federated(grid: Grid, cfg) -> Path:
             row["test_perplexity"] = res.perplexity if res else None
             row["fed_eval_perplexity"] = _perplexity(fed.get("eval-loss")) if fed else None
         rows.append(row)
+        # The checkpoint (with the round's privacy spend) first: a crash after it resumes
+        # after this round, so no round is ever released twice on one charge.
+        write_checkpoint(rnd)
         save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
         write_results()
-        write_checkpoint(rnd)
         log.info(
             "[round %d/%d] train loss %s | test loss %s, accuracy %s%s | fed-eval accuracy %s | "
             "clients %d/%d (%d refused, %d dropped)%s | up %s B, down %s B | %.1f s",

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.adapters import state_digest
-from fedlora.central_dp import CentralDp
+from fedlora.privacy import CentralDp, released_metrics
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
 from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY,
@@ -25,7 +25,6 @@ from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, S
 from fedlora.wire import from_record, to_record
 
 log = logging.getLogger("fedlora.server")
-
 
 
 class AuditError(RuntimeError):
@@ -66,9 +65,14 @@ class LoraStrategy(Strategy):
         Seeds node sampling, so a run is reproducible.
     ledger : CommsLedger, optional
         Records the bytes of every message.
-    central : fedlora.central_dp.CentralDp, optional
+    central : fedlora.privacy.CentralDp, optional
         User-level DP (``dp-mode = client``): Poisson sampling of training nodes, clipped
         updates, a noised mean and the server's accountant replace the method's aggregate.
+        The server then neither refuses nor records replies by their update norm: clipping
+        bounds each client's effect, and a norm would be released un-noised.
+    noise_norm_allowance : float
+        Added to ``max_update_norm`` where clients noise their own updates (``dp-mode =
+        update``): the norm that noise alone is expected not to exceed.
     """
 
     def __init__(
@@ -86,6 +90,8 @@ class LoraStrategy(Strategy):
         max_update_norm: float = 0.0,
         max_num_examples: int = 10_000_000,
         central: CentralDp | None = None,
+        noise_norm_allowance: float = 0.0,
+        dp_on: bool = False,
     ) -> None:
         if not 0 < fraction_train <= 1:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -101,6 +107,7 @@ class LoraStrategy(Strategy):
         if max_update_norm < 0:
             raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
         self.max_update_norm = float(max_update_norm)
+        self.noise_norm_allowance = float(noise_norm_allowance)
         self.max_num_examples = int(max_num_examples)
         # What may ever leave a client: LoRA factors and the head tensors this run trains.
         self.allowed_keys = frozenset(template)
@@ -111,6 +118,9 @@ class LoraStrategy(Strategy):
         self.rng = np.random.default_rng(seed)
         self.ledger = ledger
         self.central = central
+        # User-level DP: who took part is what amplification by sampling keeps secret, so
+        # outputs name no node (node 0 stands for all). Any DP: keep only released metrics.
+        self.hide_nodes, self.dp_on = central is not None, dp_on or central is not None
         self.last_outcome = RoundOutcome()
         self._global: dict[str, np.ndarray] = {}
         self._sent_train: list[Message] = []
@@ -170,7 +180,7 @@ class LoraStrategy(Strategy):
         msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
         if self.ledger is not None:
             for n in nodes:
-                self.ledger.record(server_round, n, "down", kind, arrays)
+                self.ledger.record(server_round, self.public_node(n), "down", kind, arrays)
         return msgs
 
     # -- Strategy API -----------------------------------------------------------------
@@ -218,10 +228,15 @@ class LoraStrategy(Strategy):
             if not np.isfinite(a).all():
                 raise ValueError(f"array '{k}' has non-finite values")
         rank = self.method.check_reply(state, self.template)  # ReplyShapeError: a ValueError
+        if self.central is not None:  # user-level DP: clipped at release, norms stay unseen
+            return state, int(n)
         norm = self.method.update_norm(state, self._global, rank=rank)
-        if self.max_update_norm > 0 and norm > self.max_update_norm:
+        bound = self.max_update_norm + self.noise_norm_allowance
+        if self.max_update_norm > 0 and norm > bound:
             raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm "
-                             f"{self.max_update_norm:g}")
+                             f"{self.max_update_norm:g}"
+                             + (f" plus the noise allowance {self.noise_norm_allowance:.4g}"
+                                if self.noise_norm_allowance else ""))
         self.last_outcome.update_norms.append(norm)
         return state, int(n)
 
@@ -238,11 +253,11 @@ class LoraStrategy(Strategy):
                 self._dropped(server_round, self._error_node(msg), _short(msg.error.reason))
                 continue
             if self.ledger is not None and LORA_KEY in msg.content:
-                self.ledger.record(server_round, node, "up", MessageType.TRAIN,
+                self.ledger.record(server_round, self.public_node(node), "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
             m = None if msg.has_error() else msg.content.get(METRICS_KEY)
             if m is not None and "dp-epsilon" in m:
-                outcome.privacy.append((node, {k[3:]: v for k, v in m.items()
+                outcome.privacy.append((self.public_node(node), {k[3:]: v for k, v in m.items()
                                                if k.startswith("dp-")}))
             try:
                 state, n = self._check_reply(msg)
@@ -252,12 +267,14 @@ class LoraStrategy(Strategy):
                 raise
             except ValueError as e:
                 outcome.refused.append((node, str(e)))
-                log.warning("round %d: refused reply from node %d: %s", server_round, node, e)
+                log.warning("round %d: refused reply from %s: %s", server_round, self._who(node),
+                            e)
                 continue
             outcome.accepted.append(node)
             states.append(state)
             weights.append(n)
-            metrics.append(msg.content[METRICS_KEY])
+            m = msg.content[METRICS_KEY]
+            metrics.append(MetricRecord(released_metrics(m)) if self.dp_on else m)
         answered = {n for n, _ in outcome.dropped} | set(outcome.accepted) | \
             {n for n, _ in outcome.refused}
         for node in outcome.sampled_nodes:
@@ -286,28 +303,26 @@ class LoraStrategy(Strategy):
             return self._sample(grid, self.fraction_train, self.min_train_nodes)
         nodes = self._ordered(grid.get_node_ids())
         self.central.start_round(server_round, num_nodes=len(nodes))
-        return self.central.sample(nodes, self.rng)
+        return self.central.sample(nodes)  # Poisson coins from OS entropy
 
     def _release(self, server_round: int, states: list, weights: list[int], metrics: list
                  ) -> tuple[ArrayRecord, MetricRecord | None]:
         """User-level DP: every round releases clipped updates plus noise, whatever the
-        number of valid replies (min-train-nodes does not apply; see fedlora.central_dp)."""
+        number of valid replies (min-train-nodes does not apply; see
+        fedlora.privacy.user_level)."""
         outcome = self.last_outcome
         if self.central.local_mode:  # the clients' own (record-level) ledgers
             for _, p in outcome.privacy:
                 p.setdefault("mode", self.central.local_mode)
-        merged, _ = self.central.release(server_round, self._global, states, self.method)
+        merged = self.central.release(server_round, self._global, states, self.method)
         outcome.privacy.append(("server", self.central.metrics()))
         return (to_record(merged, self.wire_dtype),
                 weighted_metrics(metrics, weights) if metrics else None)
 
     def _error_node(self, msg: Message) -> int:
-        """The node an error reply stands for.
-
-        Errors made by the SuperLink (node unavailable, reply expired) come from the
-        SuperLink itself, not from the node: map them back through the instruction they
-        reply to (the Grid gave each sent message its id in place).
-        """
+        """The node an error reply stands for: errors made by the SuperLink (node
+        unavailable, reply expired) come from the SuperLink itself; map them back through
+        the instruction they reply to (the Grid gave each sent message its id in place)."""
         node = int(msg.metadata.src_node_id)
         if node in self.last_outcome.sampled_nodes:
             return node
@@ -316,7 +331,15 @@ class LoraStrategy(Strategy):
 
     def _dropped(self, server_round: int, node: int, reason: str) -> None:
         self.last_outcome.dropped.append((node, reason))
-        log.warning("round %d: node %d dropped out of the round: %s", server_round, node, reason)
+        log.warning("round %d: %s dropped out of the round: %s", server_round, self._who(node),
+                    reason)
+
+    def public_node(self, node: int) -> int:
+        """The node id as outputs show it: 0 for every node under user-level DP."""
+        return 0 if self.hide_nodes else int(node)
+
+    def _who(self, node: int) -> str:
+        return "a node" if self.hide_nodes else f"node {node}"
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

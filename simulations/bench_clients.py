@@ -136,7 +136,7 @@ def rebuild_train(msg: Message, context: Context) -> Message:
                               AutoTokenizer)
     from transformers.utils import logging as hf_logging
 
-    from fedlora import dp, methods
+    from fedlora import methods, privacy
     from fedlora.config import parse_run_config
     from fedlora.data import CausalLMDataset, EncodedDataset, train_val_split
     from fedlora.models import (cast_frozen_base, choose_num_threads, head_name,
@@ -203,7 +203,9 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     # padded to its longest row, as in fedlora's client.
     loader = DataLoader([(int(i),) for i in train_idx], batch_size=cfg.batch_size, shuffle=True,
                         collate_fn=lambda items: enc.collate([int(i) for (i,) in items]),
-                        generator=torch.Generator().manual_seed(seed))
+                        # DP-SGD's Poisson masks come from this generator: OS entropy then
+                        generator=(privacy.private_torch_generator() if cfg.dp_mode == "sample"
+                                   else torch.Generator().manual_seed(seed)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     metrics: dict[str, Any] = {"num-examples": len(train_idx)}
@@ -211,11 +213,12 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     if cfg.dp_mode == "sample":
         from opacus import PrivacyEngine
 
-        plan = dp.plan_for(cfg, len(train_idx))  # same noise multiplier as fedlora's client
+        plan = privacy.plan_for(cfg, len(train_idx))  # same noise multiplier as fedlora's client
         engine = PrivacyEngine(accountant=cfg.accountant)
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm)
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            noise_generator=privacy.private_torch_generator(device))
         metrics.update({"dp-noise-multiplier": plan.noise_multiplier,
                         "dp-sample-rate": 1.0 / len(loader), "dp-delta": cfg.target_delta})
 
@@ -331,6 +334,18 @@ def bench_overrides(*, pattern: str, num_nodes: int, per_round: int, rounds: int
     return out
 
 
+def _client_timing_mod(msg, context, call_next):
+    """Time each ClientApp call in its worker and put it in the reply as ``train-seconds``:
+    the same measurement for both patterns (a private fedlora site itself releases no
+    timing; in this benchmark the sites are simulated)."""
+    t0 = time.perf_counter()
+    reply = call_next(msg, context)
+    metrics = None if reply.has_error() else reply.content.get("metrics")
+    if metrics is not None:
+        metrics["train-seconds"] = time.perf_counter() - t0
+    return reply
+
+
 def run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Run one (pattern, N) configuration in this process; returns its timings."""
     from flwr.serverapp import Grid, ServerApp
@@ -353,7 +368,7 @@ def run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
         server_main(_TimedGrid(grid, records), with_overrides(context, overrides))
 
     # Virtual node i trains on partition i mod P: the same data per client for every N.
-    mods = [node_config_mod(lambda pid: {"partition-id": pid % partitions})]
+    mods = [node_config_mod(lambda pid: {"partition-id": pid % partitions}), _client_timing_mod]
     client_app = (fedlora_client_app(overrides, mods=mods) if pattern_app(pattern) == "fedlora"
                   else build_rebuild_app(overrides, mods=mods))
     t0 = time.perf_counter()

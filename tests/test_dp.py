@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora import dp, privacy
+from fedlora import privacy
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.data import EncodedDataset, read_table
@@ -18,6 +18,7 @@ from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.training import train_private
 
 from .conftest import write_reviews
+from .test_dp_attacks import identity, site  # noqa: F401  (fixtures)
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
 
 
@@ -46,47 +47,52 @@ def test_update_noise_has_the_calibrated_scale():
                 "m.lora_B.weight": rng.normal(size=(300, 8)).astype(np.float32)}
     step = {k: v + 1e-3 * rng.normal(size=v.shape).astype(np.float32) for k, v in received.items()}
     sigma, c = 1.7, 0.5
-    noised, norm = dp.privatize_reply(step, received, max_norm=c, noise_multiplier=sigma, seed=3)
-    assert norm < c  # small update: not clipped, so noised - clean is pure noise
+    noised = privacy.privatize_reply(step, received, max_norm=c, noise_multiplier=sigma)
+    # small update (norm < c): not clipped, so noised - clean is pure noise of std sigma * 2c
     diff = np.concatenate([(noised[k].astype(np.float64) - step[k]).ravel() for k in step])
-    n = diff.size
-    se = sigma * c / np.sqrt(2 * (n - 1))  # standard error of the sample std
-    assert abs(diff.std() - sigma * c) < 4 * se
-    assert abs(diff.mean()) < 4 * sigma * c / np.sqrt(n)
+    n, std = diff.size, sigma * 2 * c
+    se = std / np.sqrt(2 * (n - 1))  # standard error of the sample std
+    assert abs(diff.std() - std) < 4 * se
+    assert abs(diff.mean()) < 4 * std / np.sqrt(n)
 
 
 def test_calibrated_plan_ends_at_or_just_under_the_target():
     cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 2.0, "num-server-rounds": 5,
                             "local-steps": 10, "batch-size": 32})
-    plan = dp.plan_for(cfg, 500)
-    ledger = dp.Ledger(plan, path=None, state=None)
+    plan = privacy.plan_for(cfg, 500)
+    ledger = privacy.Ledger(plan, path=None, state=None)
     eps = []
-    for _ in range(cfg.num_server_rounds):
-        ledger.check()
-        eps.append(ledger.spend())
-    assert eps == sorted(eps) and 0.97 * 2.0 < eps[-1] <= 2.0
-    independent = privacy.epsilon_dp_accounting(noise_multiplier=plan.noise_multiplier,
-                                                sample_rate=32 / 500, steps=50, delta=1e-5)
-    assert eps[-1] == pytest.approx(independent, rel=0.01)
-    with pytest.raises(dp.BudgetExhausted, match="budget exhausted"):
-        ledger.check()
+    with ledger.session():
+        for _ in range(cfg.num_server_rounds):
+            ledger.check()
+            eps.append(ledger.spend())
+        assert eps == sorted(eps) and 0.97 * 2.0 < eps[-1] <= 2.0
+        independent = privacy.epsilon_dp_accounting(noise_multiplier=plan.noise_multiplier,
+                                                    sample_rate=32 / 500, steps=50, delta=1e-5)
+        assert eps[-1] == pytest.approx(independent, rel=0.01)
+        with pytest.raises(privacy.BudgetExhausted, match="budget exhausted"):
+            ledger.check()
 
 
 def test_ledger_file_survives_a_restart_and_a_lost_file(tmp_path):
     cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 3.0, "num-server-rounds": 3})
-    plan = dp.plan_for(cfg, 400)
+    plan = privacy.plan_for(cfg, 400)
     path = tmp_path / "site" / "privacy.json"
     path.parent.mkdir()
-    first = dp.Ledger(plan, path=str(path), state=None)
-    first.spend()
-    spent = first.spend()
-    again = dp.Ledger(plan, path=str(path), state=None)  # a restarted site
-    assert again.epsilon() == pytest.approx(spent) and again.epsilon() > 0
+    def ledger():
+        return privacy.Ledger(plan, path=str(path), state=None)
+
+    with ledger().session() as first:
+        first.spend()
+        spent = first.spend()
+    with ledger().session() as again:  # a restarted site
+        assert again.epsilon() == pytest.approx(spent) and again.epsilon() > 0
     path.write_text("{ truncated")  # a damaged ledger falls back to its backup, never to zero
-    assert dp.Ledger(plan, path=str(path), state=None).epsilon() > 0
+    with ledger().session() as restored:
+        assert restored.epsilon() > 0
     path.with_name(path.name + ".bak").write_text("garbage")
-    with pytest.raises(privacy.PrivacyStateError):
-        dp.Ledger(plan, path=str(path), state=None)
+    with pytest.raises(privacy.PrivacyStateError), ledger().session():
+        pass
 
 
 @pytest.mark.parametrize("key,value", [("target-epsilon", 0.0), ("target-epsilon", -1),
@@ -101,7 +107,7 @@ def test_bad_privacy_settings_fail_before_round_one(key, value):
 def test_delta_must_be_below_one_over_n():
     cfg = parse_run_config({"dp-mode": "sample", "target-delta": 0.01})
     with pytest.raises(ValueError, match="target-delta"):
-        dp.plan_for(cfg, 200)
+        privacy.plan_for(cfg, 200)
 
 
 def _privacy_rows(run_dir: Path) -> list[dict]:
@@ -139,34 +145,85 @@ def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tm
 def test_calibrated_sigma_is_remembered_across_processes_and_checked(tmp_path, monkeypatch):
     import json
 
-    from fedlora import dp, privacy
+    from fedlora import privacy
+    from fedlora.privacy import mechanisms
 
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
     args = (3.0, 1e-5, 0.04, 60, "rdp")
-    dp._calibrate.cache_clear()
-    sigma = dp._calibrate(*args)
-    stored = json.loads((tmp_path / dp.SIGMA_CACHE_FILE).read_text())
+    mechanisms.calibrated_sigma.cache_clear()
+    sigma = mechanisms.calibrated_sigma(*args)
+    stored = json.loads((tmp_path / mechanisms.SIGMA_CACHE_FILE).read_text())
     assert list(stored.values()) == [sigma]
 
     # Another process (a fresh in-process cache) reads the file instead of calibrating.
     def no_calibration(**_):
         raise AssertionError("calibrated again although the value was remembered")
 
-    dp._calibrate.cache_clear()
-    monkeypatch.setattr(privacy, "calibrate_noise_multiplier", no_calibration)
-    assert dp._calibrate(*args) == sigma
+    mechanisms.calibrated_sigma.cache_clear()
+    monkeypatch.setattr(privacy.accounting, "calibrate_noise_multiplier", no_calibration)
+    assert mechanisms.calibrated_sigma(*args) == sigma
 
     # A remembered value that would overspend the budget is not trusted.
     key = next(iter(stored))
-    (tmp_path / dp.SIGMA_CACHE_FILE).write_text(json.dumps({key: sigma / 3}))
+    (tmp_path / mechanisms.SIGMA_CACHE_FILE).write_text(json.dumps({key: sigma / 3}))
     monkeypatch.undo()
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
-    dp._calibrate.cache_clear()
-    assert dp._calibrate(*args) == pytest.approx(sigma)
-    eps = privacy.epsilon_of_history([(dp._calibrate(*args), 0.04, 60)], delta=1e-5)
+    mechanisms.calibrated_sigma.cache_clear()
+    assert mechanisms.calibrated_sigma(*args) == pytest.approx(sigma)
+    eps = privacy.epsilon_of_history([(mechanisms.calibrated_sigma(*args), 0.04, 60)], delta=1e-5)
     assert eps <= 3.0
     # A damaged file is ignored.
-    (tmp_path / dp.SIGMA_CACHE_FILE).write_text("{not json")
-    dp._calibrate.cache_clear()
-    assert dp._calibrate(*args) == pytest.approx(sigma)
-    dp._calibrate.cache_clear()
+    (tmp_path / mechanisms.SIGMA_CACHE_FILE).write_text("{not json")
+    mechanisms.calibrated_sigma.cache_clear()
+    assert mechanisms.calibrated_sigma(*args) == pytest.approx(sigma)
+    mechanisms.calibrated_sigma.cache_clear()
+
+
+def test_a_client_whose_ledger_did_not_survive_a_restart_charges_the_rounds_before(
+        identity, site):  # noqa: F811
+    """A resumed simulation starts clients with empty context.state: a client charges the
+    rounds before the restart, and the interrupted one, as if it had trained in every one
+    (never restarts at zero)."""
+    from fedlora.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY
+
+    from .test_dp_attacks import _run_site, _train_message
+
+    run_config = dict(site, **{"dp-mode": "sample"})
+    msg = _train_message(run_config, server_round=3)
+    msg.content[CONFIG_KEY]["resumed-after"] = 2
+    reply = _run_site(run_config, {"partition-id": 0, "num-partitions": 2}, msg)
+    assert reply.content[STATUS_KEY]["status"] == "ok"
+    metrics = reply.content[METRICS_KEY]
+    plan = privacy.plan_for(parse_run_config(run_config), int(metrics["num-examples"]))
+    # rounds 1 and 2 and the interrupted round 3 charged, then round 3 spent
+    assert metrics["dp-steps"] == 4 * plan.steps
+    assert metrics["dp-epsilon"] == pytest.approx(privacy.compute_epsilon(
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
+        steps=4 * plan.steps, delta=plan.delta))
+
+
+def test_a_later_run_can_neither_raise_a_sites_budget_nor_find_it_forgotten(tmp_path):
+    path = tmp_path / "site" / "privacy.json"
+
+    def ledger(eps: float, delta: float = 1e-5, state=None):
+        cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": eps,
+                                "target-delta": delta, "num-server-rounds": 2})
+        return privacy.Ledger(privacy.plan_for(cfg, 400), path=str(path), state=state)
+
+    with ledger(1.0).session() as first:
+        for _ in range(2):
+            first.check()
+            first.spend()
+        record = first.record()
+    with ledger(8.0).session() as later:  # asks for more: the site's own cap stays
+        assert later.cap() == 1.0
+        with pytest.raises(privacy.BudgetExhausted):
+            later.check()
+    with pytest.raises(privacy.PrivacyStateError, match="delta"), ledger(8.0, 1e-6).session():
+        pass
+    # The file and its backup vanish while this run's state still holds a spend: refuse.
+    path.unlink()
+    path.with_name(path.name + ".bak").unlink(missing_ok=True)
+    with pytest.raises(privacy.PrivacyStateError, match="gone"), \
+            ledger(1.0, state=record).session():
+        pass

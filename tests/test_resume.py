@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -179,8 +178,7 @@ def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
 def test_stopped_run_resumes_from_its_last_round(custom_task, tmp_path):  # noqa: F811
     base = dict(custom_task, **{"num-server-rounds": 3, "fraction-train": 1.0,
                                 "fraction-evaluate": 0.0, "lora-dropout": 0.0,
-                                "aggregator": "stack", "dp-mode": "sample",
-                                "target-epsilon": 8.0, "target-delta": 1e-3})
+                                "aggregator": "stack"})
     # The reference: the same run, uninterrupted.
     ref = run_inprocess(dict(base, **{"run-name": "whole"}), num_nodes=4, total_cpus=2)
 
@@ -237,13 +235,8 @@ def test_stopped_run_resumes_from_its_last_round(custom_task, tmp_path):  # noqa
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert read_metrics(ref)["rounds"][3]["test_accuracy"] == \
         metrics["rounds"][3]["test_accuracy"]
-    # Privacy: the clients' ledgers (in context.state) did not survive the restart; each
-    # charged round 1 as if it had trained then (it had), so the epsilon reported for every
-    # round equals the uninterrupted run's.
-    def eps(run: Path) -> list[tuple[str, float]]:
-        rows = list(csv.DictReader((run / "privacy.csv").open()))
-        return sorted((r["round"], round(float(r["epsilon"]), 9)) for r in rows)
-    assert eps(ref) == eps(run_dir) and len(eps(ref)) == 12
+    # (A private run cannot end bit-identical: its noise is fresh in every run. That its
+    # clients charge the rounds before a restart is tested in test_dp.py.)
 
     # Resuming a finished run does nothing more; resuming under another model config fails.
     run_inprocess(dict(overrides, resume=True), num_nodes=4, total_cpus=2)

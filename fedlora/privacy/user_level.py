@@ -6,8 +6,8 @@ calibrated noise multiplier (McMahan et al. 2018, "Learning differentially priva
 recurrent language models", fixed-denominator estimator):
 
 1. every connected node is sampled independently with probability ``q`` (Poisson
-   sampling: what Opacus' analysis of the subsampled Gaussian assumes), so the number of
-   clients varies from round to round and may be zero;
+   sampling: what Opacus' analysis of the subsampled Gaussian assumes; the coins come from
+   OS entropy), so the number of clients varies from round to round and may be zero;
 2. each accepted reply is brought to the global layout and its update
    ``delta_k = reply_k - global`` (over the tensors the method sends: every tensor for
    fedavg, B and the head for ffa) is clipped to L2 norm ``C`` by the server, so a client
@@ -21,10 +21,16 @@ by a server-side accountant (:class:`fedlora.privacy.ClientAccountant`, RDP or P
 ``accountant``). A refused, failed or budget-exhausted reply adds zero, which keeps the
 sensitivity, so no reply count has to match. ``sigma`` is calibrated before round 1 so
 that ``num-server-rounds`` releases end at or just under ``target-epsilon`` at
-``target-delta``, and ``target-delta`` must be below ``1/N``. Noise is drawn from a
-generator seeded by ``(seed, round)``: a run is reproducible and a resumed round redraws
-the same noise. Training and evaluation metrics are not part of the guarantee (the
-server is trusted with them, as in Flower's wrappers).
+``target-delta``, and ``target-delta`` must be below ``1/N``.
+
+Neighbouring relation and adversary: add or remove one client (all it contributes over
+the run). The server is trusted with the replies; the guarantee holds against whoever
+sees what the server releases: the adapters, the log, ``metrics.json`` and the report.
+So the noise comes from OS entropy (never from ``seed``, which every holder of the
+run-config knows; a resumed round draws fresh noise, never the same noise twice), and
+nothing data-dependent about single clients is released: no update norms, no count of
+clipped updates, no client-reported training loss or evaluation metrics
+(:func:`fedlora.privacy.released_metrics`).
 
 Relation to Flower. The clipping (FlatClip of ``reply - current``) and the noise on the
 aggregate are those of ``flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping``
@@ -36,8 +42,7 @@ fedlora validates a reply, so a malformed reply stops the round instead of being
 (c) its noise std divides by a fixed ``num_sampled_clients`` while the wrapped aggregate is
 a mean over the replies that pass validation, so one refused reply would leave too little
 noise for the sensitivity ``C / K_accepted``; (d) its noise comes from the global
-``np.random`` (not reproducible from ``seed``) and lands on every array, FFA's frozen
-``A`` included; (e) its optional accountant supports only ``FedAvg.aggregate_train``
+``np.random`` and lands on every array, FFA's frozen ``A`` included; (e) its optional accountant supports only ``FedAvg.aggregate_train``
 without sampling amplification, where the issue asks for Opacus' RDP/PRV accountants.
 The client-side ``fixedclipping_mod`` has the same stype limit and a client could skip it,
 so clipping stays on the server.
@@ -65,33 +70,24 @@ from typing import Any
 
 import numpy as np
 
-from . import privacy
-from .config import ConfigError
-from .dp import BudgetExhausted
-from .methods import Method, refit_state, state_rank
+from ..config import ConfigError
+from ..methods import Method, refit_state, state_rank
+from .accountant import ClientAccountant, PrivacyStateError
+from .entropy import private_numpy_rng
+from .gaussian import clip_update, gaussian_noise_like
+from .ledger import BudgetExhausted
+from .mechanisms import (
+    ServerMechanism,
+    calibrated_sigma,
+    check_privacy_params,
+    client_mechanism,
+    register,
+)
 
-__all__ = ["CLIENT_DP_AGGREGATORS", "CLIENT_DP_MODES", "CentralDp", "check_population",
-           "clip_and_sum", "is_client_mode", "local_mode", "noise_std", "private_mean_update"]
+__all__ = ["CentralDp", "UserLevel", "check_population", "clip_and_sum", "noise_std",
+           "private_mean_update"]
 
 log = logging.getLogger(__name__)
-
-#: Aggregators whose aggregate is the (unweighted) mean of the tensors clients send.
-CLIENT_DP_AGGREGATORS: tuple[str, ...] = ("fedavg", "ffa")
-#: ``dp-mode`` values that include central user-level DP.
-CLIENT_DP_MODES: tuple[str, ...] = ("client", "sample+client")
-#: Mixed into the noise seed so that it never coincides with another seeded stream.
-_NOISE_STREAM = 0x5DCE
-
-
-def is_client_mode(dp_mode: str) -> bool:
-    """True if ``dp-mode`` asks for central user-level DP at the server."""
-    return "client" in privacy.parse_dp_mode(dp_mode)
-
-
-def local_mode(dp_mode: str) -> str | None:
-    """The part of ``dp-mode`` that runs on the clients (``sample``, ``update``) or None."""
-    local = sorted(privacy.parse_dp_mode(dp_mode) - {"client"})
-    return "+".join(local) if local else None
 
 
 def check_population(*, target_delta: float, num_clients: int) -> None:
@@ -114,36 +110,34 @@ def noise_std(*, noise_multiplier: float, clip: float, denominator: float) -> fl
 
 
 def clip_and_sum(updates: Sequence[Mapping[str, np.ndarray]], template: Mapping[str, np.ndarray],
-                 *, clip: float) -> tuple[dict[str, np.ndarray], list[float]]:
-    """``sum_k clip(delta_k)`` in float64 over ``template``'s keys, and each update's norm
-    before clipping. Each update is clipped as one vector (L2 over all its tensors)."""
+                 *, clip: float) -> dict[str, np.ndarray]:
+    """``sum_k clip(delta_k)`` in float64 over ``template``'s keys. Each update is clipped as
+    one vector (L2 over all its tensors); the norms before clipping are not kept."""
     total = {k: np.zeros(np.shape(v), dtype=np.float64) for k, v in template.items()}
-    norms = []
     for delta in updates:
         missing = sorted(set(template) - set(delta))
         if missing:
             raise ValueError(f"update lacks tensor(s) {missing[:3]}")
-        clipped, norm = privacy.clip_update(
-            {k: np.asarray(delta[k], dtype=np.float64) for k in template}, clip)
+        clipped, _ = clip_update({k: np.asarray(delta[k], dtype=np.float64) for k in template},
+                                 clip)
         for k in total:
             total[k] += clipped[k]
-        norms.append(norm)
-    return total, norms
+    return total
 
 
 def private_mean_update(updates: Sequence[Mapping[str, np.ndarray]],
                         template: Mapping[str, np.ndarray], *, clip: float,
                         noise_multiplier: float, denominator: float,
-                        rng: np.random.Generator) -> tuple[dict[str, np.ndarray], list[float]]:
-    """``(sum_k clip(delta_k) + N(0, (sigma C)^2 I)) / W``: the DP-FedAvg release (float64),
-    and the updates' norms before clipping. ``template`` gives the released keys/shapes."""
+                        rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """``(sum_k clip(delta_k) + N(0, (sigma C)^2 I)) / W``: the DP-FedAvg release (float64).
+    ``template`` gives the released keys/shapes; ``rng`` defaults to a fresh generator from
+    OS entropy (pass one only to test the statistics)."""
     if not denominator > 0:
         raise ValueError(f"denominator must be > 0, got {denominator!r}")
-    total, norms = clip_and_sum(updates, template, clip=clip)
-    noise = privacy.gaussian_noise_like(
-        {k: np.zeros(v.shape, dtype=np.float64) for k, v in total.items()},
-        noise_multiplier * clip, rng)
-    return {k: (total[k] + noise[k]) / denominator for k in total}, norms
+    total = clip_and_sum(updates, template, clip=clip)
+    noise = gaussian_noise_like(total, noise_multiplier * clip,
+                                rng if rng is not None else private_numpy_rng())
+    return {k: (total[k] + noise[k]) / denominator for k in total}
 
 
 class CentralDp:
@@ -157,7 +151,7 @@ class CentralDp:
 
     def __init__(self, *, noise_multiplier: float, clip: float, sample_rate: float,
                  target_epsilon: float, delta: float, accountant: str = "rdp",
-                 num_rounds: int, seed: int = 0, local_mode: str | None = None) -> None:
+                 num_rounds: int, local_mode: str | None = None) -> None:
         if not clip > 0:
             raise ValueError(f"clip must be > 0, got {clip!r}")
         self.noise_multiplier = float(noise_multiplier)
@@ -166,35 +160,26 @@ class CentralDp:
         self.target_epsilon = float(target_epsilon)
         self.delta = float(delta)
         self.num_rounds = int(num_rounds)
-        self.seed = int(seed)
         self.local_mode = local_mode
-        self.accountant = privacy.ClientAccountant(accountant, target_epsilon=target_epsilon,
+        self.accountant = ClientAccountant(accountant, target_epsilon=target_epsilon,
                                                    target_delta=delta)
         self.population: int | None = None
         self.denominator: float | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> CentralDp | None:
+    def from_config(cls, cfg: Any) -> CentralDp:
         """The plan of a run-config, calibrated for ``num-server-rounds`` releases at
-        ``q = fraction-train``; None unless ``dp-mode`` includes ``client``."""
-        if not is_client_mode(cfg.dp_mode):
-            return None
-        if cfg.aggregator not in CLIENT_DP_AGGREGATORS:
-            raise ConfigError("aggregator", cfg.aggregator,
-                              f"one of {', '.join(CLIENT_DP_AGGREGATORS)} with dp-mode = "
-                              f"'{cfg.dp_mode}'")
-        privacy.check_privacy_params(target_epsilon=cfg.target_epsilon,
-                                     target_delta=cfg.target_delta,
-                                     max_grad_norm=cfg.max_grad_norm, mode=cfg.dp_mode)
-        sigma = privacy.calibrate_noise_multiplier(
-            target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-            sample_rate=cfg.fraction_train, steps=cfg.num_server_rounds,
-            accountant=cfg.accountant)
+        ``q = fraction-train``."""
+        UserLevel().check_config(cfg)
+        check_privacy_params(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                             max_grad_norm=cfg.max_grad_norm, mode=cfg.dp_mode)
+        sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, cfg.fraction_train,
+                                 cfg.num_server_rounds, cfg.accountant)
         out = cls(noise_multiplier=sigma, clip=cfg.update_max_norm,
                   sample_rate=cfg.fraction_train, target_epsilon=cfg.target_epsilon,
                   delta=cfg.target_delta, accountant=cfg.accountant,
-                  num_rounds=cfg.num_server_rounds, seed=cfg.seed,
-                  local_mode=local_mode(cfg.dp_mode))
+                  num_rounds=cfg.num_server_rounds,
+                  local_mode=getattr(client_mechanism(cfg.dp_mode), "name", None))
         log.info("user-level DP: noise multiplier %.4f calibrated for %d rounds at q = %g "
                  "(epsilon %g, delta %g, %s accountant), clipping norm %g", sigma,
                  cfg.num_server_rounds, cfg.fraction_train, cfg.target_epsilon,
@@ -204,7 +189,7 @@ class CentralDp:
     # -- rounds ------------------------------------------------------------------------
     def start_round(self, server_round: int, *, num_nodes: int) -> None:
         """Fix the population on the first call (delta check, ``W = q N``), then refuse a
-        round whose release would exceed the budget (:class:`fedlora.dp.BudgetExhausted`)."""
+        round whose release would exceed the budget (:class:`fedlora.privacy.BudgetExhausted`)."""
         if self.population is None:
             check_population(target_delta=self.delta, num_clients=num_nodes)
             self.population = int(num_nodes)
@@ -224,16 +209,18 @@ class CentralDp:
                 f"above {self.target_epsilon} (spent {self.epsilon():.4f} at delta {self.delta} "
                 f"after {self.accountant.total_steps} releases)")
 
-    def sample(self, nodes: Sequence[int], rng: np.random.Generator) -> list[int]:
-        """Each node independently with probability ``q`` (Poisson sampling)."""
+    def sample(self, nodes: Sequence[int], rng: np.random.Generator | None = None) -> list[int]:
+        """Each node independently with probability ``q`` (Poisson sampling); the coins come
+        from OS entropy unless a test passes ``rng``."""
+        rng = rng if rng is not None else private_numpy_rng()
         picks = rng.random(len(nodes)) < self.sample_rate
         return sorted(int(n) for n, keep in zip(nodes, picks) if keep)
 
     def release(self, server_round: int, global_state: Mapping[str, np.ndarray],
-                replies: Sequence[Mapping[str, np.ndarray]], method: Method
-                ) -> tuple[dict[str, np.ndarray], list[float]]:
-        """The new global adapter from the accepted replies (each clipped, the mean noised)
-        and one recorded accountant step; also returns the updates' norms before clipping.
+                replies: Sequence[Mapping[str, np.ndarray]], method: Method,
+                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        """The new global adapter from the accepted replies (each clipped, the mean noised,
+        the noise from OS entropy unless a test passes ``rng``) and one accountant step.
 
         Only the tensors ``method`` sends are released; the others (FFA's frozen ``A``)
         stay as they are.
@@ -250,21 +237,19 @@ class CentralDp:
                                     to_scale=method.scale)
             updates.append({k: np.asarray(reply[k], dtype=np.float64) - template[k]
                             for k in template})
-        rng = np.random.default_rng([self.seed, _NOISE_STREAM, int(server_round)])
-        mean, norms = private_mean_update(updates, template, clip=self.clip,
-                                          noise_multiplier=self.noise_multiplier,
-                                          denominator=self.denominator, rng=rng)
+        mean = private_mean_update(updates, template, clip=self.clip,
+                                   noise_multiplier=self.noise_multiplier,
+                                   denominator=self.denominator, rng=rng)
         out = {k: np.asarray(v, dtype=np.float32) for k, v in global_state.items()}
         for k, d in mean.items():
             out[k] = (template[k] + d).astype(np.float32)
         self.accountant.step(noise_multiplier=self.noise_multiplier,
                              sample_rate=self.sample_rate, num_steps=1)
-        clipped = sum(n > self.clip for n in norms)
-        log.info("round %d: user-level DP release of %d update(s) (%d clipped to %g), noise "
-                 "std %.3g; epsilon %.4f", server_round, len(updates), clipped, self.clip,
+        log.info("round %d: user-level DP release, noise std %.3g on the mean update; "
+                 "epsilon %.4f", server_round,
                  noise_std(noise_multiplier=self.noise_multiplier, clip=self.clip,
                            denominator=self.denominator), self.epsilon())
-        return out, norms
+        return out
 
     # -- reporting and state ---------------------------------------------------------
     def epsilon(self) -> float:
@@ -289,13 +274,28 @@ class CentralDp:
         """Restore :meth:`state_dict` output; refuses none at all, one from a different
         plan, and one that forgets recorded releases (spent budget is never reset)."""
         if not isinstance(state, Mapping):
-            raise privacy.PrivacyStateError(
+            raise PrivacyStateError(
                 "no user-level privacy ledger to restore; refusing to start from zero spent "
                 "budget")
         for key in ("noise_multiplier", "sample_rate", "clip"):
             if not math.isclose(float(state[key]), getattr(self, key), rel_tol=1e-12):
-                raise privacy.PrivacyStateError(
+                raise PrivacyStateError(
                     f"checkpoint has {key} {state[key]!r}, this run {getattr(self, key)!r}")
         self.accountant.load_state_dict(state["accountant"])
         self.population = None if state["population"] is None else int(state["population"])
         self.denominator = None if state["denominator"] is None else float(state["denominator"])
+
+
+@register
+class UserLevel(ServerMechanism):
+    name = "client"
+    neighbouring = ("add or remove one client, with all it contributes over the run "
+                    "(user-level); against whoever sees what the server releases (the server "
+                    "itself is trusted with the replies)")
+    aggregators = ("fedavg", "ffa")
+    aggregator_reason = ("user-level DP noises the mean of the sent tensors; svd's aggregate "
+                         "is not linear in them and stack releases every client's own factors")
+    accepts_local = ("sample",)
+
+    def server_hook(self, cfg: Any) -> CentralDp:
+        return CentralDp.from_config(cfg)

@@ -1,0 +1,113 @@
+"""Differential privacy in fedlora: accounting, ledgers and the DP mechanisms.
+
+Layout (one concept per module):
+
+* :mod:`~fedlora.privacy.accounting`: pure epsilon math over a history of subsampled
+  Gaussian steps (RDP, PRV), calibration of the noise multiplier.
+* :mod:`~fedlora.privacy.accountant`: a privacy unit's spent budget (``ClientAccountant``).
+* :mod:`~fedlora.privacy.ledger`: where a ledger lives (a site's file, under an exclusive
+  lock, with a backup; or Flower's ``context.state``) and the client's round ledger.
+* :mod:`~fedlora.privacy.entropy`: the generators every guarantee rests on (OS entropy).
+* :mod:`~fedlora.privacy.gaussian`: clipping and Gaussian noise for whole updates.
+* :mod:`~fedlora.privacy.mechanisms`: the registry of mechanisms, ``dp-mode`` parsing,
+  privacy run-config checks and the client's plan.
+* One module per mechanism, registered by name: :mod:`~fedlora.privacy.sample_level`
+  (``sample``, DP-SGD), :mod:`~fedlora.privacy.update_level` (``update``, DP-LoRA update
+  noise), :mod:`~fedlora.privacy.user_level` (``client``, user-level DP-FedAvg).
+
+What a site releases under a DP mode is listed in :data:`RELEASED_TRAIN_METRICS`; the
+server drops anything else a client reports (:func:`released_metrics`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .accountant import (
+    STATE_VERSION,
+    ClientAccountant,
+    PrivacyStateError,
+    from_record_dict,
+    to_record_dict,
+)
+from .accounting import (
+    ACCOUNTANTS,
+    PRV_EPS_ERROR,
+    RDP_ORDERS,
+    calibrate_noise_multiplier,
+    compute_epsilon,
+    epsilon_dp_accounting,
+    epsilon_of_history,
+    planned_steps,
+)
+from .entropy import private_numpy_rng, private_torch_generator
+from .gaussian import clip_update, gaussian_noise_like, global_norm
+from .ledger import BudgetExhausted, Ledger, LedgerBusy, exclusive, load_state, save_state
+from .mechanisms import (
+    NO_LOCAL_DP,
+    ClientMechanism,
+    DpPlan,
+    Mechanism,
+    PrivacyConfigError,
+    ServerMechanism,
+    calibrated_sigma,
+    check_dp_config,
+    check_privacy_params,
+    client_mechanism,
+    dp_mode_choices,
+    get_mechanism,
+    parse_dp_mode,
+    server_mechanism,
+)
+
+# The mechanisms: importing a module registers it (one line per mechanism).
+from . import sample_level as _sample_level  # noqa: E402,F401  isort: skip
+from . import update_level as _update_level  # noqa: E402,F401  isort: skip
+from . import user_level as _user_level  # noqa: E402,F401  isort: skip
+from .update_level import privatize_reply, update_noise_std  # noqa: E402  isort: skip
+from .user_level import CentralDp  # noqa: E402  isort: skip
+
+__all__ = [
+    "ACCOUNTANTS", "NO_LOCAL_DP", "PRV_EPS_ERROR", "RDP_ORDERS", "RELEASED_TRAIN_METRICS", "STATE_VERSION",
+    "BudgetExhausted", "CentralDp", "ClientAccountant", "ClientMechanism", "DpPlan", "Ledger",
+    "LedgerBusy", "Mechanism", "PrivacyConfigError", "PrivacyStateError", "ServerMechanism",
+    "calibrate_noise_multiplier", "calibrated_sigma", "check_dp_config", "check_privacy_params",
+    "client_mechanism", "clip_update", "compute_epsilon", "dp_mode_choices",
+    "epsilon_dp_accounting", "epsilon_of_history", "exclusive", "from_record_dict",
+    "gaussian_noise_like", "get_mechanism", "global_norm", "load_state", "parse_dp_mode",
+    "plan_for", "planned_steps", "private_numpy_rng", "private_torch_generator",
+    "privatize_reply", "released_metrics", "reply_norm_allowance", "save_state", "server_hook", "server_mechanism",
+    "to_record_dict", "update_noise_std",
+]
+
+#: What a client's training reply may carry under any DP mode, besides the (noised)
+#: adapter: ``num-examples`` (treated as public: it is the denominator of q and of the
+#: weighted mean), ``train-steps`` (the configured local steps) and the ``dp-*`` accounting
+#: values (functions of the plan and of the rounds taken part in, not of the data).
+RELEASED_TRAIN_METRICS: frozenset[str] = frozenset({"num-examples", "train-steps"})
+
+
+def released_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a client's metrics that may leave a site (or the server) under DP."""
+    return {k: v for k, v in metrics.items()
+            if k in RELEASED_TRAIN_METRICS or k.startswith("dp-")}
+
+
+def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:
+    """The client's plan under ``cfg.dp_mode`` (None when no mechanism runs on clients)."""
+    mechanism = client_mechanism(cfg.dp_mode)
+    return None if mechanism is None else mechanism.plan(cfg, num_examples)
+
+
+def reply_norm_allowance(cfg: Any, payload: Mapping[str, Any]) -> float:
+    """What the server adds to ``max-update-norm`` for replies noised by their sender."""
+    mechanism = client_mechanism(cfg.dp_mode)
+    entries = sum(int(getattr(a, "size", 0)) for a in payload.values())
+    return 0.0 if mechanism is None else mechanism.reply_norm_allowance(cfg, entries)
+
+
+def server_hook(cfg: Any) -> Any:
+    """The server mechanism's release object (:class:`CentralDp`), or None."""
+    mechanism = server_mechanism(cfg.dp_mode)
+    return None if mechanism is None else mechanism.server_hook(cfg)

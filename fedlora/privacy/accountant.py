@@ -1,0 +1,210 @@
+"""A privacy unit's spent budget: :class:`ClientAccountant`, over an Opacus accountant.
+
+Steps can only be added, so epsilon never decreases; :meth:`ClientAccountant.load_state_dict`
+refuses a state that would forget recorded steps. Files live in :mod:`fedlora.privacy.ledger`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from .accounting import (
+    History,
+    _canonical,
+    _check_count,
+    _check_delta,
+    _check_mechanism,
+    _check_rate,
+    _check_sigma,
+    _extends,
+    _real,
+    epsilon_of_history,
+)
+
+__all__ = ["EXCEED_RTOL", "STATE_VERSION", "ClientAccountant", "PrivacyStateError",
+           "from_record_dict", "to_record_dict"]
+
+#: Version of :meth:`ClientAccountant.state_dict`; bump when the accounting changes.
+STATE_VERSION = 1
+#: Relative slack of :meth:`ClientAccountant.would_exceed` (floating-point noise only).
+EXCEED_RTOL = 1e-9
+
+
+class PrivacyStateError(RuntimeError):
+    """A privacy ledger cannot be read or would lose spent budget."""
+
+
+class ClientAccountant:
+    """One client's privacy ledger across rounds, over an Opacus accountant.
+
+    Holds the Opacus history ``[(noise_multiplier, sample_rate, num_steps), ...]``
+    (consecutive equal (sigma, q) merged) and reports :func:`epsilon_of_history` of it.
+    Steps can only be added, so epsilon never decreases.
+    """
+
+    def __init__(self, mechanism: str = "rdp", *, target_epsilon: float | None = None,
+                 target_delta: float | None = None) -> None:
+        self._accountant = RDPAccountant() if _check_mechanism(mechanism) == "rdp" \
+            else PRVAccountant()
+        self.target_epsilon = _optional_target(target_epsilon, "target_epsilon")
+        self.target_delta = None if target_delta is None else _check_delta(target_delta)
+
+    @property
+    def mechanism(self) -> str:
+        """``"rdp"`` or ``"prv"``."""
+        return self._accountant.mechanism()
+
+    @property
+    def history(self) -> History:
+        """A copy of the history, ``[(noise_multiplier, sample_rate, num_steps), ...]``."""
+        return list(self._accountant.history)
+
+    @property
+    def total_steps(self) -> int:
+        """Number of mechanism steps recorded."""
+        return sum(n for _, _, n in self._accountant.history)
+
+    def __len__(self) -> int:
+        return self.total_steps
+
+    def __repr__(self) -> str:
+        return (f"ClientAccountant({self.mechanism!r}, steps={self.total_steps}, "
+                f"history={self._accountant.history!r})")
+
+    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
+        """Record ``num_steps`` steps of the subsampled Gaussian at (sigma, q)."""
+        entry = (_check_sigma(noise_multiplier), _check_rate(sample_rate),
+                 _check_count(num_steps, minimum=0))
+        if entry[2] == 0:
+            return
+        self._accountant.history = _canonical([*self._accountant.history, entry])
+
+    def epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at ``delta`` (default: the target delta)."""
+        return epsilon_of_history(self._accountant.history, delta=self._delta(delta),
+                                  accountant=self.mechanism)
+
+    def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
+                      delta: float | None = None) -> float:
+        """Epsilon if ``num_steps`` more steps at (sigma, q) were recorded (nothing is recorded)."""
+        extra = (_check_sigma(noise_multiplier), _check_rate(sample_rate),
+                 _check_count(num_steps, minimum=0))
+        history = list(self._accountant.history) + ([extra] if extra[2] else [])
+        return epsilon_of_history(history, delta=self._delta(delta), accountant=self.mechanism)
+
+    def would_exceed(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
+                     target_epsilon: float | None = None, delta: float | None = None) -> bool:
+        """True if epsilon after those steps would be above ``target_epsilon`` (+ float slack).
+
+        ``target_epsilon`` and ``delta`` default to the accountant's targets.
+        """
+        target = self.target_epsilon if target_epsilon is None else \
+            _optional_target(target_epsilon, "target_epsilon")
+        if target is None:
+            raise ValueError("would_exceed needs target_epsilon (none given or stored)")
+        after = self.epsilon_after(noise_multiplier=noise_multiplier, sample_rate=sample_rate,
+                                   num_steps=num_steps, delta=delta)
+        return after > target * (1 + EXCEED_RTOL) + EXCEED_RTOL
+
+    def _delta(self, delta: float | None) -> float:
+        if delta is None:
+            if self.target_delta is None:
+                raise ValueError("delta is required (no target_delta stored)")
+            return self.target_delta
+        return _check_delta(delta)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state: version, mechanism, history (lists), targets (or None)."""
+        return {
+            "version": STATE_VERSION,
+            "mechanism": self.mechanism,
+            "history": [[float(s), float(q), int(n)] for s, q, n in self._accountant.history],
+            "target_epsilon": self.target_epsilon,
+            "target_delta": self.target_delta,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load :meth:`state_dict` output; a used ledger only accepts a state that extends it.
+
+        Raises :class:`PrivacyStateError` for a malformed state, an unknown version or one
+        that would forget recorded steps.
+        """
+        other = ClientAccountant.from_state_dict(state)
+        if not _extends(self._accountant.history, other._accountant.history):
+            raise PrivacyStateError(
+                "state would forget recorded privacy steps: "
+                f"{self._accountant.history!r} -> {other._accountant.history!r}")
+        self._accountant = other._accountant
+        self.target_epsilon, self.target_delta = other.target_epsilon, other.target_delta
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> ClientAccountant:
+        """A new accountant from :meth:`state_dict` output (validated)."""
+        try:
+            if not isinstance(state, Mapping):
+                raise ValueError(f"state must be a mapping, got {type(state).__name__}")
+            version = state.get("version")
+            if isinstance(version, bool) or version != STATE_VERSION:
+                raise ValueError(f"unsupported state version {version!r} "
+                                 f"(this code reads {STATE_VERSION})")
+            history = state.get("history")
+            if not isinstance(history, (list, tuple)):
+                raise ValueError(f"history must be a list, got {history!r}")
+            out = cls(state.get("mechanism"), target_epsilon=state.get("target_epsilon"),
+                      target_delta=state.get("target_delta"))
+            out._accountant.history = _canonical(history)
+        except (ValueError, TypeError) as exc:
+            raise PrivacyStateError(f"invalid privacy state: {exc}") from exc
+        return out
+
+
+def _optional_target(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    out = _real(value)
+    if out is None or out <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
+    return out
+
+
+def to_record_dict(accountant: ClientAccountant) -> dict[str, str | float | int]:
+    """Flat ``str -> str/float/int`` form (for a Flower ConfigRecord); history as JSON text.
+
+    Targets that are not set are left out.
+    """
+    state = accountant.state_dict()
+    out: dict[str, str | float | int] = {
+        "version": state["version"],
+        "mechanism": state["mechanism"],
+        "history": json.dumps(state["history"]),
+        "total_steps": accountant.total_steps,
+    }
+    for key in ("target_epsilon", "target_delta"):
+        if state[key] is not None:
+            out[key] = float(state[key])
+    return out
+
+
+def from_record_dict(record: Mapping[str, Any]) -> ClientAccountant:
+    """Inverse of :func:`to_record_dict`; raises :class:`PrivacyStateError` if malformed."""
+    try:
+        history = json.loads(record["history"])
+        state = {
+            "version": record["version"],
+            "mechanism": record["mechanism"],
+            "history": history,
+            "target_epsilon": record.get("target_epsilon"),
+            "target_delta": record.get("target_delta"),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PrivacyStateError(f"invalid privacy record: {exc!r}") from exc
+    out = ClientAccountant.from_state_dict(state)
+    steps = record.get("total_steps")
+    if steps is not None and steps != out.total_steps:
+        raise PrivacyStateError(f"privacy record says {steps!r} steps, its history has "
+                                f"{out.total_steps}")
+    return out

@@ -1,0 +1,291 @@
+"""A privacy unit's ledger where it lives, and the client's ledger across rounds.
+
+Persistence never forgets spent budget: :func:`save_state` writes atomically and keeps the
+previous ledger as ``<path>.bak``; :func:`load_state` falls back to it and raises
+:class:`PrivacyStateError` rather than ever returning a fresh (zero-spend) accountant.
+
+A site's ledger file is held under an exclusive lock (:func:`exclusive`) from the budget
+check until the spend is saved: a second run that shares the file is refused instead of
+spending the same budget at the same time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..results import atomic_write_bytes
+from .accountant import ClientAccountant, PrivacyStateError, from_record_dict, to_record_dict
+from .accounting import _extends
+
+__all__ = ["BudgetExhausted", "Ledger", "LedgerBusy", "exclusive", "load_state", "save_state"]
+
+logger = logging.getLogger(__name__)
+
+_LEDGER_FORMAT = "fedlora-privacy-ledger"
+
+
+class BudgetExhausted(RuntimeError):
+    """The next release would spend more than the privacy budget."""
+
+
+class LedgerBusy(PrivacyStateError):
+    """Another process holds this ledger file (a second run on the same site's budget)."""
+
+
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive, non-blocking lock on ``<path>.lock`` or raise :class:`LedgerBusy`.
+
+    The lock is the kernel's (``flock``): it is released when the holder exits or dies, so a
+    crashed run never leaves a site locked out.
+    """
+    import fcntl
+
+    lock_path = Path(path).with_name(Path(path).name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LedgerBusy(f"privacy ledger {path} is in use by another run on this site; "
+                             "two runs may not spend one budget at once") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _bak(path: Path) -> Path:
+    return path.with_name(path.name + ".bak")
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    text = json.dumps(state, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _encode(accountant: ClientAccountant) -> bytes:
+    state = accountant.state_dict()
+    doc = {"format": _LEDGER_FORMAT, "sha256": _state_digest(state), "state": state}
+    return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8")
+
+
+def _decode(data: bytes) -> ClientAccountant:
+    """Parse a ledger file's bytes; raises PrivacyStateError if anything is off."""
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise PrivacyStateError(f"not a readable ledger ({exc})") from exc
+    if not isinstance(doc, dict) or doc.get("format") != _LEDGER_FORMAT:
+        raise PrivacyStateError("not a privacy ledger (wrong or missing format tag)")
+    state = doc.get("state")
+    try:
+        digest = _state_digest(state)
+    except (TypeError, ValueError) as exc:
+        raise PrivacyStateError(f"ledger state not serialisable ({exc})") from exc
+    if digest != doc.get("sha256"):
+        raise PrivacyStateError("ledger checksum mismatch (corrupted)")
+    return ClientAccountant.from_state_dict(state)
+
+
+def _read(path: Path) -> ClientAccountant:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise PrivacyStateError(f"cannot read {path}: {exc}") from exc
+    try:
+        return _decode(data)
+    except PrivacyStateError as exc:
+        raise PrivacyStateError(f"{path}: {exc}") from exc
+
+
+def load_state(path: str | os.PathLike[str]) -> ClientAccountant | None:
+    """The ledger at ``path``, else its ``.bak``; None only if neither file exists.
+
+    A corrupt or truncated ledger falls back to ``<path>.bak`` (with a warning: the backup
+    can lack the steps of the last save). If neither is usable, raises
+    :class:`PrivacyStateError`: a lost ledger must never reset the spent budget to zero.
+    """
+    path = Path(path)
+    bak = _bak(path)
+    if not path.exists() and not bak.exists():
+        return None
+    errors = []
+    if path.exists():
+        try:
+            return _read(path)
+        except PrivacyStateError as exc:
+            errors.append(str(exc))
+            logger.warning("privacy ledger unusable: %s; trying %s", exc, bak)
+    else:
+        errors.append(f"{path}: missing")
+        logger.warning("privacy ledger %s missing; trying %s", path, bak)
+    if bak.exists():
+        try:
+            out = _read(bak)
+        except PrivacyStateError as exc:
+            errors.append(str(exc))
+        else:
+            logger.warning("privacy ledger restored from %s (%d steps); the last save may be "
+                           "missing from it", bak, out.total_steps)
+            return out
+    else:
+        errors.append(f"{bak}: missing")
+    raise PrivacyStateError("no usable privacy ledger, refusing to start from zero spent budget: "
+                            + "; ".join(errors))
+
+
+def save_state(path: str | os.PathLike[str], accountant: ClientAccountant, *,
+               allow_rewind: bool = False) -> None:
+    """Write the ledger atomically; the previous ledger is kept as ``<path>.bak``.
+
+    Temp file in the same folder, fsync, ``os.replace``. A previous ledger is copied to
+    ``.bak`` (atomically too) only if it is valid, so a good backup is never replaced by a
+    corrupt file. Unless ``allow_rewind``, refuses (:class:`PrivacyStateError`) to write a
+    history that does not extend the stored one, or to overwrite unreadable ledgers.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not allow_rewind:
+        stored = load_state(path)
+        if stored is not None and not _extends(stored.history, accountant.history):
+            raise PrivacyStateError(
+                f"refusing to save a ledger to {path} that forgets spent steps: stored "
+                f"{stored.history!r}, new {accountant.history!r}")
+    data = _encode(accountant)
+    previous: bytes | None = None
+    if path.exists():
+        try:
+            previous = path.read_bytes()
+            _decode(previous)
+        except (OSError, PrivacyStateError) as exc:
+            logger.warning("not backing up unusable ledger %s (%s); keeping %s", path, exc,
+                           _bak(path))
+            previous = None
+    if previous is not None:
+        atomic_write_bytes(_bak(path), previous)
+    atomic_write_bytes(path, data)
+
+
+class Ledger:
+    """A client's accountant for one private round, loaded from and saved to where it lives.
+
+    With a ``path`` (a site's node-config ``privacy-state-path``) the file is the record and
+    survives restarts; otherwise the accountant lives in ``state`` (a dict-like record of
+    Flower's ``context.state``). Use it inside :meth:`session`: with a file, the session holds
+    the file's lock from loading the ledger through :meth:`check` to :meth:`spend`, so two
+    runs on one site cannot both spend the same budget. A ledger that cannot be read raises,
+    never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`.
+    """
+
+    def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None) -> None:
+        self.plan, self.path = plan, Path(path) if path else None
+        self.state = dict(state) if state else None
+        self.accountant: ClientAccountant | None = None
+        self.fresh = True  # no record anywhere: a client new to this run
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Ledger]:
+        """Lock the ledger file (if any), load the accountant, yield; unlock at the end."""
+        lock = exclusive(self.path) if self.path is not None else contextlib.nullcontext()
+        with lock:
+            self._load()
+            yield self
+
+    def _load(self) -> None:
+        acc = None
+        if self.path is not None:
+            acc = load_state(self.path)
+            if acc is None and self.state:
+                raise PrivacyStateError(
+                    f"privacy ledger {self.path} and its backup are gone, but this client "
+                    "spent budget earlier in this run; refusing to start from zero")
+        elif self.state:
+            acc = from_record_dict(self.state)
+        self.fresh = acc is None
+        p = self.plan
+        if acc is None:
+            acc = ClientAccountant(p.accountant, target_epsilon=p.target_epsilon,
+                                   target_delta=p.delta)
+        if acc.mechanism != p.accountant:
+            raise PrivacyStateError(
+                f"the privacy ledger uses the '{acc.mechanism}' accountant but the run asks for "
+                f"'{p.accountant}'; spent budget cannot be converted")
+        if acc.target_delta is not None and acc.target_delta != p.delta:
+            raise PrivacyStateError(
+                f"the privacy ledger accounts at delta {acc.target_delta}, the run asks for "
+                f"{p.delta}; a site's budget keeps the delta it started with")
+        self.accountant = acc
+
+    def cap(self) -> float:
+        """The epsilon this round may not exceed: the run's target, or the ledger's own if
+        that is lower (a later run cannot raise a site's budget)."""
+        stored = self._acc().target_epsilon
+        return self.plan.target_epsilon if stored is None else min(stored,
+                                                                    self.plan.target_epsilon)
+
+    def check(self) -> None:
+        """Raise BudgetExhausted if this round would exceed the target epsilon."""
+        p, acc = self.plan, self._acc()
+        cap = self.cap()
+        if acc.would_exceed(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                            num_steps=p.steps, target_epsilon=cap, delta=p.delta):
+            after = acc.epsilon_after(noise_multiplier=p.noise_multiplier,
+                                      sample_rate=p.sample_rate, num_steps=p.steps,
+                                      delta=p.delta)
+            raise BudgetExhausted(
+                f"privacy budget exhausted: epsilon would reach {after:.4f} > target "
+                f"{cap} (spent {self.epsilon():.4f} at delta {p.delta})")
+
+    def charge_missed_rounds(self, rounds: int) -> None:
+        """Charge ``rounds`` earlier rounds as if this client had trained in every one.
+
+        A resumed simulation starts its clients with empty ``context.state``: the ledgers of
+        the rounds before the restart are gone. Assuming the worst (it took part in all of
+        them) keeps the reported epsilon an upper bound instead of restarting it at zero.
+        """
+        acc = self._acc()
+        if rounds <= 0 or acc.total_steps > 0:
+            return
+        p = self.plan
+        acc.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                 num_steps=p.steps * rounds)
+        if self.path is not None:
+            save_state(self.path, acc)
+
+    def spend(self) -> float:
+        """Record this round's steps, persist the ledger, return the epsilon spent so far."""
+        p, acc = self.plan, self._acc()
+        acc.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                 num_steps=p.steps)
+        if self.path is not None:
+            save_state(self.path, acc)
+        return self.epsilon()
+
+    def record(self) -> dict[str, Any]:
+        """The accountant as plain values, for Flower's ``context.state``."""
+        return to_record_dict(self._acc())
+
+    def metrics(self) -> dict[str, float | int | str]:
+        """What the client reports about its privacy spend: functions of the plan and of how
+        many rounds it took part in, never of its data."""
+        p = self.plan
+        return {"epsilon": self.epsilon(), "delta": p.delta, "noise-multiplier": p.noise_multiplier,
+                "sample-rate": p.sample_rate, "steps": self._acc().total_steps,
+                "target-epsilon": p.target_epsilon}
+
+    def epsilon(self) -> float:
+        acc = self._acc()
+        return 0.0 if acc.total_steps == 0 else acc.epsilon(self.plan.delta)
+
+    def _acc(self) -> ClientAccountant:
+        if self.accountant is None:
+            raise RuntimeError("use the ledger inside its session()")
+        return self.accountant

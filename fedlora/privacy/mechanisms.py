@@ -1,0 +1,273 @@
+"""DP mechanisms by name: what each one protects, where it runs, and how a run plans it.
+
+A mechanism is one class registered with :func:`register` in its own module
+(:mod:`~fedlora.privacy.sample_level`, :mod:`~fedlora.privacy.update_level`,
+:mod:`~fedlora.privacy.user_level`). It declares
+
+* ``name``: its ``dp-mode`` name; a :class:`ClientMechanism` runs on every client, a
+  :class:`ServerMechanism` on the server;
+* ``neighbouring``: the neighbouring relation its guarantee is stated for, and against whom;
+* ``aggregators``: the aggregators it works with (None: all of them);
+* ``check_config(cfg)``: its run-config checks, before round 1, naming the key;
+* a client mechanism: ``plan_round(cfg, n)`` (its sample rate and accounted steps per
+  round, from which :meth:`ClientMechanism.plan` calibrates sigma for the whole run),
+  ``train`` (the local training, private or not) and ``release`` (what leaves the site);
+* a server mechanism: ``server_hook(cfg)``, the object the strategy releases through.
+
+``dp-mode`` is ``off``, one mechanism, or a client mechanism ``+`` a server mechanism that
+accepts it (``sample+client``). Adding a mechanism is one new module and one import line in
+``fedlora/privacy/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..config import ConfigError
+from .accounting import _check_count, _real, epsilon_of_history, planned_steps
+
+__all__ = ["NO_LOCAL_DP", "ClientMechanism", "DpPlan", "Mechanism", "PrivacyConfigError", "ServerMechanism",
+           "check_dp_config", "check_privacy_params", "client_mechanism", "dp_mode_choices",
+           "get_mechanism", "parse_dp_mode", "register", "server_mechanism"]
+
+log = logging.getLogger(__name__)
+
+
+class PrivacyConfigError(ConfigError):
+    """A privacy run-config value is not acceptable (a ValueError naming key, value, expected)."""
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    """What one client's private round costs: ``steps`` Gaussian steps at rate ``sample_rate``."""
+
+    mode: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int  # accounted steps per round
+    target_epsilon: float
+    delta: float
+    accountant: str
+
+
+class Mechanism:
+    """A DP mechanism (see the module docstring for what each attribute means)."""
+
+    name: ClassVar[str]
+    neighbouring: ClassVar[str]
+    aggregators: ClassVar[tuple[str, ...] | None] = None
+    aggregator_reason: ClassVar[str] = ""  # why the others are refused
+
+    def check_config(self, cfg: Any) -> None:
+        """Refuse a run-config this mechanism cannot serve (ConfigError naming the key)."""
+        if self.aggregators is not None and cfg.aggregator not in self.aggregators:
+            raise ConfigError("aggregator", cfg.aggregator,
+                              f"one of {', '.join(self.aggregators)} with dp-mode = "
+                              f"'{cfg.dp_mode}' ({self.name}: {self.aggregator_reason})")
+
+
+class ClientMechanism(Mechanism):
+    """A mechanism run by each client on its own data, with its own ledger."""
+
+    def plan_round(self, cfg: Any, num_examples: int) -> tuple[float, int]:
+        """``(sample_rate, accounted steps per round)``."""
+        raise NotImplementedError
+
+    def plan(self, cfg: Any, num_examples: int) -> DpPlan:
+        """The client's plan, with sigma calibrated for every planned round (worst case: the
+        client takes part in all of them)."""
+        check_privacy_params(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                             max_grad_norm=cfg.max_grad_norm, num_examples=num_examples,
+                             mode=cfg.dp_mode)
+        q, per_round = self.plan_round(cfg, num_examples)
+        total = planned_steps(num_rounds=cfg.num_server_rounds, local_steps=per_round)
+        sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, q, total, cfg.accountant)
+        return DpPlan(mode=self.name, noise_multiplier=sigma, sample_rate=q, steps=per_round,
+                      target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
+                      accountant=cfg.accountant)
+
+    def reply_norm_allowance(self, cfg: Any, num_entries: int) -> float:
+        """How much longer than an honest un-noised update a reply may be (the server's
+        ``max-update-norm`` check adds this): 0 unless the mechanism noises what it sends."""
+        return 0.0
+
+    def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: Any,
+              seed: int) -> Any:
+        """Local training (non-private unless the mechanism says otherwise)."""
+        from ..training import train
+
+        return train(model, data, indices, steps=cfg.local_steps, epochs=cfg.local_epochs,
+                     batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                     weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
+
+    def release(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
+                plan: DpPlan, cfg: Any) -> dict[str, np.ndarray]:
+        """What leaves the site (the trained tensors, unless the mechanism noises them)."""
+        return dict(trained)
+
+
+class _NoLocalDp(ClientMechanism):
+    """What a client runs when no local mechanism is on: plain training, nothing noised."""
+
+    name = "off"
+    neighbouring = "none: no local guarantee"
+
+
+#: The client mechanism of ``dp-mode = off`` and ``client`` (not registered).
+NO_LOCAL_DP: ClientMechanism = _NoLocalDp()
+
+
+class ServerMechanism(Mechanism):
+    """A mechanism run by the server over the clients' replies, with the server's ledger."""
+
+    #: Client mechanisms it may be combined with (``<client>+<server>``).
+    accepts_local: ClassVar[tuple[str, ...]] = ()
+
+    def server_hook(self, cfg: Any) -> Any:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(cls: type[Mechanism]) -> type[Mechanism]:
+    """Class decorator: make a mechanism reachable by its ``dp-mode`` name."""
+    if cls.name in _REGISTRY or cls.name == "off" or "+" in cls.name:
+        raise ValueError(f"cannot register a DP mechanism named {cls.name!r}")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_mechanism(name: str) -> Mechanism:
+    return _REGISTRY[name]
+
+
+def dp_mode_choices() -> tuple[str, ...]:
+    """Every accepted ``dp-mode``: off, each mechanism, each accepted client+server pair."""
+    out = ["off", *_REGISTRY]
+    for server in _REGISTRY.values():
+        if isinstance(server, ServerMechanism):
+            out += [f"{local}+{server.name}" for local in server.accepts_local]
+    return tuple(out)
+
+
+def parse_dp_mode(text: Any) -> tuple[Mechanism, ...]:
+    """The mechanisms named by ``dp-mode`` (``off``: none); PrivacyConfigError otherwise."""
+    choices = dp_mode_choices()
+    if not isinstance(text, str) or text not in choices:
+        raise PrivacyConfigError("dp-mode", text, f"one of {', '.join(choices)}")
+    return () if text == "off" else tuple(_REGISTRY[p] for p in text.split("+"))
+
+
+def client_mechanism(dp_mode: str) -> ClientMechanism | None:
+    """The part of ``dp-mode`` each client runs, or None."""
+    found = [m for m in parse_dp_mode(dp_mode) if isinstance(m, ClientMechanism)]
+    return found[0] if found else None
+
+
+def server_mechanism(dp_mode: str) -> ServerMechanism | None:
+    """The part of ``dp-mode`` the server runs, or None."""
+    found = [m for m in parse_dp_mode(dp_mode) if isinstance(m, ServerMechanism)]
+    return found[0] if found else None
+
+
+def check_dp_config(cfg: Any) -> None:
+    """Every run-config check of the mechanisms ``dp-mode`` names (before round 1)."""
+    modes = parse_dp_mode(cfg.dp_mode)
+    check_privacy_params(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
+                         max_grad_norm=cfg.max_grad_norm, mode=cfg.dp_mode)
+    for mechanism in modes:
+        mechanism.check_config(cfg)
+
+
+def check_privacy_params(*, target_epsilon: float, target_delta: float, max_grad_norm: float,
+                         num_examples: int | None = None, mode: str) -> tuple[Mechanism, ...]:
+    """Validate the privacy run-config values; return the parsed ``dp-mode``.
+
+    Raises :class:`PrivacyConfigError` naming the key, the value and what is accepted:
+    epsilon must be finite and > 0, delta in (0, 1) and below ``1/num_examples`` when
+    ``num_examples`` is given (a larger delta allows releasing a record outright),
+    max-grad-norm finite and > 0. Values are checked even with ``dp-mode = off``.
+    """
+    modes = parse_dp_mode(mode)
+    eps = _real(target_epsilon)
+    if eps is None or eps <= 0:
+        raise PrivacyConfigError("target-epsilon", target_epsilon, "a finite float > 0")
+    delta = _real(target_delta)
+    if delta is None or not 0 < delta < 1:
+        raise PrivacyConfigError("target-delta", target_delta, "a float in (0, 1)")
+    if num_examples is not None:
+        n = _check_count(num_examples, minimum=1, name="num_examples")
+        if delta >= 1 / n:
+            raise PrivacyConfigError(
+                "target-delta", target_delta,
+                f"a float below 1/n = {1 / n:.6g} for n = {n} examples (typically <= 1/(10 n))")
+    norm = _real(max_grad_norm)
+    if norm is None or norm <= 0:
+        raise PrivacyConfigError("max-grad-norm", max_grad_norm, "a finite float > 0")
+    return modes
+
+
+# --------------------------------------------------------------------------- calibration
+
+SIGMA_CACHE_FILE = "noise-multipliers.json"
+
+
+@functools.lru_cache(maxsize=256)
+def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     accountant: str) -> float:
+    """The calibrated noise multiplier, remembered in this process and in a small file in the
+    user cache folder shared by every process (a deployed site starts a process per message;
+    a simulation worker serves clients of many sizes). A remembered value is used only if
+    it still meets the target under the accountant, so a stale or edited file can cost a
+    recalibration, never privacy."""
+    from ..model_cache import cache_root
+
+    key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}"
+    path = cache_root() / SIGMA_CACHE_FILE
+    cached = _read_sigmas(path).get(key)
+    if isinstance(cached, (int, float)) and cached > 0:
+        spent = epsilon_of_history([(float(cached), sample_rate, steps)], delta=delta,
+                                   accountant=accountant)
+        if spent <= target_epsilon:
+            return float(cached)
+        log.warning("ignoring a remembered noise multiplier %s that gives epsilon %.4f > "
+                    "target %s; recalibrating", cached, spent, target_epsilon)
+    from . import accounting  # looked up at call time, so tests can watch calibrations
+
+    sigma = accounting.calibrate_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+        steps=steps, accountant=accountant)
+    _remember_sigma(path, key, sigma)
+    return sigma
+
+
+def _read_sigmas(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remember_sigma(path: Path, key: str, sigma: float) -> None:
+    """Add one entry to the shared file (best effort: a read-only cache just is not used)."""
+    from ..model_cache import _locked
+    from ..results import atomic_write_text
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path.with_name(path.name + ".lock")):
+            data = _read_sigmas(path)
+            data[key] = sigma
+            atomic_write_text(path, json.dumps(data, indent=0, sort_keys=True) + "\n")
+    except OSError as e:
+        log.debug("cannot remember the noise multiplier in %s: %s", path, e)
