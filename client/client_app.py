@@ -123,9 +123,12 @@ def train_fn(msg: Message, context: Context) -> Message:
     resumed_after = int(msg.content[CONFIG_KEY].get("resumed-after", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)  # not for noise
     if ledger is None:
+        t1 = time.perf_counter()
         reply, result = _train_and_release(cfg, model, data, method, None, seed)
+        t2 = time.perf_counter()
         metrics = {"num-examples": data.num_train, "train-loss": result.loss,
-                   "train-steps": result.steps, "train-seconds": time.perf_counter() - t0}
+                   "train-steps": result.steps, "train-seconds": t2 - t0,
+                   "setup-seconds": t1 - t0, "compute-seconds": t2 - t1}
         return _reply(msg, cfg, reply, metrics)
     try:
         # With a ledger file, the session holds its lock from the check to the spend.
@@ -206,14 +209,17 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
                     "data outside the privacy guarantee", cfg.dp_mode)
         return Message(content=could_not_train(
             f"federated evaluation is off under dp-mode = '{cfg.dp_mode}'"), reply_to=msg)
+    t0 = time.perf_counter()
     try:
         cfg, _, model, data, _ = _setup(msg, context)
     except (DataError, FileNotFoundError, ValueError) as e:
         log.error("This site could not evaluate: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
+    t1 = time.perf_counter()
     res = evaluate(model, data.data, data.val_idx, batch_size=cfg.eval_batch_size)
     metrics = MetricRecord(
-        {"num-examples": res.examples, "eval-loss": res.loss, "eval-accuracy": res.accuracy}
+        {"num-examples": res.examples, "eval-loss": res.loss, "eval-accuracy": res.accuracy,
+         "setup-seconds": t1 - t0, "eval-seconds": time.perf_counter() - t1}
     )
     content = RecordDict({METRICS_KEY: metrics, STATUS_KEY: ConfigRecord({"status": "ok"})})
     return Message(content=content, reply_to=msg)

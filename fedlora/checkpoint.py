@@ -33,8 +33,8 @@ _META = "__meta__"
 # (model, data, aggregator, privacy, seed, ...) must match the checkpoint.
 RESUMABLE_CHANGES = frozenset({
     "resume", "round-timeout", "output-dir", "run-name", "client-num-threads",
-    "eval-batch-size", "fraction-evaluate", "max-update-norm", "max-num-examples",
-    "foreign-keys", "num-server-rounds",
+    "eval-batch-size", "evaluate-every", "fraction-evaluate", "max-update-norm",
+    "max-num-examples", "foreign-keys", "num-server-rounds",
 })
 
 

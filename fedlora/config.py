@@ -62,6 +62,9 @@ KEYS: tuple[Key, ...] = (
     Key("num-server-rounds", int, 8, "an integer >= 1", lambda v: v >= 1),
     Key("fraction-train", float, 0.2, "a fraction in (0, 1]", lambda v: 0 < v <= 1),
     Key("fraction-evaluate", float, 0.2, "a fraction in [0, 1]", lambda v: 0 <= v <= 1),
+    Key("evaluate-every", int, 1, "an integer >= 1", lambda v: v >= 1,
+        help="Evaluate (centrally and federated) every this many rounds; the last round "
+        "always."),
     Key("min-train-nodes", int, 1, "an integer >= 1", lambda v: v >= 1),
     Key("local-steps", int, 10, "an integer >= 1", lambda v: v >= 1,
         help="Optimiser steps per client per round (used when local-epochs = 0)."),

@@ -605,5 +605,5 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path | None = Non
     page = render_run_page(runs[0]) if len(runs) == 1 else render_comparison_page(runs)
     out = Path(output) if output is not None else default_output(run_dirs)
     _write_text(out, page)
-    log.info("report of %d run(s) written to %s", len(runs), out)
+    log.debug("report of %d run(s) written to %s", len(runs), out)
     return out

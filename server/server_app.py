@@ -40,6 +40,7 @@ from fedlora.config import ConfigError, check_paths
 from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
 from fedlora.results import new_run_dir, save_adapter, write_csv, write_json
+from fedlora.timing import RoundTimer
 from fedlora.training import evaluate
 from fedlora.wire import WIRE_DTYPES, from_record, to_record
 
@@ -118,6 +119,16 @@ def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> 
         model = build_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False))
     load_adapter_state(model, state)
     save_adapter(model, path)
+
+
+def write_report(run_dir: Path) -> None:
+    """``report.html`` of the run so far; drawing it never stops the run."""
+    from fedlora.report import write_report as render
+
+    try:
+        render([run_dir])
+    except Exception as e:  # noqa: BLE001  (a plot that fails must not cost the run)
+        log.warning("could not write %s: %s", run_dir / "report.html", e)
 
 
 def open_checkpoint(cfg) -> tuple[Path, Checkpoint]:
@@ -278,24 +289,32 @@ def run_federated(grid: Grid, cfg) -> Path:
         # Stable sampling order across runs: nodes by their partition-id, not Flower's ids.
         strategy.identify_nodes(grid, timeout=cfg.round_timeout or IDENTIFY_TIMEOUT)
     for rnd in range(first_round, cfg.num_server_rounds + 1):
-        t0 = time.perf_counter()
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+        timer = RoundTimer()
+        with timer.phase("train_exchange"):
+            replies = grid.send_and_receive(
+                messages=strategy.configure_train(rnd, arrays, train_config, grid),
+                timeout=timeout)
         try:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            with timer.phase("aggregation"):
+                new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         except AuditError:
             write_results()  # keep the ledger that shows the offending key; earlier rounds stay
             raise
         if new_arrays is not None:
             arrays = new_arrays
-        fed = None
-        if fed_eval:
-            ev_replies = grid.send_and_receive(
-                messages=strategy.configure_evaluate(rnd, arrays, train_config, grid),
-                timeout=timeout)
-            fed = strategy.aggregate_evaluate(rnd, ev_replies)
-        res = central_eval(arrays)
+        fed = res = None
+        evaluating = rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds
+        if fed_eval and evaluating:
+            with timer.phase("eval_exchange"):
+                ev_replies = grid.send_and_receive(
+                    messages=strategy.configure_evaluate(rnd, arrays, train_config, grid),
+                    timeout=timeout)
+                fed = strategy.aggregate_evaluate(rnd, ev_replies)
+        if evaluating:
+            with timer.phase("central_eval"):
+                res = central_eval(arrays)
         outcome = strategy.last_outcome
+        timer.add_clients(outcome.metrics)
         totals = ledger.round_totals(rnd)
         for node, p in outcome.privacy:
             privacy_rows.append({
@@ -324,8 +343,8 @@ def run_federated(grid: Grid, cfg) -> Path:
                         for n, r in outcome.dropped],
             "bytes_up": totals["up"],
             "bytes_down": totals["down"],
-            "round_seconds": time.perf_counter() - t0,
-            "elapsed_seconds": time.perf_counter() - t_start,
+            "round_seconds": None,  # set once the round's files are written
+            "elapsed_seconds": None,
         }
         if spec.causal_lm:
             row["test_perplexity"] = res.perplexity if res else None
@@ -333,9 +352,17 @@ def run_federated(grid: Grid, cfg) -> Path:
         rows.append(row)
         # The checkpoint (with the round's privacy spend) first: a crash after it resumes
         # after this round, so no round is ever released twice on one charge.
-        write_checkpoint(rnd)
-        save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
+        with timer.phase("writing"):
+            write_checkpoint(rnd)
+            save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
+            write_results()
+            write_report(run_dir)
+        row["timing"] = timer.breakdown()
+        row["round_seconds"] = row["timing"]["total"]
+        row["elapsed_seconds"] = time.perf_counter() - t_start
+        write_checkpoint(rnd)  # again, now with the round's timing (a few milliseconds)
         write_results()
+        log.info("[round %d/%d] time: %s", rnd, cfg.num_server_rounds, timer.line(row["timing"]))
         log.info(
             "[round %d/%d] train loss %s | test loss %s, accuracy %s%s | fed-eval accuracy %s | "
             "clients %d/%d (%d refused, %d dropped)%s | up %s B, down %s B | %.1f s",
@@ -349,9 +376,10 @@ def run_federated(grid: Grid, cfg) -> Path:
         )
 
     write_results()
+    write_report(run_dir)
     final = rows[-1]
     log.info("done in %.1f s: test accuracy %s -> %s%s over %d rounds; %s bytes up, %s bytes "
-             "down; results in %s (adapter: %s)",
+             "down; results in %s (adapter: %s, report: report.html)",
              time.perf_counter() - t_start, _fmt(rows[0].get("test_accuracy")),
              _fmt(final.get("test_accuracy")),
              f" (perplexity {_fmt(rows[0].get('test_perplexity'), '.2f')} -> "

@@ -44,6 +44,7 @@ class RoundOutcome:
     dropped: list[tuple[int, str]] = field(default_factory=list)
     privacy: list[tuple[int, dict]] = field(default_factory=list)  # (node, dp-* metrics)
     update_norms: list[float] = field(default_factory=list)  # of the accepted replies
+    metrics: list[MetricRecord] = field(default_factory=list)  # of the accepted replies
 
 
 class LoraStrategy(Strategy):
@@ -62,17 +63,14 @@ class LoraStrategy(Strategy):
     wire_dtype : str
         Dtype of adapter tensors in messages.
     seed : int
-        Seeds node sampling, so a run is reproducible.
+        Seeds node sampling (without user-level DP), so a run is reproducible.
     ledger : CommsLedger, optional
         Records the bytes of every message.
     central : fedlora.privacy.CentralDp, optional
-        User-level DP (``dp-mode = client``): Poisson sampling of training nodes, clipped
-        updates, a noised mean and the server's accountant replace the method's aggregate.
-        The server then neither refuses nor records replies by their update norm: clipping
-        bounds each client's effect, and a norm would be released un-noised.
+        User-level DP: Poisson node sampling, clipped updates, a noised mean and the
+        server's accountant replace the aggregate; no refusal or record by update norm.
     noise_norm_allowance : float
-        Added to ``max_update_norm`` where clients noise their own updates (``dp-mode =
-        update``): the norm that noise alone is expected not to exceed.
+        Added to ``max_update_norm`` for replies noised by their sender (``update``).
     """
 
     def __init__(
@@ -275,6 +273,7 @@ class LoraStrategy(Strategy):
             weights.append(n)
             m = msg.content[METRICS_KEY]
             metrics.append(MetricRecord(released_metrics(m)) if self.dp_on else m)
+            outcome.metrics.append(metrics[-1])
         answered = {n for n, _ in outcome.dropped} | set(outcome.accepted) | \
             {n for n, _ in outcome.refused}
         for node in outcome.sampled_nodes:
@@ -366,6 +365,7 @@ class LoraStrategy(Strategy):
                 continue
             metrics.append(m)
             weights.append(int(n))
+        self.last_outcome.metrics.extend(metrics)  # their timings join the round's
         return weighted_metrics(metrics, weights) if metrics else None
 
     def summary(self) -> None:
