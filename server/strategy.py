@@ -109,11 +109,10 @@ class LoraStrategy(Strategy):
         self.max_num_examples = int(max_num_examples)
         # What may ever leave a client: LoRA factors and the head tensors this run trains.
         self.allowed_keys = frozenset(template)
-        self.fraction_train = fraction_train
-        self.fraction_evaluate = fraction_evaluate
+        self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
         self.min_train_nodes = min_train_nodes
         self.wire_dtype = wire_dtype
-        self.rng = np.random.default_rng(seed)
+        self.seed, self.rng = int(seed), np.random.default_rng(seed)
         self.ledger = ledger
         self.central = central
         # User-level DP: who took part is what amplification by sampling keeps secret, so
@@ -159,13 +158,13 @@ class LoraStrategy(Strategy):
         keys = self.node_keys
         return sorted(nodes, key=lambda n: (0, keys[n], n) if n in keys else (1, 0, n))
 
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+    def _sample(self, grid: Grid, fraction: float, minimum: int, rng=None) -> list[int]:
         nodes = self._ordered(grid.get_node_ids())
         if not nodes:
             return []
         n = min(len(nodes), max(minimum, int(round(len(nodes) * fraction))))
         # Choose positions, not ids: node ids are uint64 and would lose bits as float/int64.
-        picks = self.rng.choice(len(nodes), size=n, replace=False)
+        picks = (rng or self.rng).choice(len(nodes), size=n, replace=False)
         return self._ordered(nodes[int(i)] for i in picks)
 
     def _messages(
@@ -346,7 +345,8 @@ class LoraStrategy(Strategy):
         """Sample ``fraction-evaluate`` of the nodes for federated evaluation."""
         if self.fraction_evaluate == 0:
             return []
-        nodes = self._sample(grid, self.fraction_evaluate, 1)
+        rng = np.random.default_rng([self.seed, server_round, 0xE7A1])  # not training's stream
+        nodes = self._sample(grid, self.fraction_evaluate, 1, rng)
         return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
 
     def aggregate_evaluate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 
 from fedlora.config import ConfigError, parse_run_config
@@ -56,3 +57,10 @@ def test_a_run_times_its_rounds_evaluates_every_k_and_writes_its_report(custom_t
         assert t["client_train"] > 0 and t["client_setup"] > 0  # no DP: clients say
         assert (t["central_eval"] > 0) == (r["round"] in evaluated)
     assert (run / "report.html").read_text().startswith("<!DOCTYPE html>")
+    # Evaluating less often changes nothing about training: the same adapter, bit for bit.
+    every = run_in_process(dict(overrides, **{"evaluate-every": 1, "run-name": "every"}),
+                           num_nodes=4)
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (run, every))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
