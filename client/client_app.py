@@ -34,6 +34,7 @@ from fedlora.protocol import (
     with_overrides,
 )
 from fedlora.privacy import BudgetExhausted, PrivacyStateError
+from fedlora.probe import is_probe_round
 from fedlora.training import evaluate
 from fedlora.wire import from_record, to_record
 
@@ -59,7 +60,8 @@ def _setup(msg: Message, context: Context):
 PRIVACY_STATE_KEY = "fedlora-privacy"
 
 
-def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> privacy.Ledger | None:
+def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int,
+            server_round: int) -> privacy.Ledger | None:
     """This client's privacy ledger for the run's local DP mechanism (None without one).
 
     A deployed site (no simulation partition-id) must keep its ledger in a file: its
@@ -75,7 +77,8 @@ def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int) -> privacy
             "spent budget would otherwise be forgotten when the SuperNode restarts)")
     stored = context.state.get(PRIVACY_STATE_KEY)
     return privacy.Ledger(mechanism.plan(cfg, num_examples), path=node.privacy_state_path,
-                          state=dict(stored) if stored is not None else None)
+                          state=dict(stored) if stored is not None else None,
+                          server_round=server_round)
 
 
 class SimulatedFailure(RuntimeError):
@@ -112,19 +115,19 @@ def _simulate_failure(cfg, server_round: int, partition_id: int | None) -> None:
 def train_fn(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's data and send the adapter back."""
     t0 = time.perf_counter()
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     try:
         cfg, node, model, data, method = _setup(msg, context)
-        ledger = _ledger(cfg, node, context, data.num_train)
+        ledger = _ledger(cfg, node, context, data.num_train, server_round)
     except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(_public_reason(e, context)), reply_to=msg)
-    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     _simulate_failure(cfg, server_round, node.partition_id)
     resumed_after = int(msg.content[CONFIG_KEY].get("resumed-after", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)  # not for noise
     if ledger is None:
         t1 = time.perf_counter()
-        reply, result = _train_and_release(cfg, model, data, method, None, seed)
+        reply, result = _train_and_release(cfg, model, data, method, None, seed, server_round)
         t2 = time.perf_counter()
         metrics = {"num-examples": data.num_train, "train-loss": result.loss,
                    "train-steps": result.steps, "train-seconds": t2 - t0,
@@ -150,7 +153,8 @@ def train_fn(msg: Message, context: Context) -> Message:
                     {"dp-" + k: v for k, v in ledger.metrics().items() if not isinstance(v, str)}),
                     reply_to=msg)
             try:
-                reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed)
+                reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed,
+                                                   server_round)
             except (ArithmeticError, RuntimeError, ValueError):
                 # e.g. a diverged (non-finite) update: nothing is released, nothing spent,
                 # and the details stay here (they are about this site's data).
@@ -178,12 +182,17 @@ def _public_reason(error: Exception, context: Context) -> str:
     return PRIVATE_FAILURE
 
 
-def _train_and_release(cfg, model, data, method, plan, seed: int):
-    """Local training by the run's client mechanism (plain training without one), then
-    what the mechanism releases of the adapter. Returns ``(reply tensors, TrainResult)``."""
+def _train_and_release(cfg, model, data, method, plan, seed: int, server_round: int):
+    """Local training by the run's client mechanism (plain training without one; the head
+    alone in a linear-probe round), then what the mechanism releases of the adapter.
+    Returns ``(reply tensors, TrainResult)``."""
     mechanism = privacy.client_mechanism(cfg.dp_mode) or privacy.NO_LOCAL_DP
     received = method.reply(model)  # the starting point, as it would be sent back
-    result = mechanism.train(model, data.data, data.train_idx, plan=plan, cfg=cfg, seed=seed)
+    if is_probe_round(cfg, server_round):
+        result = mechanism.train_head(model, data.data, data.train_idx, plan=plan, cfg=cfg)
+    else:
+        result = mechanism.train(model, data.data, data.train_idx, plan=plan, cfg=cfg,
+                                 seed=seed)
     return mechanism.release(method.reply(model), received, plan=plan, cfg=cfg), result
 
 

@@ -83,6 +83,20 @@ KEYS: tuple[Key, ...] = (
         "a comma-separated list of module names, e.g. 'query,value'", _modules),
     Key("train-head", bool, True, "true or false",
         help="Train (and send) the classification head as well as the LoRA factors."),
+    Key("head-pooling", str, "auto", "one of auto, mean, model",
+        _choices("auto", "mean", "model"),
+        help="What the classification head reads: mean (the mean of the token states), model (the model's own head, e.g. "
+        "BERT's [CLS] pooler), or auto: under a DP mode, mean for a sentence-transformers "
+        "checkpoint trained with mean pooling; else model."),
+    Key("probe-rounds", int, 0, "an integer in [0, num-server-rounds]", lambda v: v >= 0,
+        help="Linear probing first (LP-FT): in the first this many rounds clients train only "
+        "the classification head, by full-batch gradient descent on what the head reads; "
+        "LoRA trains in the rounds after. The DP recipe sets it under dp-mode = sample."),
+    Key("probe-steps", int, 20, "an integer >= 1", lambda v: v >= 1,
+        help="Full-batch gradient steps per client in a probe round."),
+    Key("probe-learning-rate", float, 1.0, "a float in (0, 100]", lambda v: 0 < v <= 100,
+        help="SGD learning rate of the probe rounds (full-batch steps on a linear head take "
+        "a far larger rate than LoRA's)."),
     Key("aggregator", str, "fedavg", "one of fedavg, svd, ffa, stack",
         help="How the server combines the clients' factors (see README)."),
     Key("svd-error-feedback", bool, False, "true or false",
@@ -90,6 +104,10 @@ KEYS: tuple[Key, ...] = (
     Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16",
         _choices("float32", "float16", "bfloat16"),
         help="Dtype of the adapter tensors in messages (float16/bfloat16 halve the bytes)."),
+    Key("dp-recipe", str, "auto", "one of auto, none", _choices("auto", "none"),
+        help="auto: under a DP mode, keys left at their default take that mode's recipe (for "
+        "dp-mode = sample: every client in every round, linear probing first, then "
+        "LoRA; see README); none: every key as given."),
     Key("dp-mode", str, "off", "one of the registered DP modes (see fedlora.privacy)",
         help="off; sample: DP-SGD with Opacus on each client; update: clipped, noised "
         "factor updates (DP-LoRA); client: user-level DP-FedAvg at the server (clipped "
@@ -275,6 +293,7 @@ def parse_run_config(
             raise ConfigError(name, raw, key.expected)
         values[_field_name(name)] = value
     _apply_task_defaults(values, known_tasks)
+    _apply_dp_recipe(values)
     cfg = RunConfig(**values)
     _check_combinations(cfg, known_tasks, known_aggregators)
     return cfg
@@ -297,6 +316,32 @@ def _apply_task_defaults(values: dict[str, Any], known_tasks: Mapping[str, Any] 
             values[_field_name(name)] = value
 
 
+def dp_recipe(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys (kebab-case) that the DP recipe of ``values``' dp-mode changes, with their
+    recipe values: only keys left at their global default, and only with dp-recipe = auto."""
+    get = lambda name: values.get(_field_name(name), KEYS_BY_NAME[name].default)  # noqa: E731
+    if get("dp-recipe") != "auto" or get("dp-mode") == "off":
+        return {}
+    from .privacy import parse_dp_mode  # each DP mechanism owns its recipe
+
+    try:
+        mechanisms = parse_dp_mode(get("dp-mode"))
+    except ConfigError:
+        return {}  # reported by the DP checks, naming the key
+    kebab = {k.name: get(k.name) for k in KEYS}
+    out: dict[str, Any] = {}
+    for mechanism in mechanisms:
+        for name, value in mechanism.recipe(kebab).items():
+            if get(name) == KEYS_BY_NAME[name].default:
+                out[name] = value
+    return out
+
+
+def _apply_dp_recipe(values: dict[str, Any]) -> None:
+    for name, value in dp_recipe(values).items():
+        values[_field_name(name)] = _coerce(KEYS_BY_NAME[name], value)
+
+
 def _check_combinations(
     cfg: Any,
     known_tasks: Mapping[str, Any] | None,
@@ -311,6 +356,12 @@ def _check_combinations(
     if cfg.svd_error_feedback and cfg.aggregator != "svd":
         raise ConfigError("svd-error-feedback", cfg.svd_error_feedback,
                           f"false unless aggregator = 'svd' (aggregator is '{cfg.aggregator}')")
+    if cfg.probe_rounds > cfg.num_server_rounds:
+        raise ConfigError("probe-rounds", cfg.probe_rounds,
+                          f"at most num-server-rounds ({cfg.num_server_rounds})")
+    if cfg.probe_rounds and not cfg.train_head:
+        raise ConfigError("probe-rounds", cfg.probe_rounds,
+                          "0 when train-head is false (a probe round trains the head alone)")
     from .privacy import check_dp_config  # each DP mechanism owns its checks
 
     check_dp_config(cfg)

@@ -47,6 +47,7 @@ class LoraSpec:
     causal_lm: bool = False  # a causal LM (next-token loss, no classification head)
     device: str = "cpu"  # where the model lives: "cpu", "cuda", "cuda:1", ...
     base_dtype: str = "float32"  # the frozen base weights' dtype; adapters stay float32
+    pooling: str = "model"  # "mean": fedlora.heads.PooledClassifier; "model": the model's own
 
     @classmethod
     def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None,
@@ -56,7 +57,12 @@ class LoraSpec:
         A causal LM has no classification head: ``train-head`` does not apply to it (its
         output layer, tied to the input embeddings, stays frozen and is never sent).
         """
+        from .heads import resolve_head_pooling
+
         device = resolve_device(getattr(cfg, "device", "cpu"))
+        pooling = "model" if causal_lm else resolve_head_pooling(
+            getattr(cfg, "head_pooling", "model"), model_path,
+            private=getattr(cfg, "dp_mode", "off") != "off")
         return cls(
             model_path=model_path,
             num_labels=num_labels,
@@ -70,6 +76,7 @@ class LoraSpec:
             causal_lm=causal_lm,
             device=device,
             base_dtype=resolve_base_dtype(getattr(cfg, "base_dtype", "auto"), device),
+            pooling=pooling,
         )
 
     @property
@@ -245,9 +252,20 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
     hf_logging.disable_progress_bar()
     torch.manual_seed(spec.init_seed)
-    base = AutoModelForSequenceClassification.from_pretrained(
-        spec.model_path, num_labels=spec.num_labels, local_files_only=True
-    )
+    if spec.pooling == "mean":
+        from transformers import AutoModel
+
+        from .heads import PooledClassifier
+
+        encoder = AutoModel.from_pretrained(spec.model_path, local_files_only=True)
+        dropout = getattr(encoder.config, "classifier_dropout", None)
+        if dropout is None:
+            dropout = getattr(encoder.config, "hidden_dropout_prob", 0.1)
+        base = PooledClassifier(encoder, spec.num_labels, dropout=float(dropout))
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            spec.model_path, num_labels=spec.num_labels, local_files_only=True
+        )
     if base.config.pad_token_id is None:
         tok = load_tokenizer(spec.model_path)
         base.config.pad_token_id = tok.pad_token_id

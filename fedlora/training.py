@@ -198,6 +198,27 @@ def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,
                       perplexity=math.exp(min(loss, 700.0)))
 
 
+def private_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One step of an Opacus DPOptimizer: per-example gradients, clip, noise, update."""
+    with warnings.catch_warnings():
+        # Opacus' hooks on a model whose inputs need no grad: expected, harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def release_grad_samples(gsm: nn.Module, params: Sequence[nn.Parameter]) -> None:
+    """Remove Opacus' hooks and per-example state from a wrapped module's parameters: the
+    cached model serves non-private clients too."""
+    gsm._close()
+    for p in params:
+        for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+
+
 def per_example_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of each example, averaged over that example's own tokens.
 
@@ -287,21 +308,11 @@ def train_private(
                 loss = per_example_lm_loss(gsm(**batch).logits, labels).mean()
             else:
                 loss = gsm(**batch).loss  # cross-entropy: already a mean of per-example losses
-            with warnings.catch_warnings():
-                # Opacus' hooks on a model whose inputs need no grad: expected, harmless.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            private_step(opt, loss)
             losses.append(loss.item())
             seen += len(batch_idx)
     finally:
         scope.close()
-        gsm._close()  # remove the hooks: the cached model serves non-private clients too
-        for p in params:
-            for attr in ("grad_sample", "_forward_counter", "summed_grad"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-            p.grad = None
+        release_grad_samples(gsm, params)
     return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
                        examples=seen)

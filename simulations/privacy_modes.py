@@ -37,11 +37,13 @@ def _noise_std(mode: str, sigma: float, cfg, clients: int) -> float:
     return sigma * cfg.update_max_norm / (cfg.fraction_train * clients)
 
 
-def measure(mode: str, eps: float | None, *, clients: int, out: Path, extra: dict) -> dict:
+def measure(mode: str, eps: float | None, *, clients: int, out: Path, extra: dict,
+            name: str | None = None) -> dict:
+    """Run one configuration; its accuracy, wall time and (under DP) its noise and spend."""
     from fedlora import privacy
     from fedlora.runtime import resolve_config
 
-    name = "no-dp" if eps is None else f"{mode}-eps-{eps:g}"
+    name = name or ("no-dp" if eps is None else f"{mode}-eps-{eps:g}")
     overrides = {**extra, "output-dir": str(out), "run-name": name}
     if eps is not None:
         overrides.update({"dp-mode": mode, "target-epsilon": eps})

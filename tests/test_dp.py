@@ -58,6 +58,7 @@ def test_update_noise_has_the_calibrated_scale():
 
 def test_calibrated_plan_ends_at_or_just_under_the_target():
     cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 2.0, "num-server-rounds": 5,
+                            "dp-recipe": "none",
                             "local-steps": 10, "batch-size": 32})
     plan = privacy.plan_for(cfg, 500)
     ledger = privacy.Ledger(plan, path=None, state=None)
@@ -122,7 +123,7 @@ def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tm
     ledgers.mkdir()
     mod = node_config_mod(lambda pid: {"privacy-state-path": str(ledgers / f"site{pid}.json")})
     overrides = dict(custom_task, **{"dp-mode": "sample", "target-epsilon": 1.0,
-                                     "target-delta": 1e-3, "fraction-train": 1.0,
+                                     "dp-recipe": "none", "target-delta": 1e-3, "fraction-train": 1.0,
                                      "fraction-evaluate": 0.0, "run-name": "dp1"})
     run1 = run_in_process(overrides, num_nodes=4, mods=[mod])
     rows = _privacy_rows(run1)
@@ -188,7 +189,7 @@ def test_a_client_whose_ledger_did_not_survive_a_restart_charges_the_rounds_befo
 
     from .test_dp_attacks import _run_site, _train_message
 
-    run_config = dict(site, **{"dp-mode": "sample"})
+    run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
     msg = _train_message(run_config, server_round=3)
     msg.content[CONFIG_KEY]["resumed-after"] = 2
     reply = _run_site(run_config, {"partition-id": 0, "num-partitions": 2}, msg)
@@ -206,7 +207,7 @@ def test_a_later_run_can_neither_raise_a_sites_budget_nor_find_it_forgotten(tmp_
     path = tmp_path / "site" / "privacy.json"
 
     def ledger(eps: float, delta: float = 1e-5, state=None):
-        cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": eps,
+        cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": eps, "dp-recipe": "none",
                                 "target-delta": delta, "num-server-rounds": 2})
         return privacy.Ledger(privacy.plan_for(cfg, 400), path=str(path), state=state)
 

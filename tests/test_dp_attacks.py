@@ -104,7 +104,8 @@ def test_update_noise_cannot_be_replayed_or_cancelled(identity, site, tmp_path, 
 
 @pytest.mark.parametrize("deployed", [False, True], ids=["simulated", "deployed"])
 def test_dp_sgd_noise_and_sampling_cannot_be_replayed(identity, site, tmp_path, deployed):
-    run_config = dict(site, **{"dp-mode": "sample", "optimizer": "sgd", "learning-rate": 0.5})
+    run_config = dict(site, **{"dp-mode": "sample", "optimizer": "sgd", "learning-rate": 0.5,
+                               "dp-recipe": "none"})  # LoRA DP-SGD in round 1
     msg = _train_message(run_config)
     nodes = _node_configs(tmp_path, run_config) if deployed else \
         [{"partition-id": 0, "num-partitions": 2}] * 2
@@ -210,7 +211,7 @@ def test_a_second_process_cannot_spend_a_held_ledger(identity, site, tmp_path):
         from pathlib import Path
         from fedlora import privacy
         from fedlora.config import parse_run_config
-        plan = privacy.plan_for(parse_run_config({{"dp-mode": "sample",
+        plan = privacy.plan_for(parse_run_config({{"dp-mode": "sample", "dp-recipe": "none",
                                                   "target-delta": 1e-3}}), 120)
         with privacy.Ledger(plan, path={str(path)!r}, state=None).session() as ledger:
             ledger.check()
@@ -227,7 +228,7 @@ def test_a_second_process_cannot_spend_a_held_ledger(identity, site, tmp_path):
             import time
             time.sleep(0.05)
         assert held.exists(), "the first process did not get the ledger"
-        run_config = dict(site, **{"dp-mode": "sample"})
+        run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
         node = {"data-path": site["data-path"], "privacy-state-path": str(path)}
         reply = _run_site(run_config, node, _train_message(run_config))
         assert reply.content[STATUS_KEY]["status"] == "could-not-train"

@@ -17,14 +17,19 @@ def _sets(task: dict) -> list[str]:
 
 def test_epsilon_sweep_writes_table_and_plot(custom_task, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
-    argv = ["--epsilons", "8", "--rounds", "1", "--clients", "4", "--delta", "1e-3",
+    argv = ["--epsilons", "8", "--rounds", "2", "--clients", "4", "--delta", "1e-3",
             "--out", str(out)] + sum((["--set", s] for s in _sets(custom_task)), [])
     assert sweep_epsilon.main(argv) == 0
-    rows = json.loads((out / "table.json").read_text())
-    assert [r["epsilon"] for r in rows] == [8.0, None]
-    assert rows[0]["noise_multiplier"] > 0 and rows[0]["max_epsilon_spent"] <= 8.0
+    saved = json.loads((out / "table.json").read_text())
+    rows = saved["rows"]
+    assert [(r["method"], r["target_epsilon"]) for r in rows] == [
+        ("lora", 8.0), ("probe", 8.0), ("no DP", None)]
+    for r in rows[:2]:
+        assert r["noise_multiplier"] > 0 and r["epsilon_spent"] <= 8.0
+    assert 0.5 <= saved["majority"] <= 1.0
     assert (out / "accuracy_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| no DP |" in (out / "table.md").read_text()
+    text = (out / "table.md").read_text()
+    assert "| no DP |" in text and "| probe | 8 |" in text and "| majority class |" in text
 
 
 def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):  # noqa: F811

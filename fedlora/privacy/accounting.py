@@ -231,14 +231,17 @@ def planned_steps(*, num_rounds: int, local_steps: int) -> int:
 
 def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
                                steps: int, accountant: str = "rdp",
-                               epsilon_tolerance: float = 0.01) -> float:
+                               epsilon_tolerance: float = 0.01,
+                               more_phases: Iterable[tuple[float, int]] = ()) -> float:
     """Smallest-found sigma with ``epsilon(steps x SGM(q, sigma), delta) <= target_epsilon``.
 
     Binary search on sigma between a bracket ``eps(lo) > target >= eps(hi)``; returns ``hi``
     once ``target - eps(hi) <= min(epsilon_tolerance, 0.01 * target)`` (or the bracket cannot
     shrink further), so the planned run ends at or just under the target under the same
     accountant (:func:`epsilon_of_history`, the same numbers as :class:`ClientAccountant`).
-    ``steps`` is the whole run (see :func:`planned_steps`). PRV is bracketed around the RDP
+    ``steps`` is the whole run (see :func:`planned_steps`); ``more_phases`` are further
+    ``(sample_rate, steps)`` phases of the same run at the same sigma (e.g. the full-batch
+    steps of linear-probe rounds), composed with it. PRV is bracketed around the RDP
     answer so that it is never evaluated at tiny sigma.
     """
     mechanism = _check_mechanism(accountant)
@@ -252,13 +255,17 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
     if tol is None or tol <= 0:
         raise ValueError(f"epsilon_tolerance must be a finite float > 0, got {epsilon_tolerance!r}")
 
+    phases = [(q, steps)] + [(_check_rate(r), _check_count(n, minimum=1, name="steps"))
+                             for r, n in more_phases]
+
     def eps(sigma: float) -> float:
-        return epsilon_of_history([(sigma, q, steps)], delta=delta, accountant=mechanism)
+        return epsilon_of_history([(sigma, r, n) for r, n in phases], delta=delta,
+                                  accountant=mechanism)
 
     if mechanism == "prv":
         start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta,
                                            sample_rate=q, steps=steps, accountant="rdp",
-                                           epsilon_tolerance=tol)
+                                           epsilon_tolerance=tol, more_phases=phases[1:])
         grow, shrink = 1.25, 0.8
     else:
         start, grow, shrink = 1.0, 2.0, 0.5

@@ -185,8 +185,10 @@ class Ledger:
     never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`.
     """
 
-    def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None) -> None:
+    def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None,
+                 server_round: int | None = None) -> None:
         self.plan, self.path = plan, Path(path) if path else None
+        self.server_round = server_round  # fixes this round's cost (probe rounds differ)
         self.state = dict(state) if state else None
         self.accountant: ClientAccountant | None = None
         self.fresh = True  # no record anywhere: a client new to this run
@@ -235,11 +237,11 @@ class Ledger:
         """Raise BudgetExhausted if this round would exceed the target epsilon."""
         p, acc = self.plan, self._acc()
         cap = self.cap()
-        if acc.would_exceed(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                            num_steps=p.steps, target_epsilon=cap, delta=p.delta):
+        q, steps = p.cost(self.server_round)
+        if acc.would_exceed(noise_multiplier=p.noise_multiplier, sample_rate=q,
+                            num_steps=steps, target_epsilon=cap, delta=p.delta):
             after = acc.epsilon_after(noise_multiplier=p.noise_multiplier,
-                                      sample_rate=p.sample_rate, num_steps=p.steps,
-                                      delta=p.delta)
+                                      sample_rate=q, num_steps=steps, delta=p.delta)
             raise BudgetExhausted(
                 f"privacy budget exhausted: epsilon would reach {after:.4f} > target "
                 f"{cap} (spent {self.epsilon():.4f} at delta {p.delta})")
@@ -255,16 +257,17 @@ class Ledger:
         if rounds <= 0 or acc.total_steps > 0:
             return
         p = self.plan
-        acc.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                 num_steps=p.steps * rounds)
+        for r in range(1, rounds + 1):
+            q, steps = p.cost(r)
+            acc.step(noise_multiplier=p.noise_multiplier, sample_rate=q, num_steps=steps)
         if self.path is not None:
             save_state(self.path, acc)
 
     def spend(self) -> float:
         """Record this round's steps, persist the ledger, return the epsilon spent so far."""
         p, acc = self.plan, self._acc()
-        acc.step(noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                 num_steps=p.steps)
+        q, steps = p.cost(self.server_round)
+        acc.step(noise_multiplier=p.noise_multiplier, sample_rate=q, num_steps=steps)
         if self.path is not None:
             save_state(self.path, acc)
         return self.epsilon()
@@ -278,7 +281,7 @@ class Ledger:
         many rounds it took part in, never of its data."""
         p = self.plan
         return {"epsilon": self.epsilon(), "delta": p.delta, "noise-multiplier": p.noise_multiplier,
-                "sample-rate": p.sample_rate, "steps": self._acc().total_steps,
+                "sample-rate": p.cost(self.server_round)[0], "steps": self._acc().total_steps,
                 "target-epsilon": p.target_epsilon}
 
     def epsilon(self) -> float:

@@ -56,6 +56,14 @@ class DpPlan:
     target_epsilon: float
     delta: float
     accountant: str
+    probe_rounds: int = 0  # the first rounds train the head alone: probe_steps steps at q = 1
+    probe_steps: int = 0
+
+    def cost(self, server_round: int | None) -> tuple[float, int]:
+        """``(sample_rate, steps)`` accounted for ``server_round`` (None: a LoRA round)."""
+        if server_round is not None and 1 <= server_round <= self.probe_rounds:
+            return 1.0, self.probe_steps
+        return self.sample_rate, self.steps
 
 
 class Mechanism:
@@ -65,9 +73,19 @@ class Mechanism:
     neighbouring: ClassVar[str]
     aggregators: ClassVar[tuple[str, ...] | None] = None
     aggregator_reason: ClassVar[str] = ""  # why the others are refused
+    probe: ClassVar[bool] = False  # serves linear-probe rounds (run-config probe-rounds > 0)
+
+    def recipe(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Run-config values (kebab-case keys) that this mechanism's DP recipe gives keys
+        left at their default when ``dp-recipe = auto``; ``values`` is the whole run-config."""
+        return {}
 
     def check_config(self, cfg: Any) -> None:
         """Refuse a run-config this mechanism cannot serve (ConfigError naming the key)."""
+        if getattr(cfg, "probe_rounds", 0) and not self.probe:
+            raise ConfigError("probe-rounds", cfg.probe_rounds,
+                              f"0 with dp-mode = '{cfg.dp_mode}' ({self.name} noises every "
+                              "tensor sent, the LoRA factors a probe round leaves alone)")
         if self.aggregators is not None and cfg.aggregator not in self.aggregators:
             raise ConfigError("aggregator", cfg.aggregator,
                               f"one of {', '.join(self.aggregators)} with dp-mode = "
@@ -88,11 +106,19 @@ class ClientMechanism(Mechanism):
                              max_grad_norm=cfg.max_grad_norm, num_examples=num_examples,
                              mode=cfg.dp_mode)
         q, per_round = self.plan_round(cfg, num_examples)
-        total = planned_steps(num_rounds=cfg.num_server_rounds, local_steps=per_round)
-        sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, q, total, cfg.accountant)
+        probe = min(getattr(cfg, "probe_rounds", 0), cfg.num_server_rounds)
+        probe_steps = getattr(cfg, "probe_steps", 0) if probe else 0
+        lora_rounds = cfg.num_server_rounds - probe
+        phases = []
+        if lora_rounds:
+            phases.append((q, planned_steps(num_rounds=lora_rounds, local_steps=per_round)))
+        if probe:
+            phases.append((1.0, planned_steps(num_rounds=probe, local_steps=probe_steps)))
+        sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, *phases[0],
+                                 cfg.accountant, tuple(phases[1:]))
         return DpPlan(mode=self.name, noise_multiplier=sigma, sample_rate=q, steps=per_round,
                       target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
-                      accountant=cfg.accountant)
+                      accountant=cfg.accountant, probe_rounds=probe, probe_steps=probe_steps)
 
     def reply_norm_allowance(self, cfg: Any, num_entries: int) -> float:
         """How much longer than an honest un-noised update a reply may be (the server's
@@ -108,6 +134,15 @@ class ClientMechanism(Mechanism):
                      batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                      weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
 
+    def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
+                   cfg: Any) -> Any:
+        """A linear-probe round: the head alone (non-private unless the mechanism says so)."""
+        from ..probe import train_head
+
+        return train_head(model, data, indices, steps=cfg.probe_steps,
+                          learning_rate=cfg.probe_learning_rate,
+                          batch_size=cfg.eval_batch_size)
+
     def release(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
                 plan: DpPlan, cfg: Any) -> dict[str, np.ndarray]:
         """What leaves the site (the trained tensors, unless the mechanism noises them)."""
@@ -119,6 +154,7 @@ class _NoLocalDp(ClientMechanism):
 
     name = "off"
     neighbouring = "none: no local guarantee"
+    probe = True
 
 
 #: The client mechanism of ``dp-mode = off`` and ``client`` (not registered).
@@ -223,7 +259,7 @@ SIGMA_CACHE_FILE = "noise-multipliers.json"
 
 @functools.lru_cache(maxsize=256)
 def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                     accountant: str) -> float:
+                     accountant: str, more_phases: tuple[tuple[float, int], ...] = ()) -> float:
     """The calibrated noise multiplier, remembered in this process and in a small file in the
     user cache folder shared by every process (a deployed site starts a process per message;
     a simulation worker serves clients of many sizes). A remembered value is used only if
@@ -232,10 +268,12 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
     from ..model_cache import cache_root
 
     key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}"
+    key += "".join(f"|{q!r}x{n}" for q, n in more_phases)
     path = cache_root() / SIGMA_CACHE_FILE
     cached = _read_sigmas(path).get(key)
+    phases = ((sample_rate, steps), *more_phases)
     if isinstance(cached, (int, float)) and cached > 0:
-        spent = epsilon_of_history([(float(cached), sample_rate, steps)], delta=delta,
+        spent = epsilon_of_history([(float(cached), q, n) for q, n in phases], delta=delta,
                                    accountant=accountant)
         if spent <= target_epsilon:
             return float(cached)
@@ -245,7 +283,7 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
 
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-        steps=steps, accountant=accountant)
+        steps=steps, accountant=accountant, more_phases=more_phases)
     _remember_sigma(path, key, sigma)
     return sigma
 

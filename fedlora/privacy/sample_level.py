@@ -14,6 +14,7 @@ tokens) before the batch reduction, so one example's gradient is one clipped ter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -23,12 +24,37 @@ from .mechanisms import ClientMechanism, DpPlan, register
 
 __all__ = ["SampleLevel"]
 
+#: The DP recipe's LoRA rounds at the end of the run (the rounds before probe the head).
+RECIPE_LORA_ROUNDS = 2
+
+
+def recipe_probe_rounds(rounds: int) -> int:
+    """The recipe's linear-probe rounds: all but the last RECIPE_LORA_ROUNDS, and at least
+    half of a short run."""
+    return max(rounds - RECIPE_LORA_ROUNDS, (rounds + 1) // 2)
+
+
+#: Tasks without a classification head (no probe rounds).
+CAUSAL_LM_TASKS = ("shakespeare",)
+
 
 @register
 class SampleLevel(ClientMechanism):
     name = "sample"
     neighbouring = ("add or remove one training example of a client (example-level); against "
                     "the server, other sites and whoever holds the released adapters")
+
+    probe = True
+
+    def recipe(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Every client in every round (sigma is planned as if each took part in all of
+        them, so sampling fewer only throws signal away); linear probing first, then LoRA."""
+        if values["dp-mode"] != self.name or values["task"] in CAUSAL_LM_TASKS:
+            return {}
+        out: dict[str, Any] = {"fraction-train": 1.0}
+        if values["train-head"]:
+            out["probe-rounds"] = recipe_probe_rounds(int(values["num-server-rounds"]))
+        return out
 
     def check_config(self, cfg: Any) -> None:
         super().check_config(cfg)
@@ -39,6 +65,15 @@ class SampleLevel(ClientMechanism):
 
     def plan_round(self, cfg: Any, num_examples: int) -> tuple[float, int]:
         return min(1.0, cfg.batch_size / num_examples), cfg.local_steps
+
+    def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
+                   cfg: Any) -> Any:
+        from ..probe import train_head
+
+        return train_head(model, data, indices, steps=cfg.probe_steps,
+                          learning_rate=cfg.probe_learning_rate,
+                          noise_multiplier=plan.noise_multiplier,
+                          max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size)
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: Any,
               seed: int) -> Any:
