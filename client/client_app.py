@@ -156,9 +156,14 @@ def train_fn(msg: Message, context: Context) -> Message:
                 reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed,
                                                    server_round)
             except (ArithmeticError, RuntimeError, ValueError):
-                # e.g. a diverged (non-finite) update: nothing is released, nothing spent,
+                # e.g. a diverged (non-finite) update: nothing is released,
                 # and the details stay here (they are about this site's data).
-                log.exception("Private training failed at this site; nothing was sent")
+                # The failure itself may depend on the data or on noisy steps already
+                # taken: the round is charged as if it had been released.
+                ledger.spend()
+                context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
+                log.exception("Private training failed at this site; nothing was sent and "
+                              "the round was charged")
                 return Message(content=could_not_train(PRIVATE_FAILURE), reply_to=msg)
             ledger.spend()  # persisted before anything leaves the site
             context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())

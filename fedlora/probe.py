@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any
 
@@ -29,8 +30,11 @@ from .training import TrainResult, private_step, release_grad_samples
 
 __all__ = ["is_probe_round", "train_head"]
 
-_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-_CACHE_SIZE = 64
+# Per dataset (weakly held: a dataset dropped from the process takes its rows with it), the
+# rows the head read for (model, indices, adapter outside the head).
+_CACHE: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, torch.Tensor]] = \
+    weakref.WeakKeyDictionary()
+_CACHE_SIZE = 64  # entries per dataset
 _LOCK = threading.Lock()
 
 
@@ -52,18 +56,19 @@ def _encoder_digest(model: nn.Module) -> str:
 
 
 def _features(model: nn.Module, data: Any, idx: np.ndarray, batch_size: int) -> torch.Tensor:
-    key = (id(model), id(data), hashlib.blake2b(idx.tobytes(), digest_size=16).hexdigest(),
+    key = (id(model), hashlib.blake2b(idx.tobytes(), digest_size=16).hexdigest(),
            _encoder_digest(model))
     with _LOCK:
-        cached = _CACHE.get(key)
+        per_data = _CACHE.setdefault(data, OrderedDict())
+        cached = per_data.get(key)
         if cached is not None:
-            _CACHE.move_to_end(key)
+            per_data.move_to_end(key)
             return cached
     feats = head_inputs(model, data, idx, batch_size=batch_size)
     with _LOCK:
-        _CACHE[key] = feats
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        per_data[key] = feats
+        while len(per_data) > _CACHE_SIZE:
+            per_data.popitem(last=False)
     return feats
 
 

@@ -60,8 +60,13 @@ class DpPlan:
     probe_steps: int = 0
 
     def cost(self, server_round: int | None) -> tuple[float, int]:
-        """``(sample_rate, steps)`` accounted for ``server_round`` (None: a LoRA round)."""
-        if server_round is not None and 1 <= server_round <= self.probe_rounds:
+        """``(sample_rate, steps)`` accounted for ``server_round`` (None: only for a plan
+        without probe rounds, whose rounds all cost the same)."""
+        if server_round is None:
+            if self.probe_rounds:
+                raise ValueError("a plan with probe rounds needs the round to cost it")
+            return self.sample_rate, self.steps
+        if 1 <= server_round <= self.probe_rounds:
             return 1.0, self.probe_steps
         return self.sample_rate, self.steps
 
