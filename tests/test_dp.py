@@ -76,7 +76,8 @@ def test_calibrated_plan_ends_at_or_just_under_the_target():
 
 
 def test_ledger_file_survives_a_restart_and_a_lost_file(tmp_path):
-    cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 3.0, "num-server-rounds": 3})
+    cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 3.0, "num-server-rounds": 3,
+                            "dp-recipe": "none"})
     plan = privacy.plan_for(cfg, 400)
     path = tmp_path / "site" / "privacy.json"
     path.parent.mkdir()
