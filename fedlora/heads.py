@@ -21,13 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["HEAD_POOLINGS", "PooledClassifier", "checkpoint_pooling", "resolve_head_pooling",
+__all__ = ["PooledClassifier", "checkpoint_pooling", "resolve_head_pooling",
            "head_module", "head_inputs"]
-
-#: run-config ``head-pooling``: auto (what the checkpoint says), mean, or model (the
-#: checkpoint's own transformers classification head, e.g. BERT's [CLS] pooler).
-HEAD_POOLINGS = ("auto", "mean", "model")
-
 
 def checkpoint_pooling(model_path: str) -> str | None:
     """``"mean"`` for a sentence-transformers folder pooled by the mean of its tokens, else

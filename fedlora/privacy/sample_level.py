@@ -28,14 +28,21 @@ __all__ = ["SampleLevel"]
 RECIPE_LORA_ROUNDS = 2
 
 
+def _causal_lm(task: str) -> bool:
+    """Whether the registered task is a causal LM (no classification head to probe)."""
+    from ..tasks import get_task
+
+    try:
+        return get_task(task).causal_lm
+    except ValueError:
+        return False  # an unknown task is refused by the config checks, naming the key
+
+
 def recipe_probe_rounds(rounds: int) -> int:
     """The recipe's linear-probe rounds: all but the last RECIPE_LORA_ROUNDS, and at least
     half of a short run."""
     return max(rounds - RECIPE_LORA_ROUNDS, (rounds + 1) // 2)
 
-
-#: Tasks without a classification head (no probe rounds).
-CAUSAL_LM_TASKS = ("shakespeare",)
 
 
 @register
@@ -49,10 +56,10 @@ class SampleLevel(ClientMechanism):
     def recipe(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Every client in every round (sigma is planned as if each took part in all of
         them, so sampling fewer only throws signal away); linear probing first, then LoRA."""
-        if values["dp-mode"] != self.name or values["task"] in CAUSAL_LM_TASKS:
+        if values["dp-mode"] != self.name:
             return {}
         out: dict[str, Any] = {"fraction-train": 1.0}
-        if values["train-head"]:
+        if values["train-head"] and not _causal_lm(values["task"]):
             out["probe-rounds"] = recipe_probe_rounds(int(values["num-server-rounds"]))
         return out
 
