@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import privacy, runtime
@@ -36,7 +36,8 @@ from fedlora.protocol import (
 from fedlora.privacy import BudgetExhausted, PrivacyStateError
 from fedlora.probe import is_probe_round
 from fedlora.training import evaluate
-from fedlora.wire import from_record, to_record
+from fedlora.quantization import ErrorFeedback
+from fedlora.wire import WireFormat, from_record, to_record
 
 log = logging.getLogger("fedlora.client")
 
@@ -132,7 +133,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": data.num_train, "train-loss": result.loss,
                    "train-steps": result.steps, "train-seconds": t2 - t0,
                    "setup-seconds": t1 - t0, "compute-seconds": t2 - t1}
-        return _reply(msg, cfg, reply, metrics)
+        return _reply(msg, context, cfg, reply, metrics)
     try:
         # With a ledger file, the session holds its lock from the check to the spend.
         with ledger.session():
@@ -171,7 +172,7 @@ def train_fn(msg: Message, context: Context) -> Message:
     except PrivacyStateError as e:  # another run holds the ledger, or it is unreadable
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
-    return _reply(msg, cfg, reply, {"num-examples": data.num_train,
+    return _reply(msg, context, cfg, reply, {"num-examples": data.num_train,
                                      "train-steps": result.steps, **dp_metrics})
 
 
@@ -201,12 +202,31 @@ def _train_and_release(cfg, model, data, method, plan, seed: int, server_round: 
     return mechanism.release(method.reply(model), received, plan=plan, cfg=cfg), result
 
 
-def _reply(msg: Message, cfg, reply, metrics: dict) -> Message:
+WIRE_STATE_KEY = "fedlora-wire-residual"
+
+
+def _encode_reply(msg: Message, context: Context, cfg, reply) -> ArrayRecord:
+    """The reply in the run's wire format. With int8/int4 and error feedback, this node's
+    rounding residual (kept in ``context.state``: it sees only the released values, so it
+    is post-processing under DP) is added first and updated."""
+    wire = WireFormat.from_config(cfg)
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
+    rng = np.random.default_rng([cfg.seed, server_round, context.node_id % 2**63, 0x317F])
+    if not wire.uses_feedback:
+        return to_record(reply, wire, rng=rng)
+    stored = context.state.get(WIRE_STATE_KEY)
+    feedback = ErrorFeedback(from_record(stored) if stored is not None else None)
+    record = to_record(reply, wire, feedback=feedback, rng=rng)
+    context.state[WIRE_STATE_KEY] = to_record(feedback.state())
+    return record
+
+
+def _reply(msg: Message, context: Context, cfg, reply, metrics: dict) -> Message:
     if cfg.dp_mode != "off":  # under any DP mode: nothing about the data outside the guarantee
         metrics = privacy.released_metrics(metrics)
     content = RecordDict(
         {
-            LORA_KEY: to_record(reply, cfg.wire_dtype),
+            LORA_KEY: _encode_reply(msg, context, cfg, reply),
             METRICS_KEY: MetricRecord(metrics),
             STATUS_KEY: ConfigRecord({"status": "ok"}),
         }

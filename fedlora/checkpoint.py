@@ -50,6 +50,7 @@ class Checkpoint:
     config: dict[str, Any]
     global_state: dict[str, np.ndarray]
     method_state: dict[str, np.ndarray] = field(default_factory=dict)
+    wire_state: dict[str, np.ndarray] = field(default_factory=dict)  # broadcast residuals
     rng_state: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     comms_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -61,7 +62,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> Path:
     """Write ``run_dir/checkpoint.npz`` atomically; returns its path."""
     run_dir = Path(run_dir)
     arrays: dict[str, np.ndarray] = {}
-    for prefix, part in (("global/", ckpt.global_state), ("method/", ckpt.method_state)):
+    for prefix, part in (("global/", ckpt.global_state), ("method/", ckpt.method_state),
+                         ("wire/", ckpt.wire_state)):
         for k, v in part.items():
             arrays[prefix + k] = np.asarray(v)
     meta = {
@@ -103,8 +105,9 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
                               "checksum)")
     glob = {k[len("global/"):]: v for k, v in data.items() if k.startswith("global/")}
     method = {k[len("method/"):]: v for k, v in data.items() if k.startswith("method/")}
+    wire = {k[len("wire/"):]: v for k, v in data.items() if k.startswith("wire/")}
     return Checkpoint(round=int(meta["round"]), config=meta["config"], global_state=glob,
-                      method_state=method, rng_state=meta.get("rng_state") or {},
+                      method_state=method, wire_state=wire, rng_state=meta.get("rng_state") or {},
                       rows=meta.get("rows") or [], comms_rows=meta.get("comms_rows") or [],
                       privacy_rows=meta.get("privacy_rows") or [],
                       extra=meta.get("extra") or {})

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import FACTOR_A, FACTOR_B
-from .wire import WIRE_DTYPES, array_bytes
+from .wire import ALL_WIRE_DTYPES, array_bytes, encoded_bytes
 
 __all__ = ["CommsEntry", "CommsLedger", "analytic_record_bytes"]
 
@@ -18,19 +18,23 @@ COLUMNS = ("round", "node", "direction", "kind", "bytes", "analytic_bytes", "fac
            "head_bytes", "num_arrays", "wire_dtype", "keys", "array_bytes")
 
 
-def _dtype_size(dtype: str) -> int:
-    return WIRE_DTYPES.get(dtype) or np.dtype(dtype).itemsize
+def _predicted_bytes(numel: int, dtype: str, block_size: int) -> int:
+    if dtype in ALL_WIRE_DTYPES:
+        return encoded_bytes(numel, dtype, block_size)
+    return numel * np.dtype(dtype).itemsize  # Flower's own numpy arrays
 
 
-def analytic_record_bytes(record: Mapping[str, Any]) -> tuple[int, int]:
-    """(factor bytes, head bytes) predicted from shapes alone.
+def analytic_record_bytes(record: Mapping[str, Any], block_size: int = 64) -> tuple[int, int]:
+    """(factor bytes, head bytes) predicted from shapes, the wire dtype and (for int8/int4)
+    the run's block size alone.
 
     Factors: sum over LoRA modules of rank x (d_in + d_out) x dtype size; the head:
-    its element count x dtype size.
+    its element count x dtype size. Quantised: values, plus one float16 scale per block,
+    plus a 4-byte header per array.
     """
     factor = head = 0
     for key, arr in record.items():
-        n = int(np.prod(arr.shape, dtype=np.int64)) * _dtype_size(arr.dtype)
+        n = _predicted_bytes(int(np.prod(arr.shape, dtype=np.int64)), arr.dtype, block_size)
         if key.endswith(FACTOR_A) or key.endswith(FACTOR_B):
             factor += n
         else:
@@ -57,12 +61,13 @@ class CommsEntry:
 class CommsLedger:
     """Collects one :class:`CommsEntry` per message and summarises them."""
 
-    def __init__(self, full_model_bytes: int = 0) -> None:
+    def __init__(self, full_model_bytes: int = 0, block_size: int = 64) -> None:
         self.entries: list[CommsEntry] = []
         self.full_model_bytes = int(full_model_bytes)
+        self.block_size = int(block_size)
 
     def record(self, server_round: int, node: int, direction: str, kind: str, record) -> CommsEntry:
-        factor, head = analytic_record_bytes(record)
+        factor, head = analytic_record_bytes(record, self.block_size)
         dtypes = sorted({a.dtype for a in record.values()})
         entry = CommsEntry(
             round=int(server_round),

@@ -101,9 +101,16 @@ KEYS: tuple[Key, ...] = (
         help="How the server combines the clients' factors (see README)."),
     Key("svd-error-feedback", bool, False, "true or false",
         help="With aggregator = svd: carry the rank-truncation residual into the next round."),
-    Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16",
-        _choices("float32", "float16", "bfloat16"),
-        help="Dtype of the adapter tensors in messages (float16/bfloat16 halve the bytes)."),
+    Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16, int8, int4",
+        _choices("float32", "float16", "bfloat16", "int8", "int4"),
+        help="Dtype of the adapter tensors in messages, both ways: float16/bfloat16 halve "
+        "the bytes; int8/int4 quantise in blocks with a float16 scale each (about 1/4, 1/8)."),
+    Key("wire-block-size", int, 64, "an integer in [8, 65536]", lambda v: 8 <= v <= 65536,
+        help="int8/int4 wire: values per block (one scale each)."),
+    Key("wire-rounding", str, "nearest", "one of nearest, stochastic",
+        _choices("nearest", "stochastic"), help="int8/int4 wire: how values are rounded."),
+    Key("wire-error-feedback", bool, True, "true or false",
+        help="int8/int4 wire: each sender adds what rounding left out to its next message."),
     Key("dp-recipe", str, "auto", "one of auto, none", _choices("auto", "none"),
         help="auto: under a DP mode, keys left at their default take that mode's recipe (for "
         "dp-mode = sample: every client in every round, linear probing first, then "
@@ -232,11 +239,8 @@ def _coerce(key: Key, value: Any) -> Any:
             return value.strip().lower() == "true"
         raise ConfigError(key.name, value, key.expected)
     if kind is int:
-        if isinstance(value, bool):
-            raise ConfigError(key.name, value, key.expected)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        integral = isinstance(value, float) and value.is_integer()
+        if (isinstance(value, int) and not isinstance(value, bool)) or integral:
             return int(value)
         if isinstance(value, str):
             try:
@@ -293,7 +297,8 @@ def parse_run_config(
             raise ConfigError(name, raw, key.expected)
         values[_field_name(name)] = value
     _apply_task_defaults(values, known_tasks)
-    _apply_dp_recipe(values)
+    for name, value in dp_recipe(values).items():
+        values[_field_name(name)] = _coerce(KEYS_BY_NAME[name], value)
     cfg = RunConfig(**values)
     _check_combinations(cfg, known_tasks, known_aggregators)
     return cfg
@@ -335,11 +340,6 @@ def dp_recipe(values: Mapping[str, Any]) -> dict[str, Any]:
             if get(name) == KEYS_BY_NAME[name].default:
                 out[name] = value
     return out
-
-
-def _apply_dp_recipe(values: dict[str, Any]) -> None:
-    for name, value in dp_recipe(values).items():
-        values[_field_name(name)] = _coerce(KEYS_BY_NAME[name], value)
 
 
 def _check_combinations(

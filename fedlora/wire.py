@@ -3,22 +3,65 @@
 Each array travels as its raw little-endian, C-ordered bytes (``stype`` =
 :data:`STYPE`), so the bytes of an array in a message are exactly
 ``numel x dtype size``: what the communication ledger measures is what the analytic
-count predicts. ``wire-dtype`` float16/bfloat16 halves them; receivers always get
-float32 back.
+count predicts. ``wire-dtype`` float16/bfloat16 halves them; ``int8``/``int4`` quantise
+block-wise with their scales in the same bytes (:mod:`fedlora.quantization`), optionally
+with error feedback. Receivers always get float32 back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-__all__ = ["STYPE", "WIRE_DTYPES", "to_record", "from_record", "array_bytes", "record_bytes"]
+from .quantization import QUANTIZED_DTYPES, ErrorFeedback, decode_bytes, encode_bytes, \
+    quantized_bytes
+
+__all__ = ["STYPE", "WIRE_DTYPES", "ALL_WIRE_DTYPES", "WireFormat", "to_record", "from_record",
+           "array_bytes", "record_bytes", "encoded_bytes"]
 
 STYPE = "fedlora.raw-le"
-WIRE_DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+WIRE_DTYPES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes per value
+ALL_WIRE_DTYPES = (*WIRE_DTYPES, *QUANTIZED_DTYPES)
+
+
+@dataclass(frozen=True)
+class WireFormat:
+    """How adapter tensors are serialised: ``dtype``; for int8/int4 also the block size,
+    the rounding and whether the sender feeds its rounding error back."""
+
+    dtype: str = "float32"
+    block_size: int = 64
+    stochastic: bool = False
+    error_feedback: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "WireFormat":
+        return cls(dtype=cfg.wire_dtype, block_size=cfg.wire_block_size,
+                   stochastic=cfg.wire_rounding == "stochastic",
+                   error_feedback=cfg.wire_error_feedback)
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED_DTYPES
+
+    @property
+    def uses_feedback(self) -> bool:
+        return self.quantized and self.error_feedback
+
+
+def _as_format(wire: "WireFormat | str") -> WireFormat:
+    return wire if isinstance(wire, WireFormat) else WireFormat(dtype=wire)
+
+
+def encoded_bytes(numel: int, dtype: str, block_size: int = 64) -> int:
+    """Serialised bytes of an array of ``numel`` values in wire ``dtype``."""
+    if dtype in QUANTIZED_DTYPES:
+        return quantized_bytes(numel, dtype, block_size)
+    return numel * WIRE_DTYPES[dtype]
 
 
 def _encode(arr: np.ndarray, wire_dtype: str) -> Array:
@@ -31,7 +74,7 @@ def _encode(arr: np.ndarray, wire_dtype: str) -> Array:
         # numpy has no bfloat16: round in torch, ship the 16-bit patterns.
         data = torch.from_numpy(a).to(torch.bfloat16).view(torch.int16).numpy().astype("<i2").tobytes()
     else:
-        raise ValueError(f"unknown wire dtype {wire_dtype!r} (known: {', '.join(WIRE_DTYPES)})")
+        raise ValueError(f"unknown wire dtype {wire_dtype!r} (known: {', '.join(ALL_WIRE_DTYPES)})")
     return Array(dtype=wire_dtype, shape=tuple(int(s) for s in a.shape), stype=STYPE, data=data)
 
 
@@ -40,6 +83,8 @@ def _decode(key: str, arr: Array) -> np.ndarray:
         # Also accept Flower's own numpy serialisation (e.g. from other tools).
         return np.asarray(arr.numpy(), dtype=np.float32)
     shape = tuple(arr.shape)
+    if arr.dtype in QUANTIZED_DTYPES:
+        return decode_bytes(arr.data, arr.dtype, shape, key)
     size = WIRE_DTYPES.get(arr.dtype)
     if size is None:
         raise ValueError(f"array '{key}' has unknown wire dtype {arr.dtype!r}")
@@ -57,9 +102,29 @@ def _decode(key: str, arr: Array) -> np.ndarray:
     return out.astype(np.float32).reshape(shape)
 
 
-def to_record(state: Mapping[str, np.ndarray], wire_dtype: str = "float32") -> ArrayRecord:
-    """Serialise ``{key: array}`` for transport in ``wire_dtype``."""
-    return ArrayRecord({k: _encode(v, wire_dtype) for k, v in state.items()})
+def to_record(state: Mapping[str, np.ndarray], wire: WireFormat | str = "float32", *,
+              feedback: ErrorFeedback | None = None,
+              rng: np.random.Generator | None = None) -> ArrayRecord:
+    """Serialise ``{key: array}`` for transport in ``wire`` (a format or a dtype name).
+
+    Quantised formats: ``feedback`` (if given) is added before rounding and updated with
+    what rounding left out; ``rng`` is used for stochastic rounding (else: a fresh one).
+    """
+    wire = _as_format(wire)
+    if not wire.quantized:
+        return ArrayRecord({k: _encode(v, wire.dtype) for k, v in state.items()})
+    if wire.stochastic and rng is None:
+        rng = np.random.default_rng()
+    out = {}
+    for k, v in state.items():
+        target = feedback.target(k, v) if feedback is not None else np.asarray(v, np.float32)
+        data, sent = encode_bytes(target, wire.dtype, wire.block_size,
+                                  rng if wire.stochastic else None)
+        if feedback is not None:
+            feedback.keep(k, target, sent)
+        out[k] = Array(dtype=wire.dtype, shape=tuple(int(s) for s in np.shape(v)),
+                       stype=STYPE, data=data)
+    return ArrayRecord(out)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import privacy, runtime
-from fedlora.adapters import adapter_state, analytic_bytes, factor_layout, load_adapter_state
+from fedlora.adapters import adapter_state, factor_layout, is_factor_key, load_adapter_state
 from fedlora.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -39,10 +39,11 @@ from fedlora.comms import CommsLedger
 from fedlora.config import ConfigError, check_paths
 from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
+from fedlora.quantization import ErrorFeedback
 from fedlora.results import new_run_dir, save_adapter, write_csv, write_json
 from fedlora.timing import RoundTimer
 from fedlora.training import evaluate
-from fedlora.wire import WIRE_DTYPES, from_record, to_record
+from fedlora.wire import WireFormat, encoded_bytes, from_record, to_record
 
 from .strategy import AuditError, LoraStrategy
 
@@ -180,7 +181,9 @@ def run_federated(grid: Grid, cfg) -> Path:
     state = adapter_state(model)
     layout = factor_layout(state)
     full_bytes = sum(p.numel() for p in model.parameters()) * 4
-    per_update = analytic_bytes(layout, WIRE_DTYPES[cfg.wire_dtype])
+    wire = WireFormat.from_config(cfg)
+    per_update = sum(encoded_bytes(int(v.size), wire.dtype, wire.block_size)
+                     for k, v in state.items() if is_factor_key(k))
     log.info("adapter: %d LoRA modules, %d tensors; %s bytes of factors per message "
              "(full model: %s bytes, ratio %.5f)", len(layout), len(state), f"{per_update:,}",
              f"{full_bytes:,}", per_update / full_bytes)
@@ -188,14 +191,14 @@ def run_federated(grid: Grid, cfg) -> Path:
     if test_set is None:
         log.info("no centralised test set for task '%s': only federated evaluation", cfg.task)
 
-    ledger = CommsLedger(full_model_bytes=full_bytes)
+    ledger = CommsLedger(full_model_bytes=full_bytes, block_size=cfg.wire_block_size)
     strategy = LoraStrategy(
         method=method,
         template=state,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_train_nodes,
-        wire_dtype=cfg.wire_dtype,
+        wire=wire,
         seed=cfg.seed,
         ledger=ledger,
         foreign_keys=cfg.foreign_keys,
@@ -213,7 +216,7 @@ def run_federated(grid: Grid, cfg) -> Path:
                  "loss and accuracy would leave them un-noised (the centralised test set "
                  "is evaluated as usual)", cfg.dp_mode)
     strategy.summary()
-    arrays: ArrayRecord = to_record(state, cfg.wire_dtype)
+    arrays: ArrayRecord = to_record(state)  # the global adapter: float32 at the server
 
     def central_eval(record: ArrayRecord):
         if test_set is None:
@@ -237,7 +240,9 @@ def run_federated(grid: Grid, cfg) -> Path:
                      cfg.num_server_rounds, res0.loss, res0.accuracy,
                      f", test perplexity {res0.perplexity:.2f}" if spec.causal_lm else "")
     else:
-        arrays = to_record(ckpt.global_state, cfg.wire_dtype)
+        arrays = to_record(ckpt.global_state)
+        if strategy.downlink_feedback is not None:
+            strategy.downlink_feedback = ErrorFeedback(ckpt.wire_state)
         method.restore_state(ckpt.method_state, ckpt.extra.get("method", {}))
         if ckpt.rng_state:
             strategy.rng.bit_generator.state = ckpt.rng_state
@@ -273,6 +278,8 @@ def run_federated(grid: Grid, cfg) -> Path:
         save_checkpoint(run_dir, Checkpoint(
             round=rnd, config=cfg.to_dict(), global_state=from_record(arrays),
             method_state=method_arrays, rng_state=strategy.rng.bit_generator.state,
+            wire_state=(strategy.downlink_feedback.state()
+                        if strategy.downlink_feedback is not None else {}),
             rows=rows, comms_rows=ledger.rows(), privacy_rows=privacy_rows,
             extra={"method": method_values, "resumes": resumes,
                    **({"central-dp": strategy.central.state_dict()}

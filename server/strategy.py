@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -22,29 +21,16 @@ from fedlora.comms import CommsLedger
 from fedlora.methods import Method
 from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY,
                               STATUS_OK)
-from fedlora.wire import from_record, to_record
+from fedlora.quantization import ErrorFeedback
+from fedlora.wire import WireFormat, from_record, to_record
+
+from .round_outcome import RoundOutcome, short_reason as _short, weighted_metrics
 
 log = logging.getLogger("fedlora.server")
 
 
 class AuditError(RuntimeError):
     """A client sent an array that is neither a LoRA factor nor the configured head."""
-
-
-@dataclass
-class RoundOutcome:
-    """What happened to the replies of one round (for metrics and logs)."""
-
-    sampled: int = 0
-    sampled_nodes: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    refused: list[tuple[int, str]] = field(default_factory=list)
-    # Sampled nodes whose reply never came (timed out) or came back as an error from
-    # Flower (the node went offline, its ClientApp crashed): (node, reason).
-    dropped: list[tuple[int, str]] = field(default_factory=list)
-    privacy: list[tuple[int, dict]] = field(default_factory=list)  # (node, dp-* metrics)
-    update_norms: list[float] = field(default_factory=list)  # of the accepted replies
-    metrics: list[MetricRecord] = field(default_factory=list)  # of the accepted replies
 
 
 class LoraStrategy(Strategy):
@@ -60,8 +46,11 @@ class LoraStrategy(Strategy):
         Share of connected nodes sampled per round for training / federated evaluation.
     min_train_nodes : int
         Fewest nodes to sample for training; a round with fewer valid replies is skipped.
-    wire_dtype : str
-        Dtype of adapter tensors in messages.
+    wire : WireFormat or str
+        How adapter tensors travel in messages (a dtype name: float32, float16, bfloat16;
+        int8/int4 with their block size, rounding and error feedback). The global adapter
+        stays float32 here; with error feedback the broadcast's rounding residual is kept
+        (``downlink_feedback``, saved in the checkpoint).
     seed : int
         Seeds node sampling (without user-level DP), so a run is reproducible.
     ledger : CommsLedger, optional
@@ -81,7 +70,7 @@ class LoraStrategy(Strategy):
         fraction_train: float,
         fraction_evaluate: float,
         min_train_nodes: int = 1,
-        wire_dtype: str = "float32",
+        wire: WireFormat | str = "float32",
         seed: int = 0,
         ledger: CommsLedger | None = None,
         foreign_keys: str = "fail",
@@ -111,7 +100,9 @@ class LoraStrategy(Strategy):
         self.allowed_keys = frozenset(template)
         self.fraction_train, self.fraction_evaluate = fraction_train, fraction_evaluate
         self.min_train_nodes = min_train_nodes
-        self.wire_dtype = wire_dtype
+        self.wire = wire if isinstance(wire, WireFormat) else WireFormat(dtype=wire)
+        self.wire_dtype = self.wire.dtype
+        self.downlink_feedback = ErrorFeedback() if self.wire.uses_feedback else None
         self.seed, self.rng = int(seed), np.random.default_rng(seed)
         self.ledger = ledger
         self.central = central
@@ -172,7 +163,11 @@ class LoraStrategy(Strategy):
         kind: str,
     ) -> list[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
-        arrays = to_record(self.method.payload(from_record(arrays)), self.wire_dtype)
+        # Training broadcasts carry the rounding residual forward; evaluation ones do not.
+        feedback = self.downlink_feedback if kind == MessageType.TRAIN else None
+        arrays = to_record(self.method.payload(from_record(arrays)), self.wire,
+                           feedback=feedback,
+                           rng=np.random.default_rng([self.seed, server_round, 0x317E]))
         record = RecordDict({LORA_KEY: arrays, CONFIG_KEY: config})
         msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
         if self.ledger is not None:
@@ -294,7 +289,7 @@ class LoraStrategy(Strategy):
                         self.min_train_nodes)
             return None, None
         merged = self.method.aggregate(states, weights, self._global)
-        return to_record(merged, self.wire_dtype), weighted_metrics(metrics, weights)
+        return to_record(merged), weighted_metrics(metrics, weights)  # float32 at the server
 
     def _sample_train(self, server_round: int, grid: Grid) -> list[int]:
         if self.central is None:
@@ -314,7 +309,7 @@ class LoraStrategy(Strategy):
                 p.setdefault("mode", self.central.local_mode)
         merged = self.central.release(server_round, self._global, states, self.method)
         outcome.privacy.append(("server", self.central.metrics()))
-        return (to_record(merged, self.wire_dtype),
+        return (to_record(merged),
                 weighted_metrics(metrics, weights) if metrics else None)
 
     def _error_node(self, msg: Message) -> int:
@@ -372,28 +367,3 @@ class LoraStrategy(Strategy):
         log.info("LoraStrategy: method=%s fraction-train=%.2f fraction-evaluate=%.2f "
                  "min-train-nodes=%d wire-dtype=%s", self.method.name, self.fraction_train,
                  self.fraction_evaluate, self.min_train_nodes, self.wire_dtype)
-
-
-def _short(reason: str, limit: int = 300) -> str:
-    """An error reason without the traceback around it: Flower's simulation wraps a crashed
-    ClientApp's exception in a Ray traceback ending in "Message: <the exception's text>"."""
-    reason = str(reason)
-    marker = "Message: "
-    if marker in reason:
-        reason = "client crashed: " + reason[reason.rindex(marker) + len(marker):]
-    reason = " ".join(reason.split()).rstrip("'>\"")
-    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
-
-
-def weighted_metrics(metrics: list[MetricRecord], weights: list[int]) -> MetricRecord:
-    """Example-weighted mean of every numeric metric; ``num-examples`` is summed."""
-    total = float(sum(weights))
-    keys = set().union(*(m.keys() for m in metrics)) - {"num-examples"}
-    out: dict[str, float | int] = {"num-examples": int(total)}
-    for key in sorted(keys):
-        vals = [(float(m[key]), w) for m, w in zip(metrics, weights)
-                if key in m and isinstance(m[key], (int, float)) and math.isfinite(float(m[key]))]
-        wsum = sum(w for _, w in vals)
-        if wsum > 0:
-            out[key] = sum(v * w for v, w in vals) / wsum
-    return MetricRecord(out)

@@ -47,7 +47,10 @@ def test_values_are_coerced_from_cli_strings():
         ("train-head", "maybe", "true or false"),
         ("lora-target-modules", "query,,value", "comma-separated"),
         ("batch-size", True, "batch-size"),
-        ("wire-dtype", "int8", "float32"),
+        ("wire-dtype", "int2", "int4"),
+        ("wire-block-size", 4, "[8, 65536]"),
+        ("wire-block-size", "big", "wire-block-size"),
+        ("wire-rounding", "up", "stochastic"),
         ("run-name", "a/b", "run-name"),
     ],
 )

@@ -1,0 +1,135 @@
+"""int8/int4 on the wire: exact byte counts, bounded rounding, error feedback, both directions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedlora.comms import CommsLedger
+from fedlora.quantization import (ErrorFeedback, decode_bytes, encode_bytes, quantize,
+                                  quantized_bytes)
+from fedlora.wire import WireFormat, from_record, to_record
+
+from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+
+QMAX = {"int8": 127, "int4": 7}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(8, 384), (384, 8), (7, 3), (1,), (0, 4)])
+def test_round_trip_is_within_half_a_step_and_sized_as_predicted(dtype, shape):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * rng.uniform(1e-4, 10, size=shape)).astype(np.float32)
+    data, sent = encode_bytes(x, dtype, 64)
+    assert len(data) == quantized_bytes(x.size, dtype, 64)
+    back = decode_bytes(data, dtype, shape)
+    np.testing.assert_array_equal(back, sent)  # the sender knows what the receiver gets
+    flat, err = x.ravel(), np.abs(back - x).ravel()
+    for i in range(0, flat.size, 64):  # per block: at most half a step of its own scale
+        block = flat[i:i + 64]
+        step = np.abs(block).max() / QMAX[dtype]
+        assert err[i:i + 64].max() <= step * 0.5 * (1 + 2 ** -9) + 1e-30
+
+
+def test_byte_counts_match_the_documented_layout():
+    # header 4 + one float16 scale per block + codes (two int4 per byte, odd counts padded)
+    assert quantized_bytes(3072, "int8", 64) == 4 + 2 * 48 + 3072
+    assert quantized_bytes(3072, "int4", 64) == 4 + 2 * 48 + 1536
+    assert quantized_bytes(65, "int4", 64) == 4 + 2 * 2 + 33
+    # A rank-8 LoRA pair of a 384x384 projection: int8 at most 0.27 of float32,
+    # int4 at most 0.14.
+    n = 8 * (384 + 384)
+    assert quantized_bytes(n, "int8", 64) / (4 * n) <= 0.27
+    assert quantized_bytes(n, "int4", 64) / (4 * n) <= 0.14
+
+
+def test_zero_tiny_and_huge_values():
+    z = np.zeros((4, 64), np.float32)
+    assert not decode_bytes(encode_bytes(z, "int4", 64)[0], "int4", z.shape).any()
+    tiny = np.full((64,), 1e-9, np.float32)  # below float16's range: nothing blows up
+    assert np.isfinite(decode_bytes(encode_bytes(tiny, "int8", 64)[0], "int8", (64,))).all()
+    with pytest.raises(ValueError, match="too large"):
+        quantize(np.array([1e9], np.float32), "int8", 64)
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize(np.array([np.nan], np.float32), "int4", 64)
+
+
+def test_stochastic_rounding_is_unbiased_and_nearest_is_not():
+    x = np.full(64, 0.3, np.float32)
+    x[0] = 7.0  # scale 1: 0.3 falls between codes 0 and 1
+    rng = np.random.default_rng(1)
+    mean = np.mean([encode_bytes(x, "int4", 64, rng)[1][1:] for _ in range(2000)])
+    assert abs(mean - 0.3) < 0.02
+    assert np.all(encode_bytes(x, "int4", 64)[1][1:] == 0.0)  # nearest: always 0
+
+
+def test_error_feedback_delivers_what_nearest_rounding_loses():
+    """A sender that sends the same values every round: without feedback the same rounding
+    error every time; with it, the running mean of what arrives converges to the values."""
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-1, 1, size=(16, 64)).astype(np.float32)
+    wire = WireFormat(dtype="int4", block_size=64)
+    fb = ErrorFeedback()
+    plain = from_record(to_record({"a": x}, wire))["a"]
+    got = [from_record(to_record({"a": x}, wire, feedback=fb))["a"] for _ in range(50)]
+    err_plain = np.abs(plain - x).mean()
+    err_fb = np.abs(np.mean(got, axis=0) - x).mean()
+    assert err_plain > 0.02 and err_fb < err_plain / 10
+    # bounded: half a step of a scale that the residual itself enlarges a little
+    assert np.abs(fb.residuals["a"]).max() <= 0.5 * (1 + 0.5 / 7) / 7 * 1.01
+
+
+def test_feedback_keeps_its_overlap_when_a_shape_grows():
+    fb = ErrorFeedback({"b": np.ones((3, 2), np.float32)})
+    out = fb.target("b", np.zeros((3, 4), np.float32))
+    np.testing.assert_array_equal(out[:, :2], 1.0)
+    np.testing.assert_array_equal(out[:, 2:], 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_a_damaged_array_is_refused(dtype):
+    data, _ = encode_bytes(np.linspace(-1, 1, 100, dtype=np.float32), dtype, 64)
+    with pytest.raises(ValueError, match="expected"):
+        decode_bytes(data[:-1], dtype, (100,), "k")
+    with pytest.raises(ValueError, match="expected"):
+        decode_bytes(data, dtype, (101,), "k")
+    bad = bytearray(data)
+    bad[4:6] = np.array([np.inf], "<f2").tobytes()
+    with pytest.raises(ValueError, match="scales"):
+        decode_bytes(bytes(bad), dtype, (100,), "k")
+    if dtype == "int4":  # nibble 0 would be code -8, outside [-7, 7]
+        bad = bytearray(data)
+        bad[-1] = 0
+        with pytest.raises(ValueError, match="codes"):
+            decode_bytes(bytes(bad), dtype, (100,), "k")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_ledger_predicts_quantised_bytes_from_shapes(dtype):
+    state = {"m.lora_A.weight": np.ones((4, 33), np.float32),
+             "m.lora_B.weight": np.ones((31, 4), np.float32),
+             "classifier.bias": np.ones(2, np.float32)}
+    ledger = CommsLedger(block_size=16)
+    entry = ledger.record(1, 1, "up", "train", to_record(state, WireFormat(dtype, 16)))
+    assert entry.bytes == entry.analytic_bytes
+    assert entry.factor_bytes == quantized_bytes(132, dtype, 16) + quantized_bytes(124, dtype, 16)
+
+
+@pytest.mark.parametrize("aggregator", ["fedavg", "svd", "ffa", "stack"])
+def test_every_aggregator_runs_on_an_int4_wire_with_exact_ledger(custom_task, aggregator):  # noqa: F811
+    overrides = dict(custom_task, **{"wire-dtype": "int4", "wire-block-size": 16,
+                                     "aggregator": aggregator, "fraction-evaluate": 0.0,
+                                     "run-name": f"int4-{aggregator}"})
+    run_dir = run_in_process(overrides, num_nodes=4)
+    rows = list(csv.DictReader((run_dir / "comms.csv").open()))
+    assert {r["wire_dtype"] for r in rows} == {"int4"}
+    assert {r["direction"] for r in rows} == {"up", "down"}
+    assert all(int(r["bytes"]) == int(r["analytic_bytes"]) for r in rows)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    last = metrics["rounds"][-1]
+    assert last["round"] == 2 and math.isfinite(last["test_loss"])
+    assert metrics["comms"]["measured_equals_analytic"] is True
