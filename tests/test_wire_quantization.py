@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedlora.comms import CommsLedger
+from fedlora.config import parse_run_config
 from fedlora.quantization import (ErrorFeedback, decode_bytes, encode_bytes, quantize,
                                   quantized_bytes)
 from fedlora.wire import WireFormat, from_record, to_record
@@ -101,6 +103,9 @@ def test_a_damaged_array_is_refused(dtype):
     bad[4:6] = np.array([np.inf], "<f2").tobytes()
     with pytest.raises(ValueError, match="scales"):
         decode_bytes(bytes(bad), dtype, (100,), "k")
+    # A sender's huge block size costs the receiver nothing (one scale for all 100 values).
+    huge = (2 ** 32 - 1).to_bytes(4, "little") + data[4:6] + data[4 + 2 * 2:]
+    assert decode_bytes(huge, dtype, (100,), "k").shape == (100,)
     if dtype == "int4":  # nibble 0 would be code -8, outside [-7, 7]
         bad = bytearray(data)
         bad[-1] = 0
@@ -133,3 +138,96 @@ def test_every_aggregator_runs_on_an_int4_wire_with_exact_ledger(custom_task, ag
     last = metrics["rounds"][-1]
     assert last["round"] == 2 and math.isfinite(last["test_loss"])
     assert metrics["comms"]["measured_equals_analytic"] is True
+
+
+# -- under DP: quantisation is post-processing of what the mechanism released ------------
+
+from .test_dp_attacks import _diff, _released, _run_site, _train_message, identity, site  # noqa: E402,F401,I001
+
+
+def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, monkeypatch):  # noqa: F811
+    """The quantiser (and its error feedback) sees the mechanism's output and nothing else,
+    and the noise survives it: two replays of the same site differ by the full noise."""
+    from fedlora import privacy, quantization
+    from fedlora.privacy.update_level import UpdateLevel
+
+    run_config = dict(site, **{"dp-mode": "update", "wire-dtype": "int8"})
+    msg = _train_message(run_config)
+    released, quantised = [], []
+    real_release, real_quantize = UpdateLevel.release, quantization.quantize
+
+    def spy_release(self, *a, **k):
+        released.append(real_release(self, *a, **k))
+        return released[-1]
+
+    def spy_quantize(x, *a, **k):
+        quantised.append(np.array(x, copy=True))
+        return real_quantize(x, *a, **k)
+
+    monkeypatch.setattr(UpdateLevel, "release", spy_release)
+    monkeypatch.setattr(quantization, "quantize", spy_quantize)
+    node = {"partition-id": 0, "num-partitions": 2}
+    first = _released(_run_site(run_config, node, msg))
+    keys = list(released[0])
+    assert len(quantised) == len(keys)
+    for k, q in zip(keys, quantised):  # round 1: no residual yet, exactly the release
+        np.testing.assert_array_equal(q, released[0][k].astype(np.float32))
+        step = np.abs(q).max() / 127
+        assert np.abs(first[k] - q).max() <= step  # what arrives: the release, rounded
+    replay = _released(_run_site(run_config, node, msg))
+    cfg = parse_run_config(run_config)
+    std = privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
+                                   max_norm=cfg.update_max_norm)
+    assert _diff(first, replay).std() == pytest.approx(np.sqrt(2) * std, rel=0.05)
+
+
+# -- error feedback state: clients keep theirs in context.state, the server in its checkpoint --
+
+
+def _capture_mod(path):
+    """Writes (to ``path``: clients run in other processes) each training broadcast's round
+    and digest of its bytes and, after the reply, whether the node's context.state holds its
+    wire residual."""
+    from client.client_app import WIRE_STATE_KEY
+    from fedlora.protocol import CONFIG_KEY, LORA_KEY
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            down = hashlib.sha256(b"".join(
+                k.encode() + bytes(a.data) for k, a in sorted(msg.content[LORA_KEY].items())))
+            with open(path, "a") as f:
+                f.write(json.dumps({"round": int(msg.content[CONFIG_KEY]["server-round"]),
+                                    "down": down.hexdigest(),
+                                    "keys": sorted(msg.content[LORA_KEY].keys()),
+                                    "residual": WIRE_STATE_KEY in context.state}) + "\n")
+        return reply
+
+    return mod
+
+
+def _read(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task, tmp_path):  # noqa: F811
+    from fedlora.checkpoint import load_checkpoint
+
+    base = dict(custom_task, **{"wire-dtype": "int4", "wire-block-size": 16,
+                                "fraction-train": 1.0, "fraction-evaluate": 0.0})
+    run_in_process(dict(base, **{"num-server-rounds": 3, "run-name": "ef-whole"}), num_nodes=2,
+                   mods=[_capture_mod(tmp_path / "whole.jsonl")])
+    whole = _read(tmp_path / "whole.jsonl")
+    assert len(whole) == 6 and all(s["residual"] for s in whole)  # every client kept one
+    overrides = dict(base, **{"num-server-rounds": 2, "run-name": "ef-split"})
+    run_dir = run_in_process(overrides, num_nodes=2)
+    ckpt = load_checkpoint(run_dir)
+    assert set(ckpt.wire_state) == set(whole[0]["keys"])
+    assert any(np.abs(v).max() > 0 for v in ckpt.wire_state.values())
+    run_in_process(dict(overrides, **{"num-server-rounds": 3, "resume": True}), num_nodes=2,
+                   mods=[_capture_mod(tmp_path / "split.jsonl")])
+    # The resumed server's round-3 broadcast is bit for bit the uninterrupted one's: the
+    # global adapter and the broadcast residual both came back from the checkpoint.
+    want = {s["down"] for s in whole if s["round"] == 3}
+    got = {s["down"] for s in _read(tmp_path / "split.jsonl") if s["round"] == 3}
+    assert len(want) == 1 and got == want
