@@ -211,8 +211,9 @@ def _encode_reply(msg: Message, context: Context, cfg, reply) -> ArrayRecord:
     is post-processing under DP) is added first and updated."""
     wire = WireFormat.from_config(cfg)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
-    rng = np.random.default_rng([cfg.seed, server_round, context.node_id % 2**63, 0x317F])
-    if not wire.uses_feedback:
+    who = context.node_config.get("partition-id", context.node_id)  # stable across runs
+    rng = np.random.default_rng([cfg.seed, server_round, int(who) % 2**63, 0x317F])
+    if not (wire.uses_feedback and runtime.method_for(cfg).wire_feedback):
         return to_record(reply, wire, rng=rng)
     stored = context.state.get(WIRE_STATE_KEY)
     feedback = ErrorFeedback(from_record(stored) if stored is not None else None)

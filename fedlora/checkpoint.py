@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .adapters import state_digest
+from .config import defaults
 from .results import atomic_write_bytes
 
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "CheckpointError", "save_checkpoint",
@@ -130,6 +131,9 @@ def find_resumable(output_dir: str | Path, run_name: str) -> Path:
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Keys whose values differ and may not (see :data:`RESUMABLE_CHANGES`)."""
+    """Keys whose values differ and may not (see :data:`RESUMABLE_CHANGES`). A key the
+    saved config lacks (a checkpoint from before the key existed) ran at its default."""
+    known = defaults()
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    return sorted(k for k in keys
+                  if saved.get(k, known.get(k)) != current.get(k, known.get(k)))

@@ -21,7 +21,10 @@ COLUMNS = ("round", "node", "direction", "kind", "bytes", "analytic_bytes", "fac
 def _predicted_bytes(numel: int, dtype: str, block_size: int) -> int:
     if dtype in ALL_WIRE_DTYPES:
         return encoded_bytes(numel, dtype, block_size)
-    return numel * np.dtype(dtype).itemsize  # Flower's own numpy arrays
+    try:
+        return numel * np.dtype(dtype).itemsize  # Flower's own numpy arrays
+    except TypeError:
+        return 0  # no prediction for an unknown dtype: measured != analytic flags it
 
 
 def analytic_record_bytes(record: Mapping[str, Any], block_size: int = 64) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import numpy as np
 
 __all__ = ["QUANTIZED_DTYPES", "ErrorFeedback", "quantized_bytes", "quantize", "dequantize",
-           "encode_bytes", "decode_bytes"]
+           "encode_bytes", "decode_bytes", "header_block", "block_steps"]
 
 QMAX: dict[str, int] = {"int8": 127, "int4": 7}
 QUANTIZED_DTYPES = tuple(QMAX)
@@ -79,8 +79,8 @@ def quantize(x: np.ndarray, dtype: str, block: int,
 def dequantize(scales: np.ndarray, codes: np.ndarray, block: int,
                shape: tuple[int, ...]) -> np.ndarray:
     """float32 values of ``shape`` from :func:`quantize`'s output."""
-    # Index, not np.repeat: a sender's block size must not decide how much memory this takes.
-    per_value = scales.astype(np.float32)[np.arange(codes.size) // block]
+    n = codes.size  # at most 2n values repeated, whatever block size a sender claims
+    per_value = np.repeat(scales.astype(np.float32), min(block, max(n, 1)))[:n]
     return (codes.astype(np.float32) * per_value).reshape(shape)
 
 
@@ -123,10 +123,28 @@ def decode_bytes(data: bytes, dtype: str, shape: tuple[int, ...], key: str = "")
         packed = np.frombuffer(data, dtype=np.uint8, offset=start)
         u = np.empty(packed.size * 2, dtype=np.uint8)
         u[0::2], u[1::2] = packed & 0x0F, packed >> 4
+        if n % 2 and u[n] != 8:
+            raise ValueError(f"array '{key}' has a padding nibble other than 8")
         codes = (u[:n].astype(np.int16) - 8).astype(np.int8)
     if (np.abs(codes.astype(np.int16)) > QMAX[dtype]).any():
         raise ValueError(f"array '{key}' has codes outside [-{QMAX[dtype]}, {QMAX[dtype]}]")
     return dequantize(scales, codes, block, tuple(shape))
+
+
+def header_block(data: bytes) -> int:
+    """The block size an int8/int4 array's header declares (0 if it has no header)."""
+    return _HEADER.unpack_from(data)[0] if len(data) >= _HEADER.size else 0
+
+
+def block_steps(values: np.ndarray, dtype: str, block: int) -> np.ndarray:
+    """Per value, the rounding step of its block as a receiver sees it: the block's largest
+    decoded magnitude over the largest code (the code of that value, by construction)."""
+    flat = np.abs(np.asarray(values, dtype=np.float64)).ravel()
+    if not flat.size:
+        return np.zeros(np.shape(values))
+    pad = (-flat.size) % block
+    steps = np.concatenate([flat, np.zeros(pad)]).reshape(-1, block).max(axis=1) / QMAX[dtype]
+    return np.repeat(steps, block)[:flat.size].reshape(np.shape(values))
 
 
 class ErrorFeedback:

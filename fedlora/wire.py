@@ -81,7 +81,10 @@ def _encode(arr: np.ndarray, wire_dtype: str) -> Array:
 def _decode(key: str, arr: Array) -> np.ndarray:
     if arr.stype != STYPE:
         # Also accept Flower's own numpy serialisation (e.g. from other tools).
-        return np.asarray(arr.numpy(), dtype=np.float32)
+        try:
+            return np.asarray(arr.numpy(), dtype=np.float32)
+        except Exception as e:  # whatever a foreign serialisation raises: a bad array
+            raise ValueError(f"array '{key}' cannot be read ({type(e).__name__}: {e})") from None
     shape = tuple(arr.shape)
     if arr.dtype in QUANTIZED_DTYPES:
         return decode_bytes(arr.data, arr.dtype, shape, key)

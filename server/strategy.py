@@ -21,8 +21,8 @@ from fedlora.comms import CommsLedger
 from fedlora.methods import Method
 from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY,
                               STATUS_OK)
-from fedlora.quantization import ErrorFeedback
-from fedlora.wire import WireFormat, from_record, to_record
+from fedlora.quantization import ErrorFeedback, block_steps, header_block
+from fedlora.wire import STYPE, WireFormat, from_record, to_record
 
 from .round_outcome import RoundOutcome, short_reason as _short, weighted_metrics
 
@@ -102,7 +102,8 @@ class LoraStrategy(Strategy):
         self.min_train_nodes = min_train_nodes
         self.wire = wire if isinstance(wire, WireFormat) else WireFormat(dtype=wire)
         self.wire_dtype = self.wire.dtype
-        self.downlink_feedback = ErrorFeedback() if self.wire.uses_feedback else None
+        self.downlink_feedback = (ErrorFeedback() if self.wire.uses_feedback
+                                  and method.wire_feedback else None)
         self.seed, self.rng = int(seed), np.random.default_rng(seed)
         self.ledger = ledger
         self.central = central
@@ -111,6 +112,9 @@ class LoraStrategy(Strategy):
         self.hide_nodes, self.dp_on = central is not None, dp_on or central is not None
         self.last_outcome = RoundOutcome()
         self._global: dict[str, np.ndarray] = {}
+        # The global adapter as this round's clients received it (rounded by the wire):
+        # what their updates are measured against.
+        self._received: dict[str, np.ndarray] = {}
         self._sent_train: list[Message] = []
         self.node_keys: dict[int, int] = {}  # node id -> partition-id, from identify_nodes
 
@@ -163,11 +167,17 @@ class LoraStrategy(Strategy):
         kind: str,
     ) -> list[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
-        # Training broadcasts carry the rounding residual forward; evaluation ones do not.
-        feedback = self.downlink_feedback if kind == MessageType.TRAIN else None
+        # Training broadcasts carry the rounding residual forward; evaluation ones, and
+        # a broadcast to nobody, do not.
+        train = kind == MessageType.TRAIN
+        feedback = self.downlink_feedback if train and nodes else None
         arrays = to_record(self.method.payload(from_record(arrays)), self.wire,
                            feedback=feedback,
                            rng=np.random.default_rng([self.seed, server_round, 0x317E]))
+        if train:
+            sent = from_record(arrays)
+            self._received = {k: sent[k] if k in sent and sent[k].shape == v.shape else v
+                              for k, v in self._global.items()}
         record = RecordDict({LORA_KEY: arrays, CONFIG_KEY: config})
         msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
         if self.ledger is not None:
@@ -211,10 +221,14 @@ class LoraStrategy(Strategy):
             if self.foreign_keys == "fail":
                 raise AuditError(f"audit failed: node {msg.metadata.src_node_id} sent {reason}")
             raise ValueError(reason)
-        wrong = sorted(k for k, a in content[LORA_KEY].items() if a.dtype != self.wire_dtype)
-        if wrong:
-            raise ValueError(f"array '{wrong[0]}' has dtype "
-                             f"{content[LORA_KEY][wrong[0]].dtype}, expected {self.wire_dtype}")
+        for k, a in sorted(content[LORA_KEY].items()):
+            if a.dtype != self.wire_dtype:
+                raise ValueError(f"array '{k}' has dtype {a.dtype}, expected {self.wire_dtype}")
+            if a.stype != STYPE:
+                raise ValueError(f"array '{k}' is serialised as {a.stype!r}, expected {STYPE!r}")
+            if self.wire.quantized and header_block(a.data) != self.wire.block_size:
+                raise ValueError(f"array '{k}' has block size {header_block(a.data)}, "
+                                 f"expected wire-block-size {self.wire.block_size}")
         state = from_record(content[LORA_KEY])
         for k, a in state.items():
             if not np.isfinite(a).all():
@@ -222,7 +236,8 @@ class LoraStrategy(Strategy):
         rank = self.method.check_reply(state, self.template)  # ReplyShapeError: a ValueError
         if self.central is not None:  # user-level DP: clipped at release, norms stay unseen
             return state, int(n)
-        norm = self.method.update_norm(state, self._global, rank=rank)
+        norm = self.method.update_norm(self._beyond_rounding(state, rank), self._received,
+                                       rank=rank)
         bound = self.max_update_norm + self.noise_norm_allowance
         if self.max_update_norm > 0 and norm > bound:
             raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm "
@@ -231,6 +246,20 @@ class LoraStrategy(Strategy):
                                 if self.noise_norm_allowance else ""))
         self.last_outcome.update_norms.append(norm)
         return state, int(n)
+
+    def _beyond_rounding(self, state: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
+        """The smallest change a quantised reply can stand for: each value moved back towards
+        its start by up to one rounding step of its block. Unchanged on float wires."""
+        if not self.wire.quantized:
+            return state
+        start = self.method.start_state(self._received, rank=rank)
+        out = {}
+        for k, v in state.items():
+            s = np.asarray(start.get(k, 0.0), dtype=np.float64)
+            d = v.astype(np.float64) - s
+            step = block_steps(v, self.wire.dtype, self.wire.block_size)
+            out[k] = s + np.sign(d) * np.maximum(np.abs(d) - step, 0.0)
+        return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -307,7 +336,8 @@ class LoraStrategy(Strategy):
         if self.central.local_mode:  # the clients' own (record-level) ledgers
             for _, p in outcome.privacy:
                 p.setdefault("mode", self.central.local_mode)
-        merged = self.central.release(server_round, self._global, states, self.method)
+        merged = self.central.release(server_round, self._global, states, self.method,
+                                      reference=self._received)
         outcome.privacy.append(("server", self.central.metrics()))
         return (to_record(merged),
                 weighted_metrics(metrics, weights) if metrics else None)

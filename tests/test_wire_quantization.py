@@ -231,3 +231,86 @@ def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task
     want = {s["down"] for s in whole if s["round"] == 3}
     got = {s["down"] for s in _read(tmp_path / "split.jsonl") if s["round"] == 3}
     assert len(want) == 1 and got == want
+
+
+# -- what a hostile sender can and cannot do ------------------------------------------------
+
+
+def _strategy(wire="int4", aggregator="fedavg", max_update_norm=50.0):
+    from fedlora.methods import get_method
+    from server.strategy import LoraStrategy
+
+    rng = np.random.default_rng(5)
+    template = {"m.lora_A.weight": rng.normal(size=(4, 64)).astype(np.float32),
+                "m.lora_B.weight": np.zeros((64, 4), np.float32)}
+    method = get_method(aggregator, alpha=8.0, rank=4)
+    strategy = LoraStrategy(method=method, template=template, fraction_train=1.0,
+                            fraction_evaluate=0.0, wire=WireFormat(wire, 16),
+                            max_update_norm=max_update_norm)
+    strategy._global = template
+    strategy._messages(1, to_record(template), _config(), [1], "train")
+    return strategy, template
+
+
+def _config():
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({})
+
+
+def _reply_message(arrays, identity_ok=True):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedlora.protocol import LORA_KEY, METRICS_KEY, STATUS_KEY
+
+    return Message(content=RecordDict({LORA_KEY: arrays,
+                                       METRICS_KEY: MetricRecord({"num-examples": 10}),
+                                       STATUS_KEY: ConfigRecord({"status": "ok"})}),
+                   dst_node_id=0, message_type="train")
+
+
+def test_crafted_replies_are_refused_not_fatal(identity):  # noqa: F811
+    from flwr.app import Array, ArrayRecord
+
+    strategy, template = _strategy()
+    honest = to_record(template, WireFormat("int4", 16))
+    strategy._check_reply(_reply_message(honest))  # accepted
+    k = "m.lora_A.weight"
+    crafted = {
+        "foreign serialisation": Array(dtype="int4", shape=(4, 64), stype="garbage", data=b"x"),
+        "other block size": to_record({k: template[k]}, WireFormat("int4", 32))[k],
+        "unknown dtype": Array(dtype="bogus", shape=(4, 64), stype="fedlora.raw-le", data=b""),
+    }
+    for why, arr in crafted.items():
+        arrays = ArrayRecord({**dict(honest.items()), k: arr})
+        with pytest.raises(ValueError):
+            strategy._check_reply(_reply_message(arrays))
+        strategy.ledger = CommsLedger()
+        strategy.ledger.record(1, 1, "up", "train", arrays)  # the ledger does not crash
+
+
+def test_rounding_does_not_count_as_update_but_a_real_change_does(identity):  # noqa: F811
+    """An honest int4 reply that changed nothing is measured as (almost) no change, though
+    its values moved by rounding; a reply that moved one value far is still measured."""
+    strategy, template = _strategy(max_update_norm=0.5)
+    fb = ErrorFeedback()
+    for _ in range(3):  # rounding residuals of a few rounds
+        reply = to_record(template, WireFormat("int4", 16), feedback=fb)
+    raw = np.sqrt(sum(np.sum((v - template[k]) ** 2) for k, v in from_record(reply).items()))
+    assert raw > 0.5  # measured naively, rounding alone would be refused
+    strategy._check_reply(_reply_message(reply))
+    assert strategy.last_outcome.update_norms[-1] < 0.01 * raw
+    moved = dict(template, **{"m.lora_B.weight": np.full((64, 4), 0.0, np.float32)})
+    moved["m.lora_B.weight"][0, 0] = 5.0
+    with pytest.raises(ValueError, match="update norm"):
+        strategy._check_reply(_reply_message(to_record(moved, WireFormat("int4", 16))))
+
+
+def test_a_checkpoint_from_before_the_wire_keys_resumes():
+    from fedlora.checkpoint import config_differences
+    from fedlora.config import defaults
+
+    old = {k: v for k, v in defaults().items() if not k.startswith("wire-") or k == "wire-dtype"}
+    assert config_differences(old, defaults()) == []
+    assert config_differences(old, dict(defaults(), **{"wire-block-size": 32})) == \
+        ["wire-block-size"]

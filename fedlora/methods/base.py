@@ -84,6 +84,9 @@ class Method:
     name: ClassVar[str] = ""
     freeze_a: ClassVar[bool] = False  # clients train B only
     allows_rank_change: ClassVar[bool] = True  # clients may train their own rank
+    # int8/int4 error feedback pays where what is sent accumulates (a client starts from
+    # the broadcast, the server's global from the replies); not where each round starts over.
+    wire_feedback: ClassVar[bool] = True
     alpha: float = 16.0
     rank: int = 8
     options: dict[str, Any] = field(default_factory=dict)

@@ -22,6 +22,10 @@ class StackMethod(Method):
     base weights and train a fresh LoRA adapter on top."""
 
     name = "stack"
+    # The server's stacked factors are exact and clients refold them from scratch each
+    # round, and each round's reply is a fresh adapter: rounding residuals have nothing to
+    # correct in either direction.
+    wire_feedback = False
 
     def __post_init__(self) -> None:
         # module -> (B_cum (d_out, R), A_cum (R, d_in)), scale 1: the global update so far.

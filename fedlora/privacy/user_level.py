@@ -218,24 +218,29 @@ class CentralDp:
 
     def release(self, server_round: int, global_state: Mapping[str, np.ndarray],
                 replies: Sequence[Mapping[str, np.ndarray]], method: Method,
-                rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+                rng: np.random.Generator | None = None,
+                reference: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The new global adapter from the accepted replies (each clipped, the mean noised,
         the noise from OS entropy unless a test passes ``rng``) and one accountant step.
 
-        Only the tensors ``method`` sends are released; the others (FFA's frozen ``A``)
-        stay as they are.
+        A reply's update is measured from ``reference`` (what the clients received: the
+        global adapter as the wire rounded it; default the global itself) and applied to
+        the global adapter. Only the tensors ``method`` sends are released; the others
+        (FFA's frozen ``A``) stay as they are.
         """
         if self.denominator is None:
             raise RuntimeError("start_round must be called before release")
         template = {k: np.asarray(global_state[k], dtype=np.float64)
                     for k in method.payload(dict(global_state))}
+        base = {k: np.asarray((reference or global_state)[k], dtype=np.float64)
+                for k in template}
         updates = []
         for reply in replies:
             rank = state_rank(reply)
             if rank is not None and rank != method.rank:  # a site of its own rank
                 reply = refit_state(reply, rank=method.rank, from_scale=method.alpha / rank,
                                     to_scale=method.scale)
-            updates.append({k: np.asarray(reply[k], dtype=np.float64) - template[k]
+            updates.append({k: np.asarray(reply[k], dtype=np.float64) - base[k]
                             for k in template})
         mean = private_mean_update(updates, template, clip=self.clip,
                                    noise_multiplier=self.noise_multiplier,
