@@ -97,8 +97,9 @@ KEYS: tuple[Key, ...] = (
     Key("probe-learning-rate", float, 1.0, "a float in (0, 100]", lambda v: 0 < v <= 100,
         help="SGD learning rate of the probe rounds (full-batch steps on a linear head take "
         "a far larger rate than LoRA's)."),
-    Key("aggregator", str, "fedavg", "one of fedavg, svd, ffa, stack",
-        help="How the server combines the clients' factors (see README)."),
+    Key("aggregator", str, "fedavg", "one of the registered aggregators (fedlora.methods)",
+        help="How the server combines the clients' factors: fedavg, svd, ffa, stack (see "
+        "README; each registered in fedlora.methods)."),
     Key("svd-error-feedback", bool, False, "true or false",
         help="With aggregator = svd: carry the rank-truncation residual into the next round."),
     Key("wire-dtype", str, "float32", "one of float32, float16, bfloat16, int8, int4",

@@ -197,15 +197,38 @@ def test_bad_client_mode_configs_name_the_key(overrides, key):
     assert info.value.key == key
 
 
-def test_config_and_library_agree_on_the_aggregators():
-    for name in ("fedavg", "ffa", "svd", "stack"):
-        ok = name in privacy.get_mechanism("client").aggregators
+def test_user_level_dp_takes_exactly_the_aggregators_whose_global_is_the_mean():
+    """Each aggregator declares whether its new global adapter is the weighted mean of the
+    sent tensors (``Method.linear``); the declaration is checked against its aggregate, and
+    user-level DP accepts exactly the linear ones."""
+    from fedlora.methods import METHODS, get_method
+
+    rng = np.random.default_rng(0)
+    glob = {"m.lora_A.weight": rng.normal(size=(2, 6)).astype(np.float32),
+            "m.lora_B.weight": rng.normal(size=(5, 2)).astype(np.float32),
+            "classifier.bias": rng.normal(size=2).astype(np.float32)}
+    weights = [1, 2, 3]
+    for name, cls in METHODS.items():
+        method = get_method(name, alpha=4.0, rank=2)
+        sent = method.start_state(glob, rank=2)
+        sent = {k: v for k, v in glob.items() if k in sent or k.endswith("lora_B.weight")} \
+            if cls.freeze_a or name == "stack" else sent
+        replies = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in sent.items()}
+                   for _ in weights]
+        if name == "stack":  # a fresh adapter each round: A and B both sent
+            replies = [dict(r, **{"m.lora_A.weight": rng.normal(size=(2, 6)).astype(np.float32)})
+                       for r in replies]
+        out = method.aggregate(replies, weights, glob)
+        p = np.asarray(weights) / sum(weights)
+        is_mean = all(np.allclose(out[k], sum(w * r[k] for w, r in zip(p, replies)), atol=1e-5)
+                      for k in replies[0])
+        assert is_mean == cls.linear, name
         try:
             parse_run_config({"dp-mode": "client", "aggregator": name})
-        except ConfigError:
-            assert not ok
+        except ConfigError as e:
+            assert not cls.linear and e.key == "aggregator"
         else:
-            assert ok
+            assert cls.linear
 
 
 def test_delta_must_be_below_one_over_the_number_of_clients():

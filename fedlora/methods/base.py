@@ -87,6 +87,9 @@ class Method:
     # int8/int4 error feedback pays where what is sent accumulates (a client starts from
     # the broadcast, the server's global from the replies); not where each round starts over.
     wire_feedback: ClassVar[bool] = True
+    # The new global adapter is a weighted mean of the tensors clients send (what a
+    # noised mean, user-level DP, can release in its place).
+    linear: ClassVar[bool] = True
     alpha: float = 16.0
     rank: int = 8
     options: dict[str, Any] = field(default_factory=dict)

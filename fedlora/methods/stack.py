@@ -22,6 +22,7 @@ class StackMethod(Method):
     base weights and train a fresh LoRA adapter on top."""
 
     name = "stack"
+    linear = False  # every client's own factors, concatenated
     # The server's stacked factors are exact and clients refold them from scratch each
     # round, and each round's reply is a fresh adapter: rounding residuals have nothing to
     # correct in either direction.

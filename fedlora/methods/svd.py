@@ -17,6 +17,7 @@ class SvdMethod(Method):
     with the truncation residual optionally fed back into the next round."""
 
     name = "svd"
+    linear = False  # the SVD of the mean of products B_k A_k
 
     def __post_init__(self) -> None:
         self.feedback = (aggregation.SvdErrorFeedback()

@@ -7,7 +7,8 @@ A mechanism is one class registered with :func:`register` in its own module
 * ``name``: its ``dp-mode`` name; a :class:`ClientMechanism` runs on every client, a
   :class:`ServerMechanism` on the server;
 * ``neighbouring``: the neighbouring relation its guarantee is stated for, and against whom;
-* ``aggregators``: the aggregators it works with (None: all of them);
+* ``needs_linear_aggregator``: whether it works only with aggregators whose global adapter
+  is the weighted mean of what clients send (``linear`` in :mod:`fedlora.methods`);
 * ``check_config(cfg)``: its run-config checks, before round 1, naming the key;
 * a client mechanism: ``plan_round(cfg, n)`` (its sample rate and accounted steps per
   round, from which :meth:`ClientMechanism.plan` calibrates sigma for the whole run),
@@ -76,7 +77,9 @@ class Mechanism:
 
     name: ClassVar[str]
     neighbouring: ClassVar[str]
-    aggregators: ClassVar[tuple[str, ...] | None] = None
+    # Releases a noised mean of what clients send: needs an aggregator whose global
+    # adapter is that mean (``Method.linear``).
+    needs_linear_aggregator: ClassVar[bool] = False
     aggregator_reason: ClassVar[str] = ""  # why the others are refused
     probe: ClassVar[bool] = False  # serves linear-probe rounds (run-config probe-rounds > 0)
 
@@ -91,10 +94,15 @@ class Mechanism:
             raise ConfigError("probe-rounds", cfg.probe_rounds,
                               f"0 with dp-mode = '{cfg.dp_mode}' ({self.name} noises every "
                               "tensor sent, the LoRA factors a probe round leaves alone)")
-        if self.aggregators is not None and cfg.aggregator not in self.aggregators:
-            raise ConfigError("aggregator", cfg.aggregator,
-                              f"one of {', '.join(self.aggregators)} with dp-mode = "
-                              f"'{cfg.dp_mode}' ({self.name}: {self.aggregator_reason})")
+        if self.needs_linear_aggregator:
+            from ..methods import METHODS  # each aggregator declares whether it is linear
+
+            method = METHODS.get(cfg.aggregator)
+            if method is not None and not method.linear:
+                linear = [name for name, m in METHODS.items() if m.linear]
+                raise ConfigError("aggregator", cfg.aggregator,
+                                  f"one of {', '.join(linear)} with dp-mode = "
+                                  f"'{cfg.dp_mode}' ({self.name}: {self.aggregator_reason})")
 
 
 class ClientMechanism(Mechanism):

@@ -297,9 +297,9 @@ class UserLevel(ServerMechanism):
     neighbouring = ("add or remove one client, with all it contributes over the run "
                     "(user-level); against whoever sees what the server releases (the server "
                     "itself is trusted with the replies)")
-    aggregators = ("fedavg", "ffa")
-    aggregator_reason = ("user-level DP noises the mean of the sent tensors; svd's aggregate "
-                         "is not linear in them and stack releases every client's own factors")
+    needs_linear_aggregator = True
+    aggregator_reason = ("user-level DP noises the mean of the sent tensors, and this "
+                         "aggregator's global adapter is not that mean")
     accepts_local = ("sample",)
 
     def server_hook(self, cfg: Any) -> CentralDp:
