@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedlora import privacy, runtime
+from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.config import ConfigError
 from fedlora.data import DataError
 from fedlora.models import cached_lora_model
@@ -49,6 +50,9 @@ def _setup(msg: Message, context: Context):
     model = cached_lora_model(spec)
     method = runtime.method_for(cfg)
     method.load(model, from_record(msg.content[LORA_KEY]), client_rank=spec.rank)
+    personal = context.state.get(PERSONAL_STATE_KEY)
+    if personal is not None:  # what this client keeps for itself (FedSA-LoRA's own B)
+        load_adapter_state(model, {**adapter_state(model), **from_record(personal)})
     data = runtime.client_data(
         cfg,
         partition_id=node.partition_id,
@@ -59,6 +63,7 @@ def _setup(msg: Message, context: Context):
 
 
 PRIVACY_STATE_KEY = "fedlora-privacy"
+PERSONAL_STATE_KEY = "fedlora-personal"
 
 
 def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int,
@@ -223,6 +228,9 @@ def _encode_reply(msg: Message, context: Context, cfg, reply) -> ArrayRecord:
 
 
 def _reply(msg: Message, context: Context, cfg, reply, metrics: dict) -> Message:
+    personal = runtime.method_for(cfg).personal_keys(reply)
+    if personal:  # kept as released (under DP: the noised values), for the next round
+        context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})
     if cfg.dp_mode != "off":  # under any DP mode: nothing about the data outside the guarantee
         metrics = privacy.released_metrics(metrics)
     content = RecordDict(

@@ -221,7 +221,8 @@ def run_federated(grid: Grid, cfg) -> Path:
     def central_eval(record: ArrayRecord):
         if test_set is None:
             return None
-        method.load(model, method.payload(from_record(record)), client_rank=cfg.lora_rank)
+        method.load(model, method.evaluation_state(from_record(record)),
+                    client_rank=cfg.lora_rank)
         return evaluate(model, test_set, batch_size=cfg.eval_batch_size)
 
     rows: list[dict] = []

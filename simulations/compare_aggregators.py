@@ -6,7 +6,7 @@
 Every run uses the same seed, partitions, rounds, number of sampled clients and local
 steps, and samples the same partitions (the server orders nodes by partition-id); the
 heterogeneous-rank runs give the virtual clients ranks 4, 8 and 16 in turn (global
-rank 8). FFA-LoRA needs one shared rank, so it has no heterogeneous row.
+rank 8). FFA-LoRA and FedSA-LoRA need one shared rank, so they have no heterogeneous row.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fedlora.methods import METHODS  # noqa: E402
 from simulations.harness import parse_sets, read_metrics, run_inprocess  # noqa: E402
 
 HET_RANKS = (4, 8, 16)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--aggregators", default="fedavg,ffa,stack,svd")
+    ap.add_argument("--aggregators", default="fedavg,ffa,stack,svd,fedsa")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare-aggregators")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     ap.add_argument("--no-het", action="store_true", help="skip the heterogeneous-rank runs")
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for agg in args.aggregators.split(","):
         for het in (False, True):
-            if het and (args.no_het or agg == "ffa"):
+            if het and (args.no_het or not METHODS[agg].allows_rank_change):
                 continue
             name = f"{agg}-{'het' if het else 'same'}"
             overrides = {

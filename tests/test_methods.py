@@ -151,7 +151,7 @@ def test_reply_checks_name_the_problem(tiny_model_dir):
         method.check_reply(extra, template)
 
 
-@pytest.mark.parametrize("aggregator", ["fedavg", "svd", "ffa", "stack"])
+@pytest.mark.parametrize("aggregator", ["fedavg", "svd", "ffa", "stack", "fedsa"])
 def test_every_aggregator_runs_in_process(custom_task, aggregator):  # noqa: F811
     overrides = dict(custom_task, aggregator=aggregator, **{"run-name": aggregator,
                                                             "fraction-evaluate": 0.0})
@@ -208,3 +208,61 @@ def test_svd_error_feedback_keeps_what_truncation_drops(tiny_model_dir):
     residual = method.feedback.residual(module)
     kept = np.asarray(residual.B, np.float64) @ np.asarray(residual.A) * residual.scale
     np.testing.assert_allclose(total_sent + kept, total_exact, rtol=1e-4, atol=1e-4)
+
+
+def _fedsa_mod(path):
+    """Writes, per training message: the partition, round, the keys broadcast, the digest of
+    the B this client keeps before training and of the B it released."""
+    import hashlib
+
+    from client.client_app import PERSONAL_STATE_KEY
+    from fedlora.protocol import CONFIG_KEY, LORA_KEY
+    from fedlora.wire import from_record
+
+    def digest(state):
+        h = hashlib.sha256()
+        for k in sorted(state):
+            if k.endswith(FACTOR_B):
+                h.update(k.encode() + np.ascontiguousarray(state[k]).tobytes())
+        return h.hexdigest()
+
+    def mod(msg, context, call_next):
+        kept = context.state.get(PERSONAL_STATE_KEY)
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == "train":
+            with open(path, "a") as f:
+                f.write(json.dumps({
+                    "partition": context.node_config["partition-id"],
+                    "round": int(msg.content[CONFIG_KEY]["server-round"]),
+                    "down": sorted(msg.content[LORA_KEY].keys()),
+                    "kept": None if kept is None else digest(from_record(kept)),
+                    "sent": digest(from_record(reply.content[LORA_KEY]))}) + "\n")
+        return reply
+
+    return mod
+
+
+def test_fedsa_shares_a_and_each_client_trains_its_own_b(custom_task, tmp_path):  # noqa: F811
+    overrides = dict(custom_task, aggregator="fedsa", **{
+        "run-name": "fedsa", "fraction-train": 1.0, "fraction-evaluate": 0.0,
+        "num-server-rounds": 3})
+    log = tmp_path / "fedsa.jsonl"
+    run_dir = run_in_process(overrides, num_nodes=4, mods=[_fedsa_mod(str(log))])
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(rows) == 12
+    for r in rows:  # the broadcast carries A and the head, never B
+        assert r["down"] and not any(k.endswith(FACTOR_B) for k in r["down"])
+        assert any(k.endswith(FACTOR_A) for k in r["down"])
+    by = {(r["partition"], r["round"]): r for r in rows}
+    for p in range(4):
+        assert by[(p, 1)]["kept"] is None
+        for rnd in (2, 3):  # each client starts from the B it released last round
+            assert by[(p, rnd)]["kept"] == by[(p, rnd - 1)]["sent"]
+    assert len({by[(p, 3)]["sent"] for p in range(4)}) == 4  # four personal Bs
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["clients_accepted"] for r in rounds[1:]] == [4, 4, 4]
+    # The exported adapter holds the averaged B the server evaluated with (not zeros).
+    from safetensors.numpy import load_file
+
+    exported = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert any(np.abs(v).max() > 0 for k, v in exported.items() if "lora_B" in k)

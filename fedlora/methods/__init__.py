@@ -8,7 +8,7 @@ registry of :class:`Method` objects, so the server and client glue has no if-cha
 
 * :mod:`.base` - the FedAvg-style :class:`Method`, the ``METHODS`` registry,
   :func:`get_method` and the adapter-state helpers;
-* :mod:`.fedavg`, :mod:`.svd`, :mod:`.ffa`, :mod:`.stack` - one method each.
+* :mod:`.fedavg`, :mod:`.svd`, :mod:`.ffa`, :mod:`.stack`, :mod:`.fedsa` - one method each.
 
 Adapter states are ``{peft key: float32 ndarray}`` (see :mod:`fedlora.adapters`); a
 client's own LoRA scale is ``alpha / r_k``.
@@ -25,6 +25,7 @@ from .svd import SvdMethod  # isort: skip
 from .ffa import FfaMethod  # isort: skip
 from .stack import (_BASE_ATTR, _FRESH_ATTR, StackMethod, _lora_layers,  # isort: skip
                     fold_update, fresh_adapter)
+from .fedsa import FedSaMethod  # isort: skip
 
 __all__ = ["Method", "METHODS", "get_method", "state_to_factors", "factors_to_state",
            "refit_state", "ReplyShapeError"]

@@ -117,6 +117,15 @@ class Method:
         """What the server sends for the current global adapter."""
         return global_state
 
+    def evaluation_state(self, global_state: State) -> State:
+        """What the server loads (through :meth:`load`) to evaluate the global adapter."""
+        return self.payload(global_state)
+
+    def personal_keys(self, state: Mapping[str, Any]) -> set[str]:
+        """Keys of ``state`` that each client keeps for itself across rounds (its node
+        state holds them; what it keeps is what it released, never more)."""
+        return set()
+
     def check_reply(self, reply: Mapping[str, np.ndarray], template: Mapping[str, np.ndarray]) -> int:
         """Validate a reply's keys and shapes against the adapter layout; returns its rank.
 
