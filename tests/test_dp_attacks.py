@@ -328,3 +328,26 @@ def test_under_dp_a_failing_site_does_not_quote_its_data(identity, site, tmp_pat
         reasons[mode] = reply.content[STATUS_KEY]["reason"]
     assert "maybe-cancer" in reasons["off"]  # without DP the site says what is wrong
     assert "maybe-cancer" not in reasons["sample"] and "own log" in reasons["sample"]
+
+
+def test_fedsa_keeps_the_b_it_released_not_the_one_it_trained(identity, site):
+    """FedSA-LoRA: a client's own B goes into its next round's starting point, and from
+    there into what it releases next; under update DP it must be the noised B it released,
+    or the next release would carry this round's update un-noised."""
+    from client.client_app import PERSONAL_STATE_KEY, train_fn
+
+    run_config = dict(site, **{"dp-mode": "update", "aggregator": "fedsa"})
+    msg = _train_message(run_config)
+    assert not any("lora_B" in k for k in msg.content[LORA_KEY])  # B is never broadcast
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                      state=RecordDict(), run_config=run_config)
+    released = _released(train_fn(msg, context))
+    kept = from_record(context.state[PERSONAL_STATE_KEY])
+    assert kept and all("lora_B" in k for k in kept)
+    for k, v in kept.items():
+        np.testing.assert_array_equal(v, released[k])
+    cfg = parse_run_config(run_config)
+    std = privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
+                                   max_norm=cfg.update_max_norm)
+    b = np.concatenate([v.ravel() for v in kept.values()])
+    assert b.std() == pytest.approx(std, rel=0.1)  # B started at zero: what is kept is noise
