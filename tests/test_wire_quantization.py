@@ -124,24 +124,7 @@ def test_ledger_predicts_quantised_bytes_from_shapes(dtype):
     assert entry.factor_bytes == quantized_bytes(132, dtype, 16) + quantized_bytes(124, dtype, 16)
 
 
-@pytest.mark.parametrize("aggregator,dtype", [("fedavg", "int4"), ("svd", "int8"),
-                                               ("ffa", "int4"), ("stack", "int8")])
-def test_every_aggregator_runs_on_a_quantised_wire_with_exact_ledger(custom_task, aggregator,  # noqa: F811
-                                                                     dtype):
-    """Each aggregator on one quantised dtype (the other dtype shares every code path but
-    the packing, tested above); stack's broadcast grows every round."""
-    overrides = dict(custom_task, **{"wire-dtype": dtype, "wire-block-size": 16,
-                                     "aggregator": aggregator, "fraction-evaluate": 0.0,
-                                     "run-name": f"{dtype}-{aggregator}"})
-    run_dir = run_in_process(overrides, num_nodes=4)
-    rows = list(csv.DictReader((run_dir / "comms.csv").open()))
-    assert {r["wire_dtype"] for r in rows} == {dtype}
-    assert {r["direction"] for r in rows} == {"up", "down"}
-    assert all(int(r["bytes"]) == int(r["analytic_bytes"]) for r in rows)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    last = metrics["rounds"][-1]
-    assert last["round"] == 2 and math.isfinite(last["test_loss"])
-    assert metrics["comms"]["measured_equals_analytic"] is True
+# Every aggregator on an int8 or int4 wire, end to end: tests/test_methods.py.
 
 
 # -- under DP: quantisation is post-processing of what the mechanism released ------------
