@@ -18,7 +18,7 @@ from . import methods
 from .config import parse_run_config
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, load_tokenizer
-from .tasks import TASKS, client_dataset, get_task, load_task_data, partition_indices
+from .tasks import TASKS, client_source, get_task, load_task_data
 
 __all__ = ["resolve_config", "model_spec", "method_for", "encode", "encoded_test_set", "ClientData",
            "client_data", "set_threads_once"]
@@ -106,23 +106,25 @@ class ClientData:
         return len(self.train_idx)
 
 
-@functools.lru_cache(maxsize=4)
-def _encoded_pool(cfg) -> EncodedDataset:
-    # The whole simulation pool is tokenised once per process; clients index into it.
-    return encode(cfg, load_task_data(cfg).train)
+# (cfg, id(rows)) -> (rows, tokenised rows); holding ``rows`` keeps its id from being reused.
+_ENCODED: dict[tuple[Any, int], tuple[Any, EncodedDataset]] = {}
 
 
-@functools.lru_cache(maxsize=8)
-def _encoded_file(cfg, data_path: str) -> EncodedDataset:
-    return encode(cfg, client_dataset(cfg, data_path=data_path))
+def _encoded(cfg, rows) -> EncodedDataset:
+    """``rows`` tokenised once per process (the simulation pool, or a site's own file)."""
+    key = (cfg, id(rows))
+    hit = _ENCODED.get(key)
+    if hit is None or hit[0] is not rows:
+        while len(_ENCODED) >= 8:
+            _ENCODED.pop(next(iter(_ENCODED)))
+        hit = _ENCODED[key] = (rows, encode(cfg, rows))
+    return hit[1]
 
 
 def client_data(
     cfg, *, partition_id: int | None, num_partitions: int | None, data_path: str | None
 ) -> ClientData:
-    """The data of one client: a site's own file, or a partition of the simulation pool."""
-    if data_path:
-        enc = _encoded_file(cfg, data_path)
-        return ClientData(enc, np.arange(len(enc)), cfg.seed)
-    idx = partition_indices(cfg, partition_id, num_partitions)
-    return ClientData(_encoded_pool(cfg), idx, cfg.seed + int(partition_id or 0))
+    """The data of one client, from where :func:`fedlora.tasks.client_source` says."""
+    rows, indices = client_source(cfg, partition_id=partition_id,
+                                  num_partitions=num_partitions, data_path=data_path)
+    return ClientData(_encoded(cfg, rows), indices, cfg.seed + int(partition_id or 0))

@@ -12,10 +12,12 @@ its own module (:mod:`.rotten_tomatoes`, :mod:`.news`, :mod:`.shakespeare`,
 from __future__ import annotations
 
 from .registry import (TASKS, Task, TaskData, _package_dir, _partitions, client_dataset,
+                       client_source,
                        get_task, load_task_data, log, minilm_path, partition_indices,
                        register_task)
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
+           "client_source",
            "partition_indices", "load_task_data"]
 
 # The task modules register themselves on import, in this order.

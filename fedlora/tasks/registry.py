@@ -21,6 +21,7 @@ import numpy as np
 from ..data import DataError, TextDataset, partition, read_table, read_texts
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
+           "client_source",
            "partition_indices", "load_task_data", "minilm_path"]
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,37 @@ def partition_indices(cfg: Any, partition_id: int | None, num_partitions: int | 
     return _partitions(cfg, num_partitions)[partition_id]
 
 
+@functools.lru_cache(maxsize=8)
+def _site_rows(cfg: Any, data_path: str) -> TextDataset:
+    """A site's own file: labelled rows for a classifier, unlabelled texts (next-token
+    targets) for a causal language model; read once per process."""
+    task = get_task(cfg.task)
+    if task.causal_lm:
+        return read_texts(data_path, text_column=cfg.text_column)
+    return read_table(data_path, text_column=cfg.text_column, label_column=cfg.label_column,
+                      label_names=task.label_names(cfg))
+
+
+def client_source(
+    cfg: Any,
+    *,
+    partition_id: int | None = None,
+    num_partitions: int | None = None,
+    data_path: str | None = None,
+) -> tuple[TextDataset, np.ndarray]:
+    """Where one client's examples come from, decided here and nowhere else: ``(rows,
+    indices)`` with the client's examples ``rows[indices]``.
+
+    A site with its own ``data-path`` (node-config) has all of its file; a simulated
+    client has partition ``partition_id`` of the task's pool. ``rows`` is the same object
+    for every client of a process that shares it (so it is tokenised once).
+    """
+    if data_path:
+        rows = _site_rows(cfg, data_path)
+        return rows, np.arange(len(rows))
+    return load_task_data(cfg).train, partition_indices(cfg, partition_id, num_partitions)
+
+
 def client_dataset(
     cfg: Any,
     *,
@@ -132,20 +164,7 @@ def client_dataset(
     num_partitions: int | None = None,
     data_path: str | None = None,
 ) -> TextDataset:
-    """The examples one client trains on.
-
-    A site with its own ``data-path`` (node-config) reads that file (labelled rows for a
-    classifier, unlabelled texts for a causal language model); a simulated client takes
-    partition ``partition_id`` of the task's pool.
-    """
-    if data_path:
-        task = get_task(cfg.task)
-        if task.causal_lm:  # unlabelled text: next-token targets
-            return read_texts(data_path, text_column=cfg.text_column)
-        return read_table(
-            data_path,
-            text_column=cfg.text_column,
-            label_column=cfg.label_column,
-            label_names=task.label_names(cfg),
-        )
-    return load_task_data(cfg).train.subset(partition_indices(cfg, partition_id, num_partitions))
+    """The examples one client trains on (see :func:`client_source`)."""
+    rows, indices = client_source(cfg, partition_id=partition_id,
+                                  num_partitions=num_partitions, data_path=data_path)
+    return rows.subset(indices)
