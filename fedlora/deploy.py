@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .results import atomic_write_bytes
 
 __all__ = ["CertPaths", "make_certificates", "make_node_key", "DeployError"]
 
@@ -48,12 +49,7 @@ class CertPaths:
 def _write(path: Path, data: bytes, *, private: bool, force: bool) -> None:
     if path.exists() and not force:
         raise DeployError(f"{path} exists; refusing to overwrite it (use --force to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 def _san(host: str) -> x509.GeneralName:

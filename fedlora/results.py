@@ -23,9 +23,10 @@ __all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "write_csv",
            "new_run_dir"]
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half
-    (a temporary file beside it, fsync, rename)."""
+    (a temporary file beside it, fsync, rename). ``mode``: the file's permissions (default:
+    readable by its owner only, as the temporary file is created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -34,6 +35,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
