@@ -71,7 +71,9 @@ def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int,
     """This client's privacy ledger for the run's local DP mechanism (None without one).
 
     A deployed site (no simulation partition-id) must keep its ledger in a file: its
-    SuperNode may restart, and a ledger in memory would forget the budget it spent.
+    SuperNode may restart, and a ledger in memory would forget the budget it spent. The
+    plan follows from the site's example count as the ledger released it (noised, once:
+    :mod:`fedlora.privacy.count`), never from ``num_examples`` itself.
     """
     mechanism = privacy.client_mechanism(cfg.dp_mode)
     if mechanism is None:
@@ -82,9 +84,11 @@ def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int,
             "start the SuperNode with --node-config \"privacy-state-path='<file>'\" (its "
             "spent budget would otherwise be forgotten when the SuperNode restarts)")
     stored = context.state.get(PRIVACY_STATE_KEY)
-    return privacy.Ledger(mechanism.plan(cfg, num_examples), path=node.privacy_state_path,
+    return privacy.Ledger(lambda count: mechanism.plan(cfg, count),
+                          path=node.privacy_state_path,
                           state=dict(stored) if stored is not None else None,
-                          server_round=server_round)
+                          server_round=server_round,
+                          examples=num_examples if mechanism.releases_count else None)
 
 
 class SimulatedFailure(RuntimeError):
@@ -150,6 +154,7 @@ def train_fn(msg: Message, context: Context) -> Message:
                             "%d rounds as if it trained in every one and in the interrupted "
                             "round", resumed_after, resumed_after + 1)
                 ledger.charge_missed_rounds(resumed_after + 1)
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())  # its count
             try:
                 ledger.check()
             except BudgetExhausted as e:
@@ -177,8 +182,9 @@ def train_fn(msg: Message, context: Context) -> Message:
     except PrivacyStateError as e:  # another run holds the ledger, or it is unreadable
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
-    return _reply(msg, context, cfg, reply, {"num-examples": data.num_train,
-                                     "train-steps": result.steps, **dp_metrics})
+    # The weight is the released count (or the same for every site), never num_train.
+    return _reply(msg, context, cfg, reply, {"num-examples": ledger.plan.weight,
+                                             "train-steps": result.steps, **dp_metrics})
 
 
 PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"

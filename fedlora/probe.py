@@ -74,9 +74,11 @@ def _features(model: nn.Module, data: Any, idx: np.ndarray, batch_size: int) -> 
 
 def train_head(model: nn.Module, data: Any, indices: np.ndarray, *, steps: int,
                learning_rate: float, noise_multiplier: float | None = None,
-               max_grad_norm: float = 1.0, batch_size: int = 128) -> TrainResult:
+               max_grad_norm: float = 1.0, batch_size: int = 128,
+               denominator: int | None = None) -> TrainResult:
     """Train the head alone for ``steps`` full-batch steps (DP-SGD when
-    ``noise_multiplier`` is given; see the module docstring)."""
+    ``noise_multiplier`` is given; see the module docstring). A private step divides the
+    noised gradient sum by ``denominator``: the site's released count, not ``n``."""
     idx = np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
         raise ValueError("no training examples")
@@ -90,7 +92,8 @@ def train_head(model: nn.Module, data: Any, indices: np.ndarray, *, steps: int,
         losses = _descend(head, params, feats, labels, steps, learning_rate)
     else:
         losses = _descend_private(head, params, feats, labels, steps, learning_rate,
-                                  noise_multiplier, max_grad_norm)
+                                  noise_multiplier, max_grad_norm,
+                                  denominator or len(labels))
     return TrainResult(loss=float(np.mean(losses)) if losses else float("nan"), steps=steps,
                        examples=steps * len(idx))
 
@@ -110,7 +113,7 @@ def _descend(head: nn.Module, params: list, feats: torch.Tensor, labels: torch.T
 
 def _descend_private(head: nn.Module, params: list, feats: torch.Tensor, labels: torch.Tensor,
                      steps: int, lr: float, noise_multiplier: float,
-                     max_grad_norm: float) -> list[float]:
+                     max_grad_norm: float, denominator: int) -> list[float]:
     """DP-SGD at sampling rate 1: every example in every step, each gradient clipped."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -119,7 +122,7 @@ def _descend_private(head: nn.Module, params: list, feats: torch.Tensor, labels:
 
     gsm = GradSampleModule(head, batch_first=True, loss_reduction="mean", strict=False)
     opt = DPOptimizer(torch.optim.SGD(params, lr=lr), noise_multiplier=noise_multiplier,
-                      max_grad_norm=max_grad_norm, expected_batch_size=len(labels),
+                      max_grad_norm=max_grad_norm, expected_batch_size=int(denominator),
                       loss_reduction="mean", generator=private_torch_generator(feats.device))
     losses = []
     try:

@@ -247,10 +247,15 @@ def train_private(
     seed: int = 0,
     grad_sample_mode: str = "hooks",
     optimizer: str = "adamw",
+    sample_rate: float | None = None,
+    expected_batch_size: int | None = None,
 ) -> TrainResult:
     """DP-SGD (Opacus) on the trainable (adapter) parameters only.
 
-    Each step draws a Poisson sample of ``indices`` with rate ``q = batch_size / n``,
+    Each step draws a Poisson sample of ``indices`` with rate ``q = sample_rate`` (default
+    ``batch_size / n``), and the noised sum is divided by ``expected_batch_size`` (default
+    ``q n``). Under DP both come from the site's released count, never from ``n`` itself
+    (:mod:`fedlora.privacy.count`). Each step
     clips every per-example gradient to ``max_grad_norm`` and adds Gaussian noise of std
     ``noise_multiplier * max_grad_norm`` (Opacus' DPOptimizer). Frozen base weights get no
     gradient at all. Accounting is the caller's: ``steps`` steps at rate ``q``.
@@ -271,7 +276,11 @@ def train_private(
     n = len(idx)
     if n == 0:
         raise ValueError("no training examples")
-    q = min(1.0, batch_size / n)
+    q = min(1.0, batch_size / n) if sample_rate is None else float(sample_rate)
+    if not 0 < q <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if expected_batch_size is None:
+        expected_batch_size = max(1, round(q * n))
     rng = private_numpy_rng()
     params = trainable_parameters(model)
     device = model_device(model)
@@ -284,7 +293,7 @@ def train_private(
                        weight_decay=weight_decay),
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=max(1, round(q * n)),
+        expected_batch_size=int(expected_batch_size),
         loss_reduction="mean",
         generator=noise_gen,
     )

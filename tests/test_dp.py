@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fedlora import privacy
+from fedlora.privacy.count import count_history
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.data import EncodedDataset, read_table
@@ -197,11 +198,12 @@ def test_a_client_whose_ledger_did_not_survive_a_restart_charges_the_rounds_befo
     assert reply.content[STATUS_KEY]["status"] == "ok"
     metrics = reply.content[METRICS_KEY]
     plan = privacy.plan_for(parse_run_config(run_config), int(metrics["num-examples"]))
-    # rounds 1 and 2 and the interrupted round 3 charged, then round 3 spent
+    # rounds 1 and 2 and the interrupted round 3 charged, then round 3 spent; the example
+    # count released before the restart and the one released now both charged
     assert metrics["dp-steps"] == 4 * plan.steps
-    assert metrics["dp-epsilon"] == pytest.approx(privacy.compute_epsilon(
-        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate,
-        steps=4 * plan.steps, delta=plan.delta))
+    assert metrics["dp-epsilon"] == pytest.approx(privacy.epsilon_of_history(
+        [*count_history(plan.count_noise, releases=2),
+         (plan.noise_multiplier, plan.sample_rate, 4 * plan.steps)], delta=plan.delta))
 
 
 def test_a_later_run_can_neither_raise_a_sites_budget_nor_find_it_forgotten(tmp_path):

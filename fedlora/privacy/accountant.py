@@ -42,8 +42,11 @@ class ClientAccountant:
     """One client's privacy ledger across rounds, over an Opacus accountant.
 
     Holds the Opacus history ``[(noise_multiplier, sample_rate, num_steps), ...]``
-    (consecutive equal (sigma, q) merged) and reports :func:`epsilon_of_history` of it.
-    Steps can only be added, so epsilon never decreases.
+    (consecutive equal (sigma, q) merged) of the training steps, and apart from them the
+    unit's released example count (``count``, :mod:`fedlora.privacy.count`) with the noise
+    std of each time it was released (``count_releases``). Epsilon is that of all of them
+    composed (:func:`epsilon_of_history`). Nothing can be taken back, so epsilon never
+    decreases.
     """
 
     def __init__(self, mechanism: str = "rdp", *, target_epsilon: float | None = None,
@@ -52,6 +55,8 @@ class ClientAccountant:
             else PRVAccountant()
         self.target_epsilon = _optional_target(target_epsilon, "target_epsilon")
         self.target_delta = None if target_delta is None else _check_delta(target_delta)
+        self.count: int | None = None  # the example count last released (noised)
+        self.count_releases: list[float] = []  # noise std of every release of the count
 
     @property
     def mechanism(self) -> str:
@@ -71,6 +76,22 @@ class ClientAccountant:
     def __len__(self) -> int:
         return self.total_steps
 
+    @property
+    def spent_anything(self) -> bool:
+        """Whether any step or count release is recorded."""
+        return bool(self.total_steps or self.count_releases)
+
+    def record_count(self, count: int, *, noise_std: float) -> None:
+        """Record that the unit released ``count`` with Gaussian noise of std ``noise_std``."""
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        self.count_releases.append(_check_sigma(noise_std))
+        self.count = count
+
+    def _full_history(self, extra: History = ()) -> History:
+        counts = [(s, 1.0, 1) for s in self.count_releases]
+        return [*counts, *self._accountant.history, *extra]
+
     def __repr__(self) -> str:
         return (f"ClientAccountant({self.mechanism!r}, steps={self.total_steps}, "
                 f"history={self._accountant.history!r})")
@@ -85,7 +106,7 @@ class ClientAccountant:
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far at ``delta`` (default: the target delta)."""
-        return epsilon_of_history(self._accountant.history, delta=self._delta(delta),
+        return epsilon_of_history(self._full_history(), delta=self._delta(delta),
                                   accountant=self.mechanism)
 
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
@@ -93,7 +114,7 @@ class ClientAccountant:
         """Epsilon if ``num_steps`` more steps at (sigma, q) were recorded (nothing is recorded)."""
         extra = (_check_sigma(noise_multiplier), _check_rate(sample_rate),
                  _check_count(num_steps, minimum=0))
-        history = list(self._accountant.history) + ([extra] if extra[2] else [])
+        history = self._full_history([extra] if extra[2] else [])
         return epsilon_of_history(history, delta=self._delta(delta), accountant=self.mechanism)
 
     def would_exceed(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
@@ -125,6 +146,8 @@ class ClientAccountant:
             "history": [[float(s), float(q), int(n)] for s, q, n in self._accountant.history],
             "target_epsilon": self.target_epsilon,
             "target_delta": self.target_delta,
+            "count": self.count,
+            "count_releases": list(self.count_releases),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -138,7 +161,12 @@ class ClientAccountant:
             raise PrivacyStateError(
                 "state would forget recorded privacy steps: "
                 f"{self._accountant.history!r} -> {other._accountant.history!r}")
+        if other.count_releases[:len(self.count_releases)] != self.count_releases:
+            raise PrivacyStateError(
+                "state would forget releases of the example count: "
+                f"{self.count_releases!r} -> {other.count_releases!r}")
         self._accountant = other._accountant
+        self.count, self.count_releases = other.count, list(other.count_releases)
         self.target_epsilon, self.target_delta = other.target_epsilon, other.target_delta
 
     @classmethod
@@ -157,6 +185,17 @@ class ClientAccountant:
             out = cls(state.get("mechanism"), target_epsilon=state.get("target_epsilon"),
                       target_delta=state.get("target_delta"))
             out._accountant.history = _canonical(history)
+            releases = state.get("count_releases") or []
+            if not isinstance(releases, (list, tuple)):
+                raise ValueError(f"count_releases must be a list, got {releases!r}")
+            out.count_releases = [_check_sigma(s) for s in releases]
+            count = state.get("count")
+            if count is not None:
+                if isinstance(count, bool) or not isinstance(count, (int, float)) \
+                        or count != int(count) or count < 1 or not releases:
+                    raise ValueError(f"count must be an integer >= 1 that was released, "
+                                     f"got {count!r}")
+                out.count = int(count)
         except (ValueError, TypeError) as exc:
             raise PrivacyStateError(f"invalid privacy state: {exc}") from exc
         return out
@@ -182,7 +221,10 @@ def to_record_dict(accountant: ClientAccountant) -> dict[str, str | float | int]
         "mechanism": state["mechanism"],
         "history": json.dumps(state["history"]),
         "total_steps": accountant.total_steps,
+        "count_releases": json.dumps(state["count_releases"]),
     }
+    if state["count"] is not None:
+        out["count"] = int(state["count"])
     for key in ("target_epsilon", "target_delta"):
         if state[key] is not None:
             out[key] = float(state[key])
@@ -199,6 +241,8 @@ def from_record_dict(record: Mapping[str, Any]) -> ClientAccountant:
             "history": history,
             "target_epsilon": record.get("target_epsilon"),
             "target_delta": record.get("target_delta"),
+            "count": record.get("count"),
+            "count_releases": json.loads(record.get("count_releases", "[]")),
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise PrivacyStateError(f"invalid privacy record: {exc!r}") from exc

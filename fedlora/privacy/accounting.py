@@ -232,7 +232,8 @@ def planned_steps(*, num_rounds: int, local_steps: int) -> int:
 def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
                                steps: int, accountant: str = "rdp",
                                epsilon_tolerance: float = 0.01,
-                               more_phases: Iterable[tuple[float, int]] = ()) -> float:
+                               more_phases: Iterable[tuple[float, int]] = (),
+                               fixed_history: Iterable[Any] = ()) -> float:
     """Smallest-found sigma with ``epsilon(steps x SGM(q, sigma), delta) <= target_epsilon``.
 
     Binary search on sigma between a bracket ``eps(lo) > target >= eps(hi)``; returns ``hi``
@@ -241,7 +242,8 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
     accountant (:func:`epsilon_of_history`, the same numbers as :class:`ClientAccountant`).
     ``steps`` is the whole run (see :func:`planned_steps`); ``more_phases`` are further
     ``(sample_rate, steps)`` phases of the same run at the same sigma (e.g. the full-batch
-    steps of linear-probe rounds), composed with it. PRV is bracketed around the RDP
+    steps of linear-probe rounds), composed with it; ``fixed_history`` holds releases of the
+    same run at their own sigma (a site's noised example count), composed as they are. PRV is bracketed around the RDP
     answer so that it is never evaluated at tiny sigma.
     """
     mechanism = _check_mechanism(accountant)
@@ -257,15 +259,17 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
 
     phases = [(q, steps)] + [(_check_rate(r), _check_count(n, minimum=1, name="steps"))
                              for r, n in more_phases]
+    fixed = _canonical(fixed_history)
 
     def eps(sigma: float) -> float:
-        return epsilon_of_history([(sigma, r, n) for r, n in phases], delta=delta,
+        return epsilon_of_history([*fixed, *((sigma, r, n) for r, n in phases)], delta=delta,
                                   accountant=mechanism)
 
     if mechanism == "prv":
         start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta,
                                            sample_rate=q, steps=steps, accountant="rdp",
-                                           epsilon_tolerance=tol, more_phases=phases[1:])
+                                           epsilon_tolerance=tol, more_phases=phases[1:],
+                                           fixed_history=fixed)
         grow, shrink = 1.25, 0.8
     else:
         start, grow, shrink = 1.0, 2.0, 0.5

@@ -23,6 +23,7 @@ from typing import Any
 from ..results import atomic_write_bytes
 from .accountant import ClientAccountant, PrivacyStateError, from_record_dict, to_record_dict
 from .accounting import _extends
+from .count import noised_count
 
 __all__ = ["BudgetExhausted", "Ledger", "LedgerBusy", "exclusive", "load_state", "save_state"]
 
@@ -155,10 +156,14 @@ def save_state(path: str | os.PathLike[str], accountant: ClientAccountant, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     if not allow_rewind:
         stored = load_state(path)
-        if stored is not None and not _extends(stored.history, accountant.history):
+        if stored is not None and (
+                not _extends(stored.history, accountant.history)
+                or accountant.count_releases[:len(stored.count_releases)]
+                != stored.count_releases):
             raise PrivacyStateError(
                 f"refusing to save a ledger to {path} that forgets spent steps: stored "
-                f"{stored.history!r}, new {accountant.history!r}")
+                f"{stored.history!r} (count releases {stored.count_releases!r}), new "
+                f"{accountant.history!r} ({accountant.count_releases!r})")
     data = _encode(accountant)
     previous: bytes | None = None
     if path.exists():
@@ -182,12 +187,18 @@ class Ledger:
     Flower's ``context.state``). Use it inside :meth:`session`: with a file, the session holds
     the file's lock from loading the ledger through :meth:`check` to :meth:`spend`, so two
     runs on one site cannot both spend the same budget. A ledger that cannot be read raises,
-    never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`.
+    never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`, or a
+    function of the site's released example count returning one: then ``examples`` is the
+    site's true count, released once (noised, :mod:`fedlora.privacy.count`) into this
+    ledger when it has none, and every round plans with the released value.
     """
 
     def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None,
-                 server_round: int | None = None) -> None:
-        self.plan, self.path = plan, Path(path) if path else None
+                 server_round: int | None = None, examples: int | None = None) -> None:
+        self._planner = plan if callable(plan) else None
+        self.plan = None if callable(plan) else plan
+        self.examples = examples
+        self.path = Path(path) if path else None
         self.server_round = server_round  # fixes this round's cost (probe rounds differ)
         self.state = dict(state) if state else None
         self.accountant: ClientAccountant | None = None
@@ -212,6 +223,12 @@ class Ledger:
         elif self.state:
             acc = from_record_dict(self.state)
         self.fresh = acc is None
+        drawn = None
+        if self._planner is not None:
+            count = acc.count if acc is not None else None
+            if count is None and self.examples is not None:
+                count = drawn = noised_count(self.examples)
+            self.plan = self._planner(count)
         p = self.plan
         if acc is None:
             acc = ClientAccountant(p.accountant, target_epsilon=p.target_epsilon,
@@ -224,6 +241,10 @@ class Ledger:
             raise PrivacyStateError(
                 f"the privacy ledger accounts at delta {acc.target_delta}, the run asks for "
                 f"{p.delta}; a site's budget keeps the delta it started with")
+        if drawn is not None:  # recorded (and on file) before anything depends on it
+            acc.record_count(drawn, noise_std=p.count_noise)
+            if self.path is not None:
+                save_state(self.path, acc)
         self.accountant = acc
 
     def cap(self) -> float:
@@ -257,6 +278,8 @@ class Ledger:
         if rounds <= 0 or acc.total_steps > 0:
             return
         p = self.plan
+        if acc.count_releases:  # the lost ledger's count was released too, at the same noise
+            acc.count_releases.insert(0, acc.count_releases[0])
         for r in range(1, rounds + 1):
             q, steps = p.cost(r)
             acc.step(noise_multiplier=p.noise_multiplier, sample_rate=q, num_steps=steps)
@@ -286,7 +309,7 @@ class Ledger:
 
     def epsilon(self) -> float:
         acc = self._acc()
-        return 0.0 if acc.total_steps == 0 else acc.epsilon(self.plan.delta)
+        return acc.epsilon(self.plan.delta) if acc.spent_anything else 0.0
 
     def _acc(self) -> ClientAccountant:
         if self.accountant is None:

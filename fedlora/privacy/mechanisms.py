@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import ConfigError
 from .accounting import _check_count, _real, epsilon_of_history, planned_steps
+from .count import COUNT_NOISE_STD, UNWEIGHTED, count_history
 
 __all__ = ["NO_LOCAL_DP", "ClientMechanism", "DpPlan", "Mechanism", "PrivacyConfigError", "ServerMechanism",
            "check_dp_config", "check_privacy_params", "client_mechanism", "dp_mode_choices",
@@ -59,6 +60,15 @@ class DpPlan:
     accountant: str
     probe_rounds: int = 0  # the first rounds train the head alone: probe_steps steps at q = 1
     probe_steps: int = 0
+    # The site's example count as released (noised, fedlora.privacy.count), which sets q,
+    # a full-batch step's denominator and the reply's weight; None: no count is released.
+    examples: int | None = None
+    count_noise: float = 0.0  # its noise std, charged once in the plan's calibration
+
+    @property
+    def weight(self) -> int:
+        """The weight the site's reply carries: its released count, else the same for all."""
+        return self.examples if self.examples is not None else UNWEIGHTED
 
     def cost(self, server_round: int | None) -> tuple[float, int]:
         """``(sample_rate, steps)`` accounted for ``server_round`` (None: only for a plan
@@ -108,15 +118,23 @@ class Mechanism:
 class ClientMechanism(Mechanism):
     """A mechanism run by each client on its own data, with its own ledger."""
 
-    def plan_round(self, cfg: Any, num_examples: int) -> tuple[float, int]:
+    #: Whether the site releases its (noised) example count: the mechanism needs one (q),
+    #: and its relation keeps the count bounded (fedlora.privacy.count).
+    releases_count: ClassVar[bool] = True
+
+    def plan_round(self, cfg: Any, num_examples: int | None) -> tuple[float, int]:
         """``(sample_rate, accounted steps per round)``."""
         raise NotImplementedError
 
-    def plan(self, cfg: Any, num_examples: int) -> DpPlan:
-        """The client's plan, with sigma calibrated for every planned round (worst case: the
-        client takes part in all of them)."""
+    def plan(self, cfg: Any, num_examples: int | None) -> DpPlan:
+        """The client's plan from its *released* example count (None when the mechanism
+        releases none), with sigma calibrated for every planned round (worst case: the
+        client takes part in all of them) and for the count's one release."""
+        if self.releases_count and num_examples is None:
+            raise ValueError(f"dp-mode '{self.name}' plans from the site's released count")
         check_privacy_params(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,
-                             max_grad_norm=cfg.max_grad_norm, num_examples=num_examples,
+                             max_grad_norm=cfg.max_grad_norm,
+                             num_examples=num_examples if self.releases_count else None,
                              mode=cfg.dp_mode)
         q, per_round = self.plan_round(cfg, num_examples)
         probe = min(getattr(cfg, "probe_rounds", 0), cfg.num_server_rounds)
@@ -127,11 +145,15 @@ class ClientMechanism(Mechanism):
             phases.append((q, planned_steps(num_rounds=lora_rounds, local_steps=per_round)))
         if probe:
             phases.append((1.0, planned_steps(num_rounds=probe, local_steps=probe_steps)))
+        count_noise = COUNT_NOISE_STD if self.releases_count else 0.0
         sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, *phases[0],
-                                 cfg.accountant, tuple(phases[1:]))
+                                 cfg.accountant, tuple(phases[1:]),
+                                 tuple(count_history(count_noise)))
         return DpPlan(mode=self.name, noise_multiplier=sigma, sample_rate=q, steps=per_round,
                       target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
-                      accountant=cfg.accountant, probe_rounds=probe, probe_steps=probe_steps)
+                      accountant=cfg.accountant, probe_rounds=probe, probe_steps=probe_steps,
+                      examples=num_examples if self.releases_count else None,
+                      count_noise=count_noise)
 
     def reply_norm_allowance(self, cfg: Any, num_entries: int) -> float:
         """How much longer than an honest un-noised update a reply may be (the server's
@@ -272,7 +294,8 @@ SIGMA_CACHE_FILE = "noise-multipliers.json"
 
 @functools.lru_cache(maxsize=256)
 def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                     accountant: str, more_phases: tuple[tuple[float, int], ...] = ()) -> float:
+                     accountant: str, more_phases: tuple[tuple[float, int], ...] = (),
+                     fixed: tuple[tuple[float, float, int], ...] = ()) -> float:
     """The calibrated noise multiplier, remembered in this process and in a small file in the
     user cache folder shared by every process (a deployed site starts a process per message;
     a simulation worker serves clients of many sizes). A remembered value is used only if
@@ -282,12 +305,13 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
 
     key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}"
     key += "".join(f"|{q!r}x{n}" for q, n in more_phases)
+    key += "".join(f"|fixed {s!r},{q!r}x{n}" for s, q, n in fixed)
     path = cache_root() / SIGMA_CACHE_FILE
     cached = _read_sigmas(path).get(key)
     phases = ((sample_rate, steps), *more_phases)
     if isinstance(cached, (int, float)) and cached > 0:
-        spent = epsilon_of_history([(float(cached), q, n) for q, n in phases], delta=delta,
-                                   accountant=accountant)
+        spent = epsilon_of_history([*fixed, *((float(cached), q, n) for q, n in phases)],
+                                   delta=delta, accountant=accountant)
         if spent <= target_epsilon:
             return float(cached)
         log.warning("ignoring a remembered noise multiplier %s that gives epsilon %.4f > "
@@ -296,7 +320,7 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
 
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-        steps=steps, accountant=accountant, more_phases=more_phases)
+        steps=steps, accountant=accountant, more_phases=more_phases, fixed_history=fixed)
     _remember_sigma(path, key, sigma)
     return sigma
 

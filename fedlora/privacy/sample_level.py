@@ -1,7 +1,8 @@
 """``dp-mode = sample``: DP-SGD with Opacus on every client (example-level DP).
 
-Each local step draws a Poisson sample of the client's ``n`` examples at rate
-``q = batch-size / n`` (from OS entropy), clips every per-example gradient of the trainable
+Each local step draws a Poisson sample of the client's examples at rate
+``q = batch-size / n~`` (from OS entropy; ``n~`` is the site's noised example count,
+released once, :mod:`fedlora.privacy.count`), clips every per-example gradient of the trainable
 (adapter) parameters to ``max-grad-norm`` ``C`` and adds ``N(0, (sigma C)^2)`` to their sum
 (Opacus' DPOptimizer, its generator seeded from OS entropy on the parameters' device). A
 round is ``local-steps`` subsampled Gaussian steps ``(sigma, q)`` in the client's ledger.
@@ -70,8 +71,8 @@ class SampleLevel(ClientMechanism):
                               f"0 with dp-mode = '{cfg.dp_mode}' (DP-SGD runs local-steps "
                               "Poisson-sampled steps)")
 
-    def plan_round(self, cfg: Any, num_examples: int) -> tuple[float, int]:
-        return min(1.0, cfg.batch_size / num_examples), cfg.local_steps
+    def plan_round(self, cfg: Any, num_examples: int | None) -> tuple[float, int]:
+        return min(1.0, cfg.batch_size / num_examples), cfg.local_steps  # the released count
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
                    cfg: Any) -> Any:
@@ -80,7 +81,8 @@ class SampleLevel(ClientMechanism):
         return train_head(model, data, indices, steps=cfg.probe_steps,
                           learning_rate=cfg.probe_learning_rate,
                           noise_multiplier=plan.noise_multiplier,
-                          max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size)
+                          max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size,
+                          denominator=plan.examples)
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: Any,
               seed: int) -> Any:
@@ -90,4 +92,5 @@ class SampleLevel(ClientMechanism):
                              learning_rate=cfg.learning_rate,
                              noise_multiplier=plan.noise_multiplier,
                              max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
-                             seed=seed, optimizer=cfg.optimizer)
+                             seed=seed, optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
+                             expected_batch_size=max(1, round(plan.sample_rate * plan.examples)))

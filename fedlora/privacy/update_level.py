@@ -70,7 +70,9 @@ class UpdateLevel(ClientMechanism):
                     "moves anywhere in a C-ball); against the server, other sites and whoever "
                     "holds the released adapters")
 
-    def plan_round(self, cfg: Any, num_examples: int) -> tuple[float, int]:
+    releases_count = False  # a neighbour may be any other dataset: every reply weighs the same
+
+    def plan_round(self, cfg: Any, num_examples: int | None) -> tuple[float, int]:
         return 1.0, 1  # one release a round, no amplification: the server knows who was sampled
 
     def reply_norm_allowance(self, cfg: Any, num_entries: int) -> float:

@@ -1,0 +1,168 @@
+"""A site's example count under DP, against an attacker who reads every reply.
+
+Under ``dp-mode = sample`` (add or remove one example) the exact count would tell
+membership outright; under ``update`` (any change of the site's data) any count would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from fedlora import privacy
+from fedlora.config import parse_run_config
+from fedlora.privacy.count import COUNT_NOISE_STD, count_history, noised_count
+from fedlora.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY
+
+from .test_dp_attacks import _train_message, identity, site  # noqa: F401  (fixtures)
+
+
+
+def _train_examples(run_config: dict) -> int:
+    """The real size of partition 0: what the site must never release."""
+    from fedlora import runtime
+
+    cfg = runtime.resolve_config(run_config)
+    return runtime.client_data(cfg, partition_id=0, num_partitions=2, data_path=None).num_train
+
+
+def _membership_accuracy(counts_without: np.ndarray, counts_with: np.ndarray) -> float:
+    """The best threshold test 'count >= t means the example is in': its accuracy."""
+    both = np.concatenate([counts_without, counts_with])
+    truth = np.concatenate([np.zeros(len(counts_without)), np.ones(len(counts_with))])
+    best = 0.0
+    for t in np.unique(both):
+        best = max(best, float(np.mean((both >= t) == truth)))
+    return best
+
+
+def test_the_released_count_does_not_tell_membership():
+    n, draws = 500, 20_000
+    without = np.array([noised_count(n) for _ in range(draws)])
+    with_one = np.array([noised_count(n + 1) for _ in range(draws)])
+    # The exact count (what a site released before) answers every time...
+    assert _membership_accuracy(np.full(draws, n), np.full(draws, n + 1)) == 1.0
+    # ...the noised one about as well as a coin: total variation 2 Phi(1/(2 sigma)) - 1 = 0.008.
+    assert _membership_accuracy(without, with_one) < 0.53
+    assert without.std() == pytest.approx(COUNT_NOISE_STD, rel=0.05)
+    # From OS entropy: nobody holding the run-config can regenerate it.
+    assert len({noised_count(n) for _ in range(20)}) > 10
+
+
+def test_a_plan_charges_the_count_and_ends_within_the_target():
+    cfg = parse_run_config({"dp-mode": "sample", "target-epsilon": 1.0})
+    plan = privacy.plan_for(cfg, 530)
+    q, steps = plan.cost(plan.probe_rounds + 1)
+    lora_rounds = cfg.num_server_rounds - plan.probe_rounds
+    history = [*count_history(plan.count_noise),
+               (plan.noise_multiplier, q, lora_rounds * steps),
+               (plan.noise_multiplier, 1.0, plan.probe_rounds * plan.probe_steps)]
+    spent = privacy.epsilon_of_history(history, delta=plan.delta)
+    assert 0.98 <= spent <= 1.0
+    without_count = privacy.epsilon_of_history(history[1:], delta=plan.delta)
+    assert without_count < spent  # the count's release is in the budget, not on top of it
+    assert plan.sample_rate == pytest.approx(cfg.batch_size / 530)
+    assert plan.weight == 530
+
+
+def _context(run_config: dict) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2},
+                   state=RecordDict(), run_config=run_config)
+
+
+def test_a_site_releases_one_noised_count_for_the_whole_run(identity, site, monkeypatch):
+    from client.client_app import train_fn
+    from fedlora import training
+
+    seen = []
+    real = training.train_private
+
+    def spy(*args, **kwargs):
+        seen.append((len(args[2]), kwargs["sample_rate"], kwargs["expected_batch_size"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_private", spy)
+    run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
+    context = _context(run_config)
+    released = []
+    for rnd in (1, 2):
+        msg = _train_message(run_config, server_round=rnd)
+        reply = train_fn(msg, context)
+        assert reply.content[STATUS_KEY]["status"] == "ok"
+        released.append(dict(reply.content[METRICS_KEY]))
+    counts = {int(m["num-examples"]) for m in released}
+    assert len(counts) == 1  # the same value every round: nothing to average away
+    count = counts.pop()
+    cfg = parse_run_config(run_config)
+    for m in released:
+        assert m["dp-sample-rate"] == pytest.approx(min(1.0, cfg.batch_size / count))
+    # Training used the released count for q and the denominator, the real one for nothing
+    # but the examples it samples from.
+    assert len(seen) == 2
+    for n, q, denominator in seen:
+        assert n == _train_examples(run_config)
+        assert q == pytest.approx(min(1.0, cfg.batch_size / count))
+        assert denominator == max(1, round(q * count))
+    # The ledger recorded one release of the count, and epsilon includes it.
+    acc = privacy.from_record_dict(dict(context.state["fedlora-privacy"]))
+    assert acc.count == count and acc.count_releases == [COUNT_NOISE_STD]
+    plan = privacy.plan_for(cfg, count)
+    assert released[-1]["dp-epsilon"] == pytest.approx(privacy.epsilon_of_history(
+        [*count_history(COUNT_NOISE_STD), (plan.noise_multiplier, plan.sample_rate,
+                                           2 * plan.steps)], delta=plan.delta))
+
+
+def test_sites_of_equal_size_release_different_counts(identity, site, tmp_path):
+    """Three sites with the same data (deployed: one ledger file each): the server does not
+    read one size off their replies."""
+    from client.client_app import train_fn
+
+    run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
+    counts = []
+    for i in range(3):
+        node = {"data-path": site["data-path"],
+                "privacy-state-path": str(tmp_path / f"site{i}" / "privacy.json")}
+        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                          run_config=run_config)
+        reply = train_fn(_train_message(run_config), context)
+        counts.append(int(reply.content[METRICS_KEY]["num-examples"]))
+        # The count is on file with the ledger, so a restarted site keeps it.
+        stored = privacy.load_state(node["privacy-state-path"])
+        assert stored.count == counts[-1]
+    assert len(set(counts)) > 1, counts
+
+
+def test_under_update_dp_every_site_weighs_the_same(identity, site):
+    from client.client_app import train_fn
+
+    run_config = dict(site, **{"dp-mode": "update"})
+    context = _context(run_config)
+    reply = train_fn(_train_message(run_config), context)
+    assert reply.content[STATUS_KEY]["status"] == "ok"
+    assert reply.content[METRICS_KEY]["num-examples"] == 1
+    acc = privacy.from_record_dict(dict(context.state["fedlora-privacy"]))
+    assert acc.count is None and acc.count_releases == []
+
+
+def test_a_probe_step_divides_by_the_released_count(identity, site, monkeypatch):
+    from client.client_app import train_fn
+    from fedlora import probe
+
+    seen = []
+    real = probe._descend_private
+
+    def spy(*args):
+        seen.append((len(args[3]), args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(probe, "_descend_private", spy)
+    run_config = dict(site, **{"dp-mode": "sample"})  # the recipe: round 1 probes
+    context = _context(run_config)
+    msg = _train_message(run_config, server_round=1)
+    assert msg.content[CONFIG_KEY]["server-round"] == 1
+    reply = train_fn(msg, context)
+    assert reply.content[STATUS_KEY]["status"] == "ok"
+    (n, denominator), = seen
+    assert n == _train_examples(run_config)
+    assert denominator == reply.content[METRICS_KEY]["num-examples"]
