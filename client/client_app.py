@@ -161,7 +161,7 @@ def train_fn(msg: Message, context: Context) -> Message:
                 log.warning("Not training this round: %s", e)
                 return Message(content=could_not_train(
                     str(e), STATUS_BUDGET_EXHAUSTED,
-                    {"dp-" + k: v for k, v in ledger.metrics().items() if not isinstance(v, str)}),
+                    privacy.to_metrics(ledger.metrics(), numeric_only=True)),
                     reply_to=msg)
             try:
                 reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed,
@@ -178,7 +178,7 @@ def train_fn(msg: Message, context: Context) -> Message:
                 return Message(content=could_not_train(PRIVATE_FAILURE), reply_to=msg)
             ledger.spend()  # persisted before anything leaves the site
             context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
-            dp_metrics = {"dp-" + k: v for k, v in ledger.metrics().items()}
+            dp_metrics = privacy.to_metrics(ledger.metrics())
     except PrivacyStateError as e:  # another run holds the ledger, or it is unreadable
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
@@ -224,7 +224,7 @@ def _encode_reply(msg: Message, context: Context, cfg, reply) -> ArrayRecord:
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     who = context.node_config.get("partition-id", context.node_id)  # stable across runs
     rng = np.random.default_rng([cfg.seed, server_round, int(who) % 2**63, 0x317F])
-    if not (wire.uses_feedback and runtime.method_for(cfg).wire_feedback):
+    if not wire.feedback_for(runtime.method_for(cfg)):
         return to_record(reply, wire, rng=rng)
     stored = context.state.get(WIRE_STATE_KEY)
     feedback = ErrorFeedback(from_record(stored) if stored is not None else None)

@@ -52,6 +52,12 @@ class WireFormat:
     def uses_feedback(self) -> bool:
         return self.quantized and self.error_feedback
 
+    def feedback_for(self, method) -> bool:
+        """Whether a sender of ``method``'s messages keeps a rounding residual: with error
+        feedback on a quantised wire, unless the method's messages start over every round
+        (``Method.wire_feedback``)."""
+        return self.uses_feedback and bool(method.wire_feedback)
+
 
 def _as_format(wire: "WireFormat | str") -> WireFormat:
     return wire if isinstance(wire, WireFormat) else WireFormat(dtype=wire)
@@ -107,15 +113,20 @@ def _decode(key: str, arr: Array) -> np.ndarray:
 
 def to_record(state: Mapping[str, np.ndarray], wire: WireFormat | str = "float32", *,
               feedback: ErrorFeedback | None = None,
-              rng: np.random.Generator | None = None) -> ArrayRecord:
+              rng: np.random.Generator | None = None,
+              decoded: dict[str, np.ndarray] | None = None) -> ArrayRecord:
     """Serialise ``{key: array}`` for transport in ``wire`` (a format or a dtype name).
 
     Quantised formats: ``feedback`` (if given) is added before rounding and updated with
     what rounding left out; ``rng`` is used for stochastic rounding (else: a fresh one).
+    ``decoded`` (if given) is filled with what a receiver decodes (:func:`from_record`).
     """
     wire = _as_format(wire)
     if not wire.quantized:
-        return ArrayRecord({k: _encode(v, wire.dtype) for k, v in state.items()})
+        record = ArrayRecord({k: _encode(v, wire.dtype) for k, v in state.items()})
+        if decoded is not None:
+            decoded.update(from_record(record))
+        return record
     if wire.stochastic and rng is None:
         rng = np.random.default_rng()
     out = {}
@@ -125,6 +136,8 @@ def to_record(state: Mapping[str, np.ndarray], wire: WireFormat | str = "float32
                                   rng if wire.stochastic else None)
         if feedback is not None:
             feedback.keep(k, target, sent)
+        if decoded is not None:
+            decoded[k] = sent
         out[k] = Array(dtype=wire.dtype, shape=tuple(int(s) for s in np.shape(v)),
                        stype=STYPE, data=data)
     return ArrayRecord(out)

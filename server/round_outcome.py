@@ -1,18 +1,32 @@
-"""What one round did with its replies, and the metrics it reports from them."""
+"""One round as the server loop sees it: the strategy runs it and returns what it did.
+
+:class:`RoundStrategy` is the Flower strategy API plus :meth:`RoundStrategy.train_round`
+and :meth:`RoundStrategy.evaluate_round`, which send, receive and aggregate one round and
+return its :class:`RoundOutcome`: the new global adapter, the aggregated metrics and what
+happened to every reply. The loop in :mod:`server.server_app` reads only that.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from flwr.app import MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-__all__ = ["RoundOutcome", "short_reason", "weighted_metrics"]
+from fedlora.timing import RoundTimer
+
+__all__ = ["RoundOutcome", "RoundStrategy", "short_reason", "weighted_metrics"]
 
 
 @dataclass
 class RoundOutcome:
-    """What happened to the replies of one round (for metrics and logs)."""
+    """What one round did: the new global adapter (None: unchanged), the aggregated
+    training metrics, and what happened to the replies (for metrics and logs)."""
+
+    arrays: ArrayRecord | None = None
+    train_metrics: MetricRecord | None = None
 
     sampled: int = 0
     sampled_nodes: list[int] = field(default_factory=list)
@@ -24,6 +38,51 @@ class RoundOutcome:
     privacy: list[tuple[int, dict]] = field(default_factory=list)  # (node, dp-* metrics)
     update_norms: list[float] = field(default_factory=list)  # of the accepted replies
     metrics: list[MetricRecord] = field(default_factory=list)  # of the accepted replies
+
+    @property
+    def max_epsilon(self) -> float | None:
+        spent = [p["epsilon"] for _, p in self.privacy if "epsilon" in p]
+        return max(spent) if spent else None
+
+
+class RoundStrategy(Strategy):
+    """A Flower strategy that also runs whole rounds for the server loop.
+
+    Subclasses keep the round's :class:`RoundOutcome` in ``self.outcome`` (started by
+    ``configure_train``), and checkpoint what a resumed run needs through
+    ``state_dict``/``load_state_dict``.
+    """
+
+    outcome: RoundOutcome
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                    config: ConfigRecord, *, timeout: float | None,
+                    timer: RoundTimer) -> RoundOutcome:
+        """Sample, send the global adapter, wait for replies, validate and aggregate."""
+        with timer.phase("train_exchange"):
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, config, grid),
+                timeout=timeout)
+        with timer.phase("aggregation"):
+            new_arrays, metrics = self.aggregate_train(server_round, replies)
+        self.outcome.arrays, self.outcome.train_metrics = new_arrays, metrics
+        return self.outcome
+
+    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                       config: ConfigRecord, *, timeout: float | None,
+                       timer: RoundTimer) -> MetricRecord | None:
+        """Federated evaluation of ``arrays``; the replies' timings join the outcome's."""
+        with timer.phase("eval_exchange"):
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, config, grid),
+                timeout=timeout)
+            return self.aggregate_evaluate(server_round, replies)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def short_reason(reason: str, limit: int = 300) -> str:

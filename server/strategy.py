@@ -1,7 +1,11 @@
 """The fedlora strategy: sample nodes, send the global adapter, validate replies, aggregate.
 
-A Flower :class:`~flwr.serverapp.strategy.Strategy`. Aggregation itself is the pure
-:func:`fedlora.aggregation.aggregate`; this file is the glue between messages and arrays.
+A Flower :class:`~flwr.serverapp.strategy.Strategy` (through
+:class:`server.round_outcome.RoundStrategy`, whose ``train_round`` returns each round's
+:class:`~server.round_outcome.RoundOutcome`). Aggregation itself is the method's pure
+math (:mod:`fedlora.methods`); this file is the glue between messages and arrays.
+User-level DP wraps this strategy (:class:`server.user_level_strategy.UserLevelDpStrategy`),
+as Flower's DP wrappers wrap theirs.
 """
 
 from __future__ import annotations
@@ -13,10 +17,9 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
 from fedlora.adapters import state_digest
-from fedlora.privacy import CentralDp, released_metrics
+from fedlora.privacy import from_metrics, released_metrics
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
 from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY,
@@ -24,7 +27,7 @@ from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, S
 from fedlora.quantization import ErrorFeedback, block_steps, header_block
 from fedlora.wire import STYPE, WireFormat, from_record, to_record
 
-from .round_outcome import RoundOutcome, short_reason as _short, weighted_metrics
+from .round_outcome import RoundOutcome, RoundStrategy, short_reason as _short, weighted_metrics
 
 log = logging.getLogger("fedlora.server")
 
@@ -33,7 +36,7 @@ class AuditError(RuntimeError):
     """A client sent an array that is neither a LoRA factor nor the configured head."""
 
 
-class LoraStrategy(Strategy):
+class LoraStrategy(RoundStrategy):
     """Federated averaging of LoRA adapters through a pluggable factor aggregator.
 
     Parameters
@@ -47,17 +50,13 @@ class LoraStrategy(Strategy):
     min_train_nodes : int
         Fewest nodes to sample for training; a round with fewer valid replies is skipped.
     wire : WireFormat or str
-        How adapter tensors travel in messages (a dtype name: float32, float16, bfloat16;
-        int8/int4 with their block size, rounding and error feedback). The global adapter
+        How adapter tensors travel in messages (or a float dtype name). The global adapter
         stays float32 here; with error feedback the broadcast's rounding residual is kept
-        (``downlink_feedback``, saved in the checkpoint).
+        (``downlink_feedback``, in the checkpoint).
     seed : int
         Seeds node sampling (without user-level DP), so a run is reproducible.
     ledger : CommsLedger, optional
         Records the bytes of every message.
-    central : fedlora.privacy.CentralDp, optional
-        User-level DP: Poisson node sampling, clipped updates, a noised mean and the
-        server's accountant replace the aggregate; no refusal or record by update norm.
     noise_norm_allowance : float
         Added to ``max_update_norm`` for replies noised by their sender (``update``).
     """
@@ -76,23 +75,20 @@ class LoraStrategy(Strategy):
         foreign_keys: str = "fail",
         max_update_norm: float = 0.0,
         max_num_examples: int = 10_000_000,
-        central: CentralDp | None = None,
         noise_norm_allowance: float = 0.0,
         dp_on: bool = False,
     ) -> None:
-        if not 0 < fraction_train <= 1:
-            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
-        if not 0 <= fraction_evaluate <= 1:
-            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
-        if min_train_nodes < 1:
-            raise ValueError(f"min_train_nodes must be >= 1, got {min_train_nodes}")
-        if foreign_keys not in ("fail", "refuse"):
-            raise ValueError(f"foreign_keys must be 'fail' or 'refuse', got {foreign_keys!r}")
-        self.method = method
-        self.template = template
-        self.foreign_keys = foreign_keys
-        if max_update_norm < 0:
-            raise ValueError(f"max_update_norm must be >= 0, got {max_update_norm}")
+        for ok, what, value in (
+                (0 < fraction_train <= 1, "fraction_train must be in (0, 1]", fraction_train),
+                (0 <= fraction_evaluate <= 1, "fraction_evaluate must be in [0, 1]",
+                 fraction_evaluate),
+                (min_train_nodes >= 1, "min_train_nodes must be >= 1", min_train_nodes),
+                (foreign_keys in ("fail", "refuse"), "foreign_keys must be 'fail' or 'refuse'",
+                 foreign_keys),
+                (max_update_norm >= 0, "max_update_norm must be >= 0", max_update_norm)):
+            if not ok:
+                raise ValueError(f"{what}, got {value!r}")
+        self.method, self.template, self.foreign_keys = method, template, foreign_keys
         self.max_update_norm = float(max_update_norm)
         self.noise_norm_allowance = float(noise_norm_allowance)
         self.max_num_examples = int(max_num_examples)
@@ -102,19 +98,18 @@ class LoraStrategy(Strategy):
         self.min_train_nodes = min_train_nodes
         self.wire = wire if isinstance(wire, WireFormat) else WireFormat(dtype=wire)
         self.wire_dtype = self.wire.dtype
-        self.downlink_feedback = (ErrorFeedback() if self.wire.uses_feedback
-                                  and method.wire_feedback else None)
+        self.downlink_feedback = ErrorFeedback() if self.wire.feedback_for(method) else None
         self.seed, self.rng = int(seed), np.random.default_rng(seed)
         self.ledger = ledger
-        self.central = central
-        # User-level DP: who took part is what amplification by sampling keeps secret, so
-        # outputs name no node (node 0 stands for all). Any DP: keep only released metrics.
-        self.hide_nodes, self.dp_on = central is not None, dp_on or central is not None
-        self.last_outcome = RoundOutcome()
-        self._global: dict[str, np.ndarray] = {}
+        # Any DP: keep only released metrics. A wrapper for user-level DP also hides which
+        # nodes took part (outputs name node 0 for all) and measures no update norms (it
+        # clips them at release, and a norm would be released un-noised).
+        self.dp_on, self.hide_nodes, self.measure_norms = dp_on, False, True
+        self.outcome = RoundOutcome()  # the current round's, returned by train_round
+        self.global_state: dict[str, np.ndarray] = {}
         # The global adapter as this round's clients received it (rounded by the wire):
         # what their updates are measured against.
-        self._received: dict[str, np.ndarray] = {}
+        self.received: dict[str, np.ndarray] = {}
         self._sent_train: list[Message] = []
         self.node_keys: dict[int, int] = {}  # node id -> partition-id, from identify_nodes
 
@@ -148,6 +143,10 @@ class LoraStrategy(Strategy):
             log.info("no node told a partition-id (deployed sites): sampling follows node ids")
         return len(keys)
 
+    def ordered_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes in sampling order."""
+        return self._ordered(grid.get_node_ids())
+
     def _ordered(self, nodes: Iterable[int]) -> list[int]:
         """Nodes in sampling order: by partition-id where known, then by node id."""
         keys = self.node_keys
@@ -171,13 +170,13 @@ class LoraStrategy(Strategy):
         # a broadcast to nobody, do not.
         train = kind == MessageType.TRAIN
         feedback = self.downlink_feedback if train and nodes else None
+        sent: dict[str, np.ndarray] = {}
         arrays = to_record(self.method.payload(from_record(arrays)), self.wire,
-                           feedback=feedback,
+                           feedback=feedback, decoded=sent,
                            rng=np.random.default_rng([self.seed, server_round, 0x317E]))
         if train:
-            sent = from_record(arrays)
-            self._received = {k: sent[k] if k in sent and sent[k].shape == v.shape else v
-                              for k, v in self._global.items()}
+            self.received = {k: sent[k] if k in sent and sent[k].shape == v.shape else v
+                             for k, v in self.global_state.items()}
         record = RecordDict({LORA_KEY: arrays, CONFIG_KEY: config})
         msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
         if self.ledger is not None:
@@ -190,9 +189,14 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample ``fraction-train`` of the nodes and send each the global adapter."""
-        nodes = self._sample_train(server_round, grid)
-        self._global = from_record(arrays)
-        self.last_outcome = RoundOutcome(sampled=len(nodes), sampled_nodes=list(nodes))
+        nodes = self._sample(grid, self.fraction_train, self.min_train_nodes)
+        return self.send_train(server_round, arrays, config, nodes, grid)
+
+    def send_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                   nodes: list[int], grid: Grid) -> list[Message]:
+        """The training messages to ``nodes``; starts the round's outcome."""
+        self.global_state = from_record(arrays)
+        self.outcome = RoundOutcome(sampled=len(nodes), sampled_nodes=list(nodes))
         log.info("round %d: training on %d of %d nodes", server_round, len(nodes),
                  len(list(grid.get_node_ids())))
         self._sent_train = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
@@ -234,9 +238,9 @@ class LoraStrategy(Strategy):
             if not np.isfinite(a).all():
                 raise ValueError(f"array '{k}' has non-finite values")
         rank = self.method.check_reply(state, self.template)  # ReplyShapeError: a ValueError
-        if self.central is not None:  # user-level DP: clipped at release, norms stay unseen
+        if not self.measure_norms:  # user-level DP: clipped at release, norms stay unseen
             return state, int(n)
-        norm = self.method.update_norm(self._beyond_rounding(state, rank), self._received,
+        norm = self.method.update_norm(self._beyond_rounding(state, rank), self.received,
                                        rank=rank)
         bound = self.max_update_norm + self.noise_norm_allowance
         if self.max_update_norm > 0 and norm > bound:
@@ -244,7 +248,7 @@ class LoraStrategy(Strategy):
                              f"{self.max_update_norm:g}"
                              + (f" plus the noise allowance {self.noise_norm_allowance:.4g}"
                                 if self.noise_norm_allowance else ""))
-        self.last_outcome.update_norms.append(norm)
+        self.outcome.update_norms.append(norm)
         return state, int(n)
 
     def _beyond_rounding(self, state: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
@@ -252,7 +256,7 @@ class LoraStrategy(Strategy):
         its start by up to one rounding step of its block. Unchanged on float wires."""
         if not self.wire.quantized:
             return state
-        start = self.method.start_state(self._received, rank=rank)
+        start = self.method.start_state(self.received, rank=rank)
         out = {}
         for k, v in state.items():
             s = np.asarray(start.get(k, 0.0), dtype=np.float64)
@@ -265,8 +269,21 @@ class LoraStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate every reply, aggregate the valid ones; None if too few remain."""
+        states, weights, metrics = self.collect_train(server_round, replies)
+        if len(states) < self.min_train_nodes:
+            log.warning("round %d: %d valid replies, fewer than min-train-nodes = %d; "
+                        "the global adapter is left unchanged", server_round, len(states),
+                        self.min_train_nodes)
+            return None, None
+        merged = self.method.aggregate(states, weights, self.global_state)
+        return to_record(merged), weighted_metrics(metrics, weights)  # float32 at the server
+
+    def collect_train(self, server_round: int, replies: Iterable[Message]
+                      ) -> tuple[list[dict[str, np.ndarray]], list[int], list[MetricRecord]]:
+        """The valid replies' states, weights and metrics, in an order fixed by their
+        contents; every reply's fate (accepted, refused, dropped) goes to the outcome."""
         states, weights, metrics = [], [], []
-        outcome = self.last_outcome
+        outcome = self.outcome
         replies = list(replies)
         for msg in replies:
             node = int(msg.metadata.src_node_id)
@@ -276,10 +293,9 @@ class LoraStrategy(Strategy):
             if self.ledger is not None and LORA_KEY in msg.content:
                 self.ledger.record(server_round, self.public_node(node), "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
-            m = None if msg.has_error() else msg.content.get(METRICS_KEY)
-            if m is not None and "dp-epsilon" in m:
-                outcome.privacy.append((self.public_node(node), {k[3:]: v for k, v in m.items()
-                                               if k.startswith("dp-")}))
+            values = from_metrics(msg.content.get(METRICS_KEY) or {})
+            if "epsilon" in values:
+                outcome.privacy.append((self.public_node(node), values))
             try:
                 state, n = self._check_reply(msg)
             except AuditError as e:
@@ -310,50 +326,20 @@ class LoraStrategy(Strategy):
         states = [states[i] for i in order]
         weights = [weights[i] for i in order]
         metrics = [metrics[i] for i in order]
-        if self.central is not None:
-            return self._release(server_round, states, weights, metrics)
-        if len(states) < self.min_train_nodes:
-            log.warning("round %d: %d valid replies, fewer than min-train-nodes = %d; "
-                        "the global adapter is left unchanged", server_round, len(states),
-                        self.min_train_nodes)
-            return None, None
-        merged = self.method.aggregate(states, weights, self._global)
-        return to_record(merged), weighted_metrics(metrics, weights)  # float32 at the server
-
-    def _sample_train(self, server_round: int, grid: Grid) -> list[int]:
-        if self.central is None:
-            return self._sample(grid, self.fraction_train, self.min_train_nodes)
-        nodes = self._ordered(grid.get_node_ids())
-        self.central.start_round(server_round, num_nodes=len(nodes))
-        return self.central.sample(nodes)  # Poisson coins from OS entropy
-
-    def _release(self, server_round: int, states: list, weights: list[int], metrics: list
-                 ) -> tuple[ArrayRecord, MetricRecord | None]:
-        """User-level DP: every round releases clipped updates plus noise, whatever the
-        number of valid replies (min-train-nodes does not apply; see
-        fedlora.privacy.user_level)."""
-        outcome = self.last_outcome
-        if self.central.local_mode:  # the clients' own (record-level) ledgers
-            for _, p in outcome.privacy:
-                p.setdefault("mode", self.central.local_mode)
-        merged = self.central.release(server_round, self._global, states, self.method,
-                                      reference=self._received)
-        outcome.privacy.append(("server", self.central.metrics()))
-        return (to_record(merged),
-                weighted_metrics(metrics, weights) if metrics else None)
+        return states, weights, metrics
 
     def _error_node(self, msg: Message) -> int:
         """The node an error reply stands for: errors made by the SuperLink (node
         unavailable, reply expired) come from the SuperLink itself; map them back through
         the instruction they reply to (the Grid gave each sent message its id in place)."""
         node = int(msg.metadata.src_node_id)
-        if node in self.last_outcome.sampled_nodes:
+        if node in self.outcome.sampled_nodes:
             return node
         sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in self._sent_train}
         return sent.get(msg.metadata.reply_to_message_id, node)
 
     def _dropped(self, server_round: int, node: int, reason: str) -> None:
-        self.last_outcome.dropped.append((node, reason))
+        self.outcome.dropped.append((node, reason))
         log.warning("round %d: %s dropped out of the round: %s", server_round, self._who(node),
                     reason)
 
@@ -390,8 +376,22 @@ class LoraStrategy(Strategy):
                 continue
             metrics.append(m)
             weights.append(int(n))
-        self.last_outcome.metrics.extend(metrics)  # their timings join the round's
+        self.outcome.metrics.extend(metrics)  # their timings join the round's
         return weighted_metrics(metrics, weights) if metrics else None
+
+    # -- checkpoint state ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs to go on as the uninterrupted one would: the sampling
+        generator's state and the broadcast's rounding residual (arrays)."""
+        return {"rng": self.rng.bit_generator.state,
+                "wire": (self.downlink_feedback.state()
+                         if self.downlink_feedback is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("rng"):
+            self.rng.bit_generator.state = state["rng"]
+        if self.downlink_feedback is not None:
+            self.downlink_feedback = ErrorFeedback(state.get("wire") or None)
 
     def summary(self) -> None:
         log.info("LoraStrategy: method=%s fraction-train=%.2f fraction-evaluate=%.2f "

@@ -234,7 +234,7 @@ def _strategy(wire="int4", aggregator="fedavg", max_update_norm=50.0):
     strategy = LoraStrategy(method=method, template=template, fraction_train=1.0,
                             fraction_evaluate=0.0, wire=WireFormat(wire, 16),
                             max_update_norm=max_update_norm)
-    strategy._global = template
+    strategy.global_state = template
     strategy._messages(1, to_record(template), _config(), [1], "train")
     return strategy, template
 
@@ -286,7 +286,7 @@ def test_rounding_does_not_count_as_update_but_a_real_change_does(identity):  # 
     raw = np.sqrt(sum(np.sum((v - template[k]) ** 2) for k, v in from_record(reply).items()))
     assert raw > 0.5  # measured naively, rounding alone would be refused
     strategy._check_reply(_reply_message(reply))
-    assert strategy.last_outcome.update_norms[-1] < 0.01 * raw
+    assert strategy.outcome.update_norms[-1] < 0.01 * raw
     moved = dict(template, **{"m.lora_B.weight": np.full((64, 4), 0.0, np.float32)})
     moved["m.lora_B.weight"][0, 0] = 5.0
     with pytest.raises(ValueError, match="update norm"):

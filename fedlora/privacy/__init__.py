@@ -16,7 +16,9 @@ Layout (one concept per module):
   noise), :mod:`~fedlora.privacy.user_level` (``client``, user-level DP-FedAvg).
 
 What a site releases under a DP mode is listed in :data:`RELEASED_TRAIN_METRICS`; the
-server drops anything else a client reports (:func:`released_metrics`).
+server drops anything else a client reports (:func:`released_metrics`). How privacy values
+are named in replies and in privacy.csv: :mod:`~fedlora.privacy.metrics`. A site's example
+count: :mod:`~fedlora.privacy.count`.
 """
 
 from __future__ import annotations
@@ -66,32 +68,24 @@ from . import sample_level as _sample_level  # noqa: E402,F401  isort: skip
 from . import update_level as _update_level  # noqa: E402,F401  isort: skip
 from . import user_level as _user_level  # noqa: E402,F401  isort: skip
 from .update_level import privatize_reply, update_noise_std  # noqa: E402  isort: skip
+from .metrics import (  # noqa: E402  isort: skip
+    PRIVACY_COLUMNS, RELEASED_TRAIN_METRICS, from_metrics, privacy_row, released_metrics,
+    to_metrics)
 from .user_level import CentralDp  # noqa: E402  isort: skip
 
 __all__ = [
-    "ACCOUNTANTS", "NO_LOCAL_DP", "PRV_EPS_ERROR", "RDP_ORDERS", "RELEASED_TRAIN_METRICS", "STATE_VERSION",
-    "BudgetExhausted", "CentralDp", "ClientAccountant", "ClientMechanism", "DpPlan", "Ledger",
-    "LedgerBusy", "Mechanism", "PrivacyConfigError", "PrivacyStateError", "ServerMechanism",
-    "calibrate_noise_multiplier", "calibrated_sigma", "check_dp_config", "check_privacy_params",
-    "client_mechanism", "clip_update", "compute_epsilon", "dp_mode_choices",
-    "epsilon_dp_accounting", "epsilon_of_history", "exclusive", "from_record_dict",
+    "ACCOUNTANTS", "BudgetExhausted", "CentralDp", "ClientAccountant", "ClientMechanism",
+    "DpPlan", "Ledger", "LedgerBusy", "Mechanism", "NO_LOCAL_DP", "PRIVACY_COLUMNS",
+    "PRV_EPS_ERROR", "PrivacyConfigError", "PrivacyStateError", "RDP_ORDERS",
+    "RELEASED_TRAIN_METRICS", "STATE_VERSION", "ServerMechanism", "calibrate_noise_multiplier",
+    "calibrated_sigma", "check_dp_config", "check_privacy_params", "client_mechanism",
+    "clip_update", "compute_epsilon", "dp_mode_choices", "epsilon_dp_accounting",
+    "epsilon_of_history", "exclusive", "from_metrics", "from_record_dict",
     "gaussian_noise_like", "get_mechanism", "global_norm", "load_state", "parse_dp_mode",
-    "plan_for", "planned_steps", "private_numpy_rng", "private_torch_generator",
-    "privatize_reply", "released_metrics", "reply_norm_allowance", "save_state", "server_hook", "server_mechanism",
-    "to_record_dict", "update_noise_std",
+    "plan_for", "planned_steps", "privacy_row", "private_numpy_rng", "private_torch_generator",
+    "privatize_reply", "released_metrics", "reply_norm_allowance", "save_state", "server_hook",
+    "server_mechanism", "to_metrics", "to_record_dict", "update_noise_std",
 ]
-
-#: What a client's training reply may carry under any DP mode, besides the (noised)
-#: adapter: ``num-examples`` (treated as public: it is the denominator of q and of the
-#: weighted mean), ``train-steps`` (the configured local steps) and the ``dp-*`` accounting
-#: values (functions of the plan and of the rounds taken part in, not of the data).
-RELEASED_TRAIN_METRICS: frozenset[str] = frozenset({"num-examples", "train-steps"})
-
-
-def released_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a client's metrics that may leave a site (or the server) under DP."""
-    return {k: v for k, v in metrics.items()
-            if k in RELEASED_TRAIN_METRICS or k.startswith("dp-")}
 
 
 def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:
