@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -40,6 +40,9 @@ from fedlora.training import evaluate
 from fedlora.quantization import ErrorFeedback
 from fedlora.wire import WireFormat, from_record, to_record
 
+if TYPE_CHECKING:
+    from fedlora.run_config import RunConfig
+
 log = logging.getLogger("fedlora.client")
 
 def _setup(msg: Message, context: Context):
@@ -66,7 +69,7 @@ PRIVACY_STATE_KEY = "fedlora-privacy"
 PERSONAL_STATE_KEY = "fedlora-personal"
 
 
-def _ledger(cfg, node: NodeInfo, context: Context, num_examples: int,
+def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
             server_round: int) -> privacy.Ledger | None:
     """This client's privacy ledger for the run's local DP mechanism (None without one).
 
@@ -95,7 +98,7 @@ class SimulatedFailure(RuntimeError):
     """A failure injected by ``dropout-fraction`` (simulation of a crashing site)."""
 
 
-def simulated_fate(cfg, server_round: int, partition_id: int | None) -> str:
+def simulated_fate(cfg: RunConfig, server_round: int, partition_id: int | None) -> str:
     """``"drop"``, ``"straggle"`` or ``"ok"`` for this client in this round.
 
     Drawn from (seed, round, partition): reproducible, independent across rounds, and the
@@ -111,7 +114,7 @@ def simulated_fate(cfg, server_round: int, partition_id: int | None) -> str:
     return "ok"
 
 
-def _simulate_failure(cfg, server_round: int, partition_id: int | None) -> None:
+def _simulate_failure(cfg: RunConfig, server_round: int, partition_id: int | None) -> None:
     """Fail or straggle as ``dropout-fraction`` / ``straggler-fraction`` ask (simulation)."""
     fate = simulated_fate(cfg, server_round, partition_id)
     if fate == "drop":
@@ -199,7 +202,7 @@ def _public_reason(error: Exception, context: Context) -> str:
     return PRIVATE_FAILURE
 
 
-def _train_and_release(cfg, model, data, method, plan, seed: int, server_round: int):
+def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, server_round: int):
     """Local training by the run's client mechanism (plain training without one; the head
     alone in a linear-probe round), then what the mechanism releases of the adapter.
     Returns ``(reply tensors, TrainResult)``."""
@@ -216,7 +219,7 @@ def _train_and_release(cfg, model, data, method, plan, seed: int, server_round: 
 WIRE_STATE_KEY = "fedlora-wire-residual"
 
 
-def _encode_reply(msg: Message, context: Context, cfg, reply) -> ArrayRecord:
+def _encode_reply(msg: Message, context: Context, cfg: RunConfig, reply) -> ArrayRecord:
     """The reply in the run's wire format. With int8/int4 and error feedback, this node's
     rounding residual (kept in ``context.state``: it sees only the released values, so it
     is post-processing under DP) is added first and updated."""
@@ -233,7 +236,7 @@ def _encode_reply(msg: Message, context: Context, cfg, reply) -> ArrayRecord:
     return record
 
 
-def _reply(msg: Message, context: Context, cfg, reply, metrics: dict) -> Message:
+def _reply(msg: Message, context: Context, cfg: RunConfig, reply, metrics: dict) -> Message:
     personal = runtime.method_for(cfg).personal_keys(reply)
     if personal:  # kept as released (under DP: the noised values), for the next round
         context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})

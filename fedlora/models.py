@@ -6,6 +6,8 @@ adapter layout (:class:`LoraSpec`) and swaps only the adapter tensors between cl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 import os
 import threading
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 __all__ = ["LoraSpec", "load_tokenizer", "build_lora_model", "cached_lora_model", "head_name",
            "choose_num_threads", "resolve_base_dtype", "cast_frozen_base", "BASE_DTYPES"]
@@ -50,8 +55,8 @@ class LoraSpec:
     pooling: str = "model"  # "mean": fedlora.heads.PooledClassifier; "model": the model's own
 
     @classmethod
-    def from_config(cls, cfg, *, model_path: str, num_labels: int, rank: int | None = None,
-                    freeze_a: bool = False, causal_lm: bool = False):
+    def from_config(cls, cfg: RunConfig, *, model_path: str, num_labels: int,
+                    rank: int | None = None, freeze_a: bool = False, causal_lm: bool = False):
         """The spec a run-config asks for (``rank`` overrides ``lora-rank``, e.g. per site).
 
         A causal LM has no classification head: ``train-head`` does not apply to it (its

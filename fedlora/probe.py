@@ -19,7 +19,7 @@ import hashlib
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch import nn
 
 from .heads import head_inputs, head_module
 from .training import TrainResult, private_step, release_grad_samples
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 __all__ = ["is_probe_round", "train_head"]
 
@@ -38,7 +41,7 @@ _CACHE_SIZE = 64  # entries per dataset
 _LOCK = threading.Lock()
 
 
-def is_probe_round(cfg: Any, server_round: int) -> bool:
+def is_probe_round(cfg: RunConfig, server_round: int) -> bool:
     """Whether ``server_round`` (1-based) trains the head alone."""
     return 1 <= server_round <= getattr(cfg, "probe_rounds", 0)
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 __all__ = ["LORA_KEY", "CONFIG_KEY", "METRICS_KEY", "STATUS_KEY", "IDENTITY_KEY", "NodeInfo",
            "could_not_train", "identity_reply", "with_overrides"]
@@ -52,7 +55,7 @@ class NodeInfo:
     privacy_state_path: str | None = None
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], cfg) -> NodeInfo:
+    def from_node_config(cls, node_config: Mapping[str, Any], cfg: RunConfig) -> NodeInfo:
         pid = node_config.get("partition-id")
         nparts = cfg.num_partitions or node_config.get("num-partitions")
         rank = node_config.get("lora-rank")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from .config import parse_run_config
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, load_tokenizer
 from .tasks import TASKS, client_source, get_task, load_task_data
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 __all__ = ["resolve_config", "model_spec", "method_for", "encode", "encoded_test_set", "ClientData",
            "client_data", "set_threads_once"]
@@ -41,7 +44,7 @@ def _resolve(items: tuple[tuple[str, Any], ...]):
     )
 
 
-def model_spec(cfg, rank: int | None = None) -> LoraSpec:
+def model_spec(cfg: RunConfig, rank: int | None = None) -> LoraSpec:
     """The adapter layout of a run (``rank`` overrides ``lora-rank``, e.g. for one site)."""
     task = get_task(cfg.task)
     return LoraSpec.from_config(
@@ -50,7 +53,7 @@ def model_spec(cfg, rank: int | None = None) -> LoraSpec:
     )
 
 
-def method_for(cfg) -> methods.Method:
+def method_for(cfg: RunConfig) -> methods.Method:
     """The federated method (protocol around the aggregator) a run-config asks for."""
     return methods.get_method(cfg.aggregator, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
                               error_feedback=cfg.svd_error_feedback)
@@ -69,7 +72,7 @@ def set_threads_once(requested: int) -> int:
     return torch.get_num_threads()
 
 
-def encode(cfg, data: TextDataset) -> EncodedDataset:
+def encode(cfg: RunConfig, data: TextDataset) -> EncodedDataset:
     """``data`` tokenised for the task's model: labelled texts for a classifier, or
     next-token targets for a causal language model."""
     task = get_task(cfg.task)
@@ -79,7 +82,7 @@ def encode(cfg, data: TextDataset) -> EncodedDataset:
 
 
 @functools.lru_cache(maxsize=4)
-def encoded_test_set(cfg) -> EncodedDataset | None:
+def encoded_test_set(cfg: RunConfig) -> EncodedDataset | None:
     """The task's centralised test set, tokenised (None if the task has none); a seeded
     sample of ``max-test-examples`` of it when that is set and smaller."""
     test = load_task_data(cfg).test
@@ -110,7 +113,7 @@ class ClientData:
 _ENCODED: dict[tuple[Any, int], tuple[Any, EncodedDataset]] = {}
 
 
-def _encoded(cfg, rows) -> EncodedDataset:
+def _encoded(cfg: RunConfig, rows) -> EncodedDataset:
     """``rows`` tokenised once per process (the simulation pool, or a site's own file)."""
     key = (cfg, id(rows))
     hit = _ENCODED.get(key)
@@ -122,7 +125,7 @@ def _encoded(cfg, rows) -> EncodedDataset:
 
 
 def client_data(
-    cfg, *, partition_id: int | None, num_partitions: int | None, data_path: str | None
+    cfg: RunConfig, *, partition_id: int | None, num_partitions: int | None, data_path: str | None
 ) -> ClientData:
     """The data of one client, from where :func:`fedlora.tasks.client_source` says."""
     rows, indices = client_source(cfg, partition_id=partition_id,

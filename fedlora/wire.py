@@ -10,6 +10,8 @@ with error feedback. Receivers always get float32 back.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,6 +21,9 @@ from flwr.app import Array, ArrayRecord
 
 from .quantization import QUANTIZED_DTYPES, ErrorFeedback, decode_bytes, encode_bytes, \
     quantized_bytes
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 __all__ = ["STYPE", "WIRE_DTYPES", "ALL_WIRE_DTYPES", "WireFormat", "to_record", "from_record",
            "array_bytes", "record_bytes", "encoded_bytes"]
@@ -39,7 +44,7 @@ class WireFormat:
     error_feedback: bool = True
 
     @classmethod
-    def from_config(cls, cfg) -> "WireFormat":
+    def from_config(cls, cfg: RunConfig) -> "WireFormat":
         return cls(dtype=cfg.wire_dtype, block_size=cfg.wire_block_size,
                    stochastic=cfg.wire_rounding == "stochastic",
                    error_feedback=cfg.wire_error_feedback)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedlora.checkpoint import Checkpoint, save_checkpoint
 from fedlora.comms import COLUMNS as COMMS_COLUMNS
@@ -22,6 +22,9 @@ from fedlora.results import write_csv, write_json
 from fedlora.timing import RoundTimer
 
 from .round_outcome import RoundOutcome, RoundStrategy
+
+if TYPE_CHECKING:
+    from fedlora.run_config import RunConfig
 
 __all__ = ["METRIC_COLUMNS", "PERPLEXITY_COLUMNS", "RunRecord"]
 
@@ -42,7 +45,7 @@ def perplexity(loss: float | None) -> float | None:
 class RunRecord:
     """The rows and files of one run in ``run_dir`` (see the module docstring)."""
 
-    def __init__(self, run_dir: Path, cfg: Any, *, causal_lm: bool,
+    def __init__(self, run_dir: Path, cfg: RunConfig, *, causal_lm: bool,
                  ledger: CommsLedger) -> None:
         self.run_dir, self.cfg, self.causal_lm, self.ledger = run_dir, cfg, causal_lm, ledger
         self.columns = METRIC_COLUMNS + (PERPLEXITY_COLUMNS if causal_lm else ())

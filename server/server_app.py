@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -45,6 +45,9 @@ from .round_outcome import RoundOutcome, RoundStrategy
 from .run_record import RunRecord
 from .strategy import AuditError, LoraStrategy
 from .user_level_strategy import UserLevelDpStrategy
+
+if TYPE_CHECKING:
+    from fedlora.run_config import RunConfig
 
 log = logging.getLogger("fedlora")
 
@@ -114,7 +117,7 @@ def write_report(run_dir: Path) -> None:
         log.warning("could not write %s: %s", run_dir / "report.html", e)
 
 
-def open_checkpoint(cfg) -> tuple[Path, Checkpoint]:
+def open_checkpoint(cfg: RunConfig) -> tuple[Path, Checkpoint]:
     """The run folder and checkpoint that ``resume=true`` continues; ConfigError if there is
     none, or if it was made under a run-config that may not change within a run."""
     try:
@@ -139,7 +142,7 @@ def open_checkpoint(cfg) -> tuple[Path, Checkpoint]:
     return run_dir, ckpt
 
 
-def build_strategy(cfg, method, state: dict, ledger: CommsLedger) -> RoundStrategy:
+def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> RoundStrategy:
     """The run's strategy: :class:`LoraStrategy`, wrapped for user-level DP when the
     run-config asks for it."""
     strategy: RoundStrategy = LoraStrategy(
@@ -166,7 +169,7 @@ def build_strategy(cfg, method, state: dict, ledger: CommsLedger) -> RoundStrate
     return strategy
 
 
-def run_federated(grid: Grid, cfg) -> Path:
+def run_federated(grid: Grid, cfg: RunConfig) -> Path:
     """The round loop; returns the run folder."""
     t_start = time.perf_counter()
     torch.set_num_threads(runtime.choose_num_threads(cfg.client_num_threads))
@@ -282,7 +285,7 @@ def _model_bytes(model) -> int:
     return sum(p.numel() for p in model.parameters()) * 4
 
 
-def _log_sizes(cfg, model, state: dict) -> None:
+def _log_sizes(cfg: RunConfig, model, state: dict) -> None:
     wire = WireFormat.from_config(cfg)
     per_update = sum(encoded_bytes(int(v.size), wire.dtype, wire.block_size)
                      for k, v in state.items() if is_factor_key(k))
@@ -292,7 +295,7 @@ def _log_sizes(cfg, model, state: dict) -> None:
              f"{per_update:,}", f"{full_bytes:,}", per_update / full_bytes)
 
 
-def _log_round(cfg, causal_lm: bool, row: dict, outcome: RoundOutcome,
+def _log_round(cfg: RunConfig, causal_lm: bool, row: dict, outcome: RoundOutcome,
                timer: RoundTimer) -> None:
     rnd, spent = row["round"], outcome.max_epsilon
     log.info("[round %d/%d] time: %s", rnd, cfg.num_server_rounds, timer.line(row["timing"]))
@@ -309,7 +312,7 @@ def _log_round(cfg, causal_lm: bool, row: dict, outcome: RoundOutcome,
     )
 
 
-def _log_done(cfg, causal_lm: bool, record: RunRecord, seconds: float) -> None:
+def _log_done(cfg: RunConfig, causal_lm: bool, record: RunRecord, seconds: float) -> None:
     first, final = record.rows[0], record.rows[-1]
     total = record.ledger.summary()["total_bytes"]
     log.info("done in %.1f s: test accuracy %s -> %s%s over %d rounds; %s bytes up, %s bytes "

@@ -24,7 +24,7 @@ count: :mod:`~fedlora.privacy.count`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .accountant import (
     STATE_VERSION,
@@ -73,6 +73,9 @@ from .metrics import (  # noqa: E402  isort: skip
     to_metrics)
 from .user_level import CentralDp  # noqa: E402  isort: skip
 
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
+
 __all__ = [
     "ACCOUNTANTS", "BudgetExhausted", "CentralDp", "ClientAccountant", "ClientMechanism",
     "DpPlan", "Ledger", "LedgerBusy", "Mechanism", "NO_LOCAL_DP", "PRIVACY_COLUMNS",
@@ -88,20 +91,20 @@ __all__ = [
 ]
 
 
-def plan_for(cfg: Any, num_examples: int) -> DpPlan | None:
+def plan_for(cfg: RunConfig, num_examples: int) -> DpPlan | None:
     """The client's plan under ``cfg.dp_mode`` (None when no mechanism runs on clients)."""
     mechanism = client_mechanism(cfg.dp_mode)
     return None if mechanism is None else mechanism.plan(cfg, num_examples)
 
 
-def reply_norm_allowance(cfg: Any, payload: Mapping[str, Any]) -> float:
+def reply_norm_allowance(cfg: RunConfig, payload: Mapping[str, Any]) -> float:
     """What the server adds to ``max-update-norm`` for replies noised by their sender."""
     mechanism = client_mechanism(cfg.dp_mode)
     entries = sum(int(getattr(a, "size", 0)) for a in payload.values())
     return 0.0 if mechanism is None else mechanism.reply_norm_allowance(cfg, entries)
 
 
-def server_hook(cfg: Any) -> Any:
+def server_hook(cfg: RunConfig) -> Any:
     """The server mechanism's release object (:class:`CentralDp`), or None."""
     mechanism = server_mechanism(cfg.dp_mode)
     return None if mechanism is None else mechanism.server_hook(cfg)

@@ -28,13 +28,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..config import ConfigError
 from .accounting import _check_count, _real, epsilon_of_history, planned_steps
 from .count import COUNT_NOISE_STD, UNWEIGHTED, count_history
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["NO_LOCAL_DP", "ClientMechanism", "DpPlan", "Mechanism", "PrivacyConfigError", "ServerMechanism",
            "check_dp_config", "check_privacy_params", "client_mechanism", "dp_mode_choices",
@@ -98,7 +101,7 @@ class Mechanism:
         left at their default when ``dp-recipe = auto``; ``values`` is the whole run-config."""
         return {}
 
-    def check_config(self, cfg: Any) -> None:
+    def check_config(self, cfg: RunConfig) -> None:
         """Refuse a run-config this mechanism cannot serve (ConfigError naming the key)."""
         if getattr(cfg, "probe_rounds", 0) and not self.probe:
             raise ConfigError("probe-rounds", cfg.probe_rounds,
@@ -122,11 +125,11 @@ class ClientMechanism(Mechanism):
     #: and its relation keeps the count bounded (fedlora.privacy.count).
     releases_count: ClassVar[bool] = True
 
-    def plan_round(self, cfg: Any, num_examples: int | None) -> tuple[float, int]:
+    def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         """``(sample_rate, accounted steps per round)``."""
         raise NotImplementedError
 
-    def plan(self, cfg: Any, num_examples: int | None) -> DpPlan:
+    def plan(self, cfg: RunConfig, num_examples: int | None) -> DpPlan:
         """The client's plan from its *released* example count (None when the mechanism
         releases none), with sigma calibrated for every planned round (worst case: the
         client takes part in all of them) and for the count's one release."""
@@ -155,12 +158,12 @@ class ClientMechanism(Mechanism):
                       examples=num_examples if self.releases_count else None,
                       count_noise=count_noise)
 
-    def reply_norm_allowance(self, cfg: Any, num_entries: int) -> float:
+    def reply_norm_allowance(self, cfg: RunConfig, num_entries: int) -> float:
         """How much longer than an honest un-noised update a reply may be (the server's
         ``max-update-norm`` check adds this): 0 unless the mechanism noises what it sends."""
         return 0.0
 
-    def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: Any,
+    def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
         """Local training (non-private unless the mechanism says otherwise)."""
         from ..training import train
@@ -170,7 +173,7 @@ class ClientMechanism(Mechanism):
                      weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
-                   cfg: Any) -> Any:
+                   cfg: RunConfig) -> Any:
         """A linear-probe round: the head alone (non-private unless the mechanism says so)."""
         from ..probe import train_head
 
@@ -179,7 +182,7 @@ class ClientMechanism(Mechanism):
                           batch_size=cfg.eval_batch_size)
 
     def release(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
-                plan: DpPlan, cfg: Any) -> dict[str, np.ndarray]:
+                plan: DpPlan, cfg: RunConfig) -> dict[str, np.ndarray]:
         """What leaves the site (the trained tensors, unless the mechanism noises them)."""
         return dict(trained)
 
@@ -202,7 +205,7 @@ class ServerMechanism(Mechanism):
     #: Client mechanisms it may be combined with (``<client>+<server>``).
     accepts_local: ClassVar[tuple[str, ...]] = ()
 
-    def server_hook(self, cfg: Any) -> Any:
+    def server_hook(self, cfg: RunConfig) -> Any:
         raise NotImplementedError
 
 
@@ -250,7 +253,7 @@ def server_mechanism(dp_mode: str) -> ServerMechanism | None:
     return found[0] if found else None
 
 
-def check_dp_config(cfg: Any) -> None:
+def check_dp_config(cfg: RunConfig) -> None:
     """Every run-config check of the mechanisms ``dp-mode`` names (before round 1)."""
     modes = parse_dp_mode(cfg.dp_mode)
     check_privacy_params(target_epsilon=cfg.target_epsilon, target_delta=cfg.target_delta,

@@ -16,12 +16,15 @@ tokens) before the batch reduction, so one example's gradient is one clipped ter
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..config import ConfigError
 from .mechanisms import ClientMechanism, DpPlan, register
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["SampleLevel"]
 
@@ -64,18 +67,18 @@ class SampleLevel(ClientMechanism):
             out["probe-rounds"] = recipe_probe_rounds(int(values["num-server-rounds"]))
         return out
 
-    def check_config(self, cfg: Any) -> None:
+    def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
         if cfg.local_epochs > 0:
             raise ConfigError("local-epochs", cfg.local_epochs,
                               f"0 with dp-mode = '{cfg.dp_mode}' (DP-SGD runs local-steps "
                               "Poisson-sampled steps)")
 
-    def plan_round(self, cfg: Any, num_examples: int | None) -> tuple[float, int]:
+    def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         return min(1.0, cfg.batch_size / num_examples), cfg.local_steps  # the released count
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
-                   cfg: Any) -> Any:
+                   cfg: RunConfig) -> Any:
         from ..probe import train_head
 
         return train_head(model, data, indices, steps=cfg.probe_steps,
@@ -84,7 +87,7 @@ class SampleLevel(ClientMechanism):
                           max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size,
                           denominator=plan.examples)
 
-    def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: Any,
+    def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
         from ..training import train_private
 

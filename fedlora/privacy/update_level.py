@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from .accounting import _check_sigma, _real
 from .entropy import private_numpy_rng
 from .gaussian import clip_update, gaussian_noise_like
 from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["SENSITIVITY_FACTOR", "UpdateLevel", "privatize_reply", "update_noise_std"]
 
@@ -72,10 +75,10 @@ class UpdateLevel(ClientMechanism):
 
     releases_count = False  # a neighbour may be any other dataset: every reply weighs the same
 
-    def plan_round(self, cfg: Any, num_examples: int | None) -> tuple[float, int]:
+    def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         return 1.0, 1  # one release a round, no amplification: the server knows who was sampled
 
-    def reply_norm_allowance(self, cfg: Any, num_entries: int) -> float:
+    def reply_norm_allowance(self, cfg: RunConfig, num_entries: int) -> float:
         """``C`` plus a bound that the noise's norm (about ``std * sqrt(d)``, spread
         ``std / sqrt(2)``) exceeds with probability far below 1e-9."""
         sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, 1.0,
@@ -84,6 +87,6 @@ class UpdateLevel(ClientMechanism):
         return cfg.update_max_norm + std * (math.sqrt(num_entries) + 8.0)
 
     def release(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
-                plan: DpPlan, cfg: Any) -> dict[str, np.ndarray]:
+                plan: DpPlan, cfg: RunConfig) -> dict[str, np.ndarray]:
         return privatize_reply(trained, received, max_norm=cfg.update_max_norm,
                                noise_multiplier=plan.noise_multiplier)

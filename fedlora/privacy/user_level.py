@@ -66,7 +66,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -83,6 +83,9 @@ from .mechanisms import (
     client_mechanism,
     register,
 )
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["CentralDp", "UserLevel", "check_population", "clip_and_sum", "noise_std",
            "private_mean_update"]
@@ -167,7 +170,7 @@ class CentralDp:
         self.denominator: float | None = None
 
     @classmethod
-    def from_config(cls, cfg: Any) -> CentralDp:
+    def from_config(cls, cfg: RunConfig) -> CentralDp:
         """The plan of a run-config, calibrated for ``num-server-rounds`` releases at
         ``q = fraction-train``."""
         UserLevel().check_config(cfg)
@@ -302,5 +305,5 @@ class UserLevel(ServerMechanism):
                          "aggregator's global adapter is not that mean")
     accepts_local = ("sample",)
 
-    def server_hook(self, cfg: Any) -> CentralDp:
+    def server_hook(self, cfg: RunConfig) -> CentralDp:
         return CentralDp.from_config(cfg)

@@ -7,15 +7,18 @@ The model comes from the run-config's ``model-path``, the labelled rows from
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data import TextDataset, read_table
 from .registry import Task, TaskData, register_task
 
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
-def _load_custom(cfg: Any) -> TaskData:
+
+def _load_custom(cfg: RunConfig) -> TaskData:
     labels = tuple(cfg.label_names)
     train = (
         read_table(cfg.data_path, text_column=cfg.text_column,

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data import DataError, TextDataset, split_stratified
 from .registry import Task, TaskData, _package_dir, minilm_path, register_task
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["news_labels"]
 
@@ -55,7 +58,7 @@ def news_labels() -> tuple[str, ...]:
     return _bbc_news_rows().label_names
 
 
-def _load_news(cfg: Any) -> TaskData:
+def _load_news(cfg: RunConfig) -> TaskData:
     rows = _bbc_news_rows()
     train_idx, test_idx = split_stratified(rows.labels, cfg.test_fraction, cfg.seed)
     return TaskData(train=rows.subset(train_idx), test=rows.subset(test_idx))

