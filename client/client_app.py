@@ -145,7 +145,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": data.num_train, "train-loss": result.loss,
                    "train-steps": result.steps, "train-seconds": t2 - t0,
                    "setup-seconds": t1 - t0, "compute-seconds": t2 - t1}
-        return _reply(msg, context, cfg, reply, metrics)
+        return _reply(msg, context, cfg, method, reply, metrics)
     try:
         # With a ledger file, the session holds its lock from the check to the spend.
         with ledger.session():
@@ -186,8 +186,8 @@ def train_fn(msg: Message, context: Context) -> Message:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
     # The weight is the released count (or the same for every site), never num_train.
-    return _reply(msg, context, cfg, reply, {"num-examples": ledger.plan.weight,
-                                             "train-steps": result.steps, **dp_metrics})
+    return _reply(msg, context, cfg, method, reply, {
+        "num-examples": ledger.plan.weight, "train-steps": result.steps, **dp_metrics})
 
 
 PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"
@@ -219,7 +219,8 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
 WIRE_STATE_KEY = "fedlora-wire-residual"
 
 
-def _encode_reply(msg: Message, context: Context, cfg: RunConfig, reply) -> ArrayRecord:
+def _encode_reply(msg: Message, context: Context, cfg: RunConfig, method,
+                  reply) -> ArrayRecord:
     """The reply in the run's wire format. With int8/int4 and error feedback, this node's
     rounding residual (kept in ``context.state``: it sees only the released values, so it
     is post-processing under DP) is added first and updated."""
@@ -227,7 +228,7 @@ def _encode_reply(msg: Message, context: Context, cfg: RunConfig, reply) -> Arra
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     who = context.node_config.get("partition-id", context.node_id)  # stable across runs
     rng = np.random.default_rng([cfg.seed, server_round, int(who) % 2**63, 0x317F])
-    if not wire.feedback_for(runtime.method_for(cfg)):
+    if not wire.feedback_for(method):
         return to_record(reply, wire, rng=rng)
     stored = context.state.get(WIRE_STATE_KEY)
     feedback = ErrorFeedback(from_record(stored) if stored is not None else None)
@@ -236,15 +237,16 @@ def _encode_reply(msg: Message, context: Context, cfg: RunConfig, reply) -> Arra
     return record
 
 
-def _reply(msg: Message, context: Context, cfg: RunConfig, reply, metrics: dict) -> Message:
-    personal = runtime.method_for(cfg).personal_keys(reply)
+def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply,
+           metrics: dict) -> Message:
+    personal = method.personal_keys(reply)
     if personal:  # kept as released (under DP: the noised values), for the next round
         context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})
     if cfg.dp_mode != "off":  # under any DP mode: nothing about the data outside the guarantee
         metrics = privacy.released_metrics(metrics)
     content = RecordDict(
         {
-            LORA_KEY: _encode_reply(msg, context, cfg, reply),
+            LORA_KEY: _encode_reply(msg, context, cfg, method, reply),
             METRICS_KEY: MetricRecord(metrics),
             STATUS_KEY: ConfigRecord({"status": "ok"}),
         }

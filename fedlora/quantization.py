@@ -45,6 +45,13 @@ def quantized_bytes(numel: int, dtype: str, block: int) -> int:
     return _HEADER.size + 2 * math.ceil(numel / block) + codes
 
 
+def _blocks(flat: np.ndarray, block: int) -> np.ndarray:
+    """``flat`` zero-padded to whole blocks, one block per row."""
+    padded = np.zeros(math.ceil(flat.size / block) * block, dtype=flat.dtype)
+    padded[:flat.size] = flat
+    return padded.reshape(-1, block)
+
+
 def quantize(x: np.ndarray, dtype: str, block: int,
              rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(scales float16, codes int8)`` of ``x`` (any shape, read in C order).
@@ -56,10 +63,7 @@ def quantize(x: np.ndarray, dtype: str, block: int,
     if not np.isfinite(flat).all():
         raise ValueError("cannot quantise non-finite values")
     n = flat.size
-    blocks = math.ceil(n / block)
-    padded = np.zeros(blocks * block, dtype=np.float32)
-    padded[:n] = flat
-    padded = padded.reshape(blocks, block)
+    padded = _blocks(flat, block)
     absmax = np.abs(padded).max(axis=1) if n else np.zeros(0, np.float32)
     ideal = absmax.astype(np.float64) / qmax
     if ideal.size and ideal.max() > _F16_MAX:
@@ -142,8 +146,7 @@ def block_steps(values: np.ndarray, dtype: str, block: int) -> np.ndarray:
     flat = np.abs(np.asarray(values, dtype=np.float64)).ravel()
     if not flat.size:
         return np.zeros(np.shape(values))
-    pad = (-flat.size) % block
-    steps = np.concatenate([flat, np.zeros(pad)]).reshape(-1, block).max(axis=1) / QMAX[dtype]
+    steps = _blocks(flat, block).max(axis=1) / QMAX[dtype]
     return np.repeat(steps, block)[:flat.size].reshape(np.shape(values))
 
 
