@@ -169,81 +169,45 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
     return strategy
 
 
+@dataclasses.dataclass
+class ServerRun:
+    """What the loop works with: the parsed run-config, its folder and record, the server's
+    model (for centralised evaluation and saving the adapter), method and strategy."""
+
+    cfg: RunConfig
+    run_dir: Path
+    spec: Any
+    method: Any
+    model: Any
+    strategy: RoundStrategy
+    record: RunRecord
+    test_set: Any
+
+    def central_eval(self, arrays: ArrayRecord):
+        """The global adapter on the task's held-out test set (None: the task has none)."""
+        if self.test_set is None:
+            return None
+        self.method.load(self.model, self.method.evaluation_state(from_record(arrays)),
+                         client_rank=self.cfg.lora_rank)
+        return evaluate(self.model, self.test_set, batch_size=self.cfg.eval_batch_size)
+
+
 def run_federated(grid: Grid, cfg: RunConfig) -> Path:
     """The round loop; returns the run folder."""
     t_start = time.perf_counter()
     torch.set_num_threads(runtime.choose_num_threads(cfg.client_num_threads))
-    ckpt = None
-    if cfg.resume:
-        run_dir, ckpt = open_checkpoint(cfg)
-    else:
-        run_dir = new_run_dir(cfg.output_dir, cfg.run_name)
-        if (run_dir / "metrics.json").exists():
-            log.warning("%s already holds a run; it is replaced (resume=true continues it "
-                        "instead)", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    log.info("fedlora run in %s: task=%s rounds=%d aggregator=%s lora-rank=%d", run_dir,
-             cfg.task, cfg.num_server_rounds, cfg.aggregator, cfg.lora_rank)
-
-    spec = runtime.model_spec(cfg)
-    method = runtime.method_for(cfg)
-    model = build_lora_model(spec)
-    state = adapter_state(model)
-    _log_sizes(cfg, model, state)
-    test_set = runtime.encoded_test_set(cfg)
-    if test_set is None:
-        log.info("no centralised test set for task '%s': only federated evaluation", cfg.task)
-    ledger = CommsLedger(full_model_bytes=_model_bytes(model), block_size=cfg.wire_block_size)
-    strategy = build_strategy(cfg, method, state, ledger)
-    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off"
-    if cfg.fraction_evaluate > 0 and not fed_eval:
-        log.info("federated evaluation is off under dp-mode = '%s': the sites' validation "
-                 "loss and accuracy would leave them un-noised (the centralised test set "
-                 "is evaluated as usual)", cfg.dp_mode)
-    record = RunRecord(run_dir, cfg, causal_lm=spec.causal_lm, ledger=ledger)
-
-    def central_eval(record_: ArrayRecord):
-        if test_set is None:
-            return None
-        method.load(model, method.evaluation_state(from_record(record_)),
-                    client_rank=cfg.lora_rank)
-        return evaluate(model, test_set, batch_size=cfg.eval_batch_size)
-
-    if ckpt is None:
-        arrays: ArrayRecord = to_record(state)  # the global adapter: float32 at the server
-        res0 = central_eval(arrays)
-        record.add_initial(res0, time.perf_counter() - t_start)
-        if res0 is not None:
-            log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f%s",
-                     cfg.num_server_rounds, res0.loss, res0.accuracy,
-                     f", test perplexity {res0.perplexity:.2f}" if spec.causal_lm else "")
-        first_round = 1
-    else:
-        arrays = to_record(ckpt.global_state)
-        strategy.load_state_dict(RunRecord.strategy_state(ckpt))
-        method.restore_state(ckpt.method_state, ckpt.extra.get("method", {}))
-        record.restore(ckpt)
-        first_round = ckpt.round + 1
-        t_start -= record.elapsed
-        res = central_eval(arrays)
-        recorded = record.rows[-1].get("test_accuracy") if record.rows else None
-        record.add_resume(ckpt.round, res)
-        log.info("resuming %s after round %d of %d (from its checkpoint): the round-%d adapter "
-                 "has test accuracy %s (recorded then: %s); rounds %d-%d to go", run_dir,
-                 ckpt.round, cfg.num_server_rounds, ckpt.round, _fmt(res and res.accuracy),
-                 _fmt(recorded), first_round, cfg.num_server_rounds)
-
-    if first_round > cfg.num_server_rounds:
-        log.info("%s already finished all %d rounds; nothing to do", run_dir,
-                 cfg.num_server_rounds)
-    else:
+    run_dir, ckpt = _run_folder(cfg)
+    run = _prepare(cfg, run_dir)
+    strategy, record = run.strategy, run.record
+    arrays, first_round, t_start = _begin(run, ckpt, t_start)
+    if first_round <= cfg.num_server_rounds:
         # Stable sampling order across runs: nodes by their partition-id, not Flower's ids.
         strategy.identify_nodes(grid, timeout=cfg.round_timeout or IDENTIFY_TIMEOUT)
     # A resumed run tells clients after which round it resumed: a client whose privacy
     # ledger did not survive the restart charges those rounds (fedlora.privacy.Ledger).
     train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
+    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off"
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         timer = RoundTimer()
         try:
@@ -260,25 +224,94 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
                 fed = strategy.evaluate_round(grid, rnd, arrays, train_config,
                                               timeout=timeout, timer=timer)
             with timer.phase("central_eval"):
-                res = central_eval(arrays)
+                res = run.central_eval(arrays)
         timer.add_clients(outcome.metrics)
         row = record.add_round(rnd, outcome, res, fed, strategy)
         # The checkpoint (with the round's privacy spend) first: a crash after it resumes
         # after this round, so no round is ever released twice on one charge.
         with timer.phase("writing"):
-            record.write_checkpoint(rnd, from_record(arrays), method, strategy)
-            save_global_adapter(method, spec, model, from_record(arrays), run_dir / "adapter")
+            record.write_checkpoint(rnd, from_record(arrays), run.method, strategy)
+            save_global_adapter(run.method, run.spec, run.model, from_record(arrays),
+                                run_dir / "adapter")
             record.write_results()
             write_report(run_dir)
         record.finish_round(row, timer, time.perf_counter() - t_start)
-        record.write_checkpoint(rnd, from_record(arrays), method, strategy)  # with its timing
+        record.write_checkpoint(rnd, from_record(arrays), run.method, strategy)  # + timing
         record.write_results()
-        _log_round(cfg, spec.causal_lm, row, outcome, timer)
-
+        _log_round(cfg, run.spec.causal_lm, row, outcome, timer)
     record.write_results()
     write_report(run_dir)
-    _log_done(cfg, spec.causal_lm, record, time.perf_counter() - t_start)
+    _log_done(cfg, run.spec.causal_lm, record, time.perf_counter() - t_start)
     return run_dir
+
+
+def _run_folder(cfg: RunConfig) -> tuple[Path, Checkpoint | None]:
+    """The run folder (with config.json written) and, with resume=true, its checkpoint."""
+    ckpt = None
+    if cfg.resume:
+        run_dir, ckpt = open_checkpoint(cfg)
+    else:
+        run_dir = new_run_dir(cfg.output_dir, cfg.run_name)
+        if (run_dir / "metrics.json").exists():
+            log.warning("%s already holds a run; it is replaced (resume=true continues it "
+                        "instead)", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    log.info("fedlora run in %s: task=%s rounds=%d aggregator=%s lora-rank=%d", run_dir,
+             cfg.task, cfg.num_server_rounds, cfg.aggregator, cfg.lora_rank)
+    return run_dir, ckpt
+
+
+def _prepare(cfg: RunConfig, run_dir: Path) -> ServerRun:
+    """The server's model, method, strategy, test set and record."""
+    spec = runtime.model_spec(cfg)
+    method = runtime.method_for(cfg)
+    model = build_lora_model(spec)
+    state = adapter_state(model)
+    _log_sizes(cfg, model, state)
+    test_set = runtime.encoded_test_set(cfg)
+    if test_set is None:
+        log.info("no centralised test set for task '%s': only federated evaluation", cfg.task)
+    if cfg.fraction_evaluate > 0 and cfg.dp_mode != "off":
+        log.info("federated evaluation is off under dp-mode = '%s': the sites' validation "
+                 "loss and accuracy would leave them un-noised (the centralised test set "
+                 "is evaluated as usual)", cfg.dp_mode)
+    ledger = CommsLedger(full_model_bytes=_model_bytes(model), block_size=cfg.wire_block_size)
+    return ServerRun(cfg=cfg, run_dir=run_dir, spec=spec, method=method, model=model,
+                     strategy=build_strategy(cfg, method, state, ledger),
+                     record=RunRecord(run_dir, cfg, causal_lm=spec.causal_lm, ledger=ledger),
+                     test_set=test_set)
+
+
+def _begin(run: ServerRun, ckpt: Checkpoint | None, t_start: float
+           ) -> tuple[ArrayRecord, int, float]:
+    """The global adapter to start from, the first round to run and the run's start time
+    (a resumed run goes on counting): fresh (round 0 evaluated) or from the checkpoint."""
+    cfg, record = run.cfg, run.record
+    if ckpt is None:
+        arrays = to_record(adapter_state(run.model))  # the global adapter: float32 here
+        res0 = run.central_eval(arrays)
+        record.add_initial(res0, time.perf_counter() - t_start)
+        if res0 is not None:
+            log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f%s",
+                     cfg.num_server_rounds, res0.loss, res0.accuracy,
+                     f", test perplexity {res0.perplexity:.2f}" if run.spec.causal_lm else "")
+        return arrays, 1, t_start
+    arrays = to_record(ckpt.global_state)
+    run.strategy.load_state_dict(RunRecord.strategy_state(ckpt))
+    run.method.restore_state(ckpt.method_state, ckpt.extra.get("method", {}))
+    record.restore(ckpt)
+    res = run.central_eval(arrays)
+    recorded = record.rows[-1].get("test_accuracy") if record.rows else None
+    record.add_resume(ckpt.round, res)
+    log.info("resuming %s after round %d of %d (from its checkpoint): the round-%d adapter "
+             "has test accuracy %s (recorded then: %s); rounds %d-%d to go", run.run_dir,
+             ckpt.round, cfg.num_server_rounds, ckpt.round, _fmt(res and res.accuracy),
+             _fmt(recorded), ckpt.round + 1, cfg.num_server_rounds)
+    if ckpt.round >= cfg.num_server_rounds:
+        log.info("%s already finished all %d rounds; nothing to do", run.run_dir,
+                 cfg.num_server_rounds)
+    return arrays, ckpt.round + 1, t_start - record.elapsed
 
 
 def _model_bytes(model) -> int:
