@@ -91,7 +91,8 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
                           path=node.privacy_state_path,
                           state=dict(stored) if stored is not None else None,
                           server_round=server_round,
-                          examples=num_examples if mechanism.releases_count else None)
+                          examples=num_examples if mechanism.releases_count else None,
+                          budget=(cfg.accountant, cfg.target_epsilon, cfg.target_delta))
 
 
 class SimulatedFailure(RuntimeError):
@@ -169,7 +170,7 @@ def train_fn(msg: Message, context: Context) -> Message:
             try:
                 reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed,
                                                    server_round)
-            except (ArithmeticError, RuntimeError, ValueError):
+            except Exception:  # noqa: BLE001  (whatever it was, it stays here)
                 # e.g. a diverged (non-finite) update: nothing is released,
                 # and the details stay here (they are about this site's data).
                 # The failure itself may depend on the data or on noisy steps already
@@ -185,9 +186,16 @@ def train_fn(msg: Message, context: Context) -> Message:
     except PrivacyStateError as e:  # another run holds the ledger, or it is unreadable
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
-    # The weight is the released count (or the same for every site), never num_train.
+    except ValueError as e:  # no plan for the released count (e.g. target-delta >= 1/count)
+        if ledger.accountant is not None:  # the count's release stays charged
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
+        log.error("This site could not train: %s", e)
+        return Message(content=could_not_train(str(e)), reply_to=msg)
+    # The weight is the released count (or the same for every site), never num_train; the
+    # steps are the configured ones.
+    steps = cfg.probe_steps if is_probe_round(cfg, server_round) else cfg.local_steps
     return _reply(msg, context, cfg, method, reply, {
-        "num-examples": ledger.plan.weight, "train-steps": result.steps, **dp_metrics})
+        "num-examples": ledger.plan.weight, "train-steps": steps, **dp_metrics})
 
 
 PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"

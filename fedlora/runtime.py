@@ -96,10 +96,19 @@ def encoded_test_set(cfg: RunConfig) -> EncodedDataset | None:
 
 
 class ClientData:
-    """One client's examples, tokenised, with its local train/validation split."""
+    """One client's examples, tokenised, with its local train/validation split.
 
-    def __init__(self, data: EncodedDataset, indices: np.ndarray, seed: int) -> None:
+    Without ``hold_out`` (under DP, where sites do not evaluate) every example trains: a
+    seeded split would move other rows between train and validation when one row is added,
+    so neighbouring datasets would train on sets differing by more than that row.
+    """
+
+    def __init__(self, data: EncodedDataset, indices: np.ndarray, seed: int, *,
+                 hold_out: bool = True) -> None:
         self.data = data
+        if not hold_out:
+            self.train_idx, self.val_idx = np.asarray(indices), np.asarray(indices[:0])
+            return
         tr, va = train_val_split(len(indices), VAL_FRACTION, seed)
         self.train_idx = indices[tr]
         self.val_idx = indices[va]
@@ -130,4 +139,5 @@ def client_data(
     """The data of one client, from where :func:`fedlora.tasks.client_source` says."""
     rows, indices = client_source(cfg, partition_id=partition_id,
                                   num_partitions=num_partitions, data_path=data_path)
-    return ClientData(_encoded(cfg, rows), indices, cfg.seed + int(partition_id or 0))
+    return ClientData(_encoded(cfg, rows), indices, cfg.seed + int(partition_id or 0),
+                      hold_out=cfg.dp_mode == "off")

@@ -166,3 +166,59 @@ def test_a_probe_step_divides_by_the_released_count(identity, site, monkeypatch)
     (n, denominator), = seen
     assert n == _train_examples(run_config)
     assert denominator == reply.content[METRICS_KEY]["num-examples"]
+
+
+def test_a_ledger_keeps_its_count_and_old_code_cannot_drop_it(tmp_path, caplog):
+    acc = privacy.ClientAccountant("rdp", target_epsilon=1.0, target_delta=1e-5)
+    acc.record_count(512, noise_std=COUNT_NOISE_STD)
+    acc.step(noise_multiplier=5.0, sample_rate=0.06, num_steps=10)
+    state = acc.state_dict()
+    assert state["version"] == 2  # a reader of version 1 refuses it rather than drop the count
+    back = privacy.ClientAccountant.from_state_dict(state)
+    assert (back.count, back.count_releases) == (512, [COUNT_NOISE_STD])
+    assert back.epsilon() == pytest.approx(acc.epsilon())
+    assert acc.epsilon() > privacy.epsilon_of_history(acc.history, delta=1e-5)
+    for forgets in ({**state, "count_releases": []},
+                    {**state, "count": 600}):  # another count, same releases
+        with pytest.raises(privacy.PrivacyStateError):
+            acc.load_state_dict(forgets)
+    path = tmp_path / "ledger.json"
+    privacy.save_state(path, acc)
+    other = privacy.ClientAccountant.from_state_dict({**state, "count": 600})
+    with pytest.raises(privacy.PrivacyStateError):
+        privacy.save_state(path, other)
+    # A ledger from before the count was noised is read, with a warning.
+    old = {k: v for k, v in state.items() if k not in ("count", "count_releases")}
+    old["version"] = 1
+    with caplog.at_level("WARNING"):
+        assert privacy.ClientAccountant.from_state_dict(old).count is None
+    assert "exact example count" in caplog.text
+
+
+def test_a_count_release_is_never_redrawn_when_planning_fails(identity, site):
+    """target-delta above 1/count: the site cannot plan, says so, and keeps the count it
+    released (charged), so the next round cannot draw another one."""
+    from client.client_app import train_fn
+
+    run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none", "target-delta": 0.3})
+    context = _context(run_config)
+    seen = set()
+    for rnd in (1, 2, 3):
+        reply = train_fn(_train_message(run_config, server_round=rnd), context)
+        status = reply.content[STATUS_KEY]
+        acc = privacy.from_record_dict(dict(context.state["fedlora-privacy"]))
+        assert acc.count_releases == [COUNT_NOISE_STD]
+        seen.add(acc.count)
+        if status["status"] != "ok":
+            assert "target-delta" in status["reason"]
+    assert len(seen) == 1
+
+
+def test_private_clients_run_the_configured_steps_whatever_their_size():
+    from fedlora.config import ConfigError
+
+    for mode in ("sample", "update"):
+        with pytest.raises(ConfigError, match="local-epochs"):
+            parse_run_config({"dp-mode": mode, "local-epochs": 1})
+    with pytest.raises(ConfigError, match="target-epsilon"):
+        parse_run_config({"dp-mode": "sample", "target-epsilon": 0.05})

@@ -227,7 +227,7 @@ def test_state_dict_is_plain_json_and_round_trips():
     acc = _used_accountant()
     state = acc.state_dict()
     assert json.loads(json.dumps(state)) == state
-    assert state["version"] == 1 and state["mechanism"] == "rdp"
+    assert state["version"] == 2 and state["mechanism"] == "rdp"
     assert state["history"] == [[1.1, 0.03125, 20], [0.9000000000000001, 1 / 3, 1]]
     back = ClientAccountant.from_state_dict(json.loads(json.dumps(state)))
     assert back.history == acc.history and back.epsilon(DELTA) == acc.epsilon(DELTA)
@@ -237,7 +237,7 @@ def test_state_dict_is_plain_json_and_round_trips():
     assert fresh.history == acc.history
     with pytest.raises(PrivacyStateError):
         acc.load_state_dict(ClientAccountant("rdp").state_dict())  # would forget steps
-    for bad in [{**state, "version": 2}, {**state, "mechanism": "gdp"},
+    for bad in [{**state, "version": 3}, {**state, "mechanism": "gdp"},
                 {**state, "history": [[1.0, 0.1]]}, {**state, "history": [[-1.0, 0.1, 3]]},
                 {**state, "history": "[[1.0, 0.1, 3]]"}]:
         with pytest.raises(PrivacyStateError):

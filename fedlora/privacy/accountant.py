@@ -7,6 +7,7 @@ refuses a state that would forget recorded steps. Files live in :mod:`fedlora.pr
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,8 +29,14 @@ from .accounting import (
 __all__ = ["EXCEED_RTOL", "STATE_VERSION", "ClientAccountant", "PrivacyStateError",
            "from_record_dict", "to_record_dict"]
 
-#: Version of :meth:`ClientAccountant.state_dict`; bump when the accounting changes.
-STATE_VERSION = 1
+logger = logging.getLogger(__name__)
+
+#: Version of :meth:`ClientAccountant.state_dict`; bump when the accounting changes. 2: the
+#: site's released example count is in the ledger (code reading only 1 refuses the file,
+#: rather than dropping the count's charge).
+STATE_VERSION = 2
+#: Versions this code reads (1: before the count was released noised).
+READABLE_VERSIONS = (1, 2)
 #: Relative slack of :meth:`ClientAccountant.would_exceed` (floating-point noise only).
 EXCEED_RTOL = 1e-9
 
@@ -161,7 +168,9 @@ class ClientAccountant:
             raise PrivacyStateError(
                 "state would forget recorded privacy steps: "
                 f"{self._accountant.history!r} -> {other._accountant.history!r}")
-        if other.count_releases[:len(self.count_releases)] != self.count_releases:
+        if other.count_releases[:len(self.count_releases)] != self.count_releases or (
+                len(other.count_releases) == len(self.count_releases)
+                and other.count != self.count):
             raise PrivacyStateError(
                 "state would forget releases of the example count: "
                 f"{self.count_releases!r} -> {other.count_releases!r}")
@@ -176,9 +185,9 @@ class ClientAccountant:
             if not isinstance(state, Mapping):
                 raise ValueError(f"state must be a mapping, got {type(state).__name__}")
             version = state.get("version")
-            if isinstance(version, bool) or version != STATE_VERSION:
+            if isinstance(version, bool) or version not in READABLE_VERSIONS:
                 raise ValueError(f"unsupported state version {version!r} "
-                                 f"(this code reads {STATE_VERSION})")
+                                 f"(this code reads {READABLE_VERSIONS})")
             history = state.get("history")
             if not isinstance(history, (list, tuple)):
                 raise ValueError(f"history must be a list, got {history!r}")
@@ -196,6 +205,11 @@ class ClientAccountant:
                     raise ValueError(f"count must be an integer >= 1 that was released, "
                                      f"got {count!r}")
                 out.count = int(count)
+            if version == 1 and out.total_steps:
+                logger.warning(
+                    "this privacy ledger was written by a fedlora that released the site's "
+                    "exact example count with every reply; that release is not accounted "
+                    "in it (the count is released noised from now on)")
         except (ValueError, TypeError) as exc:
             raise PrivacyStateError(f"invalid privacy state: {exc}") from exc
         return out

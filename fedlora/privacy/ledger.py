@@ -23,7 +23,7 @@ from typing import Any
 from ..results import atomic_write_bytes
 from .accountant import ClientAccountant, PrivacyStateError, from_record_dict, to_record_dict
 from .accounting import _extends
-from .count import noised_count
+from .count import COUNT_NOISE_STD, noised_count
 
 __all__ = ["BudgetExhausted", "Ledger", "LedgerBusy", "exclusive", "load_state", "save_state"]
 
@@ -159,7 +159,9 @@ def save_state(path: str | os.PathLike[str], accountant: ClientAccountant, *,
         if stored is not None and (
                 not _extends(stored.history, accountant.history)
                 or accountant.count_releases[:len(stored.count_releases)]
-                != stored.count_releases):
+                != stored.count_releases
+                or (accountant.count_releases == stored.count_releases
+                    and accountant.count != stored.count)):
             raise PrivacyStateError(
                 f"refusing to save a ledger to {path} that forgets spent steps: stored "
                 f"{stored.history!r} (count releases {stored.count_releases!r}), new "
@@ -188,15 +190,21 @@ class Ledger:
     the file's lock from loading the ledger through :meth:`check` to :meth:`spend`, so two
     runs on one site cannot both spend the same budget. A ledger that cannot be read raises,
     never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`, or a
-    function of the site's released example count returning one: then ``examples`` is the
-    site's true count, released once (noised, :mod:`fedlora.privacy.count`) into this
-    ledger when it has none, and every round plans with the released value.
+    function of the site's released example count returning one: then ``budget`` is
+    ``(accountant, target_epsilon, delta)`` and ``examples`` the site's true count, released
+    once (noised, :mod:`fedlora.privacy.count`) into this ledger when it has none, recorded
+    and saved before anything is computed from it; every round plans with that value.
     """
 
     def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None,
-                 server_round: int | None = None, examples: int | None = None) -> None:
+                 server_round: int | None = None, examples: int | None = None,
+                 budget: tuple[str, float, float] | None = None) -> None:
         self._planner = plan if callable(plan) else None
         self.plan = None if callable(plan) else plan
+        if self._planner is not None and budget is None:
+            raise ValueError("a ledger that plans from its released count needs its budget")
+        self.budget = budget if budget is not None else \
+            (plan.accountant, plan.target_epsilon, plan.delta)
         self.examples = examples
         self.path = Path(path) if path else None
         self.server_round = server_round  # fixes this round's cost (probe rounds differ)
@@ -223,29 +231,28 @@ class Ledger:
         elif self.state:
             acc = from_record_dict(self.state)
         self.fresh = acc is None
-        drawn = None
-        if self._planner is not None:
-            count = acc.count if acc is not None else None
-            if count is None and self.examples is not None:
-                count = drawn = noised_count(self.examples)
-            self.plan = self._planner(count)
-        p = self.plan
+        accountant, target_epsilon, delta = self.budget
         if acc is None:
-            acc = ClientAccountant(p.accountant, target_epsilon=p.target_epsilon,
-                                   target_delta=p.delta)
-        if acc.mechanism != p.accountant:
+            acc = ClientAccountant(accountant, target_epsilon=target_epsilon,
+                                   target_delta=delta)
+        if acc.mechanism != accountant:
             raise PrivacyStateError(
                 f"the privacy ledger uses the '{acc.mechanism}' accountant but the run asks for "
-                f"'{p.accountant}'; spent budget cannot be converted")
-        if acc.target_delta is not None and acc.target_delta != p.delta:
+                f"'{accountant}'; spent budget cannot be converted")
+        if acc.target_delta is not None and acc.target_delta != delta:
             raise PrivacyStateError(
                 f"the privacy ledger accounts at delta {acc.target_delta}, the run asks for "
-                f"{p.delta}; a site's budget keeps the delta it started with")
-        if drawn is not None:  # recorded (and on file) before anything depends on it
-            acc.record_count(drawn, noise_std=p.count_noise)
+                f"{delta}; a site's budget keeps the delta it started with")
+        self.accountant = acc
+        if self._planner is None:
+            return
+        if acc.count is None and self.examples is not None:
+            # Recorded (and on file) before anything is computed from it: whatever happens
+            # next, this release is charged and never drawn again.
+            acc.record_count(noised_count(self.examples), noise_std=COUNT_NOISE_STD)
             if self.path is not None:
                 save_state(self.path, acc)
-        self.accountant = acc
+        self.plan = self._planner(acc.count)
 
     def cap(self) -> float:
         """The epsilon this round may not exceed: the run's target, or the ledger's own if

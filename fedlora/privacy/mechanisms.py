@@ -121,6 +121,13 @@ class Mechanism:
 class ClientMechanism(Mechanism):
     """A mechanism run by each client on its own data, with its own ledger."""
 
+    def check_config(self, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if cfg.local_epochs > 0:  # epochs make the steps, and so the reply, depend on n
+            raise ConfigError("local-epochs", cfg.local_epochs,
+                              f"0 with dp-mode = '{cfg.dp_mode}' (a private client runs "
+                              "local-steps steps, however many examples it holds)")
+
     #: Whether the site releases its (noised) example count: the mechanism needs one (q),
     #: and its relation keeps the count bounded (fedlora.privacy.count).
     releases_count: ClassVar[bool] = True

@@ -69,10 +69,16 @@ class SampleLevel(ClientMechanism):
 
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        if cfg.local_epochs > 0:
-            raise ConfigError("local-epochs", cfg.local_epochs,
-                              f"0 with dp-mode = '{cfg.dp_mode}' (DP-SGD runs local-steps "
-                              "Poisson-sampled steps)")
+        from .accounting import epsilon_of_history
+        from .count import COUNT_NOISE_STD, count_history
+
+        count_cost = epsilon_of_history(count_history(COUNT_NOISE_STD), delta=cfg.target_delta,
+                                        accountant=cfg.accountant)
+        if cfg.target_epsilon <= count_cost:
+            raise ConfigError("target-epsilon", cfg.target_epsilon,
+                              f"a float above {count_cost:.4f} with dp-mode = "
+                              f"'{cfg.dp_mode}' (what releasing a site's noised example "
+                              "count costs at this target-delta)")
 
     def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         return min(1.0, cfg.batch_size / num_examples), cfg.local_steps  # the released count
