@@ -38,7 +38,7 @@ def _noise_std(mode: str, sigma: float, cfg, clients: int) -> float:
 
 
 def measure(mode: str, eps: float | None, *, clients: int, out: Path, extra: dict,
-            name: str | None = None) -> dict:
+            name: str | None = None, total_cpus: int | None = None) -> dict:
     """Run one configuration; its accuracy, wall time and (under DP) its noise and spend."""
     from fedlora import privacy
     from fedlora.runtime import resolve_config
@@ -47,7 +47,7 @@ def measure(mode: str, eps: float | None, *, clients: int, out: Path, extra: dic
     overrides = {**extra, "output-dir": str(out), "run-name": name}
     if eps is not None:
         overrides.update({"dp-mode": mode, "target-epsilon": eps})
-    run_dir = run_inprocess(overrides, num_nodes=clients)
+    run_dir = run_inprocess(overrides, num_nodes=clients, total_cpus=total_cpus)
     metrics = read_metrics(run_dir)
     row = {"mode": "off" if eps is None else mode, "target_epsilon": eps,
            "test_accuracy": metrics["rounds"][-1]["test_accuracy"],
@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epsilons", default="8,1")
     ap.add_argument("--no-baseline", action="store_true", help="skip the non-private run")
     ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--total-cpus", type=int, default=None,
+                    help="CPUs the simulation may use (default: all)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "privacy-modes")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra run-config entries for every run (repeatable)")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_baseline:
         runs.append(("off", None))
     for mode, eps in runs:
-        rows.append(measure(mode, eps, clients=args.clients, out=args.out, extra=extra))
+        rows.append(measure(mode, eps, clients=args.clients, out=args.out, extra=extra,
+                            total_cpus=args.total_cpus))
         print(f"{mode} eps={eps}: test accuracy {rows[-1]['test_accuracy']:.4f}", flush=True)
         (args.out / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)
