@@ -64,8 +64,9 @@ AUDIT_DEFAULTS: dict[str, Any] = {
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {
     # every gradient clipped to C: lr * C sets how far a step goes
     "sample": {"local-steps": 10, "learning-rate": 0.02},
-    # one pass over the data a round, unclipped gradients: a small step keeps it linear
-    "update": {"local-epochs": 1, "learning-rate": 0.0001},
+    # about one pass over a client's data a round (a private client runs local-steps steps,
+    # never epochs), unclipped gradients: a small step keeps it linear
+    "update": {"local-steps": 20, "learning-rate": 0.0001},
 }
 CANARY_WORDS = 8  # words per canary text
 GRAD_BATCH = 32  # examples per per-example-gradient pass
