@@ -12,7 +12,7 @@ from flwr.app import Context, RecordDict
 
 from fedlora import privacy
 from fedlora.config import parse_run_config
-from fedlora.privacy.count import COUNT_NOISE_STD, count_history, noised_count
+from fedlora.privacy.count import COUNT_NOISE_STD, MIN_DENOMINATOR, count_history, noised_count
 from fedlora.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY
 
 from .test_dp_attacks import _train_message, identity, site  # noqa: F401  (fixtures)
@@ -103,7 +103,7 @@ def test_a_site_releases_one_noised_count_for_the_whole_run(identity, site, monk
     for n, q, denominator in seen:
         assert n == _train_examples(run_config)
         assert q == pytest.approx(min(1.0, cfg.batch_size / count))
-        assert denominator == max(1, round(q * count))
+        assert denominator == cfg.batch_size  # public, whatever the count
     # The ledger recorded one release of the count, and epsilon includes it.
     acc = privacy.from_record_dict(dict(context.state["fedlora-privacy"]))
     assert acc.count == count and acc.count_releases == [COUNT_NOISE_STD]
@@ -165,7 +165,8 @@ def test_a_probe_step_divides_by_the_released_count(identity, site, monkeypatch)
     assert reply.content[STATUS_KEY]["status"] == "ok"
     (n, denominator), = seen
     assert n == _train_examples(run_config)
-    assert denominator == reply.content[METRICS_KEY]["num-examples"]
+    count = reply.content[METRICS_KEY]["num-examples"]
+    assert denominator == max(count, MIN_DENOMINATOR)
 
 
 def test_a_ledger_keeps_its_count_and_old_code_cannot_drop_it(tmp_path, caplog):

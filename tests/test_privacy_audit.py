@@ -156,12 +156,14 @@ def test_a_broken_dp_sgd_is_caught(tiny_task):
 
 def test_an_honest_dp_sgd_stays_under_its_claim(tiny_task):
     from fedlora.privacy import calibrated_sigma
+    from fedlora.privacy.count import COUNT_NOISE_STD, count_history
 
     out = _audit(tiny_task, mode="sample", epsilon=1.0)
     assert out["epsilon_lower_bound"] <= 1.0, out
     # sigma is the app's calibration for the rounds run (not a value of the audit's own)
     assert out["noise_multiplier"] == calibrated_sigma(
-        1.0, 1e-5, out["sample_rate"], 2 * out["steps_per_round"], "rdp")
+        1.0, 1e-5, out["sample_rate"], 2 * out["steps_per_round"], "rdp", (),
+        tuple(count_history(COUNT_NOISE_STD)))
 
 
 def test_update_noise_known_to_the_auditor_is_caught(tiny_task):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import ConfigError
+from .count import full_batch_denominator
 from .mechanisms import ClientMechanism, DpPlan, register
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class SampleLevel(ClientMechanism):
                           learning_rate=cfg.probe_learning_rate,
                           noise_multiplier=plan.noise_multiplier,
                           max_grad_norm=cfg.max_grad_norm, batch_size=cfg.eval_batch_size,
-                          denominator=plan.examples)
+                          denominator=full_batch_denominator(plan.examples))
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
@@ -102,4 +103,4 @@ class SampleLevel(ClientMechanism):
                              noise_multiplier=plan.noise_multiplier,
                              max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
                              seed=seed, optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
-                             expected_batch_size=max(1, round(plan.sample_rate * plan.examples)))
+                             expected_batch_size=cfg.batch_size)
