@@ -67,3 +67,21 @@ def write_reviews(path: Path, n: int, seed: int = 0, fmt: str = "csv") -> Path:
 @pytest.fixture()
 def reviews_csv(tmp_path) -> Path:
     return write_reviews(tmp_path / "reviews.csv", 120)
+
+
+def assert_noise_std(samples, expected: float, z: float = 6.0) -> None:
+    """The sample std of ``samples`` matches ``expected`` within ``z`` standard errors.
+
+    For n Gaussian draws the sample std has relative standard error about 1/sqrt(2n), so a fixed
+    tolerance fails by chance on small samples (a 5% band on 1,090 draws is 2.3 standard errors:
+    one run in fifty). z = 6 keeps the check sharp: a noise scale off by 2x, or noise an attacker
+    can cancel (std near 0), misses by far more."""
+    import numpy as np
+
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    rel = z / np.sqrt(2 * x.size)
+    assert rel < 0.5, f"{x.size} draws are too few to tell a noise scale off by 2x"
+    got = x.std()
+    assert abs(got / expected - 1) <= rel, (
+        f"noise std {got:.6g} vs expected {expected:.6g}: off by {got / expected - 1:+.1%}, "
+        f"tolerance {rel:.1%} ({z} standard errors on {x.size} draws)")

@@ -130,6 +130,7 @@ def test_ledger_predicts_quantised_bytes_from_shapes(dtype):
 # -- under DP: quantisation is post-processing of what the mechanism released ------------
 
 from .test_dp_attacks import _diff, _released, _run_site, _train_message, identity, site  # noqa: E402,F401,I001
+from .conftest import assert_noise_std  # noqa: E402,I001
 
 
 def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, monkeypatch):  # noqa: F811
@@ -165,7 +166,7 @@ def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, mon
     cfg = parse_run_config(run_config)
     std = privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
                                    max_norm=cfg.update_max_norm)
-    assert _diff(first, replay).std() == pytest.approx(np.sqrt(2) * std, rel=0.05)
+    assert_noise_std(_diff(first, replay), np.sqrt(2) * std)
 
 
 # -- error feedback state: clients keep theirs in context.state, the server in its checkpoint --
