@@ -72,6 +72,13 @@ def _released(reply: Message) -> dict[str, np.ndarray]:
     return from_record(reply.content[LORA_KEY])
 
 
+def _update_noise_std(run_config: dict) -> float:
+    """The per-entry noise std an ``update``-mode site adds (its plan needs no count)."""
+    cfg = parse_run_config(run_config)
+    return privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
+                                    max_norm=cfg.update_max_norm)
+
+
 def _diff(a: dict, b: dict) -> np.ndarray:
     return np.concatenate([(a[k].astype(np.float64) - b[k]).ravel() for k in sorted(a)])
 
@@ -93,13 +100,11 @@ def test_update_noise_cannot_be_replayed_or_cancelled(identity, site, tmp_path, 
     # The attacker replays the site with the same run-config, message and data (deployed:
     # a second site with equal data, whose reply the server subtracts from the first).
     replay = _released(_run_site(run_config, nodes[1], msg))
-    cfg = parse_run_config(run_config)
-    std = privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
-                                   max_norm=cfg.update_max_norm)
+    std = _update_noise_std(run_config)
     residual = _diff(observed, replay)  # = noise_1 - noise_2 if the updates are equal
     assert_noise_std(residual, math.sqrt(2) * std)
     # Subtracting what was received leaves clip(update) + noise: far longer than C.
-    assert np.linalg.norm(_diff(observed, received)) > 50 * cfg.update_max_norm
+    assert np.linalg.norm(_diff(observed, received)) > 50 * run_config["update-max-norm"]
 
 
 @pytest.mark.parametrize("deployed", [False, True], ids=["simulated", "deployed"])
@@ -345,8 +350,6 @@ def test_fedsa_keeps_the_b_it_released_not_the_one_it_trained(identity, site):
     assert kept and all("lora_B" in k for k in kept)
     for k, v in kept.items():
         np.testing.assert_array_equal(v, released[k])
-    cfg = parse_run_config(run_config)
-    std = privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
-                                   max_norm=cfg.update_max_norm)
+    std = _update_noise_std(run_config)
     b = np.concatenate([v.ravel() for v in kept.values()])
     assert_noise_std(b, std)  # B started at zero: what is kept is noise

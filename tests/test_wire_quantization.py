@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import math
 
 import numpy as np
 import pytest
 
 from fedlora.comms import CommsLedger
-from fedlora.config import parse_run_config
 from fedlora.quantization import (ErrorFeedback, decode_bytes, encode_bytes, quantize,
                                   quantized_bytes)
 from fedlora.wire import WireFormat, from_record, to_record
@@ -129,14 +126,14 @@ def test_ledger_predicts_quantised_bytes_from_shapes(dtype):
 
 # -- under DP: quantisation is post-processing of what the mechanism released ------------
 
-from .test_dp_attacks import _diff, _released, _run_site, _train_message, identity, site  # noqa: E402,F401,I001
+from .test_dp_attacks import _diff, _released, _run_site, _train_message, _update_noise_std, identity, site  # noqa: E402,F401,I001
 from .conftest import assert_noise_std  # noqa: E402,I001
 
 
 def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, monkeypatch):  # noqa: F811
     """The quantiser (and its error feedback) sees the mechanism's output and nothing else,
     and the noise survives it: two replays of the same site differ by the full noise."""
-    from fedlora import privacy, quantization
+    from fedlora import quantization
     from fedlora.privacy.update_level import UpdateLevel
 
     run_config = dict(site, **{"dp-mode": "update", "wire-dtype": "int8"})
@@ -163,9 +160,7 @@ def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, mon
         step = np.abs(q).max() / 127
         assert np.abs(first[k] - q).max() <= step  # what arrives: the release, rounded
     replay = _released(_run_site(run_config, node, msg))
-    cfg = parse_run_config(run_config)
-    std = privacy.update_noise_std(noise_multiplier=privacy.plan_for(cfg, 100).noise_multiplier,
-                                   max_norm=cfg.update_max_norm)
+    std = _update_noise_std(run_config)
     assert_noise_std(_diff(first, replay), np.sqrt(2) * std)
 
 
