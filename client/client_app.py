@@ -245,8 +245,18 @@ def _encode_reply(msg: Message, context: Context, cfg: RunConfig, method,
     return record
 
 
+DIVERGED = ("training diverged: the update has non-finite values (nothing was sent; a "
+            "lower learning-rate usually helps)")
+
+
 def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply,
            metrics: dict) -> Message:
+    if not all(np.isfinite(np.asarray(v)).all() for v in reply.values()):
+        # Said as a refusal, on every wire format (int8/int4 could not even encode it); under
+        # DP the details stay here, as for any failure of private training.
+        log.error("Not replying with the update: %s", DIVERGED)
+        return Message(content=could_not_train(
+            PRIVATE_FAILURE if cfg.dp_mode != "off" else DIVERGED), reply_to=msg)
     personal = method.personal_keys(reply)
     if personal:  # kept as released (under DP: the noised values), for the next round
         context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})
