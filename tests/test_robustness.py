@@ -202,3 +202,14 @@ def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(custom_tas
         assert LORA_KEY not in reply.content
         assert reply.content[STATUS_KEY]["status"] != "ok"
         assert "diverged" in reply.content[STATUS_KEY]["reason"], wire
+    # Under DP the site says only that it could not train, and the round stays charged.
+    run_config = dict(custom_task, **{"wire-dtype": "int8", "dp-mode": "update",
+                                      "target-delta": 1e-3})
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
+                      node_config={"partition-id": 0, "num-partitions": 4})
+    reply = client_app.train_fn(msg, context)
+    assert LORA_KEY not in reply.content
+    assert reply.content[STATUS_KEY]["reason"] == client_app.PRIVATE_FAILURE
+    assert "diverged" not in str(reply.content)
+    spent = context.state[client_app.PRIVACY_STATE_KEY]
+    assert spent["total_steps"] == 1  # update mode: the round's one release, charged
