@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from fedlora.config import KEYS, ConfigError, parse_run_config
 from fedlora.wire import from_record, to_record
 
+from .test_dp_attacks import identity  # noqa: F401  (fixture)
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,19 +166,17 @@ def test_sigkill_mid_run_leaves_complete_results(custom_task, tmp_path):  # noqa
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(custom_task,  # noqa: F811
-                                                                      monkeypatch):
+def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(
+        custom_task, identity, monkeypatch):  # noqa: F811  (fixtures)
     """A site whose training diverged says so; on an int8 wire, whose encoder cannot hold
     non-finite values, it used to fail outright and be counted as dropped."""
     import client.client_app as client_app
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Context, RecordDict
 
-    from fedlora import runtime
-    from fedlora.adapters import adapter_state
-    from fedlora.models import build_lora_model
-    from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
+    from fedlora.protocol import LORA_KEY, STATUS_KEY
     from fedlora.training import TrainResult
+
+    from .test_dp_attacks import _train_message
 
     def diverged(cfg, model, data, method, plan, seed, server_round):
         reply = method.reply(model)
@@ -186,19 +185,12 @@ def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(custom_tas
         return reply, TrainResult(loss=float("nan"), steps=1, examples=1)
 
     monkeypatch.setattr(client_app, "_train_and_release", diverged)
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as Flower sets
-        monkeypatch.setattr(TaskIdentity, attr, value)
+    node = {"partition-id": 0, "num-partitions": 4}
     for wire in ("float32", "int8"):
         run_config = dict(custom_task, **{"wire-dtype": wire})
-        cfg = runtime.resolve_config(run_config)
-        state = adapter_state(build_lora_model(runtime.model_spec(cfg)))
-        msg = Message(content=RecordDict({
-            LORA_KEY: to_record(runtime.method_for(cfg).payload(state), cfg.wire_dtype),
-            CONFIG_KEY: ConfigRecord({"server-round": 1, "resumed-after": 0})}),
-            message_type=MessageType.TRAIN, dst_node_id=1)
         context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
-                          node_config={"partition-id": 0, "num-partitions": 4})
-        reply = client_app.train_fn(msg, context)
+                          node_config=node)
+        reply = client_app.train_fn(_train_message(run_config), context)
         assert LORA_KEY not in reply.content
         assert reply.content[STATUS_KEY]["status"] != "ok"
         assert "diverged" in reply.content[STATUS_KEY]["reason"], wire
@@ -206,8 +198,8 @@ def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(custom_tas
     run_config = dict(custom_task, **{"wire-dtype": "int8", "dp-mode": "update",
                                       "target-delta": 1e-3})
     context = Context(run_id=1, node_id=1, state=RecordDict(), run_config=run_config,
-                      node_config={"partition-id": 0, "num-partitions": 4})
-    reply = client_app.train_fn(msg, context)
+                      node_config=node)
+    reply = client_app.train_fn(_train_message(run_config), context)
     assert LORA_KEY not in reply.content
     assert reply.content[STATUS_KEY]["reason"] == client_app.PRIVATE_FAILURE
     assert "diverged" not in str(reply.content)
