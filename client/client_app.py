@@ -35,6 +35,7 @@ from fedlora.protocol import (
     with_overrides,
 )
 from fedlora.privacy import BudgetExhausted, PrivacyStateError
+from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 from fedlora.probe import is_probe_round
 from fedlora.training import evaluate
 from fedlora.quantization import ErrorFeedback
@@ -70,7 +71,7 @@ PERSONAL_STATE_KEY = "fedlora-personal"
 
 
 def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
-            server_round: int) -> privacy.Ledger | None:
+            server_round: int, policy: SitePolicy) -> privacy.Ledger | None:
     """This client's privacy ledger for the run's local DP mechanism (None without one).
 
     A deployed site (no simulation partition-id) must keep its ledger in a file: its
@@ -92,7 +93,8 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
                           state=dict(stored) if stored is not None else None,
                           server_round=server_round,
                           examples=num_examples if mechanism.releases_count else None,
-                          budget=(cfg.accountant, cfg.target_epsilon, cfg.target_delta))
+                          budget=(cfg.accountant, cfg.target_epsilon, cfg.target_delta),
+                          site_cap=policy.max_epsilon)
 
 
 class SimulatedFailure(RuntimeError):
@@ -130,9 +132,12 @@ def train_fn(msg: Message, context: Context) -> Message:
     """Train the received adapter on this node's data and send the adapter back."""
     t0 = time.perf_counter()
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
+    policy = _site_policy(context)  # before the site touches its data
+    if isinstance(policy, str):
+        return Message(content=could_not_train(policy), reply_to=msg)
     try:
         cfg, node, model, data, method = _setup(msg, context)
-        ledger = _ledger(cfg, node, context, data.num_train, server_round)
+        ledger = _ledger(cfg, node, context, data.num_train, server_round, policy)
     except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(_public_reason(e, context)), reply_to=msg)
@@ -150,23 +155,26 @@ def train_fn(msg: Message, context: Context) -> Message:
     try:
         # With a ledger file, the session holds its lock from the check to the spend.
         with ledger.session():
-            if ledger.fresh and resumed_after > 0 and node.privacy_state_path is None:
+            missed = ledger.fresh and resumed_after > 0 and node.privacy_state_path is None
+            if missed:
                 # The rounds before the restart, and the interrupted one: its reply may have
                 # reached the server before the crash.
                 log.warning("The run resumed after round %d and this client's privacy ledger "
                             "did not survive the restart (no privacy-state-path): charging "
                             "%d rounds as if it trained in every one and in the interrupted "
                             "round", resumed_after, resumed_after + 1)
-                ledger.charge_missed_rounds(resumed_after + 1)
-            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())  # its count
             try:
-                ledger.check()
+                if missed:
+                    ledger.charge_missed_rounds(resumed_after + 1)
+                ledger.check()  # releases the count first, only if its charge fits
             except BudgetExhausted as e:
+                # Nothing derived from the count goes with the refusal.
+                context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
                 log.warning("Not training this round: %s", e)
-                return Message(content=could_not_train(
-                    str(e), STATUS_BUDGET_EXHAUSTED,
-                    privacy.to_metrics(ledger.metrics(), numeric_only=True)),
-                    reply_to=msg)
+                return Message(content=could_not_train(str(e), STATUS_BUDGET_EXHAUSTED),
+                               reply_to=msg)
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())  # its count
+            policy.check_plan(ledger.plan)
             try:
                 reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed,
                                                    server_round)
@@ -183,14 +191,15 @@ def train_fn(msg: Message, context: Context) -> Message:
             ledger.spend()  # persisted before anything leaves the site
             context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
             dp_metrics = privacy.to_metrics(ledger.metrics())
-    except PrivacyStateError as e:  # another run holds the ledger, or it is unreadable
+    except (PrivacyStateError, PolicyRefusal) as e:  # the ledger is busy or unreadable, or
+        # the plan is weaker than the site's floor: neither says anything about the data
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
     except ValueError as e:  # no plan for the released count (e.g. target-delta >= 1/count)
         if ledger.accountant is not None:  # the count's release stays charged
             context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
-        log.error("This site could not train: %s", e)
-        return Message(content=could_not_train(str(e)), reply_to=msg)
+        log.error("This site could not train: %s", e)  # the message may quote the count
+        return Message(content=could_not_train(NO_PLAN), reply_to=msg)
     # The weight is the released count (or the same for every site), never num_train; the
     # steps are the configured ones.
     steps = cfg.probe_steps if is_probe_round(cfg, server_round) else cfg.local_steps
@@ -199,6 +208,20 @@ def train_fn(msg: Message, context: Context) -> Message:
 
 
 PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"
+NO_PLAN = ("this site cannot plan the run's privacy for its released count (e.g. target-delta "
+           "too large); the details stay in the site's own log")
+
+
+def _site_policy(context: Context) -> SitePolicy | str:
+    """The site's policy, if the run is one it accepts; else the reason it refuses. Reads
+    the run-config and the node-config only, never the data."""
+    try:
+        policy = SitePolicy.from_node_config(context.node_config)
+        policy.check_run(runtime.resolve_config(context.run_config))
+    except (PolicyRefusal, ConfigError) as e:
+        log.error("This site refuses the run: %s", e)
+        return str(e)
+    return policy
 
 
 def _public_reason(error: Exception, context: Context) -> str:
@@ -275,6 +298,15 @@ def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply,
 def evaluate_fn(msg: Message, context: Context) -> Message:
     """Evaluate the received adapter on this node's held-out examples (never under DP: the
     loss and accuracy on private data would leave the site un-noised)."""
+    policy = _site_policy(context)
+    if isinstance(policy, str):
+        return Message(content=could_not_train(policy), reply_to=msg)
+    if not policy.allows_plain_evaluation():
+        log.warning("Not evaluating: this site's policy (node-config 'accept-dp-modes') "
+                    "releases nothing un-noised about its data")
+        return Message(content=could_not_train(
+            "federated evaluation is off: this site's node-config 'accept-dp-modes' does not "
+            "include 'off'"), reply_to=msg)
     cfg = runtime.resolve_config(context.run_config)
     if cfg.dp_mode != "off":
         log.warning("Not evaluating: with dp-mode = '%s' this site releases nothing about its "

@@ -71,6 +71,54 @@ def seeded_torch(seed: int):
         yield
 
 
+@contextlib.contextmanager
+def dropout_off(model: nn.Module):
+    """Run a block with every dropout of ``model`` at p = 0, then restore it.
+
+    Under DP the dropout masks would be randomness the guarantee rests on: drawn from a
+    seed everyone knows and laid out by an example's position in the batch and by the
+    padded width, they let one added example change every other example's masks and so
+    their clipped gradients (the clipped sum then moves by more than C). Off, each
+    example's gradient depends on that example alone. Covers ``nn.Dropout`` modules (whose
+    ``p`` attention code also reads) and float ``attention_dropout`` attributes (Llama).
+    """
+    saved: list[tuple[nn.Module, str, float]] = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            saved.append((module, "p", module.p))
+            module.p = 0.0
+        value = getattr(module, "attention_dropout", None)
+        if isinstance(value, float):
+            saved.append((module, "attention_dropout", value))
+            module.attention_dropout = 0.0
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def zero_nonfinite_examples(params: Sequence[nn.Parameter]) -> int:
+    """Zero every per-example gradient (Opacus ``grad_sample``) of an example whose gradient
+    has a non-finite entry in any parameter; returns how many examples were zeroed.
+
+    Opacus clips by ``C / (norm + 1e-6)``: one infinite gradient makes the whole noised sum
+    NaN, and whether a site then refuses would be an un-noised bit about one example. A
+    zeroed example contributes nothing, which the sensitivity C covers.
+    """
+    samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    if not samples:
+        return 0
+    bad = torch.zeros(samples[0].shape[0], dtype=torch.bool, device=samples[0].device)
+    for g in samples:  # g: (batch, *param.shape)
+        bad |= ~torch.isfinite(g.reshape(g.shape[0], -1)).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        for g in samples:
+            g[bad] = 0
+    return count
+
+
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -199,11 +247,15 @@ def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,
 
 
 def private_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-    """One step of an Opacus DPOptimizer: per-example gradients, clip, noise, update."""
+    """One step of an Opacus DPOptimizer: per-example gradients (a non-finite one counts as
+    zero), clip, noise, update. The step is always taken and released."""
     with warnings.catch_warnings():
         # Opacus' hooks on a model whose inputs need no grad: expected, harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss.backward()
+    zeroed = zero_nonfinite_examples(opt.params)
+    if zeroed:  # stays in the site's log
+        log.warning("%d example(s) had a non-finite gradient and counted as zero", zeroed)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -244,7 +296,6 @@ def train_private(
     noise_multiplier: float,
     max_grad_norm: float,
     weight_decay: float = 0.0,
-    seed: int = 0,
     grad_sample_mode: str = "hooks",
     optimizer: str = "adamw",
     sample_rate: float | None = None,
@@ -262,7 +313,9 @@ def train_private(
 
     The Poisson masks and the noise come from OS entropy (the noise generator on the
     parameters' device), never from ``seed``: whoever knows the run-config must not be able
-    to regenerate them. ``seed`` only fixes dropout. An empty Poisson batch still takes a
+    to regenerate them. Dropout is off (:func:`dropout_off`) and a non-finite per-example
+    gradient counts as zero (:func:`zero_nonfinite_examples`), so one example moves the
+    clipped sum by at most ``max_grad_norm`` whatever else is in the batch. An empty Poisson batch still takes a
     step of pure noise, so that nothing reveals that the batch was empty. A causal LM's loss
     is a mean per example over its own tokens, then over the batch, so that one example's
     gradient is one clipped term however long it is.
@@ -300,7 +353,7 @@ def train_private(
     gsm.train()
     losses, seen = [], 0
     scope = contextlib.ExitStack()
-    scope.enter_context(seeded_torch(seed))
+    scope.enter_context(dropout_off(model))
     try:
         for _ in range(steps):
             batch_idx = idx[rng.random(n) < q]  # Poisson sampling: each example with prob q

@@ -85,7 +85,7 @@ def _diff(a: dict, b: dict) -> np.ndarray:
 
 def _node_configs(tmp_path: Path, run_config: dict) -> list[dict]:
     """Two sites with equal data: simulated (same partition) or deployed (same file)."""
-    return [{"data-path": run_config["data-path"],
+    return [{"data-path": run_config["data-path"], "accept-dp-modes": "sample,update",
              "privacy-state-path": str(tmp_path / f"site{i}" / "privacy.json")} for i in (0, 1)]
 
 
@@ -201,7 +201,8 @@ def test_a_site_under_local_dp_sends_nothing_data_dependent_and_does_not_evaluat
 
 def test_a_deployed_site_without_a_ledger_file_refuses_to_train(identity, site):
     run_config = dict(site, **{"dp-mode": "sample"})
-    reply = _run_site(run_config, {"data-path": site["data-path"]}, _train_message(run_config))
+    node = {"data-path": site["data-path"], "accept-dp-modes": "sample"}
+    reply = _run_site(run_config, node, _train_message(run_config))
     assert reply.content[STATUS_KEY]["status"] == "could-not-train"
     assert "privacy-state-path" in reply.content[STATUS_KEY]["reason"]
     assert LORA_KEY not in reply.content
@@ -233,7 +234,8 @@ def test_a_second_process_cannot_spend_a_held_ledger(identity, site, tmp_path):
             time.sleep(0.05)
         assert held.exists(), "the first process did not get the ledger"
         run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
-        node = {"data-path": site["data-path"], "privacy-state-path": str(path)}
+        node = {"data-path": site["data-path"], "privacy-state-path": str(path),
+                "accept-dp-modes": "sample"}
         reply = _run_site(run_config, node, _train_message(run_config))
         assert reply.content[STATUS_KEY]["status"] == "could-not-train"
         assert "in use by another run" in reply.content[STATUS_KEY]["reason"]

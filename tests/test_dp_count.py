@@ -121,7 +121,7 @@ def test_sites_of_equal_size_release_different_counts(identity, site, tmp_path):
     run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
     counts = []
     for i in range(3):
-        node = {"data-path": site["data-path"],
+        node = {"data-path": site["data-path"], "accept-dp-modes": "sample",
                 "privacy-state-path": str(tmp_path / f"site{i}" / "privacy.json")}
         context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
                           run_config=run_config)

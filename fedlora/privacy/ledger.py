@@ -192,13 +192,18 @@ class Ledger:
     never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`, or a
     function of the site's released example count returning one: then ``budget`` is
     ``(accountant, target_epsilon, delta)`` and ``examples`` the site's true count, released
-    once (noised, :mod:`fedlora.privacy.count`) into this ledger when it has none, recorded
-    and saved before anything is computed from it; every round plans with that value.
+    once (noised, :mod:`fedlora.privacy.count`) into this ledger when it has none, and only
+    after :meth:`check` has found that its release fits the budget; it is recorded and saved
+    before anything is computed from it, and every round plans with that value.
+    ``site_cap`` is the site's own lifetime epsilon cap (node-config ``max-epsilon``): a
+    new ledger is capped there, and no round may take the ledger above it, whatever the run
+    asks for.
     """
 
     def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None,
                  server_round: int | None = None, examples: int | None = None,
-                 budget: tuple[str, float, float] | None = None) -> None:
+                 budget: tuple[str, float, float] | None = None,
+                 site_cap: float | None = None) -> None:
         self._planner = plan if callable(plan) else None
         self.plan = None if callable(plan) else plan
         if self._planner is not None and budget is None:
@@ -206,6 +211,7 @@ class Ledger:
         self.budget = budget if budget is not None else \
             (plan.accountant, plan.target_epsilon, plan.delta)
         self.examples = examples
+        self.site_cap = site_cap
         self.path = Path(path) if path else None
         self.server_round = server_round  # fixes this round's cost (probe rounds differ)
         self.state = dict(state) if state else None
@@ -232,8 +238,8 @@ class Ledger:
             acc = from_record_dict(self.state)
         self.fresh = acc is None
         accountant, target_epsilon, delta = self.budget
-        if acc is None:
-            acc = ClientAccountant(accountant, target_epsilon=target_epsilon,
+        if acc is None:  # a new ledger is capped at the site's cap, never above it
+            acc = ClientAccountant(accountant, target_epsilon=self.site_cap or target_epsilon,
                                    target_delta=delta)
         if acc.mechanism != accountant:
             raise PrivacyStateError(
@@ -244,25 +250,42 @@ class Ledger:
                 f"the privacy ledger accounts at delta {acc.target_delta}, the run asks for "
                 f"{delta}; a site's budget keeps the delta it started with")
         self.accountant = acc
-        if self._planner is None:
-            return
-        if acc.count is None and self.examples is not None:
-            # Recorded (and on file) before anything is computed from it: whatever happens
-            # next, this release is charged and never drawn again.
-            acc.record_count(noised_count(self.examples), noise_std=COUNT_NOISE_STD)
-            if self.path is not None:
-                save_state(self.path, acc)
-        self.plan = self._planner(acc.count)
+        if self._planner is not None and (acc.count is not None or self.examples is None):
+            self.plan = self._planner(acc.count)
 
     def cap(self) -> float:
-        """The epsilon this round may not exceed: the run's target, or the ledger's own if
-        that is lower (a later run cannot raise a site's budget)."""
-        stored = self._acc().target_epsilon
-        return self.plan.target_epsilon if stored is None else min(stored,
-                                                                    self.plan.target_epsilon)
+        """The epsilon the ledger may not exceed: the lowest of the site's cap, the cap the
+        ledger started with (a later run cannot raise a site's budget) and the run's
+        target."""
+        _, target, _ = self.budget
+        caps = [target, self._acc().target_epsilon, self.site_cap]
+        return min(c for c in caps if c is not None)
+
+    def release_count(self) -> None:
+        """Release the site's noised count into the ledger if it has none, once its charge
+        is known to fit the budget (:class:`BudgetExhausted` otherwise, nothing drawn)."""
+        acc = self._acc()
+        if self.plan is not None or self._planner is None:
+            return
+        _, _, delta = self.budget
+        if acc.would_exceed(noise_multiplier=COUNT_NOISE_STD, sample_rate=1.0, num_steps=1,
+                            target_epsilon=self.cap(), delta=delta):
+            raise BudgetExhausted("privacy budget exhausted at this site")
+        # Recorded (and on file) before anything is computed from it: whatever happens
+        # next, this release is charged and never drawn again.
+        acc.record_count(noised_count(self.examples), noise_std=COUNT_NOISE_STD)
+        if self.path is not None:
+            save_state(self.path, acc)
+        self.plan = self._planner(acc.count)
 
     def check(self) -> None:
-        """Raise BudgetExhausted if this round would exceed the target epsilon."""
+        """Raise :class:`BudgetExhausted` if this round would take the ledger above its cap.
+
+        The count is released first when the ledger has none, and only if its own charge
+        fits. The error says nothing derived from the released count (its message is sent
+        to the server): the numbers stay in the site's log.
+        """
+        self.release_count()
         p, acc = self.plan, self._acc()
         cap = self.cap()
         q, steps = p.cost(self.server_round)
@@ -270,9 +293,9 @@ class Ledger:
                             num_steps=steps, target_epsilon=cap, delta=p.delta):
             after = acc.epsilon_after(noise_multiplier=p.noise_multiplier,
                                       sample_rate=q, num_steps=steps, delta=p.delta)
-            raise BudgetExhausted(
-                f"privacy budget exhausted: epsilon would reach {after:.4f} > target "
-                f"{cap} (spent {self.epsilon():.4f} at delta {p.delta})")
+            logger.warning("privacy budget exhausted: epsilon would reach %.4f > cap %s "
+                           "(spent %.4f at delta %s)", after, cap, self.epsilon(), p.delta)
+            raise BudgetExhausted("privacy budget exhausted at this site")
 
     def charge_missed_rounds(self, rounds: int) -> None:
         """Charge ``rounds`` earlier rounds as if this client had trained in every one.
@@ -284,6 +307,7 @@ class Ledger:
         acc = self._acc()
         if rounds <= 0 or acc.total_steps > 0:
             return
+        self.release_count()
         p = self.plan
         if acc.count_releases:  # the lost ledger's count was released too, at the same noise
             acc.count_releases.insert(0, acc.count_releases[0])

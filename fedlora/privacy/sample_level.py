@@ -102,5 +102,5 @@ class SampleLevel(ClientMechanism):
                              learning_rate=cfg.learning_rate,
                              noise_multiplier=plan.noise_multiplier,
                              max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
-                             seed=seed, optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
+                             optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
                              expected_batch_size=cfg.batch_size)

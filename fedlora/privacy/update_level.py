@@ -16,9 +16,10 @@ against everyone outside the site, the server included.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +30,8 @@ from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
 
 if TYPE_CHECKING:
     from ..run_config import RunConfig
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SENSITIVITY_FACTOR", "UpdateLevel", "privatize_reply", "update_noise_std"]
 
@@ -57,6 +60,11 @@ def privatize_reply(trained: Mapping[str, np.ndarray], received: Mapping[str, np
         raise ValueError(f"tensor(s) {unsent[:3]} were trained but not received")
     keys = list(trained)
     delta = {k: trained[k].astype(np.float64) - received[k] for k in keys}
+    if not all(np.isfinite(d).all() for d in delta.values()):
+        # A diverged update counts as no update: the noised release still goes out, so
+        # whether the site replies says nothing about its data.
+        log.warning("the local update has non-finite values; releasing noise on a zero update")
+        delta = {k: np.zeros_like(d) for k, d in delta.items()}
     clipped, _ = clip_update(delta, max_norm)
     std = update_noise_std(noise_multiplier=noise_multiplier, max_norm=max_norm)
     noise = gaussian_noise_like(clipped, std, rng if rng is not None else private_numpy_rng())
@@ -85,6 +93,15 @@ class UpdateLevel(ClientMechanism):
                                  cfg.num_server_rounds, cfg.accountant)
         std = update_noise_std(noise_multiplier=sigma, max_norm=cfg.update_max_norm)
         return cfg.update_max_norm + std * (math.sqrt(num_entries) + 8.0)
+
+    def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
+              seed: int) -> Any:
+        """Ordinary local training with dropout off: under a DP mode no randomness comes
+        from ``seed``, which everyone holding the run-config knows."""
+        from ..training import dropout_off
+
+        with dropout_off(model):
+            return super().train(model, data, indices, plan=plan, cfg=cfg, seed=seed)
 
     def release(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
                 plan: DpPlan, cfg: RunConfig) -> dict[str, np.ndarray]:

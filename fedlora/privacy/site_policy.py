@@ -1,0 +1,150 @@
+"""A site's own privacy policy, from its node-config: no run may weaken it.
+
+Whoever submits a run writes the run-config (``dp-mode``, ``target-epsilon``,
+``target-delta``), so a site that followed it would let the server switch its privacy off.
+A site states instead, in the node-config its operator gives the SuperNode:
+
+* ``accept-dp-modes``: the ``dp-mode`` values it trains under, comma-separated (e.g.
+  ``"sample,update"``); ``"off"`` is how an operator allows non-private runs on purpose.
+  A combination such as ``sample+client`` is accepted when its local part (``sample``) is:
+  the server's noise on top weakens nothing the site enforces.
+* ``max-epsilon``: the site's lifetime epsilon cap. Its privacy ledger is capped there, never
+  at the run's ``target-epsilon``; a run asking for a larger target is refused.
+* ``max-delta``: the largest ``target-delta`` it accepts.
+* ``min-noise-multiplier`` (optional): a floor on the noise multiplier of its local mechanism.
+
+Every check reads only the run-config, the node-config and the plan (itself a function of
+the run-config and of the site's released, already charged count), never the site's data:
+whether a site refuses says nothing about its examples. The checks run before the site
+touches its data.
+
+A deployed site (no simulation ``partition-id``) without ``accept-dp-modes`` refuses every
+run and says which keys to set. A simulated site without a policy follows the run-config:
+its data and its operator are the run's own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .mechanisms import client_mechanism, dp_mode_choices, parse_dp_mode
+
+if TYPE_CHECKING:
+    from ..run_config import RunConfig
+    from .mechanisms import DpPlan
+
+__all__ = ["POLICY_KEYS", "PolicyRefusal", "SitePolicy"]
+
+#: The node-config keys of a site's privacy policy.
+POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier")
+
+_EXAMPLE = ("--node-config \"accept-dp-modes='sample' max-epsilon=8.0 max-delta=1e-5 "
+            "privacy-state-path='<file>'\"")
+
+
+class PolicyRefusal(ValueError):
+    """A run (or a node-config) the site's policy does not accept; the message names the
+    node-config key. Saying so leaks nothing about the site's data."""
+
+
+def _positive(node_config: Mapping[str, Any], key: str, upper: float | None = None
+              ) -> float | None:
+    value = node_config.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if isinstance(value, bool) or not math.isfinite(out) or out <= 0 or (
+            upper is not None and out >= upper):
+        accepted = "a finite float > 0" + ("" if upper is None else f" and < {upper:g}")
+        raise PolicyRefusal(f"node-config key '{key}' has bad value {value!r}: expected "
+                            f"{accepted}")
+    return out
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site accepts (``accept_dp_modes`` None: no policy, the run's settings apply)."""
+
+    accept_dp_modes: frozenset[str] | None = None
+    max_epsilon: float | None = None
+    max_delta: float | None = None
+    min_noise_multiplier: float | None = None
+    deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
+        """Parse the policy keys; :class:`PolicyRefusal` names a bad key and value."""
+        modes = node_config.get("accept-dp-modes")
+        accepted = None
+        if modes is not None and str(modes).strip() != "":
+            names = [m.strip() for m in str(modes).split(",") if m.strip()]
+            choices = dp_mode_choices()
+            bad = [m for m in names if m not in choices]
+            if bad or not names:
+                raise PolicyRefusal(f"node-config key 'accept-dp-modes' has bad value "
+                                    f"{modes!r}: expected a comma-separated list of "
+                                    f"{', '.join(choices)}")
+            accepted = frozenset(names)
+        return cls(accept_dp_modes=accepted,
+                   max_epsilon=_positive(node_config, "max-epsilon"),
+                   max_delta=_positive(node_config, "max-delta", upper=1.0),
+                   min_noise_multiplier=_positive(node_config, "min-noise-multiplier"),
+                   deployed=node_config.get("partition-id") is None)
+
+    @property
+    def private_only(self) -> bool:
+        """Whether the site refuses to release anything un-noised about its data."""
+        return self.accept_dp_modes is not None and "off" not in self.accept_dp_modes
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """Refuse a run weaker than the policy (before the site touches its data)."""
+        if self.accept_dp_modes is None:
+            if self.deployed:
+                raise PolicyRefusal(
+                    "this site has no privacy policy: its operator sets node-config key "
+                    f"'accept-dp-modes' (and 'max-epsilon', 'max-delta'), e.g. {_EXAMPLE}; "
+                    "accept-dp-modes='off' allows non-private runs on purpose")
+            return
+        mode = cfg.dp_mode
+        local = client_mechanism(mode)
+        if mode not in self.accept_dp_modes and (
+                local is None or local.name not in self.accept_dp_modes):
+            raise PolicyRefusal(f"the run's dp-mode = '{mode}' is not accepted by this site "
+                                f"(node-config key 'accept-dp-modes' = "
+                                f"'{','.join(sorted(self.accept_dp_modes))}')")
+        if not parse_dp_mode(mode):
+            return  # off, allowed on purpose: nothing to cap
+        if self.max_delta is not None and cfg.target_delta > self.max_delta:
+            raise PolicyRefusal(f"the run's target-delta = {cfg.target_delta} exceeds this "
+                                f"site's node-config key 'max-delta' = {self.max_delta}")
+        if local is not None and self.max_epsilon is not None \
+                and cfg.target_epsilon > self.max_epsilon:
+            raise PolicyRefusal(f"the run's target-epsilon = {cfg.target_epsilon} exceeds "
+                                f"this site's node-config key 'max-epsilon' = "
+                                f"{self.max_epsilon}")
+
+    def check_plan(self, plan: DpPlan) -> None:
+        """Refuse a plan whose noise multiplier is below the site's floor."""
+        if self.min_noise_multiplier is not None \
+                and plan.noise_multiplier < self.min_noise_multiplier:
+            # The plan's sigma follows from the released count: it stays in the site's log.
+            raise PolicyRefusal(f"the run's noise multiplier is below this site's "
+                                f"node-config key 'min-noise-multiplier' = "
+                                f"{self.min_noise_multiplier}")
+
+    def epsilon_cap(self, run_target: float) -> float:
+        """The epsilon the site's ledger may never exceed: the site's own cap when it has
+        one, else (a simulated site without a policy) the run's target."""
+        return self.max_epsilon if self.max_epsilon is not None else run_target
+
+    def allows_plain_evaluation(self) -> bool:
+        """Whether the site may answer federated evaluation (an un-noised loss/accuracy)."""
+        if self.accept_dp_modes is None:
+            return not self.deployed
+        return "off" in self.accept_dp_modes
