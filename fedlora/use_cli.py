@@ -109,7 +109,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"fedlora evaluate: error: cannot write {out}: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"written to {out}")
+    if run_dir is not None and args.data is None and args.output is None:
+        _refresh_report(run_dir)
     return EXIT_OK
+
+
+def _refresh_report(run_dir: str) -> None:
+    """Redraw the run's report, which shows the confusion matrix just written."""
+    from .report import ReportError, write_report
+
+    try:
+        print(f"report: {write_report([run_dir])}")
+    except (ReportError, OSError) as e:
+        print(f"fedlora evaluate: could not redraw the report: {e}", file=sys.stderr)
 
 
 def add_use_commands(sub) -> None:

@@ -335,3 +335,18 @@ def test_export_of_a_real_run_predicts_what_the_run_measured(tmp_path, capsys):
     measured = json.loads((run / "evaluation.json").read_text())
     assert measured["labels"] == ["rotten", "fresh"] and measured["examples"] == 48
     assert measured["accuracy"] == pytest.approx(final, abs=1.5 / len(test))
+    assert "Confusion matrix" in (run / "report.html").read_text()  # redrawn with it
+
+
+def test_report_shows_the_confusion_matrix_of_an_evaluation(tmp_path):
+    from .test_report import make_run as make_report_run
+    from .test_report import parse_page
+
+    run = make_report_run(tmp_path, "r")
+    assert main(["report", str(run)]) == 0
+    assert "fedlora evaluate" in " ".join(parse_page(run / "report.html").text)
+    m = classification_metrics([0, 0, 1, 1, 1], [0, 1, 1, 1, 0], ["rotten", "fresh"])
+    write_json(run / "evaluation.json", m)
+    assert main(["report", str(run)]) == 0
+    text = " ".join(parse_page(run / "report.html").text)
+    assert "Confusion matrix" in text and "5 examples" in text and "0.6000" in text
