@@ -73,7 +73,8 @@ def _cmd_node_key(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subparser per subcommand."""
     parser = argparse.ArgumentParser(
-        prog="fedlora", description="Federated LoRA fine-tuning: run reports, deployment credentials, and "
+        prog="fedlora",
+        description="Federated LoRA fine-tuning: run reports, deployment credentials, and "
                     "using the trained model (export, predict, evaluate).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

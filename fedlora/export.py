@@ -144,10 +144,11 @@ def _check_adapter(adapter: Path, adapter_cfg: dict[str, Any], spec: LoraSpec) -
             raise ExportError(f"{where}: '{key}' is missing or not a number")
     task_type = adapter_cfg.get("task_type")
     if (task_type == "CAUSAL_LM") != spec.causal_lm:
+        kinds = ("a classifier", "a causal LM")
         raise ExportError(
-            f"{where}: the adapter is for {'a causal LM' if task_type == 'CAUSAL_LM' else 'a classifier'}"
-            f" (task_type {task_type!r}) but the run-config's task is "
-            f"{'a causal LM' if spec.causal_lm else 'a classifier'}: a model of another task")
+            f"{where}: the adapter is for {kinds[task_type == 'CAUSAL_LM']} (task_type "
+            f"{task_type!r}) but the run-config's task is {kinds[spec.causal_lm]}: a model of "
+            "another task")
     base = adapter_cfg.get("base_model_name_or_path")
     if base and Path(base).resolve() != Path(spec.model_path).resolve():
         raise ExportError(f"{where}: the adapter was trained on {base!r}, but the run-config's "

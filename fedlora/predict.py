@@ -74,7 +74,7 @@ class Predictor:
         trust = _own_code(path)
         try:
             if adapter:
-                causal = bool(info.get("causal_lm", False))
+                causal = bool(info.get("causal_lm", _adapter_task(path) == "CAUSAL_LM"))
             else:
                 config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
                 causal = any(a.endswith("ForCausalLM") for a in config.architectures or ())
@@ -93,6 +93,7 @@ class Predictor:
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
         max_length = int(info.get("max_length") or min(tokenizer.model_max_length, 4096))
+        log.info("loaded %s from %s", "causal LM" if causal else f"classifier {labels}", path)
         return cls(model.eval(), tokenizer, () if causal else labels, causal, max_length, path)
 
     def _encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -151,6 +152,14 @@ def _read_info(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot read {path / EXPORT_INFO}: {e}") from None
     return info if isinstance(info, dict) else {}
+
+
+def _adapter_task(path: Path) -> str | None:
+    try:
+        return json.loads((path / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "task_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ExportError(f"cannot read {path / 'adapter_config.json'}: {e}") from None
 
 
 def _own_code(path: Path) -> bool:
