@@ -7,6 +7,12 @@ one run (default ``RUN_DIR/report.html``) or a comparison page of several
 ``fedlora certs DIR --host HOST [--host HOST ...]`` creates a CA and the SuperLink's TLS
 certificate; ``fedlora node-key PATH`` creates a SuperNode's authentication key pair
 (see docs/deploy.md).
+
+``fedlora export RUN_DIR OUT [--merged]`` writes a run's model as a transformers folder;
+``fedlora predict RUN_DIR|MODEL_DIR (--text TEXT | --file FILE)`` prints a label and its
+probability (or a continuation) per input; ``fedlora evaluate RUN_DIR|MODEL_DIR [--data FILE]``
+prints and writes accuracy, per-class precision/recall/F1 and the confusion matrix
+(perplexity for a causal LM).
 """
 
 from __future__ import annotations
@@ -67,7 +73,9 @@ def _cmd_node_key(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, one subparser per subcommand."""
     parser = argparse.ArgumentParser(
-        prog="fedlora", description="Federated LoRA fine-tuning: run reports and deployment credentials.")
+        prog="fedlora",
+        description="Federated LoRA fine-tuning: run reports, deployment credentials, and "
+                    "using the trained model (export, predict, evaluate).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     report = sub.add_parser(
@@ -101,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     node_key.add_argument("--comment", default="", help="comment appended to the public key")
     node_key.add_argument("--force", action="store_true", help="overwrite existing files")
     node_key.set_defaults(handler=_cmd_node_key)
+    from .use_cli import add_use_commands
+
+    add_use_commands(sub)
     return parser
 
 

@@ -152,6 +152,22 @@ def _refused_html(run: RunData) -> str:
     return f"<h2>Refused replies</h2><ul>{''.join(items)}</ul>"
 
 
+def _confusion_html(run: RunData) -> str:
+    """The confusion matrix of the centralised test set (from ``fedlora evaluate RUN_DIR``)."""
+    m = run.evaluation
+    if not m:
+        return ("<h2>Confusion matrix</h2><p class=\"muted\">Run <code>fedlora evaluate "
+                "RUN_DIR</code> to add the confusion matrix of the centralised test set.</p>")
+    labels = [str(x) for x in m.get("labels") or []]
+    head = "".join(f"<th>{_e(n)}</th>" for n in labels)
+    rows = "".join(f"<tr><th>{_e(n)}</th>" + "".join(f"<td class=\"num\">{_e(v)}</td>"
+                                                    for v in row) + "</tr>"
+                   for n, row in zip(labels, m["confusion_matrix"]))
+    return (f"<h2>Confusion matrix</h2><p>Centralised test set, {_e(m.get('examples', '-'))} "
+            f"examples, accuracy {_fmt_float(m.get('accuracy'))} (rows: true label, columns: "
+            f"predicted).</p><table><tr><th></th>{head}</tr>{rows}</table>")
+
+
 def _dp_note(runs: Sequence[RunData]) -> str:
     off = [r.name for r in runs if r.privacy_rows is None]
     if not off:
@@ -172,6 +188,10 @@ def _page(title: str, body: str) -> str:
             f"</body></html>\n")
 
 
+def _causal(run: RunData) -> bool:
+    return any("test_perplexity" in r for r in run.rounds)
+
+
 def render_run_page(run: RunData) -> str:
     """The HTML page of one run."""
     body = (f"<h1>fedlora run {_e(run.name)}</h1>"
@@ -179,6 +199,7 @@ def render_run_page(run: RunData) -> str:
             f"<h2>Summary</h2>{_summary_table(run)}"
             f"<h2>Audit of client replies</h2>{audit_html(run)}"
             f"{_refused_html(run)}"
+            f"{'' if _causal(run) else _confusion_html(run)}"
             f"<h2>Plots</h2>{_dp_note([run])}{_figures_html([run])}")
     return _page(f"fedlora run {run.name}", body)
 

@@ -26,7 +26,8 @@ class RunData:
     comms: dict[str, Any]
     comms_rows: list[dict[str, str]] | None
     privacy_rows: list[dict[str, str]] | None
-
+    # ``fedlora evaluate RUN_DIR``'s metrics of the centralised test set, if it was run.
+    evaluation: dict[str, Any] | None = None
 
 
 def _read_json(path: Path) -> Any:
@@ -74,7 +75,18 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
         comms=comms if isinstance(comms, dict) else {},
         comms_rows=_read_csv(folder / "comms.csv"),
         privacy_rows=_read_csv(folder / "privacy.csv"),
+        evaluation=_read_evaluation(folder / "evaluation.json"),
     )
+
+
+def _read_evaluation(path: Path) -> dict[str, Any] | None:
+    """The classifier metrics in ``evaluation.json``, or None (absent, or not a classifier's)."""
+    if not path.is_file():
+        return None
+    value = _read_json(path)
+    if not isinstance(value, dict) or not isinstance(value.get("confusion_matrix"), list):
+        return None
+    return value
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:
