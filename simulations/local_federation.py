@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -34,7 +35,7 @@ from fedlora.deploy import make_certificates, make_node_key
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-__all__ = ["LocalFederation", "free_port"]
+__all__ = ["LocalFederation", "default_node_configs", "free_port", "parse_node_config"]
 
 
 def free_port() -> int:
@@ -303,10 +304,33 @@ class LocalFederation:
         return json.loads(out.stdout).get("runs", [])
 
 
-def default_node_configs(n: int, workdir: Path, data_dir: Path | None) -> list[dict[str, Any]]:
+def parse_node_config(text: str) -> dict[str, Any]:
+    """``"KEY=VALUE ..."`` as SuperNode ``--node-config`` reads it: numbers as numbers,
+    quoted or bare text as strings. A token without ``=`` is refused, naming it."""
+    out: dict[str, Any] = {}
+    for token in shlex.split(text):
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--node-config: expected KEY=VALUE, got {token!r}")
+        for kind in (int, float):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+def default_node_configs(n: int, workdir: Path, data_dir: Path | None,
+                         extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Each site's node-config: partition i of the packaged data (or ``site<i>.*`` in
+    ``data_dir``), its own ledger file, and ``extra`` (e.g. the site's privacy policy)."""
     configs = []
     for i in range(n):
-        cfg: dict[str, Any] = {"privacy-state-path": str(workdir / f"site{i}" / "privacy.json")}
+        cfg: dict[str, Any] = {"privacy-state-path": str(workdir / f"site{i}" / "privacy.json"),
+                               **dict(extra or {})}
         if data_dir is not None:
             found = sorted(Path(data_dir).glob(f"site{i}.*"))
             if not found:
@@ -326,11 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "results" / "local-federation")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="folder with site0.csv, site1.csv, ... (one file per SuperNode)")
+    ap.add_argument("--node-config", default="",
+                    help="node-config entries for every site, e.g. \"accept-dp-modes='sample' "
+                         "max-epsilon=8 max-delta=1e-5\" (the site's privacy policy)")
     ap.add_argument("--insecure", action="store_true",
                     help="no TLS and no SuperNode authentication (loopback experiments only)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    configs = default_node_configs(args.nodes, args.workdir, args.data_dir)
+    configs = default_node_configs(args.nodes, args.workdir, args.data_dir,
+                                   parse_node_config(args.node_config))
     run_config = args.run_config
     if "output-dir" not in run_config:
         run_config += f" output-dir='{args.workdir / 'results'}'"

@@ -29,23 +29,41 @@ def _assert_all_stopped(fed: LocalFederation) -> None:
     assert not fed.alive_groups()
 
 
-def test_two_sites_with_tls_and_auth_run_and_flower_counts_the_same_bytes(tmp_path):
-    configs = default_node_configs(2, tmp_path, None)
+POLICY = {"accept-dp-modes": "sample", "max-epsilon": 8.0, "max-delta": 1e-5}
+
+
+def test_two_private_sites_with_tls_and_auth_refuse_a_weaker_run_and_run_theirs(tmp_path):
+    """Each site's node-config policy accepts only dp-mode = sample up to epsilon 8: a run
+    with dp-mode = off is refused by both (no reply accepted, the reason logged); a sample
+    run at epsilon 4 runs, and Flower counts the same bytes as fedlora."""
+    configs = default_node_configs(2, tmp_path, None, POLICY)
     out = tmp_path / "results"
     fed = LocalFederation(tmp_path, configs)
     try:
         t0 = time.monotonic()
         fed.start()
+        refused = fed.run(f"num-server-rounds=1 {SMALL} dp-mode='off' output-dir='{out}' "
+                          "run-name='weaker'", timeout=900)
+        t1 = time.monotonic()
+        earlier = {r["run-id"] for r in fed.runs()}
         proc = fed.run(f"num-server-rounds=2 {SMALL} dp-mode='sample' dp-recipe='none' "
-                       f"target-epsilon=8.0 output-dir='{out}' run-name='sites'", timeout=900)
+                       f"target-epsilon=4.0 output-dir='{out}' run-name='sites'", timeout=900)
         wall = time.monotonic() - t0
         runs = fed.runs()
         nodes = json.loads(fed.flwr("supernode", "list", "local-deployment", "--format",
                                     "json").stdout)["nodes"]
     finally:
         fed.stop()
+    assert refused.returncode == 0, refused.stdout[-4000:]
     assert proc.returncode == 0, proc.stdout[-4000:]
     _assert_all_stopped(fed)
+
+    # The weaker run: both sites refused it, naming their policy's key; nothing was trained.
+    (r1,) = json.loads((out / "weaker" / "metrics.json").read_text())["rounds"][1:]
+    assert r1["clients_accepted"] == 0 and r1["clients_refused"] == 2, r1
+    assert all("'accept-dp-modes'" in r["reason"] for r in r1["refused"]), r1["refused"]
+    assert "accept-dp-modes" in refused.stdout
+    assert not (out / "weaker" / "privacy.csv").exists()
 
     # TLS and authentication were on: the connection trusts our CA, the SuperLink served
     # with our certificate and required registered keys, and only the registered nodes ran.
@@ -60,7 +78,7 @@ def test_two_sites_with_tls_and_auth_run_and_flower_counts_the_same_bytes(tmp_pa
                  "adapter/adapter_model.safetensors"):
         assert (run_dir / name).is_file(), name
     rows = list(csv.DictReader((run_dir / "privacy.csv").open()))
-    assert len(rows) == 4 and all(0 < float(r["epsilon"]) <= 8.0 for r in rows)
+    assert len(rows) == 4 and all(0 < float(r["epsilon"]) <= 4.0 for r in rows)
     assert {int(r["node"]) for r in rows} == set(fed.node_ids.values())
     # Each site's ledger is on the site, in the file its node-config names.
     for cfg in configs:
@@ -68,12 +86,13 @@ def test_two_sites_with_tls_and_auth_run_and_flower_counts_the_same_bytes(tmp_pa
 
     comms = json.loads((run_dir / "comms.json").read_text())
     ours = comms["total_bytes"]["up"] + comms["total_bytes"]["down"]
-    (run,) = runs
+    (run,) = [r for r in runs if r["run-id"] not in earlier]
     flower = run["network-traffic"]["total-bytes"]
     # Flower counts whole messages (configs, metrics and framing too) but stores arrays
     # content-addressed, so identical arrays of a message (the all-zero B factors of the
     # initial adapter) travel once: over two rounds the totals agree within a few percent.
-    print(f"two-site TLS run: {wall:.1f} s wall (start to finish); per round "
+    print(f"two-site TLS run: {wall:.1f} s wall ({t1 - t0:.1f} s to the refused run's end); "
+          "per round "
           f"{comms['per_round']}; flower {run['network-traffic']}; node events {fed.events}")
     assert abs(flower - ours) / ours < 0.08, (flower, ours)
     for name, ev in fed.events.items():
