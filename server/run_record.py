@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora.checkpoint import Checkpoint, save_checkpoint
 from fedlora.comms import COLUMNS as COMMS_COLUMNS
 from fedlora.comms import CommsLedger
-from fedlora.privacy import PRIVACY_COLUMNS, privacy_row
+from fedlora.privacy import PRIVACY_COLUMNS, privacy_row, server_mechanism
 from fedlora.results import write_csv, write_json
 from fedlora.timing import RoundTimer
 
@@ -48,6 +48,8 @@ class RunRecord:
     def __init__(self, run_dir: Path, cfg: RunConfig, *, causal_lm: bool,
                  ledger: CommsLedger) -> None:
         self.run_dir, self.cfg, self.causal_lm, self.ledger = run_dir, cfg, causal_lm, ledger
+        #: user-level DP (``client``): which replies came back is not published
+        self.withhold_replies = server_mechanism(cfg.dp_mode) is not None
         self.columns = METRIC_COLUMNS + (PERPLEXITY_COLUMNS if causal_lm else ())
         self.rows: list[dict] = []
         self.privacy_rows: list[dict] = []
@@ -85,6 +87,8 @@ class RunRecord:
         for node, values in outcome.privacy:
             self.privacy_rows.append(privacy_row(server_round, node, values, self.cfg.dp_mode))
         totals = self.ledger.round_totals(server_round)
+        # Under user-level DP the replies' fates depend on the clients' data: withheld.
+        hide = self.withhold_replies
         train = outcome.train_metrics
         row = {
             "round": server_round,
@@ -94,16 +98,16 @@ class RunRecord:
             "fed_eval_loss": fed.get("eval-loss") if fed else None,
             "fed_eval_accuracy": fed.get("eval-accuracy") if fed else None,
             "clients_sampled": outcome.sampled,
-            "clients_accepted": len(outcome.accepted),
-            "clients_refused": len(outcome.refused),
-            "clients_dropped": len(outcome.dropped),
+            "clients_accepted": None if hide else len(outcome.accepted),
+            "clients_refused": None if hide else len(outcome.refused),
+            "clients_dropped": None if hide else len(outcome.dropped),
             "max_epsilon": outcome.max_epsilon,
             "max_update_norm": max(outcome.update_norms) if outcome.update_norms else None,
-            "refused": [{"node": strategy.public_node(n), "reason": r}
-                        for n, r in outcome.refused],
-            "dropped": [{"node": strategy.public_node(n), "reason": r}
-                        for n, r in outcome.dropped],
-            "bytes_up": totals["up"],
+            "refused": [] if hide else [{"node": strategy.public_node(n), "reason": r}
+                                        for n, r in outcome.refused],
+            "dropped": [] if hide else [{"node": strategy.public_node(n), "reason": r}
+                                        for n, r in outcome.dropped],
+            "bytes_up": None if hide else totals["up"],
             "bytes_down": totals["down"],
             "round_seconds": None,  # set once the round's files are written
             "elapsed_seconds": None,

@@ -332,16 +332,21 @@ def _log_round(cfg: RunConfig, causal_lm: bool, row: dict, outcome: RoundOutcome
                timer: RoundTimer) -> None:
     rnd, spent = row["round"], outcome.max_epsilon
     log.info("[round %d/%d] time: %s", rnd, cfg.num_server_rounds, timer.line(row["timing"]))
+    if row["clients_accepted"] is None:  # user-level DP: which replies came back is private
+        clients, up = f"clients sampled {outcome.sampled} (replies not published)", "-"
+    else:
+        clients = (f"clients {len(outcome.accepted)}/{outcome.sampled} "
+                   f"({len(outcome.refused)} refused, {len(outcome.dropped)} dropped)")
+        up = f"{row['bytes_up']:,}"
     log.info(
         "[round %d/%d] train loss %s | test loss %s, accuracy %s%s | fed-eval accuracy %s | "
-        "clients %d/%d (%d refused, %d dropped)%s | up %s B, down %s B | %.1f s",
+        "%s%s | up %s B, down %s B | %.1f s",
         rnd, cfg.num_server_rounds, _fmt(row["train_loss"]), _fmt(row["test_loss"]),
         _fmt(row["test_accuracy"]),
         f", perplexity {_fmt(row['test_perplexity'], '.2f')}" if causal_lm else "",
-        _fmt(row["fed_eval_accuracy"]),
-        len(outcome.accepted), outcome.sampled, len(outcome.refused), len(outcome.dropped),
+        _fmt(row["fed_eval_accuracy"]), clients,
         "" if spent is None else f" | max epsilon {spent:.3f} (target {cfg.target_epsilon})",
-        f"{row['bytes_up']:,}", f"{row['bytes_down']:,}", row["round_seconds"],
+        up, f"{row['bytes_down']:,}", row["round_seconds"],
     )
 
 

@@ -290,11 +290,11 @@ class LoraStrategy(RoundStrategy):
             if msg.has_error():
                 self._dropped(server_round, self._error_node(msg), _short(msg.error.reason))
                 continue
-            if self.ledger is not None and LORA_KEY in msg.content:
+            if self.ledger is not None and LORA_KEY in msg.content and not self.hide_nodes:
                 self.ledger.record(server_round, self.public_node(node), "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
             values = from_metrics(msg.content.get(METRICS_KEY) or {})
-            if "epsilon" in values:
+            if "epsilon" in values and not self.hide_nodes:
                 outcome.privacy.append((self.public_node(node), values))
             try:
                 state, n = self._check_reply(msg)
@@ -304,8 +304,9 @@ class LoraStrategy(RoundStrategy):
                 raise
             except ValueError as e:
                 outcome.refused.append((node, str(e)))
-                log.warning("round %d: refused reply from %s: %s", server_round, self._who(node),
-                            e)
+                if not self.hide_nodes:
+                    log.warning("round %d: refused reply from %s: %s", server_round,
+                                self._who(node), e)
                 continue
             outcome.accepted.append(node)
             states.append(state)
@@ -340,8 +341,9 @@ class LoraStrategy(RoundStrategy):
 
     def _dropped(self, server_round: int, node: int, reason: str) -> None:
         self.outcome.dropped.append((node, reason))
-        log.warning("round %d: %s dropped out of the round: %s", server_round, self._who(node),
-                    reason)
+        if not self.hide_nodes:
+            log.warning("round %d: %s dropped out of the round: %s", server_round,
+                        self._who(node), reason)
 
     def public_node(self, node: int) -> int:
         """The node id as outputs show it: 0 for every node under user-level DP."""

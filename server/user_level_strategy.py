@@ -6,8 +6,14 @@ and validates every reply; the wrapper replaces how nodes are sampled (each one
 independently with probability q, the coins from OS entropy) and what is released (the
 clipped updates' noised mean, :class:`fedlora.privacy.CentralDp`, with one step on the
 server's own accountant), every round whatever the number of valid replies
-(``min-train-nodes`` does not apply). Outputs name no node, since who took part is what
-amplification by sampling keeps secret, and no update norm is measured or refused on.
+(``min-train-nodes`` does not apply). No update norm is measured or refused on.
+
+What the server publishes (log, ``metrics.json``, ``comms``, ``privacy.csv``, report) is
+what the zero-out relation with ``N`` public allows (:mod:`fedlora.privacy.user_level`):
+``N``, ``W`` and the number of nodes sampled each round (the server's own coins), never
+which sampled nodes replied, were refused or dropped out, nor anything that follows from
+it (their count, reasons, upload bytes, the clients' own ledger rows): a client's data can
+decide whether it replies. Outputs name no node.
 """
 
 from __future__ import annotations

@@ -16,16 +16,26 @@ recurrent language models", fixed-denominator estimator):
    expected number of sampled clients, fixed before round 1 (``N``: nodes connected then).
 
 Times ``W``, step 3 is the sampled Gaussian mechanism on a sum whose L2 sensitivity to
-adding or removing one client is ``C``: one Opacus step ``(sigma, q)`` per round, composed
+zeroing out one client (or adding or removing it) is ``C``: one Opacus step ``(sigma, q)``
+per round, composed
 by a server-side accountant (:class:`fedlora.privacy.ClientAccountant`, RDP or PRV per
 ``accountant``). A refused, failed or budget-exhausted reply adds zero, which keeps the
 sensitivity, so no reply count has to match. ``sigma`` is calibrated before round 1 so
 that ``num-server-rounds`` releases end at or just under ``target-epsilon`` at
 ``target-delta``, and ``target-delta`` must be below ``1/N``.
 
-Neighbouring relation and adversary: add or remove one client (all it contributes over
-the run). The server is trusted with the replies; the guarantee holds against whoever
-sees what the server releases: the adapters, the log, ``metrics.json`` and the report.
+Neighbouring relation and adversary: zero-out of one client (all it contributes over the
+run replaced by nothing: its reply adds zero, as a refused one does), with the population
+``N`` public. The Poisson coins are the server's and do not depend on any data, so ``N``,
+``W`` and how many nodes were sampled each round are the same for neighbours and are
+published; the subsampled Gaussian's accounting is the same as for add/remove (a zeroed
+client and an absent one add the same zero to a fixed-denominator sum). Whether a sampled
+client replied, was refused or dropped out can depend on its data (a diverged update, a
+bad file), so none of that is published: no per-round accepted/refused/dropped counts, no
+reasons, no upload bytes, no client ledger rows (:mod:`server.user_level_strategy`). The
+server is trusted with the replies; the guarantee holds against whoever sees what the
+server releases: the adapters, the log, ``metrics.json``, ``comms``, ``privacy.csv`` and the
+report.
 So the noise comes from OS entropy (never from ``seed``, which every holder of the
 run-config knows; a resumed round draws fresh noise, never the same noise twice), and
 nothing data-dependent about single clients is released: no update norms, no count of
@@ -297,9 +307,9 @@ class CentralDp:
 @register
 class UserLevel(ServerMechanism):
     name = "client"
-    neighbouring = ("add or remove one client, with all it contributes over the run "
-                    "(user-level); against whoever sees what the server releases (the server "
-                    "itself is trusted with the replies)")
+    neighbouring = ("zero-out of one client, with all it contributes over the run, the "
+                    "population N public (user-level); against whoever sees what the server "
+                    "releases (the server itself is trusted with the replies)")
     needs_linear_aggregator = True
     aggregator_reason = ("user-level DP noises the mean of the sent tensors, and this "
                          "aggregator's global adapter is not that mean")
