@@ -138,7 +138,10 @@ def train_fn(msg: Message, context: Context) -> Message:
     try:
         cfg, node, model, data, method = _setup(msg, context)
         ledger = _ledger(cfg, node, context, data.num_train, server_round, policy)
-    except (DataError, FileNotFoundError, ValueError, PrivacyStateError) as e:
+    except Exception as e:  # noqa: BLE001  (under DP no error's text leaves the site)
+        if _dp_off(context) and not isinstance(
+                e, (DataError, FileNotFoundError, ValueError, PrivacyStateError)):
+            raise
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(_public_reason(e, context)), reply_to=msg)
     _simulate_failure(cfg, server_round, node.partition_id)
@@ -224,11 +227,15 @@ def _site_policy(context: Context) -> SitePolicy | str:
     return policy
 
 
+def _dp_off(context: Context) -> bool:
+    """Whether the run asks for no DP at all (then a site's errors may say what they are)."""
+    return str(context.run_config.get("dp-mode", "off")) == "off"
+
+
 def _public_reason(error: Exception, context: Context) -> str:
     """What a site may tell the server about a failure: everything without DP; under DP only
     configuration and ledger problems, not messages that may quote its data (a bad row)."""
-    dp_on = str(context.run_config.get("dp-mode", "off")) != "off"
-    if not dp_on or isinstance(error, (PrivacyStateError, ConfigError)):
+    if _dp_off(context) or isinstance(error, (PrivacyStateError, ConfigError)):
         return str(error)
     return PRIVATE_FAILURE
 

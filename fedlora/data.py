@@ -95,17 +95,23 @@ def read_table(
     label_column: str,
     label_names: Sequence[str],
     group_column: str | None = None,
+    skip_bad_rows: bool = False,
 ) -> TextDataset:
     """Read a local CSV/TSV/JSONL file of (text, label) rows, validating everything.
 
     Labels are matched as strings against ``label_names`` (so ``0``/``1`` and
     ``negative``/``positive`` both work). Raises :class:`DataError` naming the file,
-    the column or the row at fault.
+    the column or the row at fault. With ``skip_bad_rows`` (a site under DP) a row with an
+    empty text or an unknown label is left out instead (counted in the local log) and a
+    file with no usable row gives an empty dataset: whether a site refuses must not answer
+    a question about its rows, and a per-row filter keeps one row's effect to that row.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     rows = _read_rows(p)
+    if not rows and skip_bad_rows:
+        return TextDataset([], np.zeros(0, dtype=np.int64), [], tuple(label_names))
     if not rows:
         raise DataError(f"{p}: the file holds no rows")
     for column in (text_column, label_column):
@@ -115,12 +121,15 @@ def read_table(
                 "set text-column / label-column"
             )
     lookup = {name: i for i, name in enumerate(label_names)}
-    texts, labels, groups = [], [], []
+    texts, labels, groups, skipped = [], [], [], 0
     for i, row in enumerate(rows, start=1):
         text, label = row.get(text_column), row.get(label_column)
+        key = str(label).strip() if label is not None else ""
+        if skip_bad_rows and (text is None or not str(text).strip() or key not in lookup):
+            skipped += 1
+            continue
         if text is None or not str(text).strip():
             raise DataError(f"{p}: row {i} has an empty '{text_column}'")
-        key = str(label).strip() if label is not None else ""
         if key not in lookup:
             raise DataError(
                 f"{p}: row {i} has unknown label {label!r} in '{label_column}' "
@@ -129,16 +138,21 @@ def read_table(
         texts.append(str(text))
         labels.append(lookup[key])
         groups.append(str(row.get(group_column, "")) if group_column else "")
+    if skipped:  # the site's own log only
+        log.warning("%s: left out %d of %d rows (empty text or a label outside %s)", p,
+                    skipped, len(rows), ", ".join(label_names))
     return TextDataset(texts, np.asarray(labels, dtype=np.int64), groups, tuple(label_names))
 
 
-def read_texts(path: str | Path, *, text_column: str) -> TextDataset:
+def read_texts(path: str | Path, *, text_column: str, skip_bad_rows: bool = False
+               ) -> TextDataset:
     """Read a local file of unlabelled texts for a causal language model.
 
     A ``.txt`` file holds one example per paragraph (blocks separated by blank lines, so a
     speech or a note keeps its line breaks); a CSV/TSV/JSONL file one example per row, in
     ``text_column``. Raises :class:`DataError` naming the file, the column or the row at
-    fault.
+    fault; with ``skip_bad_rows`` (under DP, see :func:`read_table`) empty rows are left out
+    and no text at all gives an empty dataset.
     """
     p = Path(path).expanduser()
     if not p.is_file():
@@ -149,18 +163,20 @@ def read_texts(path: str | Path, *, text_column: str) -> TextDataset:
         except UnicodeDecodeError as e:
             raise DataError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         texts = [b.strip() for b in re.split(r"\n\s*\n", raw) if b.strip()]
-        if not texts:
+        if not texts and not skip_bad_rows:
             raise DataError(f"{p}: the file holds no text")
     else:
         rows = _read_rows(p)
-        if not rows:
+        if not rows and not skip_bad_rows:
             raise DataError(f"{p}: the file holds no rows")
-        if text_column not in rows[0]:
+        if rows and text_column not in rows[0]:
             raise DataError(f"{p}: no column '{text_column}' (columns: "
                             f"{', '.join(map(str, rows[0]))}); set text-column")
         texts = []
         for i, row in enumerate(rows, start=1):
             text = row.get(text_column)
+            if skip_bad_rows and (text is None or not str(text).strip()):
+                continue
             if text is None or not str(text).strip():
                 raise DataError(f"{p}: row {i} has an empty '{text_column}'")
             texts.append(str(text))
@@ -333,8 +349,14 @@ class EncodedDataset:
     """A :class:`TextDataset` tokenised once; batches are padded to their own longest row."""
 
     def __init__(self, data: TextDataset, tokenizer, max_length: int) -> None:
-        enc = tokenizer(list(data.texts), truncation=True, max_length=max_length)
-        self.input_ids: list[list[int]] = enc["input_ids"]
+        # Never past the model's own positions: a longer row would crash the model, and
+        # under DP a crash that depends on one row would be an un-noised bit about it.
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < 1_000_000:
+            max_length = min(max_length, limit)
+        texts = list(data.texts)
+        enc = tokenizer(texts, truncation=True, max_length=max_length) if texts else {}
+        self.input_ids: list[list[int]] = enc.get("input_ids", [])
         self.labels = torch.as_tensor(data.labels, dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.data = data

@@ -138,7 +138,11 @@ def head_inputs(model: nn.Module, data: Any, indices: np.ndarray, *,
     finally:
         handle.remove()
         model.train(was_training)
-    rows = torch.cat(captured)
+    # A head that reads every token (e.g. RoBERTa's) gets rows of each batch's own padded
+    # width: pad them to one width (the head reads the first token, which padding leaves).
+    width = max((c.shape[1] for c in captured if c.dim() > 2), default=0)
+    rows = torch.cat([nn.functional.pad(c, (0, 0, 0, width - c.shape[1])) if c.dim() > 2
+                      else c for c in captured])
     out = torch.empty_like(rows)
     out[torch.as_tensor(order, device=rows.device)] = rows
     return out

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from .heads import head_inputs, head_module
-from .training import TrainResult, private_step, release_grad_samples
+from .training import (
+    TrainResult,
+    dropout_off,
+    noise_only_step,
+    private_step,
+    release_grad_samples,
+)
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
@@ -83,9 +89,13 @@ def train_head(model: nn.Module, data: Any, indices: np.ndarray, *, steps: int,
     ``noise_multiplier`` is given; see the module docstring). A private step divides the
     noised gradient sum by ``denominator``: the site's released count, not ``n``."""
     idx = np.asarray(indices, dtype=np.int64)
-    if len(idx) == 0:
+    if len(idx) == 0 and noise_multiplier is None:
         raise ValueError("no training examples")
     head = head_module(model)
+    if len(idx) == 0:  # under DP a site with no usable example still takes its noisy steps
+        _noise_only(head, steps, learning_rate, noise_multiplier, max_grad_norm,
+                    denominator or 1)
+        return TrainResult(loss=float("nan"), steps=steps, examples=0)
     feats = _features(model, data, idx, batch_size)
     labels = data.labels[torch.as_tensor(idx)].to(feats.device)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -118,21 +128,43 @@ def _descend_private(head: nn.Module, params: list, feats: torch.Tensor, labels:
                      steps: int, lr: float, noise_multiplier: float,
                      max_grad_norm: float, denominator: int) -> list[float]:
     """DP-SGD at sampling rate 1: every example in every step, each gradient clipped."""
+    gsm, opt = _private_head(head, params, lr, noise_multiplier, max_grad_norm, denominator)
+    losses = []
+    try:  # dropout inside a head (e.g. RoBERTa's) would make one example move the others
+        with dropout_off(head):
+            for _ in range(steps):
+                loss = nn.functional.cross_entropy(gsm(feats), labels)
+                private_step(opt, loss)
+                losses.append(loss.item())
+    finally:
+        release_grad_samples(gsm, params)
+    return losses
+
+
+def _private_head(head: nn.Module, params: list, lr: float, noise_multiplier: float,
+                  max_grad_norm: float, denominator: int):
+    """The head wrapped for per-example gradients, and its DP-SGD optimizer (noise from OS
+    entropy on the head's device)."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
     from .privacy.entropy import private_torch_generator
 
+    device = params[0].device
     gsm = GradSampleModule(head, batch_first=True, loss_reduction="mean", strict=False)
     opt = DPOptimizer(torch.optim.SGD(params, lr=lr), noise_multiplier=noise_multiplier,
                       max_grad_norm=max_grad_norm, expected_batch_size=int(denominator),
-                      loss_reduction="mean", generator=private_torch_generator(feats.device))
-    losses = []
+                      loss_reduction="mean", generator=private_torch_generator(device))
+    return gsm, opt
+
+
+def _noise_only(head: nn.Module, steps: int, lr: float, noise_multiplier: float,
+                max_grad_norm: float, denominator: int) -> None:
+    """``steps`` DP-SGD steps of the head on no example: noise alone."""
+    params = [p for p in head.parameters() if p.requires_grad]
+    gsm, opt = _private_head(head, params, lr, noise_multiplier, max_grad_norm, denominator)
     try:
         for _ in range(steps):
-            loss = nn.functional.cross_entropy(gsm(feats), labels)
-            private_step(opt, loss)
-            losses.append(loss.item())
+            noise_only_step(opt, params)
     finally:
         release_grad_samples(gsm, params)
-    return losses

@@ -260,6 +260,15 @@ def private_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def noise_only_step(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter]) -> None:
+    """A DP-SGD step on an empty batch: no gradient, but the step's noise is still added
+    (so nothing reveals that the batch was empty)."""
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def release_grad_samples(gsm: nn.Module, params: Sequence[nn.Parameter]) -> None:
     """Remove Opacus' hooks and per-example state from a wrapped module's parameters: the
     cached model serves non-private clients too."""
@@ -327,8 +336,8 @@ def train_private(
 
     idx = np.asarray(indices, dtype=np.int64)
     n = len(idx)
-    if n == 0:
-        raise ValueError("no training examples")
+    if n == 0 and sample_rate is None:
+        raise ValueError("no training examples")  # with a planned rate: steps of pure noise
     q = min(1.0, batch_size / n) if sample_rate is None else float(sample_rate)
     if not 0 < q <= 1:
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
@@ -358,11 +367,7 @@ def train_private(
         for _ in range(steps):
             batch_idx = idx[rng.random(n) < q]  # Poisson sampling: each example with prob q
             if len(batch_idx) == 0:
-                # An empty Poisson batch: no gradient, but the step's noise is still added.
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                noise_only_step(opt, params)
                 continue
             batch = _to(data.collate(batch_idx), device)
             if causal_lm:

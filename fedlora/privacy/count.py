@@ -41,9 +41,10 @@ def full_batch_denominator(count: int) -> int:
 
 
 def noised_count(true_count: int, noise_std: float = COUNT_NOISE_STD) -> int:
-    """``max(1, round(n + N(0, noise_std^2)))``, the noise from OS entropy."""
-    if true_count < 1:
-        raise ValueError(f"a site needs at least one training example, got {true_count}")
+    """``max(1, round(n + N(0, noise_std^2)))``, the noise from OS entropy (a site with no
+    usable example releases a count too: whether it has any is private as well)."""
+    if true_count < 0:
+        raise ValueError(f"an example count cannot be negative, got {true_count}")
     return max(1, int(round(true_count + private_numpy_rng().normal(0.0, noise_std))))
 
 

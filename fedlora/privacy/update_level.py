@@ -98,8 +98,10 @@ class UpdateLevel(ClientMechanism):
               seed: int) -> Any:
         """Ordinary local training with dropout off: under a DP mode no randomness comes
         from ``seed``, which everyone holding the run-config knows."""
-        from ..training import dropout_off
+        from ..training import TrainResult, dropout_off
 
+        if len(indices) == 0:  # no usable example: a zero update, noised like any other
+            return TrainResult(loss=float("nan"), steps=0, examples=0)
         with dropout_off(model):
             return super().train(model, data, indices, plan=plan, cfg=cfg, seed=seed)
 

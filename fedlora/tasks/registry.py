@@ -133,12 +133,14 @@ def partition_indices(cfg: RunConfig, partition_id: int | None,
 @functools.lru_cache(maxsize=8)
 def _site_rows(cfg: RunConfig, data_path: str) -> TextDataset:
     """A site's own file: labelled rows for a classifier, unlabelled texts (next-token
-    targets) for a causal language model; read once per process."""
+    targets) for a causal language model; read once per process. Under DP a row that does
+    not fit (empty, or a label outside the run's) is left out, never refused on."""
     task = get_task(cfg.task)
+    skip = cfg.dp_mode != "off"
     if task.causal_lm:
-        return read_texts(data_path, text_column=cfg.text_column)
+        return read_texts(data_path, text_column=cfg.text_column, skip_bad_rows=skip)
     return read_table(data_path, text_column=cfg.text_column, label_column=cfg.label_column,
-                      label_names=task.label_names(cfg))
+                      label_names=task.label_names(cfg), skip_bad_rows=skip)
 
 
 def client_source(
