@@ -133,6 +133,28 @@ def test_predict_prints_a_label_per_text_and_json(run_dir, tmp_path, capsys):
     assert rows[0]["label"] == expected[0].label
 
 
+def test_evaluation_counts_the_confusion_matrix_in_its_one_pass(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fedlora.data import EncodedDataset, read_table
+    from fedlora.training import evaluate
+
+    rows = read_table(write_reviews(tmp_path / "t.csv", 37, seed=5), text_column="text",
+                      label_column="label", label_names=["negative", "positive"])
+    data = EncodedDataset(rows, AutoTokenizer.from_pretrained(tiny_model_dir), 16)
+    model = build_lora_model(LoraSpec(str(tiny_model_dir), 2, 4, 16.0, 0.0, ("query", "value"),
+                                      True))
+    res = evaluate(model, data, batch_size=8)  # five batches, the last one short
+    assert sum(map(sum, res.confusion)) == res.examples == 37
+    assert (res.confusion[0][0] + res.confusion[1][1]) / 37 == pytest.approx(res.accuracy)
+    model.eval()  # evaluate() leaves it in train mode
+    with torch.no_grad():
+        preds = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits
+                           for b in data.batches(np.arange(37), 8)]).argmax(-1)
+    assert [list(r) for r in res.confusion] == classification_metrics(
+        rows.labels.tolist(), preds.tolist(), rows.label_names)["confusion_matrix"]
+
+
 def test_classification_metrics_by_hand():
     m = classification_metrics([0, 0, 0, 1, 1, 2], [0, 1, 0, 1, 0, 1], ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
