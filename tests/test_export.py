@@ -1,7 +1,7 @@
 """Using what a run trained: `fedlora export`, `predict` and `evaluate`.
 
 Unit tests build a run folder by hand (run-config, a random adapter on a tiny random model);
-the test marked slow exports a short real run of the default task.
+``test_export_real.py`` exports short real runs.
 """
 
 from __future__ import annotations
@@ -316,48 +316,6 @@ def test_causal_lm_export_predict_and_perplexity(tmp_path, tiny_llama, capsys):
             np.exp(m["token_loss"]), rel=1e-6)
     assert main(["predict", str(run), "--file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in _error(capsys)
-
-
-@pytest.mark.slow
-def test_export_of_a_real_run_predicts_what_the_run_measured(tmp_path, capsys):
-    """A short run of the default task on the real packaged model; its merged export,
-    loaded by transformers alone, scores the run's own centralised test sample as the
-    run's last round did, text by text as the run's model does."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-
-    from fedlora import runtime
-
-    from .test_simulation import run_in_process
-
-    overrides = {"num-server-rounds": 1, "local-steps": 2, "batch-size": 8, "lora-rank": 4,
-                 "fraction-train": 1.0, "fraction-evaluate": 0.0, "test-fraction": 0.03,
-                 "max-test-examples": 48, "base-dtype": "float32", "num-partitions": 2,
-                 "output-dir": str(tmp_path / "results"), "run-name": "real"}
-    run = run_in_process(overrides, num_nodes=2)
-    final = json.loads((run / "metrics.json").read_text())["rounds"][-1]["test_accuracy"]
-    test = runtime.encoded_test_set(runtime.resolve_config(json.loads(
-        (run / "config.json").read_text()))).data
-    assert len(test) == 48
-
-    out = tmp_path / "merged"
-    assert main(["export", str(run), str(out), "--merged"]) == 0
-    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    texts = list(test.texts)
-    preds = _logits(model, tok, texts, max_length=tok.model_max_length).argmax(-1).numpy()
-    assert preds.tolist() == Predictor.load(run).logits(texts).argmax(-1).tolist()
-    # Same adapter, same examples; only padding differs from the server's batches.
-    assert float(np.mean(preds == test.labels)) == pytest.approx(final, abs=1.5 / len(test))
-    pipe = pipeline("text-classification", model=str(out))
-    assert [r["label"] for r in pipe(texts[:8], truncation=True)] == [
-        ("rotten", "fresh")[i] for i in preds[:8]]
-
-    capsys.readouterr()
-    assert main(["evaluate", str(run)]) == 0
-    measured = json.loads((run / "evaluation.json").read_text())
-    assert measured["labels"] == ["rotten", "fresh"] and measured["examples"] == 48
-    assert measured["accuracy"] == pytest.approx(final, abs=1.5 / len(test))
-    assert "Confusion matrix" in (run / "report.html").read_text()  # redrawn with it
 
 
 def test_report_shows_the_confusion_matrix_of_an_evaluation(tmp_path):
