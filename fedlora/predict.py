@@ -2,9 +2,9 @@
 
 :class:`Predictor` loads either a run folder (through :func:`fedlora.export.load_run_model`)
 or a folder written by ``fedlora export`` (or any transformers classifier or causal LM
-folder), and classifies texts (label and probability) or continues them. The metrics of
-a labelled file are in :func:`classification_metrics`; :func:`evaluate_texts` computes
-them, or perplexity for a causal LM.
+folder), and classifies texts (label and probability) or continues them.
+:func:`evaluate_texts` computes the metrics of a labelled file
+(:func:`fedlora.metrics.classification_metrics`), or perplexity for a causal LM.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .export import EXPORT_INFO, POOLED_CODE, ExportError, is_run_dir, load_run_model
+from .metrics import classification_metrics
 
 __all__ = ["Predictor", "Prediction", "classification_metrics", "evaluate_texts"]
 
@@ -177,31 +178,6 @@ def _own_code(path: Path) -> bool:
         raise ExportError(f"'{path}' holds custom code ({', '.join(others)}) that fedlora does "
                           "not run; load it with transformers and trust_remote_code yourself")
     return False
-
-
-def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int],
-                           label_names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall/F1/support and the confusion matrix
-    (``confusion[i][j]``: examples of true label i predicted as j). An undefined ratio
-    (no prediction or no example of a class) is 0, as scikit-learn's ``zero_division=0``."""
-    k = len(label_names)
-    confusion = np.zeros((k, k), dtype=np.int64)  # (true, predicted)
-    np.add.at(confusion, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)),
-              1)
-    n = int(confusion.sum())
-    per_class = {}
-    for i, name in enumerate(label_names):
-        tp = int(confusion[i, i])
-        predicted, support = int(confusion[:, i].sum()), int(confusion[i].sum())
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1,
-                           "support": support}
-    return {"examples": n, "accuracy": float(np.trace(confusion) / n) if n else float("nan"),
-            "macro_f1": float(np.mean([c["f1"] for c in per_class.values()])) if k else 0.0,
-            "per_class": per_class, "labels": list(label_names),
-            "confusion_matrix": confusion.tolist()}
 
 
 def evaluate_texts(predictor: Predictor, texts: Sequence[str],

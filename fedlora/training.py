@@ -30,13 +30,16 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Classifier: mean cross-entropy per example and accuracy. Causal LM: mean
-    cross-entropy per predicted token, next-token (top-1) accuracy and perplexity."""
+    """Classifier: mean cross-entropy per example, accuracy and the confusion matrix.
+    Causal LM: mean cross-entropy per predicted token, next-token (top-1) accuracy and
+    perplexity."""
 
     loss: float
     accuracy: float
     examples: int
     perplexity: float | None = None  # exp(loss), for causal language models only
+    # (num_labels, num_labels) counts, [true][predicted]; classifiers only
+    confusion: tuple[tuple[int, ...], ...] | None = None
 
 
 # Logits of a causal LM are (rows, width, vocab): evaluate at most this many floats at once.
@@ -195,8 +198,9 @@ def evaluate(
     *,
     batch_size: int = 128,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy over ``indices`` (all rows if None); for a
-    :class:`CausalLMDataset`, per next token, with perplexity (see :class:`EvalResult`)."""
+    """Mean cross-entropy, accuracy and confusion matrix over ``indices`` (all rows if
+    None), in one pass; for a :class:`CausalLMDataset`, loss and accuracy per next token,
+    with perplexity (see :class:`EvalResult`)."""
     idx = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
         return EvalResult(loss=float("nan"), accuracy=float("nan"), examples=0,
@@ -205,15 +209,20 @@ def evaluate(
         return _evaluate_lm(model, data, idx, batch_size=batch_size)
     model.eval()
     device = model_device(model)
-    total_loss, correct = 0.0, 0
+    total_loss, correct, counts = 0.0, 0, None
     for batch in data.batches(idx, batch_size):
         batch = _to(batch, device)
         labels = batch.pop("labels")
         logits = model(**batch).logits  # (batch, num_labels)
         total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
+        k, pred = logits.shape[-1], logits.argmax(-1)
+        correct += (pred == labels).sum().item()
+        cells = torch.bincount(labels * k + pred, minlength=k * k).cpu()  # (k * k,)
+        counts = cells if counts is None else counts + cells
     model.train()
-    return EvalResult(loss=total_loss / len(idx), accuracy=correct / len(idx), examples=len(idx))
+    confusion = tuple(map(tuple, counts.view(k, k).tolist()))  # [true][predicted]
+    return EvalResult(loss=total_loss / len(idx), accuracy=correct / len(idx), examples=len(idx),
+                      confusion=confusion)
 
 
 def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,

@@ -3,7 +3,10 @@
 :class:`RunRecord` holds the metrics rows (``metrics.csv``/``metrics.json``), the privacy
 rows (``privacy.csv``), the communication ledger (``comms.csv``/``comms.json``) and the
 resumes of a run, turns each round's :class:`~server.round_outcome.RoundOutcome` into its
-row, and writes the files and ``checkpoint.npz`` (:mod:`fedlora.checkpoint`).
+row, and writes the files and ``checkpoint.npz`` (:mod:`fedlora.checkpoint`). For a
+classifier each centralised evaluation's confusion matrix goes into its row
+(``test_confusion``), and the latest one, with per-class precision, recall and F1, into
+``evaluation.json`` (the file ``fedlora evaluate RUN_DIR`` writes; the report shows it).
 ``metrics.json`` is written last: once it shows a round, every other file has that round.
 """
 
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fedlora.checkpoint import Checkpoint, save_checkpoint
 from fedlora.comms import COLUMNS as COMMS_COLUMNS
 from fedlora.comms import CommsLedger
+from fedlora.metrics import confusion_metrics
 from fedlora.privacy import PRIVACY_COLUMNS, privacy_row, server_mechanism
 from fedlora.results import write_csv, write_json
 from fedlora.timing import RoundTimer
@@ -46,14 +50,16 @@ class RunRecord:
     """The rows and files of one run in ``run_dir`` (see the module docstring)."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, *, causal_lm: bool,
-                 ledger: CommsLedger) -> None:
+                 ledger: CommsLedger, label_names: tuple[str, ...] = ()) -> None:
         self.run_dir, self.cfg, self.causal_lm, self.ledger = run_dir, cfg, causal_lm, ledger
         #: user-level DP (``client``): which replies came back is not published
         self.withhold_replies = server_mechanism(cfg.dp_mode) is not None
+        self.label_names = label_names  # the classifier's, for its confusion matrix
         self.columns = METRIC_COLUMNS + (PERPLEXITY_COLUMNS if causal_lm else ())
         self.rows: list[dict] = []
         self.privacy_rows: list[dict] = []
         self.resumes: list[dict] = []
+        self.evaluation: dict | None = None  # the latest centralised evaluation's metrics
 
     # -- rows ---------------------------------------------------------------------------
     def add_initial(self, res: Any, elapsed: float) -> None:
@@ -62,6 +68,7 @@ class RunRecord:
                "elapsed_seconds": elapsed}
         if self.causal_lm:
             row["test_perplexity"] = res and res.perplexity
+        self._note_evaluation(0, res, row)
         self.rows.append(row)
 
     def restore(self, ckpt: Checkpoint) -> None:
@@ -71,6 +78,7 @@ class RunRecord:
         self.resumes = list(ckpt.extra.get("resumes", []))
 
     def add_resume(self, after_round: int, res: Any) -> None:
+        self._note_evaluation(after_round, res)
         self.resumes.append({"after_round": after_round,
                              "at": time.strftime("%Y-%m-%d %H:%M:%S"),
                              "test_accuracy": res.accuracy if res else None,
@@ -115,8 +123,21 @@ class RunRecord:
         if self.causal_lm:
             row["test_perplexity"] = res.perplexity if res else None
             row["fed_eval_perplexity"] = perplexity(fed.get("eval-loss")) if fed else None
+        self._note_evaluation(server_round, res, row)
         self.rows.append(row)
         return row
+
+    def _note_evaluation(self, server_round: int, res: Any, row: dict | None = None) -> None:
+        """A classifier's confusion matrix of the centralised test set: into ``row`` and,
+        with its per-class metrics, into :attr:`evaluation` (``evaluation.json``)."""
+        confusion = getattr(res, "confusion", None)
+        if confusion is None or len(confusion) != len(self.label_names):
+            return
+        if row is not None:
+            row["test_confusion"] = [list(r) for r in confusion]
+        self.evaluation = {"model": str(self.run_dir), "data": "the run's test set",
+                           "round": server_round,
+                           **confusion_metrics(confusion, self.label_names), "loss": res.loss}
 
     def finish_round(self, row: dict, timer: RoundTimer, elapsed: float) -> None:
         row["timing"] = timer.breakdown()
@@ -131,6 +152,8 @@ class RunRecord:
         write_json(d / "comms.json", self.ledger.summary())
         if cfg.dp_mode != "off":
             write_csv(d / "privacy.csv", self.privacy_rows, PRIVACY_COLUMNS)
+        if self.evaluation is not None:
+            write_json(d / "evaluation.json", self.evaluation)
         write_json(d / "metrics.json", {"config": cfg.to_dict(), "rounds": self.rows,
                                         "comms": self.ledger.summary(),
                                         "resumes": self.resumes})

@@ -279,8 +279,16 @@ def _prepare(cfg: RunConfig, run_dir: Path) -> ServerRun:
     ledger = CommsLedger(full_model_bytes=_model_bytes(model), block_size=cfg.wire_block_size)
     return ServerRun(cfg=cfg, run_dir=run_dir, spec=spec, method=method, model=model,
                      strategy=build_strategy(cfg, method, state, ledger),
-                     record=RunRecord(run_dir, cfg, causal_lm=spec.causal_lm, ledger=ledger),
+                     record=RunRecord(run_dir, cfg, causal_lm=spec.causal_lm, ledger=ledger,
+                                      label_names=_label_names(test_set, spec)),
                      test_set=test_set)
+
+
+def _label_names(test_set, spec) -> tuple[str, ...]:
+    """The classifier's label names (for the confusion matrix); () for a causal LM."""
+    if test_set is None or spec.causal_lm:
+        return ()
+    return tuple(test_set.data.label_names)
 
 
 def _begin(run: ServerRun, ckpt: Checkpoint | None, t_start: float

@@ -40,6 +40,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """An empty model cache for the session (FEDLORA_CACHE; Ray workers inherit it): the
+    real SmolLM2 is converted into it once, by the first slow test that needs it."""
+    path = tmp_path_factory.mktemp("fedlora-cache")
+    old = os.environ.get("FEDLORA_CACHE")
+    os.environ["FEDLORA_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FEDLORA_CACHE", None)
+    else:
+        os.environ["FEDLORA_CACHE"] = old
+
+
 WORDS_POS = "great wonderful moving superb brilliant charming funny".split()
 WORDS_NEG = "dull boring awful tedious clumsy bland messy".split()
 

@@ -1,7 +1,7 @@
 """Using what a run trained: `fedlora export`, `predict` and `evaluate`.
 
 Unit tests build a run folder by hand (run-config, a random adapter on a tiny random model);
-the test marked slow exports a short real run of the default task.
+``test_export_real.py`` exports short real runs.
 """
 
 from __future__ import annotations
@@ -131,6 +131,28 @@ def test_predict_prints_a_label_per_text_and_json(run_dir, tmp_path, capsys):
     assert [r["text"] for r in rows] == TEXTS[:2]
     assert all(set(r["probabilities"]) == {"negative", "positive"} for r in rows)
     assert rows[0]["label"] == expected[0].label
+
+
+def test_evaluation_counts_the_confusion_matrix_in_its_one_pass(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fedlora.data import EncodedDataset, read_table
+    from fedlora.training import evaluate
+
+    rows = read_table(write_reviews(tmp_path / "t.csv", 37, seed=5), text_column="text",
+                      label_column="label", label_names=["negative", "positive"])
+    data = EncodedDataset(rows, AutoTokenizer.from_pretrained(tiny_model_dir), 16)
+    model = build_lora_model(LoraSpec(str(tiny_model_dir), 2, 4, 16.0, 0.0, ("query", "value"),
+                                      True))
+    res = evaluate(model, data, batch_size=8)  # five batches, the last one short
+    assert sum(map(sum, res.confusion)) == res.examples == 37
+    assert (res.confusion[0][0] + res.confusion[1][1]) / 37 == pytest.approx(res.accuracy)
+    model.eval()  # evaluate() leaves it in train mode
+    with torch.no_grad():
+        preds = torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits
+                           for b in data.batches(np.arange(37), 8)]).argmax(-1)
+    assert [list(r) for r in res.confusion] == classification_metrics(
+        rows.labels.tolist(), preds.tolist(), rows.label_names)["confusion_matrix"]
 
 
 def test_classification_metrics_by_hand():
@@ -294,48 +316,6 @@ def test_causal_lm_export_predict_and_perplexity(tmp_path, tiny_llama, capsys):
             np.exp(m["token_loss"]), rel=1e-6)
     assert main(["predict", str(run), "--file", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in _error(capsys)
-
-
-@pytest.mark.slow
-def test_export_of_a_real_run_predicts_what_the_run_measured(tmp_path, capsys):
-    """A short run of the default task on the real packaged model; its merged export,
-    loaded by transformers alone, scores the run's own centralised test sample as the
-    run's last round did, text by text as the run's model does."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-
-    from fedlora import runtime
-
-    from .test_simulation import run_in_process
-
-    overrides = {"num-server-rounds": 1, "local-steps": 2, "batch-size": 8, "lora-rank": 4,
-                 "fraction-train": 1.0, "fraction-evaluate": 0.0, "test-fraction": 0.03,
-                 "max-test-examples": 48, "base-dtype": "float32", "num-partitions": 2,
-                 "output-dir": str(tmp_path / "results"), "run-name": "real"}
-    run = run_in_process(overrides, num_nodes=2)
-    final = json.loads((run / "metrics.json").read_text())["rounds"][-1]["test_accuracy"]
-    test = runtime.encoded_test_set(runtime.resolve_config(json.loads(
-        (run / "config.json").read_text()))).data
-    assert len(test) == 48
-
-    out = tmp_path / "merged"
-    assert main(["export", str(run), str(out), "--merged"]) == 0
-    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    tok = AutoTokenizer.from_pretrained(out)
-    texts = list(test.texts)
-    preds = _logits(model, tok, texts, max_length=tok.model_max_length).argmax(-1).numpy()
-    assert preds.tolist() == Predictor.load(run).logits(texts).argmax(-1).tolist()
-    # Same adapter, same examples; only padding differs from the server's batches.
-    assert float(np.mean(preds == test.labels)) == pytest.approx(final, abs=1.5 / len(test))
-    pipe = pipeline("text-classification", model=str(out))
-    assert [r["label"] for r in pipe(texts[:8], truncation=True)] == [
-        ("rotten", "fresh")[i] for i in preds[:8]]
-
-    capsys.readouterr()
-    assert main(["evaluate", str(run)]) == 0
-    measured = json.loads((run / "evaluation.json").read_text())
-    assert measured["labels"] == ["rotten", "fresh"] and measured["examples"] == 48
-    assert measured["accuracy"] == pytest.approx(final, abs=1.5 / len(test))
-    assert "Confusion matrix" in (run / "report.html").read_text()  # redrawn with it
 
 
 def test_report_shows_the_confusion_matrix_of_an_evaluation(tmp_path):

@@ -240,15 +240,36 @@ def test_missing_optional_files_and_nulls(tmp_path):
     assert "cannot be audited" in " ".join(page.text)
 
 
-def test_report_of_a_real_run(custom_task):  # noqa: F811
+def test_report_of_a_real_run(custom_task, capsys):  # noqa: F811
+    """The run's own report shows the confusion matrix of its last centralised evaluation
+    (collected in the same pass as its accuracy); ``fedlora evaluate RUN_DIR`` agrees."""
     overrides = dict(custom_task, **{"local-steps": 1, "fraction-evaluate": 0.0})
     run_in_process(overrides, num_nodes=4)
     run = Path(custom_task["output-dir"]) / "tiny"
-    assert main(["report", str(run)]) == 0
-    page = parse_page(run / "report.html")
+    rounds = json.loads((run / "metrics.json").read_text())["rounds"]
+    final = rounds[-1]["test_accuracy"]
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    matrix = evaluation["confusion_matrix"]
+    assert evaluation["round"] == 2 and evaluation["labels"] == ["negative", "positive"]
+    assert sum(map(sum, matrix)) == evaluation["examples"] == 40  # the whole test file
+    assert (matrix[0][0] + matrix[1][1]) / 40 == pytest.approx(final, abs=1e-12)
+    assert evaluation["accuracy"] == pytest.approx(final, abs=1e-12)
+    assert [sum(r) for r in matrix] == [20, 20]  # rows: true labels (alternating in the file)
+    for row in rounds:  # every centralised evaluation, round 0 included
+        cells = row["test_confusion"]
+        assert sum(map(sum, cells)) == 40
+        assert (cells[0][0] + cells[1][1]) / 40 == pytest.approx(row["test_accuracy"])
+    page = parse_page(run / "report.html")  # as the run left it: no command in between
     assert len(page.images) == 3
     text = " ".join(page.text)
     assert "tiny" in text and "DP was off" in text
     assert "client replies" in text and "neither LoRA factors" not in text
-    final = json.loads((run / "metrics.json").read_text())["rounds"][-1]["test_accuracy"]
     assert f"{final:.4f}" in text
+    assert "Confusion matrix" in text and "after round 2, 40 examples" in text
+    assert "fedlora evaluate" not in text
+
+    assert main(["evaluate", str(run)]) == 0
+    assert "confusion matrix" in capsys.readouterr().out
+    again = json.loads((run / "evaluation.json").read_text())
+    assert again["examples"] == 40
+    assert again["accuracy"] == pytest.approx(final, abs=1.5 / 40)  # padding may differ

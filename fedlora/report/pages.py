@@ -153,17 +153,20 @@ def _refused_html(run: RunData) -> str:
 
 
 def _confusion_html(run: RunData) -> str:
-    """The confusion matrix of the centralised test set (from ``fedlora evaluate RUN_DIR``)."""
+    """The confusion matrix of the centralised test set (``evaluation.json``: the run's last
+    centralised evaluation, or ``fedlora evaluate RUN_DIR``)."""
     m = run.evaluation
     if not m:
         return ("<h2>Confusion matrix</h2><p class=\"muted\">Run <code>fedlora evaluate "
                 "RUN_DIR</code> to add the confusion matrix of the centralised test set.</p>")
+    when = f" after round {_e(m['round'])}" if isinstance(m.get("round"), int) else ""
     labels = [str(x) for x in m.get("labels") or []]
     head = "".join(f"<th>{_e(n)}</th>" for n in labels)
     rows = "".join(f"<tr><th>{_e(n)}</th>" + "".join(f"<td class=\"num\">{_e(v)}</td>"
                                                     for v in row) + "</tr>"
                    for n, row in zip(labels, m["confusion_matrix"]))
-    return (f"<h2>Confusion matrix</h2><p>Centralised test set, {_e(m.get('examples', '-'))} "
+    return (f"<h2>Confusion matrix</h2><p>Centralised test set{when}, "
+            f"{_e(m.get('examples', '-'))} "
             f"examples, accuracy {_fmt_float(m.get('accuracy'))} (rows: true label, columns: "
             f"predicted).</p><table><tr><th></th>{head}</tr>{rows}</table>")
 

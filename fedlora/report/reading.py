@@ -26,7 +26,8 @@ class RunData:
     comms: dict[str, Any]
     comms_rows: list[dict[str, str]] | None
     privacy_rows: list[dict[str, str]] | None
-    # ``fedlora evaluate RUN_DIR``'s metrics of the centralised test set, if it was run.
+    # ``evaluation.json``: metrics of the centralised test set (a classifier's run writes
+    # its latest; ``fedlora evaluate RUN_DIR`` rewrites it).
     evaluation: dict[str, Any] | None = None
 
 
