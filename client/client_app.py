@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from fedlora import privacy, runtime
@@ -23,6 +30,9 @@ from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.config import ConfigError
 from fedlora.data import DataError
 from fedlora.models import cached_lora_model
+from fedlora.privacy import BudgetExhausted, PrivacyStateError
+from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
+from fedlora.probe import is_probe_round
 from fedlora.protocol import (
     CONFIG_KEY,
     LORA_KEY,
@@ -34,11 +44,8 @@ from fedlora.protocol import (
     identity_reply,
     with_overrides,
 )
-from fedlora.privacy import BudgetExhausted, PrivacyStateError
-from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
-from fedlora.probe import is_probe_round
-from fedlora.training import evaluate
 from fedlora.quantization import ErrorFeedback
+from fedlora.training import evaluate
 from fedlora.wire import WireFormat, from_record, to_record
 
 if TYPE_CHECKING:

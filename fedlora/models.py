@@ -6,13 +6,14 @@ adapter layout (:class:`LoraSpec`) and swaps only the adapter tensors between cl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+import json
 import logging
 import os
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -110,6 +111,19 @@ _TOKENIZERS: dict[str, object] = {}
 _MODELS: dict[LoraSpec, nn.Module] = {}
 
 
+def _model_positions(model_path: str) -> int | None:
+    """The most tokens the model in ``model_path`` reads (its config's position count)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(model_path: str):
     """The tokenizer of a local model folder, loaded once per process."""
     from transformers import AutoTokenizer
@@ -120,6 +134,9 @@ def load_tokenizer(model_path: str):
             tok = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
             if tok.pad_token_id is None and tok.eos_token is not None:
                 tok.pad_token = tok.eos_token
+            positions = _model_positions(model_path)
+            if positions and not 0 < tok.model_max_length <= positions:
+                tok.model_max_length = positions  # rows are never cut longer than the model
             _TOKENIZERS[model_path] = tok
         return tok
 

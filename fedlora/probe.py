@@ -25,14 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dp_sgd import dropout_off, noise_only_step, private_step, release_grad_samples
 from .heads import head_inputs, head_module
-from .training import (
-    TrainResult,
-    dropout_off,
-    noise_only_step,
-    private_step,
-    release_grad_samples,
-)
+from .training import TrainResult
 
 if TYPE_CHECKING:
     from .run_config import RunConfig

@@ -72,6 +72,10 @@ class RunConfig:
     local_epochs: int = key(0, "an integer >= 0 (0: use local-steps)", lambda v: v >= 0)
     batch_size: int = key(32, "an integer in [1, 4096]", lambda v: 1 <= v <= 4096)
     eval_batch_size: int = key(128, "an integer in [1, 4096]", lambda v: 1 <= v <= 4096)
+    max_physical_batch_size: int = key(
+        64, "an integer in [1, 4096]", lambda v: 1 <= v <= 4096,
+        help="Under dp-mode = sample, the most examples one forward/backward pass holds: a "
+             "larger Poisson batch is taken in chunks (one noisy step per logical batch).")
     learning_rate: float = key(0.002, "a float in (0, 1]", lambda v: 0 < v <= 1)
     weight_decay: float = key(0.0, "a float >= 0", lambda v: v >= 0)
     optimizer: str = key(

@@ -29,9 +29,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import privacy, runtime
-from fedlora.adapters import adapter_state, factor_layout, is_factor_key, load_adapter_state
-from fedlora.checkpoint import Checkpoint, CheckpointError, config_differences, find_resumable
-from fedlora.checkpoint import load_checkpoint
+from fedlora.adapters import (
+    adapter_state,
+    factor_layout,
+    is_factor_key,
+    load_adapter_state,
+)
+from fedlora.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    config_differences,
+    find_resumable,
+    load_checkpoint,
+)
 from fedlora.comms import CommsLedger
 from fedlora.config import ConfigError, check_paths
 from fedlora.models import build_lora_model

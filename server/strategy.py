@@ -15,19 +15,33 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 
 from fedlora.adapters import state_digest
-from fedlora.privacy import from_metrics, released_metrics
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
-from fedlora.protocol import (CONFIG_KEY, IDENTITY_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY,
-                              STATUS_OK)
+from fedlora.privacy import from_metrics, released_metrics
+from fedlora.protocol import (
+    CONFIG_KEY,
+    IDENTITY_KEY,
+    LORA_KEY,
+    METRICS_KEY,
+    STATUS_KEY,
+    STATUS_OK,
+)
 from fedlora.quantization import ErrorFeedback, block_steps, header_block
 from fedlora.wire import STYPE, WireFormat, from_record, to_record
 
-from .round_outcome import RoundOutcome, RoundStrategy, short_reason as _short, weighted_metrics
+from .round_outcome import RoundOutcome, RoundStrategy, weighted_metrics
+from .round_outcome import short_reason as _short
 
 log = logging.getLogger("fedlora.server")
 

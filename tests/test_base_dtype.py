@@ -12,8 +12,14 @@ from fedlora import models
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.data import EncodedDataset, read_table
-from fedlora.models import LoraSpec, build_lora_model, load_tokenizer, resolve_base_dtype
-from fedlora.training import evaluate, train, train_private
+from fedlora.dp_sgd import train_private
+from fedlora.models import (
+    LoraSpec,
+    build_lora_model,
+    load_tokenizer,
+    resolve_base_dtype,
+)
+from fedlora.training import evaluate, train
 from tests.conftest import write_reviews
 
 GPU = torch.cuda.is_available()

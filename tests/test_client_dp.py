@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from fedlora import privacy
-from fedlora.privacy import CentralDp
-from fedlora.privacy import user_level as central_dp
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.methods import get_method
+from fedlora.privacy import CentralDp
+from fedlora.privacy import user_level as central_dp
 
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from fedlora import privacy
-from fedlora.privacy.count import count_history
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.data import EncodedDataset, read_table
+from fedlora.dp_sgd import train_private
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
-from fedlora.training import train_private
+from fedlora.privacy.count import count_history
 
 from .conftest import write_reviews
 from .test_dp_attacks import identity, site  # noqa: F401  (fixtures)

@@ -255,9 +255,9 @@ def test_a_second_process_cannot_spend_a_held_ledger(identity, site, tmp_path):
 
 def test_an_empty_poisson_batch_still_adds_noise(tiny_model_dir, tmp_path, monkeypatch):
     from fedlora.data import EncodedDataset, read_table
+    from fedlora.dp_sgd import train_private
     from fedlora.models import LoraSpec, load_tokenizer
     from fedlora.privacy import entropy
-    from fedlora.training import train_private
 
     class NoneSampled(np.random.Generator):
         def random(self, size=None):  # every Poisson coin says "not sampled"
@@ -281,7 +281,7 @@ def test_an_empty_poisson_batch_still_adds_noise(tiny_model_dir, tmp_path, monke
 def test_a_causal_lm_loss_is_a_mean_per_example(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedlora.training import per_example_lm_loss
+    from fedlora.dp_sgd import per_example_lm_loss
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
@@ -305,8 +305,8 @@ def test_a_causal_lm_loss_is_a_mean_per_example(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sample_mode_trains_on_a_gpu_with_the_noise_generator_there(tiny_model_dir, tmp_path):
     from fedlora.data import EncodedDataset, read_table
+    from fedlora.dp_sgd import train_private
     from fedlora.models import LoraSpec, load_tokenizer
-    from fedlora.training import train_private
 
     assert privacy.private_torch_generator("cuda").device.type == "cuda"
     spec = LoraSpec(str(tiny_model_dir), 2, 4, 8.0, 0.0, ("query", "value"), True,

@@ -9,8 +9,9 @@ import torch
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError, parse_run_config
 from fedlora.data import EncodedDataset, read_table
+from fedlora.dp_sgd import train_private
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
-from fedlora.training import make_optimizer, train, train_private
+from fedlora.training import make_optimizer, train
 from tests.conftest import write_reviews
 
 

@@ -25,11 +25,12 @@ from fedlora.data import (
     partition_natural,
     split_within_groups,
 )
+from fedlora.dp_sgd import train_private
 from fedlora.model_cache import SOURCE_FILE, cached_folder
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.runtime import model_spec, resolve_config
 from fedlora.tasks import LLAMA_TARGETS, _shakespeare_rows, parse_play
-from fedlora.training import evaluate, train, train_private
+from fedlora.training import evaluate, train
 
 TARGETS = tuple(LLAMA_TARGETS.split(","))
 

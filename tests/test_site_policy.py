@@ -139,8 +139,8 @@ def test_one_added_example_moves_the_clipped_sum_by_at_most_c_with_dropout_on(
     too) may change the sum by its own clipped gradient only: at most C."""
     from fedlora.adapters import adapter_state
     from fedlora.data import EncodedDataset, read_table
+    from fedlora.dp_sgd import train_private
     from fedlora.models import load_tokenizer
-    from fedlora.training import train_private
 
     path = write_reviews(tmp_path / "r.csv", 10, seed=5)
     lines = path.read_text().splitlines()

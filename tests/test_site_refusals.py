@@ -78,7 +78,11 @@ def _released_from(msg) -> dict[str, np.ndarray]:
 def tiny_roberta_dir(tmp_path_factory, tiny_model_dir):
     """A 2-layer random RoBERTa classifier: its head (dense, dropout, out_proj) reads every
     token's state, and has dropout of its own."""
-    from transformers import AutoTokenizer, RobertaConfig, RobertaForSequenceClassification
+    from transformers import (
+        AutoTokenizer,
+        RobertaConfig,
+        RobertaForSequenceClassification,
+    )
 
     path = tmp_path_factory.mktemp("tiny-roberta")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

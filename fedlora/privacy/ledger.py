@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..results import atomic_write_bytes
-from .accountant import ClientAccountant, PrivacyStateError, from_record_dict, to_record_dict
+from .accountant import (
+    ClientAccountant,
+    PrivacyStateError,
+    from_record_dict,
+    to_record_dict,
+)
 from .accounting import _extends
 from .count import COUNT_NOISE_STD, noised_count
 

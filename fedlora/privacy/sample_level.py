@@ -96,11 +96,12 @@ class SampleLevel(ClientMechanism):
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
-        from ..training import train_private
+        from ..dp_sgd import train_private
 
         return train_private(model, data, indices, steps=plan.steps, batch_size=cfg.batch_size,
                              learning_rate=cfg.learning_rate,
                              noise_multiplier=plan.noise_multiplier,
                              max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
                              optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
-                             expected_batch_size=cfg.batch_size)
+                             expected_batch_size=cfg.batch_size,
+                             max_physical_batch_size=cfg.max_physical_batch_size)

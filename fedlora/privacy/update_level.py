@@ -98,7 +98,8 @@ class UpdateLevel(ClientMechanism):
               seed: int) -> Any:
         """Ordinary local training with dropout off: under a DP mode no randomness comes
         from ``seed``, which everyone holding the run-config knows."""
-        from ..training import TrainResult, dropout_off
+        from ..dp_sgd import dropout_off
+        from ..training import TrainResult
 
         if len(indices) == 0:  # no usable example: a zero update, noised like any other
             return TrainResult(loss=float("nan"), steps=0, examples=0)
