@@ -58,8 +58,7 @@ def one(logical: int, physical: int | None, steps: int) -> dict:
 def run(logical: int, physical: int | None, steps: int) -> dict:
     args = [sys.executable, "-m", "simulations.bench_dp_memory", "--one", str(logical),
             "--steps", str(steps)]
-    if physical:
-        args += ["--physical", str(physical)]
+    args += ["--physical", str(physical or 0)]  # 0: unbounded
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
