@@ -73,16 +73,16 @@ def _context(run_config: dict) -> Context:
 
 def test_a_site_releases_one_noised_count_for_the_whole_run(identity, site, monkeypatch):
     from client.client_app import train_fn
-    from fedlora import training
+    from fedlora import dp_sgd
 
     seen = []
-    real = training.train_private
+    real = dp_sgd.train_private
 
     def spy(*args, **kwargs):
         seen.append((len(args[2]), kwargs["sample_rate"], kwargs["expected_batch_size"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_private", spy)
+    monkeypatch.setattr(dp_sgd, "train_private", spy)
     run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
     context = _context(run_config)
     released = []
