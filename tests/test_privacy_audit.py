@@ -267,3 +267,16 @@ def test_the_auditor_takes_gradients_with_dropout_off_and_leaves_it_on(tiny_task
     second = per_example_gradients(model, data, np.arange(8), keys)
     assert np.abs(first).max() > 0 and np.array_equal(first, second)
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == dropouts
+
+
+def test_the_presence_ratio_is_the_binomial_mixture_of_gaussians():
+    from fedlora.privacy.audit import presence_llr
+
+    z, a = np.array([-1.0, 0.0, 2.5]), np.array([2.0, 2.0, 0.5])
+    one = np.log(0.8 + 0.2 * np.exp(a * z - a ** 2 / 2))  # one step at q = 0.2
+    assert presence_llr(z, signal=a, steps=1, sample_rate=0.2) == pytest.approx(one)
+    two = np.log(sum(binom.pmf(k, 2, 0.3) * np.exp(a * z * k - a ** 2 * k ** 2 / 2)
+                     for k in range(3)))
+    assert presence_llr(z, signal=a, steps=2, sample_rate=0.3) == pytest.approx(two)
+    full = presence_llr(z, signal=a, steps=3, sample_rate=1.0)  # drawn every step
+    assert full == pytest.approx(3 * a * z - 9 * a ** 2 / 2)
