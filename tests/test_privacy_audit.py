@@ -121,21 +121,19 @@ def test_bad_counts_are_refused():
 
 # --------------------------------------------------------------------------- audits
 
-@pytest.fixture(scope="module")
-def tiny_task(tmp_path_factory):
-    """Run-config overrides for a random 2-layer BERT (weights drawn wide, so that the
-    examples' gradients differ) and a small synthetic review file."""
+def _tiny_task(root, *, hidden: int, layers: int):
+    """Run-config overrides for a random BERT (weights drawn wide, so that the examples'
+    gradients differ) and a small synthetic review file."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from fedlora.tasks import minilm_path
 
-    root = tmp_path_factory.mktemp("audit")
     tok = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                        num_labels=2, initializer_range=0.5)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=64, num_labels=2, initializer_range=0.5)
     BertForSequenceClassification(config).save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     data = write_reviews(root / "reviews.csv", 60)
@@ -143,10 +141,27 @@ def tiny_task(tmp_path_factory):
             "labels": "negative,positive", "max-length": 16, "batch-size": 16}
 
 
-def _audit(tiny_task, **kwargs):
+@pytest.fixture(scope="module")
+def tiny_task(tmp_path_factory):
+    """A 2-layer BERT of width 32 (its dropout as configured: 0.1)."""
+    return _tiny_task(tmp_path_factory.mktemp("audit"), hidden=32, layers=2)
+
+
+@pytest.fixture(scope="module")
+def probe_task(tmp_path_factory):
+    """A 1-layer BERT of width 128 read by mean pooling: its head's gradients span 129
+    directions, room for the canaries (the width-32 head spans 33, fewer than 64 canaries;
+    the wide random [CLS] pooler saturates and its rows span fewer still)."""
+    return {**_tiny_task(tmp_path_factory.mktemp("probe"), hidden=128, layers=1),
+            "head-pooling": "mean"}
+
+
+def _audit(tiny_task, canaries=64, **kwargs):
     from simulations.audit_privacy import run_audit
 
-    return run_audit(canaries=64, rounds=2, extra=tiny_task, log=lambda *a: None, **kwargs)
+    return run_audit(canaries=canaries, rounds=2, extra=tiny_task, log=lambda *a: None,
+                     **kwargs)
+
 
 
 def test_a_broken_dp_sgd_is_caught(tiny_task):
@@ -179,3 +194,89 @@ def test_honest_update_noise_stays_under_its_claim(tiny_task):
 def test_known_noise_is_refused_for_dp_sgd(tiny_task):
     with pytest.raises(ValueError, match="known-noise"):
         _audit(tiny_task, mode="sample", known_noise=True)
+
+
+# --------------------------------------------------------------------------- probe phase
+
+def test_a_broken_linear_probe_is_caught(probe_task):
+    out = _audit(probe_task, mode="sample", epsilon=1.0, noise_scale=0.01, phase="probe")
+    assert out["phase"] == "probe" and out["probe_steps_per_round"] > 0
+    assert out["scored_entries"] == 2 * 128 + 2  # the head's weight and bias, nothing else
+    assert out["epsilon_lower_bound"] > 1.0, out
+
+
+def test_an_honest_linear_probe_stays_under_its_claim(probe_task):
+    out = _audit(probe_task, mode="sample", epsilon=1.0, phase="probe")
+    assert out["epsilon_lower_bound"] <= 1.0, out
+
+
+def test_the_probe_phase_needs_dp_sgd(tiny_task):
+    with pytest.raises(ValueError):
+        _audit(tiny_task, mode="update", phase="probe")
+
+
+# --------------------------------------------------------------------------- repeats
+
+def test_repeats_count_the_runs_whose_bound_exceeds_the_claim():
+    from simulations.audit_privacy import aggregate
+
+    runs = [{"claimed_epsilon": 1.0, "epsilon_lower_bound": b} for b in (0.0, 1.0, 1.01, 2.5)]
+    out = aggregate(runs)
+    assert out["repeats"] == 4 and out["flagged"] == 2  # a bound equal to the claim passes
+    assert out["bounds"] == [0.0, 1.0, 1.01, 2.5] and out["median_bound"] == pytest.approx(1.005)
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+def test_repeated_audits_draw_afresh_and_tally(probe_task):
+    from simulations.audit_privacy import repeats_summary, run_audits
+
+    out = run_audits(canaries=64, rounds=2, extra=probe_task, log=lambda *a: None,
+                     mode="sample", epsilon=1.0, noise_scale=0.01, phase="probe", repeats=3)
+    assert len(out["runs"]) == 3 and out["repeats"] == 3
+    assert out["flagged"] == sum(r["epsilon_lower_bound"] > 1.0 for r in out["runs"]) == 3
+    assert repeats_summary(out).startswith("flagged 3 of 3")
+
+
+def test_the_auditor_takes_gradients_with_dropout_off_and_leaves_it_on(tiny_task):
+    from torch import nn
+
+    from fedlora import runtime
+    from fedlora.models import build_lora_model
+    from simulations.audit_gradients import key_params, per_example_gradients
+    from simulations.audit_privacy import audit_config
+
+    cfg = audit_config("sample", 1.0, 2, tiny_task)
+    model = build_lora_model(runtime.model_spec(cfg))
+    dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts and max(dropouts) > 0  # the model keeps its configured dropout
+    from simulations.audit_gradients import make_canaries
+    from fedlora.models import load_tokenizer
+
+    import numpy as np
+
+    tok = load_tokenizer(tiny_task["model-path"])
+    data = runtime.encode(cfg, make_canaries(tok, 8, ("negative", "positive"),
+                                             np.random.default_rng(0)))
+    # move B off zero so that every LoRA tensor has a gradient that dropout would change
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    keys = key_params(model)
+    first = per_example_gradients(model, data, np.arange(8), keys)
+    second = per_example_gradients(model, data, np.arange(8), keys)
+    assert np.abs(first).max() > 0 and np.array_equal(first, second)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == dropouts
+
+
+def test_the_presence_ratio_is_the_binomial_mixture_of_gaussians():
+    from fedlora.privacy.audit import presence_llr
+
+    z, a = np.array([-1.0, 0.0, 2.5]), np.array([2.0, 2.0, 0.5])
+    one = np.log(0.8 + 0.2 * np.exp(a * z - a ** 2 / 2))  # one step at q = 0.2
+    assert presence_llr(z, signal=a, steps=1, sample_rate=0.2) == pytest.approx(one)
+    two = np.log(sum(binom.pmf(k, 2, 0.3) * np.exp(a * z * k - a ** 2 * k ** 2 / 2)
+                     for k in range(3)))
+    assert presence_llr(z, signal=a, steps=2, sample_rate=0.3) == pytest.approx(two)
+    full = presence_llr(z, signal=a, steps=3, sample_rate=1.0)  # drawn every step
+    assert full == pytest.approx(3 * a * z - 9 * a ** 2 / 2)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AuditOutcome", "audit_guesses", "canary_scores", "count_correct",
-           "epsilon_lower_bound", "guess", "max_lower_bound", "p_value"]
+__all__ = ["AuditOutcome", "audit_guesses", "canary_fit", "canary_scores", "count_correct",
+           "epsilon_lower_bound", "guess", "max_lower_bound", "p_value", "presence_llr"]
 
 #: Largest epsilon the search tries; a bound this large means "as large as we can tell".
 EPSILON_CAP = 100.0
@@ -186,7 +186,7 @@ def audit_guesses(scores: np.ndarray, included: np.ndarray, *,
 
 
 def canary_scores(update: np.ndarray, gradients: np.ndarray, num_canaries: int, *,
-                  ridge: float = 1e-4) -> np.ndarray:
+                  ridge: float = 1e-4, pool_others: bool = False) -> np.ndarray:
     """How strongly each canary is in a released update: a z-score per canary.
 
     ``update``: (d,) the released adapter minus the adapter training started from.
@@ -199,7 +199,23 @@ def canary_scores(update: np.ndarray, gradients: np.ndarray, num_canaries: int, 
     diagonal); each canary's coefficient is divided by its standard error under white
     noise, so that a canary whose gradient is nearly a mix of the others' does not stand
     out by chance. Larger: more likely in.
+
+    ``pool_others``: the examples before the canaries are known to be in with the same
+    weight (full-batch steps, every one of them in every step): one column, their unit
+    gradients summed, stands for all of them, which leaves the canaries' coefficients less
+    entangled with theirs (smaller standard errors).
     """
+    coef, se = canary_fit(update, gradients, num_canaries, ridge=ridge,
+                          pool_others=pool_others, noise_std=1.0)
+    return coef / se
+
+
+def canary_fit(update: np.ndarray, gradients: np.ndarray, num_canaries: int, *,
+               ridge: float = 1e-4, pool_others: bool = False,
+               noise_std: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The least-squares fit of :func:`canary_scores`: each canary's coefficient and its
+    standard error, for white noise of ``noise_std`` per entry (None: estimated from what
+    the fit leaves unexplained, the noise in the ``d - n`` directions no gradient spans)."""
     u = np.asarray(update, dtype=np.float64).ravel()
     x = np.asarray(gradients, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != u.size:
@@ -208,8 +224,36 @@ def canary_scores(update: np.ndarray, gradients: np.ndarray, num_canaries: int, 
         raise ValueError(f"num_canaries must be in [1, {x.shape[0]}], got {num_canaries}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     x = x / np.where(norms > 0, norms, 1.0)  # a zero gradient stays zero (and scores 0)
+    if pool_others and len(x) > num_canaries:
+        others = x[: len(x) - num_canaries].sum(axis=0, keepdims=True)
+        x = np.concatenate([others / max(np.linalg.norm(others), 1e-30),
+                            x[len(x) - num_canaries :]])
     gram = x @ x.T + ridge * np.eye(len(x))  # (n, n)
     inv = np.linalg.inv(gram)
     coef = inv @ (x @ -u)  # (n,)
+    if noise_std is None:
+        free = max(u.size - len(x), 1)
+        noise_std = float(np.linalg.norm(-u - coef @ x)) / np.sqrt(free)
     tail = slice(len(x) - num_canaries, len(x))
-    return coef[tail] / np.sqrt(np.diag(inv)[tail])
+    return coef[tail], noise_std * np.sqrt(np.diag(inv)[tail])
+
+
+def presence_llr(z: np.ndarray, *, signal: np.ndarray, steps: int,
+                 sample_rate: float) -> np.ndarray:
+    """Log-likelihood ratio "in" against "out" of each canary's z-score in one round of
+    ``steps`` Poisson-sampled steps at ``sample_rate``: in, it was drawn ``k ~ Binomial(steps,
+    sample_rate)`` times and ``z ~ N(k * signal, 1)``; out, ``z ~ N(0, 1)``. Summed over
+    rounds it is the most powerful score for the linear model (few steps a round make each
+    draw of a canary visible on its own, which a plain sum of z-scores averages away)."""
+    z = np.asarray(z, dtype=np.float64)
+    a = np.asarray(signal, dtype=np.float64)
+    if not 0 < sample_rate <= 1 or steps < 1:
+        raise ValueError(f"need 0 < sample_rate <= 1 and steps >= 1, got {sample_rate}, {steps}")
+    k = np.arange(steps + 1, dtype=np.float64)
+    log_pmf = (_log_choose(steps) + k * math.log(sample_rate)
+               + (steps - k) * (math.log1p(-sample_rate) if sample_rate < 1 else 0.0))
+    if sample_rate == 1:
+        log_pmf = np.where(k == steps, 0.0, -np.inf)
+    terms = log_pmf + np.multiply.outer(a * z, k) - np.multiply.outer(a ** 2 / 2, k ** 2)
+    top = terms.max(axis=-1, keepdims=True)
+    return (top + np.log(np.exp(terms - top).sum(axis=-1, keepdims=True)))[..., 0]
