@@ -1,7 +1,7 @@
 """What the canary audit's auditor computes (``simulations.audit_privacy``): the canaries,
 and every example's loss gradient over the released tensors it scores.
 
-The gradients are taken with dropout off (:func:`fedlora.training.dropout_off`), as the
+The gradients are taken with dropout off (:func:`fedlora.dp_sgd.dropout_off`), as the
 private mechanisms train: the model itself keeps its configured dropout. In the LoRA
 phase they cover the adapter's trained tensors; in the probe phase only the
 classification head's, on the rows the head reads (the encoder's output, which a probe
@@ -77,7 +77,7 @@ def per_example_gradients(model, data, indices: np.ndarray, keys) -> np.ndarray:
     import torch
     from opacus import GradSampleModule
 
-    from fedlora.training import dropout_off
+    from fedlora.dp_sgd import dropout_off
 
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     gsm.train()
@@ -115,7 +115,7 @@ def head_gradients(model, feats, labels, keys) -> np.ndarray:
     from torch.func import functional_call, grad, vmap
 
     from fedlora.heads import head_module
-    from fedlora.training import dropout_off
+    from fedlora.dp_sgd import dropout_off
 
     head = head_module(model)
     names = {p.data_ptr(): n for n, p in head.named_parameters()}
