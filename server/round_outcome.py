@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedlora.actor_pool import DIED_MARKERS
 from fedlora.timing import RoundTimer
 
 __all__ = ["RoundOutcome", "RoundStrategy", "short_reason", "weighted_metrics"]
@@ -90,7 +91,10 @@ def short_reason(reason: str, limit: int = 300) -> str:
     ClientApp's exception in a Ray traceback ending in "Message: <the exception's text>"."""
     reason = str(reason)
     marker = "Message: "
-    if marker in reason:
+    if any(m in reason for m in DIED_MARKERS):
+        reason = ("the client's process died (killed, e.g. for memory, or crashed); a fresh "
+                  "worker serves the next message: " + reason)
+    elif marker in reason:
         reason = "client crashed: " + reason[reason.rindex(marker) + len(marker):]
     reason = " ".join(reason.split()).rstrip("'>\"")
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."

@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import privacy, runtime
+from fedlora.actor_pool import replace_dead_actors
 from fedlora.adapters import (
     adapter_state,
     factor_layout,
@@ -91,6 +92,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """A ServerApp; ``overrides`` are merged over the run-config (for in-process runs)."""
+    replace_dead_actors()  # a simulation runs its engine in the ServerApp's process
     server_app = ServerApp()
 
     @server_app.main()
