@@ -221,6 +221,11 @@ class RunConfig:
         help="Seconds to wait for the replies of a round; nodes that have not replied by then "
         "are logged as dropped and the round goes on without them. With 0 a node that goes "
         "offline is dropped when it misses its heartbeats (about a minute).")
+    stop_after_empty_rounds: int = key(
+        3, "an integer >= 0 (0: never stop)", lambda v: v >= 0,
+        help="Stop the run, saying why, after this many rounds in a row in which no reply was "
+        "accepted (every one refused or dropped): such rounds spend the sites' privacy "
+        "budget and change nothing.")
 
     @property
     def target_modules(self) -> list[str]:

@@ -52,6 +52,7 @@ from fedlora.timing import RoundTimer
 from fedlora.training import evaluate
 from fedlora.wire import WireFormat, encoded_bytes, from_record, to_record
 
+from .empty_rounds import EmptyRounds, RunGoingNowhere
 from .round_outcome import RoundOutcome, RoundStrategy
 from .run_record import RunRecord
 from .strategy import AuditError, LoraStrategy
@@ -85,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = runtime.resolve_config(context.run_config)
         check_paths(cfg)
         run_federated(grid, cfg)
-    except ConfigError as e:
+    except (ConfigError, RunGoingNowhere) as e:
         log.error("%s", e)
         raise SystemExit(f"fedlora: {e}") from None
 
@@ -220,6 +221,7 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
     train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
     fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off"
+    empty = EmptyRounds(cfg.stop_after_empty_rounds, enabled=not record.withhold_replies)
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         timer = RoundTimer()
         try:
@@ -239,6 +241,9 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
                 res = run.central_eval(arrays)
         timer.add_clients(outcome.metrics)
         row = record.add_round(rnd, outcome, res, fed, strategy)
+        note = empty.observe(rnd, outcome)
+        if note:
+            row["note"] = note
         # The checkpoint (with the round's privacy spend) first: a crash after it resumes
         # after this round, so no round is ever released twice on one charge.
         with timer.phase("writing"):
@@ -251,6 +256,9 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
         record.write_checkpoint(rnd, from_record(arrays), run.method, strategy)  # + timing
         record.write_results()
         _log_round(cfg, run.spec.causal_lm, row, outcome, timer)
+        if note:
+            log.warning(note)
+        empty.check(note)  # after the round's files: a stopped run resumes after it
     record.write_results()
     write_report(run_dir)
     _log_done(cfg, run.spec.causal_lm, record, time.perf_counter() - t_start)

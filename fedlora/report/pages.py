@@ -144,6 +144,13 @@ def audit_html(run: RunData) -> str:
             f"factors nor head keys:</p><ul>{items}</ul>")
 
 
+def _notes_html(run: RunData) -> str:
+    """The rounds' one-line notes (a round that accepted no reply says why)."""
+    items = [f"<li>{_e(r['note'])}</li>" for r in run.rounds if r.get("note")]
+    return f"<h2>Rounds that changed nothing</h2><ul class=\"bad\">{''.join(items)}</ul>" \
+        if items else ""
+
+
 def _refused_html(run: RunData) -> str:
     items = [f"<li>round {_e(r.get('round'))}, node {_e(x.get('node'))}: {_e(x.get('reason'))}</li>"
              for r in run.rounds for x in (r.get("refused") or []) if isinstance(x, dict)]
@@ -201,7 +208,7 @@ def render_run_page(run: RunData) -> str:
             f"<p class=\"muted\">{_e(run.path.resolve())}</p>{_config_header(run)}"
             f"<h2>Summary</h2>{_summary_table(run)}"
             f"<h2>Audit of client replies</h2>{audit_html(run)}"
-            f"{_refused_html(run)}"
+            f"{_notes_html(run)}{_refused_html(run)}"
             f"{'' if _causal(run) else _confusion_html(run)}"
             f"<h2>Plots</h2>{_dp_note([run])}{_figures_html([run])}")
     return _page(f"fedlora run {run.name}", body)
