@@ -21,6 +21,8 @@ __all__ = ["EmptyRounds", "RunGoingNowhere", "diagnose"]
 
 #: (text found in a reason, what to change); the first match wins.
 _HINTS = (
+    ("honest private reply", "the replies changed the adapter more than an honest private "
+                             "reply can: look for clients sending poisoned updates"),
     ("max-update-norm", "the replies are longer than the server's bound: raise max-update-norm "
                         "(0 turns the bound off) or look for a client sending a poisoned update"),
     ("budget", "the sites' privacy budget is spent: a site's max-epsilon caps every run it "

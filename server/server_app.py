@@ -170,7 +170,7 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
         foreign_keys=cfg.foreign_keys,
         max_update_norm=cfg.max_update_norm,
         max_num_examples=cfg.max_num_examples,
-        noise_norm_allowance=privacy.reply_norm_allowance(cfg, method.payload(state)),
+        reply_bound=privacy.reply_norm_bound(cfg),
         dp_on=cfg.dp_mode != "off",
     )
     central = privacy.server_hook(cfg)

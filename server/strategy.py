@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import (
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from fedlora.adapters import state_digest
 from fedlora.comms import CommsLedger
 from fedlora.methods import Method
-from fedlora.privacy import from_metrics, released_metrics
+from fedlora.privacy import from_metrics, global_norm, released_metrics
 from fedlora.protocol import (
     CONFIG_KEY,
     IDENTITY_KEY,
@@ -71,8 +71,11 @@ class LoraStrategy(RoundStrategy):
         Seeds node sampling (without user-level DP), so a run is reproducible.
     ledger : CommsLedger, optional
         Records the bytes of every message.
-    noise_norm_allowance : float
-        Added to ``max_update_norm`` for replies noised by their sender (``update``).
+    reply_bound : callable, optional
+        ``reply_bound(server_round, released_count, reply_state, start_norm)``: under a
+        DP mode whose clients noise what they send, the largest change an honest reply can
+        make (:func:`fedlora.privacy.reply_norm_bound`); it replaces ``max_update_norm``
+        for those replies (``max_update_norm = 0`` still turns the check off).
     """
 
     def __init__(
@@ -89,7 +92,7 @@ class LoraStrategy(RoundStrategy):
         foreign_keys: str = "fail",
         max_update_norm: float = 0.0,
         max_num_examples: int = 10_000_000,
-        noise_norm_allowance: float = 0.0,
+        reply_bound: Callable[..., float | None] | None = None,
         dp_on: bool = False,
     ) -> None:
         for ok, what, value in (
@@ -104,7 +107,8 @@ class LoraStrategy(RoundStrategy):
                 raise ValueError(f"{what}, got {value!r}")
         self.method, self.template, self.foreign_keys = method, template, foreign_keys
         self.max_update_norm = float(max_update_norm)
-        self.noise_norm_allowance = float(noise_norm_allowance)
+        self.reply_bound = reply_bound
+        self.server_round = 0  # the round being trained (set by send_train)
         self.max_num_examples = int(max_num_examples)
         # What may ever leave a client: LoRA factors and the head tensors this run trains.
         self.allowed_keys = frozenset(template)
@@ -210,6 +214,7 @@ class LoraStrategy(RoundStrategy):
                    nodes: list[int], grid: Grid) -> list[Message]:
         """The training messages to ``nodes``; starts the round's outcome."""
         self.global_state = from_record(arrays)
+        self.server_round = int(server_round)
         self.outcome = RoundOutcome(sampled=len(nodes), sampled_nodes=list(nodes))
         log.info("round %d: training on %d of %d nodes", server_round, len(nodes),
                  len(list(grid.get_node_ids())))
@@ -256,12 +261,14 @@ class LoraStrategy(RoundStrategy):
             return state, int(n)
         norm = self.method.update_norm(self._beyond_rounding(state, rank), self.received,
                                        rank=rank)
-        bound = self.max_update_norm + self.noise_norm_allowance
+        bound, what = self.max_update_norm, f"max-update-norm {self.max_update_norm:g}"
+        private = None if self.reply_bound is None else self.reply_bound(
+            self.server_round, int(n), state, global_norm(self.received))
+        if private is not None:
+            bound, what = private, (f"{private:.4g}, the largest change an honest private reply "
+                                    "of this round can make (from the plan)")
         if self.max_update_norm > 0 and norm > bound:
-            raise ValueError(f"update norm {norm:.4g} exceeds max-update-norm "
-                             f"{self.max_update_norm:g}"
-                             + (f" plus the noise allowance {self.noise_norm_allowance:.4g}"
-                                if self.noise_norm_allowance else ""))
+            raise ValueError(f"update norm {norm:.4g} exceeds {what}")
         self.outcome.update_norms.append(norm)
         return state, int(n)
 

@@ -23,7 +23,7 @@ count: :mod:`~fedlora.privacy.count`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .accountant import (
@@ -86,7 +86,7 @@ __all__ = [
     "epsilon_of_history", "exclusive", "from_metrics", "from_record_dict",
     "gaussian_noise_like", "get_mechanism", "global_norm", "load_state", "parse_dp_mode",
     "plan_for", "planned_steps", "privacy_row", "private_numpy_rng", "private_torch_generator",
-    "privatize_reply", "released_metrics", "reply_norm_allowance", "save_state", "server_hook",
+    "privatize_reply", "released_metrics", "reply_norm_bound", "save_state", "server_hook",
     "server_mechanism", "to_metrics", "to_record_dict", "update_noise_std",
 ]
 
@@ -97,11 +97,26 @@ def plan_for(cfg: RunConfig, num_examples: int) -> DpPlan | None:
     return None if mechanism is None else mechanism.plan(cfg, num_examples)
 
 
-def reply_norm_allowance(cfg: RunConfig, payload: Mapping[str, Any]) -> float:
-    """What the server adds to ``max-update-norm`` for replies noised by their sender."""
+def reply_norm_bound(cfg: RunConfig) -> Callable[..., float | None] | None:
+    """``bound(server_round, released_count, reply_state, start_norm)``: the largest
+    change an honest reply can make under the clients' mechanism (None for a reply it
+    does not noise), or None when no mechanism runs on clients. A probe round trains
+    only the head, so only the head's entries count as noised there."""
+    from ..adapters import is_factor_key
+
     mechanism = client_mechanism(cfg.dp_mode)
-    entries = sum(int(getattr(a, "size", 0)) for a in payload.values())
-    return 0.0 if mechanism is None else mechanism.reply_norm_allowance(cfg, entries)
+    if mechanism is None:
+        return None
+
+    def bound(server_round: int, released_count: int, reply_state: Mapping[str, Any],
+              start_norm: float = 0.0) -> float | None:
+        probe = 1 <= server_round <= getattr(cfg, "probe_rounds", 0)
+        dims = sum(int(a.size) for k, a in reply_state.items()
+                   if not (probe and is_factor_key(k)))
+        return mechanism.reply_norm_bound(cfg, server_round, int(released_count), dims,
+                                          float(start_norm))
+
+    return bound
 
 
 def server_hook(cfg: RunConfig) -> Any:

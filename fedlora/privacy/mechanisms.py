@@ -165,10 +165,13 @@ class ClientMechanism(Mechanism):
                       examples=num_examples if self.releases_count else None,
                       count_noise=count_noise)
 
-    def reply_norm_allowance(self, cfg: RunConfig, num_entries: int) -> float:
-        """How much longer than an honest un-noised update a reply may be (the server's
-        ``max-update-norm`` check adds this): 0 unless the mechanism noises what it sends."""
-        return 0.0
+    def reply_norm_bound(self, cfg: RunConfig, server_round: int, released_count: int,
+                         dims: int, start_norm: float) -> float | None:
+        """The largest change (L2 norm) an honest reply of this round can make, from the
+        plan (:mod:`fedlora.privacy.reply_bound`), for a site that released
+        ``released_count`` and a reply of ``dims`` trained entries; None: the mechanism
+        noises nothing it sends, so the server's ``max-update-norm`` applies."""
+        return None
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:

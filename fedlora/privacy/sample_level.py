@@ -23,6 +23,7 @@ import numpy as np
 from ..config import ConfigError
 from .count import full_batch_denominator
 from .mechanisms import ClientMechanism, DpPlan, register
+from .reply_bound import dp_sgd_reply_bound, probe_reply_bound
 
 if TYPE_CHECKING:
     from ..run_config import RunConfig
@@ -83,6 +84,24 @@ class SampleLevel(ClientMechanism):
 
     def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         return min(1.0, cfg.batch_size / num_examples), cfg.local_steps  # the released count
+
+    def reply_norm_bound(self, cfg: RunConfig, server_round: int, released_count: int,
+                         dims: int, start_norm: float) -> float | None:
+        """A probe round's full-batch head steps or a LoRA round's DP-SGD steps, as this
+        site's plan (from its released count) runs them."""
+        plan = self.plan(cfg, released_count)
+        if 1 <= server_round <= plan.probe_rounds:
+            return probe_reply_bound(released_count=released_count,
+                                     noise_multiplier=plan.noise_multiplier,
+                                     max_grad_norm=cfg.max_grad_norm, dims=dims,
+                                     steps=plan.probe_steps,
+                                     learning_rate=cfg.probe_learning_rate)
+        return dp_sgd_reply_bound(released_count=released_count, batch_size=cfg.batch_size,
+                                  sample_rate=plan.sample_rate,
+                                  noise_multiplier=plan.noise_multiplier,
+                                  max_grad_norm=cfg.max_grad_norm, dims=dims, steps=plan.steps,
+                                  learning_rate=cfg.learning_rate, optimizer=cfg.optimizer,
+                                  weight_decay=cfg.weight_decay, start_norm=start_norm)
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
                    cfg: RunConfig) -> Any:

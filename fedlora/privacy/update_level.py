@@ -27,6 +27,7 @@ from .accounting import _check_sigma, _real
 from .entropy import private_numpy_rng
 from .gaussian import clip_update, gaussian_noise_like
 from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
+from .reply_bound import gaussian_norm_bound
 
 if TYPE_CHECKING:
     from ..run_config import RunConfig
@@ -86,13 +87,13 @@ class UpdateLevel(ClientMechanism):
     def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         return 1.0, 1  # one release a round, no amplification: the server knows who was sampled
 
-    def reply_norm_allowance(self, cfg: RunConfig, num_entries: int) -> float:
-        """``C`` plus a bound that the noise's norm (about ``std * sqrt(d)``, spread
-        ``std / sqrt(2)``) exceeds with probability far below 1e-9."""
+    def reply_norm_bound(self, cfg: RunConfig, server_round: int, released_count: int,
+                         dims: int, start_norm: float) -> float | None:
+        """``C`` plus a tail bound on the noise's norm."""
         sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, 1.0,
                                  cfg.num_server_rounds, cfg.accountant)
         std = update_noise_std(noise_multiplier=sigma, max_norm=cfg.update_max_norm)
-        return cfg.update_max_norm + std * (math.sqrt(num_entries) + 8.0)
+        return cfg.update_max_norm + gaussian_norm_bound(dims, std)
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
