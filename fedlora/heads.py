@@ -52,7 +52,7 @@ def resolve_head_pooling(requested: str, model_path: str, *, private: bool) -> s
     """The pooling for run-config ``head-pooling``. ``auto``: under a DP mode, the
     checkpoint's own (mean pooling for a sentence-transformers folder that says so), where a
     private linear probe learns far more than on the [CLS] pooler; without DP the model's
-    own head, which LoRA adapts to as well (measured in README, "DP that pays")."""
+    own head, which LoRA adapts to as well (measured in docs/privacy.md, "DP that pays")."""
     if requested == "auto":
         return (checkpoint_pooling(model_path) if private else None) or "model"
     return requested

@@ -110,7 +110,7 @@ class RunConfig:
     aggregator: str = key(
         "fedavg", "one of the registered aggregators (fedlora.methods)",
         help="How the server combines the clients' factors: fedavg, svd, ffa, stack (see "
-        "README; each registered in fedlora.methods).")
+        "docs/aggregators.md; each registered in fedlora.methods).")
     svd_error_feedback: bool = key(
         False, "true or false",
         help="With aggregator = svd: carry the rank-truncation residual into the next round.")
@@ -132,7 +132,7 @@ class RunConfig:
         "auto", "one of auto, none", _choices("auto", "none"),
         help="auto: under a DP mode, keys left at their default take that mode's recipe (for "
         "dp-mode = sample: every client in every round, linear probing first, then "
-        "LoRA; see README); none: every key as given.")
+        "LoRA; see docs/privacy.md); none: every key as given.")
     dp_mode: str = key(
         "off", "one of the registered DP modes (see fedlora.privacy)",
         help="off; sample: DP-SGD with Opacus on each client; update: clipped, noised "

@@ -4,7 +4,7 @@
     python -m simulations.sweep_epsilon --epsilons 1,8 --rounds 3 --out results/my-sweep
 
 Every run is the same federated fine-tuning (same seed, clients and rounds) with
-``dp-mode = sample`` at one target epsilon, the DP recipe on (README, "DP that pays").
+``dp-mode = sample`` at one target epsilon, the DP recipe on (docs/privacy.md, "DP that pays").
 At each epsilon two methods are measured in this one command:
 
 * ``lora``: the recipe as a user gets it (linear-probe rounds, then LoRA rounds);
