@@ -101,6 +101,11 @@ class Mechanism:
         left at their default when ``dp-recipe = auto``; ``values`` is the whole run-config."""
         return {}
 
+    def describe(self, cfg: RunConfig) -> str:
+        """The run's plan under this mechanism in one line ("" when there is nothing to say
+        beyond the run-config); the server logs it once at the start."""
+        return ""
+
     def check_config(self, cfg: RunConfig) -> None:
         """Refuse a run-config this mechanism cannot serve (ConfigError naming the key)."""
         if getattr(cfg, "probe_rounds", 0) and not self.probe:

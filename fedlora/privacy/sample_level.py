@@ -69,6 +69,17 @@ class SampleLevel(ClientMechanism):
             out["probe-rounds"] = recipe_probe_rounds(int(values["num-server-rounds"]))
         return out
 
+    def describe(self, cfg: RunConfig) -> str:
+        """The plan's choices in one line (the server logs it once at the start)."""
+        probe = (f"rounds 1-{cfg.probe_rounds} train the head alone ({cfg.probe_steps} "
+                 f"full-batch steps, SGD at {cfg.probe_learning_rate:g}), then "
+                 if cfg.probe_rounds else "")
+        return (f"dp-mode sample: {probe}LoRA rounds of {cfg.local_steps} DP-SGD steps "
+                f"(Poisson batches of about {cfg.batch_size}, {cfg.optimizer} at "
+                f"{cfg.learning_rate:g}, clip {cfg.max_grad_norm:g}); fraction-train "
+                f"{cfg.fraction_train:g}; each site calibrates sigma to target-epsilon "
+                f"{cfg.target_epsilon:g} from its released example count")
+
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
         from .accounting import epsilon_of_history
