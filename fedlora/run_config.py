@@ -108,9 +108,9 @@ class RunConfig:
         help="SGD learning rate of the probe rounds (full-batch steps on a linear head take "
         "a far larger rate than LoRA's).")
     aggregator: str = key(
-        "fedavg", "one of the registered aggregators (fedlora.methods)",
-        help="How the server combines the clients' factors: fedavg, svd, ffa, stack (see "
-        "docs/aggregators.md; each registered in fedlora.methods).")
+        "fedavg", "one of the registered aggregators (fedlora.aggregation)",
+        help="How the server combines the clients' factors: fedavg, svd, ffa, stack, fedsa (see "
+        "docs/aggregators.md; each registered in fedlora.aggregation).")
     svd_error_feedback: bool = key(
         False, "true or false",
         help="With aggregator = svd: carry the rank-truncation residual into the next round.")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import methods
+from . import aggregation
 from .config import parse_run_config
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, load_tokenizer
@@ -40,7 +40,7 @@ def resolve_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] |
 @functools.lru_cache(maxsize=16)
 def _resolve(items: tuple[tuple[str, Any], ...]):
     return parse_run_config(
-        dict(items), known_tasks=TASKS, known_aggregators=methods.METHODS
+        dict(items), known_tasks=TASKS, known_aggregators=aggregation.METHODS
     )
 
 
@@ -49,14 +49,14 @@ def model_spec(cfg: RunConfig, rank: int | None = None) -> LoraSpec:
     task = get_task(cfg.task)
     return LoraSpec.from_config(
         cfg, model_path=task.model_path(cfg), num_labels=len(task.label_names(cfg)), rank=rank,
-        freeze_a=methods.METHODS[cfg.aggregator].freeze_a, causal_lm=task.causal_lm,
+        freeze_a=aggregation.METHODS[cfg.aggregator].freeze_a, causal_lm=task.causal_lm,
     )
 
 
-def method_for(cfg: RunConfig) -> methods.Method:
+def method_for(cfg: RunConfig) -> aggregation.Method:
     """The federated method (protocol around the aggregator) a run-config asks for."""
-    return methods.get_method(cfg.aggregator, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
-                              error_feedback=cfg.svd_error_feedback)
+    return aggregation.get_method(cfg.aggregator, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
+                                  error_feedback=cfg.svd_error_feedback)
 
 
 _THREADS_SET = False

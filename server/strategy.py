@@ -3,7 +3,7 @@
 A Flower :class:`~flwr.serverapp.strategy.Strategy` (through
 :class:`server.round_outcome.RoundStrategy`, whose ``train_round`` returns each round's
 :class:`~server.round_outcome.RoundOutcome`). Aggregation itself is the method's pure
-math (:mod:`fedlora.methods`); this file is the glue between messages and arrays.
+math (:mod:`fedlora.aggregation`); this file is the glue between messages and arrays.
 User-level DP wraps this strategy (:class:`server.user_level_strategy.UserLevelDpStrategy`),
 as Flower's DP wrappers wrap theirs.
 """
@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 
 from fedlora.adapters import state_digest
 from fedlora.comms import CommsLedger
-from fedlora.methods import Method
+from fedlora.aggregation import Method
 from fedlora.privacy import from_metrics, global_norm, released_metrics
 from fedlora.protocol import (
     CONFIG_KEY,
@@ -55,7 +55,7 @@ class LoraStrategy(RoundStrategy):
 
     Parameters
     ----------
-    method : fedlora.methods.Method
+    method : fedlora.aggregation.Method
         The federated method: what is sent, how replies are checked and aggregated.
     template : dict[str, ndarray]
         A fresh adapter state at the global rank: the keys and shapes replies must match.

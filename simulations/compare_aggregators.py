@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fedlora.methods import METHODS  # noqa: E402
+from fedlora.aggregation import METHODS  # noqa: E402
 from simulations.harness import parse_sets, read_metrics, run_inprocess  # noqa: E402
 
 HET_RANKS = (4, 8, 16)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
+import pkgutil
 
 import numpy as np
 import pytest
@@ -12,11 +15,13 @@ from fedlora.aggregation import (
     METHODS,
     AggregationError,
     LoraFactors,
+    Method,
     SvdErrorFeedback,
     aggregate,
     available_methods,
     delta_weight,
     fit_rank,
+    get_method,
     normalize_weights,
     product_error,
     register,
@@ -65,21 +70,63 @@ def test_unknown_method_lists_available():
 def test_register_custom_method_and_duplicate_name():
     name = "first_client_only"
 
+    def first_client(prepared, p, **options):
+        return {m: prepared.clients[0][m] for m in prepared.modules}
+
     try:
 
-        @register(name)
-        def first_client(prepared, p, **options):
-            return {m: prepared.clients[0][m] for m in prepared.modules}
+        @register
+        class FirstClientOnly(Method):
+            name = "first_client_only"
+            combine = staticmethod(first_client)
 
         assert name in available_methods()
         updates = _updates()
         out = aggregate(name, updates, [1, 1])
         np.testing.assert_array_equal(out["q"].A, updates[0]["q"].A)
+        assert isinstance(get_method(name, alpha=8.0, rank=2), FirstClientOnly)
         with pytest.raises(ValueError, match="already registered"):
-            register(name)(first_client)
+            register(FirstClientOnly)
     finally:
         METHODS.pop(name, None)
     assert name not in available_methods()
+
+
+def test_register_refuses_a_method_without_its_aggregation():
+    class NoMath(Method):
+        name = "no_math"
+
+    with pytest.raises(ValueError, match="sets no combine"):
+        register(NoMath)
+    assert "no_math" not in METHODS
+
+
+def test_one_module_per_aggregator_holds_its_aggregation_and_its_method():
+    """Each name is registered once, by the module named after it, which sets both the
+    aggregation function (``combine``) and the protocol (its Method subclass); the pure
+    entry point and the protocol getter read the same registry."""
+    package = importlib.import_module("fedlora.aggregation")
+    modules = {info.name for info in pkgutil.iter_modules(package.__path__)}
+    defined: dict[str, list[str]] = {}
+    for module_name in sorted(modules):
+        module = importlib.import_module(f"fedlora.aggregation.{module_name}")
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and obj.__module__ == module.__name__ and obj in METHODS.values():
+                defined.setdefault(module_name, []).append(obj.name)
+    assert sorted(n for names in defined.values() for n in names) == sorted(METHODS)
+    for name, cls in METHODS.items():
+        assert cls.__module__ == f"fedlora.aggregation.{name}", name
+        assert defined[name] == [name], name
+        # combine is set by the class itself, not inherited from another aggregator
+        assert "combine" in vars(cls) and callable(cls.combine), name
+        assert cls.combine is not Method.combine, name
+    assert set(available_methods()) == set(METHODS) >= set(ALL_METHODS)
+    updates = _same_A_updates()
+    for name in available_methods():
+        out = aggregate(name, updates, [1, 2, 3])
+        assert set(out) == {"q", "v"}, name
+        method = get_method(name, alpha=8.0, rank=3)
+        assert type(method) is METHODS[name] and method.name == name
 
 
 # ----------------------------------------------------------------------------- weights

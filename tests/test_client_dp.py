@@ -12,7 +12,7 @@ import pytest
 
 from fedlora import privacy
 from fedlora.config import ConfigError, parse_run_config
-from fedlora.methods import get_method
+from fedlora.aggregation import get_method
 from fedlora.privacy import CentralDp
 from fedlora.privacy import user_level as central_dp
 
@@ -201,7 +201,7 @@ def test_user_level_dp_takes_exactly_the_aggregators_whose_global_is_the_mean():
     """Each aggregator declares whether its new global adapter is the weighted mean of the
     sent tensors (``Method.linear``); the declaration is checked against its aggregate, and
     user-level DP accepts exactly the linear ones."""
-    from fedlora.methods import METHODS, get_method
+    from fedlora.aggregation import METHODS, get_method
 
     rng = np.random.default_rng(0)
     glob = {"m.lora_A.weight": rng.normal(size=(2, 6)).astype(np.float32),

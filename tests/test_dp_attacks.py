@@ -121,7 +121,7 @@ def test_dp_sgd_noise_and_sampling_cannot_be_replayed(identity, site, tmp_path, 
 
 
 def test_user_level_release_cannot_be_replayed(site):
-    from fedlora.methods import get_method
+    from fedlora.aggregation import get_method
 
     cfg = parse_run_config(dict(site, **{"dp-mode": "client", "fraction-train": 0.5}))
     method = get_method("fedavg", alpha=8.0, rank=4)

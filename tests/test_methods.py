@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedlora.adapters import FACTOR_A, FACTOR_B, adapter_state, load_adapter_state
-from fedlora.methods import ReplyShapeError, get_method, refit_state, state_rank
+from fedlora.aggregation import ReplyShapeError, get_method, refit_state, state_rank
 from fedlora.models import LoraSpec, build_lora_model
 
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)

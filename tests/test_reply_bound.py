@@ -11,7 +11,7 @@ from fedlora import privacy
 from fedlora.adapters import adapter_state
 from fedlora.config import parse_run_config
 from fedlora.data import EncodedDataset, read_table
-from fedlora.methods import get_method
+from fedlora.aggregation import get_method
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy.count import noised_count
 from fedlora.privacy.reply_bound import adam_step_factor, displacement

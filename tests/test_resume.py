@@ -26,7 +26,7 @@ from fedlora.checkpoint import (
     save_checkpoint,
 )
 from fedlora.config import ConfigError, defaults, parse_run_config
-from fedlora.methods import get_method
+from fedlora.aggregation import get_method
 from simulations.harness import read_metrics, run_inprocess
 from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 

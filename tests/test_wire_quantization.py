@@ -220,7 +220,7 @@ def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task
 
 
 def _strategy(wire="int4", aggregator="fedavg", max_update_norm=50.0):
-    from fedlora.methods import get_method
+    from fedlora.aggregation import get_method
     from server.strategy import LoraStrategy
 
     rng = np.random.default_rng(5)

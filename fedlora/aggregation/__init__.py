@@ -1,4 +1,4 @@
-"""Aggregation of federated LoRA updates: pure functions, arrays in, arrays out.
+"""The aggregators of federated LoRA updates: each one's math and the protocol around it.
 
 Averaging the ``A`` and ``B`` factors separately (FedIT) is not the average of
 the client updates: ``mean(B) @ mean(A) != mean(B @ A)``. This package offers
@@ -38,20 +38,34 @@ output scale explicitly, or ``alpha=`` for ``alpha / r_out``; only the product
 * ``svd``: rank ``r`` (default max client rank); ``scale = alpha_bar / r``;
   balanced factors ``B = U sqrt(S / scale)``, ``A = sqrt(S / scale) V^T``.
 
-New methods are added with the :func:`register` decorator.
+Each aggregator is one module here: its math, a pure function (arrays in, arrays out),
+and its protocol, a :class:`Method` subclass naming that function as ``combine`` and
+saying what the server sends, how a client loads it and how replies are checked and
+merged (FFA-LoRA never sends ``A``; FLoRA's clients fold the stacked global update into
+their base weights; heterogeneous ranks are fitted on arrival). The class is registered
+once with :func:`register`; :func:`aggregate` and :func:`get_method` (the protocol
+object for a run) read that one registry, ``METHODS``. Shared helpers: :mod:`.base`
+(``Method``, the registry, :func:`aggregate`), :mod:`.states` (adapter states to and
+from factors), :mod:`.validation`, :mod:`.linalg`, :mod:`.ops`, :mod:`.types` and
+:mod:`.backend` (numpy/torch conversion).
+
+A new aggregator is one module defining its function and its registered ``Method``
+subclass, plus one import line below.
 """
 
+from .base import METHODS, AggregationFn, Method, aggregate, available_methods, get_method, register
 from .linalg import ProductSVD, product_norm, product_svd, stack_factors
 from .ops import delta_weight, fit_rank, product_error
-from .registry import METHODS, AggregationFn, aggregate, available_methods, get_method, register
+from .states import (ReplyShapeError, State, factors_to_state, refit_state, state_rank,
+                     state_to_factors)
 from .types import AggregationError, Array, LoraFactors, ModuleFactors, Updates
 from .validation import PreparedUpdates, normalize_weights
 
-# Importing the method modules registers them.
+# Importing the aggregator modules registers them; this order is the order of METHODS.
 from . import fedavg as _fedavg  # noqa: E402,F401  isort: skip
+from . import svd as _svd  # noqa: E402,F401  isort: skip
 from . import ffa as _ffa  # noqa: E402,F401  isort: skip
 from . import stack as _stack  # noqa: E402,F401  isort: skip
-from . import svd as _svd  # noqa: E402,F401  isort: skip
 from . import fedsa as _fedsa  # noqa: E402,F401  isort: skip
 from .svd import SvdErrorFeedback, SvdReport  # noqa: E402
 
@@ -61,21 +75,28 @@ __all__ = [
     "AggregationFn",
     "Array",
     "LoraFactors",
+    "Method",
     "ModuleFactors",
     "PreparedUpdates",
     "ProductSVD",
+    "ReplyShapeError",
+    "State",
     "SvdErrorFeedback",
     "SvdReport",
     "Updates",
     "aggregate",
     "available_methods",
     "delta_weight",
+    "factors_to_state",
     "fit_rank",
     "get_method",
     "normalize_weights",
     "product_error",
     "product_norm",
     "product_svd",
+    "refit_state",
     "register",
     "stack_factors",
+    "state_rank",
+    "state_to_factors",
 ]

@@ -1,8 +1,8 @@
-"""FedIT-style averaging: ``A`` and ``B`` averaged separately (HetLoRA zero-padding).
+"""FedAvg (FedIT) with HetLoRA rank fitting: ``A`` and ``B`` averaged separately.
 
 This is the classical baseline and is *inexact by design*:
 ``mean(B) @ mean(A) != mean(B @ A)``. Use :func:`~fedlora.aggregation.product_error`
-to measure by how much.
+to measure by how much. Its protocol is the plain :class:`~fedlora.aggregation.Method`.
 """
 
 from __future__ import annotations
@@ -11,27 +11,36 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .registry import register
+from .base import Method, register
 from .types import LoraFactors
 from .validation import PreparedUpdates, resolve_scale, weighted_alpha
 
-__all__ = ["average_factors", "fedavg"]
+__all__ = ["FedAvgMethod", "fedavg"]
 
 
-def average_factors(
+def fedavg(
     prepared: PreparedUpdates,
     p: np.ndarray,
     *,
     scale: Optional[float] = None,
     alpha: Optional[float] = None,
 ) -> Dict[str, LoraFactors]:
-    """Weighted separate averages of ``A`` and of ``s_k * B``, zero-padded to the max rank.
+    """FedIT / HetLoRA averaging (inexact baseline): weighted separate averages of ``A``
+    and of ``s_k * B``, zero-padded to the max rank.
 
-    For each module, with ``r = max_k r_k`` and ``A_k``/``B_k`` zero-padded to rank ``r``:
-    ``A = sum_k p_k A_k`` and ``B = (sum_k p_k s_k B_k) / s_out`` so that
+    For each module, with ``r = max_k r_k`` and ``A_k``/``B_k`` zero-padded to rank ``r``
+    (HetLoRA): ``A = sum_k p_k A_k`` and ``B = (sum_k p_k s_k B_k) / s_out`` so that
     ``s_out * B @ A = (sum_k p_k s_k B_k) @ (sum_k p_k A_k)``.
-    ``s_out`` is ``scale`` if given, else ``alpha / r``, else ``alpha_bar / r`` with
-    ``alpha_bar = sum_k p_k s_k r_k`` (the common alpha when all clients share it).
+
+    Options:
+        scale: output scale ``s_out`` (default ``alpha_bar / r_max`` with
+            ``alpha_bar = sum_k p_k s_k r_k``, the common alpha when all clients share it).
+        alpha: output alpha, giving ``s_out = alpha / r_max``.
+
+    The scale is folded into ``B`` before averaging, so clients with different ``alpha``
+    or rank are combined consistently. Give each client its own rank back with
+    :func:`~fedlora.aggregation.fit_rank`. Exact only for a single client (or
+    identical ``A``'s).
     """
     out: Dict[str, LoraFactors] = {}
     for name in prepared.modules:
@@ -53,25 +62,9 @@ def average_factors(
     return out
 
 
-@register("fedavg")
-def fedavg(
-    prepared: PreparedUpdates,
-    p: np.ndarray,
-    *,
-    scale: Optional[float] = None,
-    alpha: Optional[float] = None,
-) -> Dict[str, LoraFactors]:
-    """FedIT / HetLoRA averaging (inexact baseline).
+@register
+class FedAvgMethod(Method):
+    """A and B averaged separately (inexact); heterogeneous ranks zero-padded (HetLoRA)."""
 
-    Options:
-        scale: output scale ``s_out`` (default ``alpha_bar / r_max``).
-        alpha: output alpha, giving ``s_out = alpha / r_max``.
-
-    The scale is folded into ``B`` before averaging (``sum_k p_k s_k B_k``), so
-    clients with different ``alpha`` or rank are combined consistently; the result
-    has rank ``r_max = max_k r_k``. Clients with a smaller rank are zero-padded
-    (HetLoRA); give each client its own rank back with
-    :func:`~fedlora.aggregation.fit_rank`. Exact only for a single client (or
-    identical ``A``'s).
-    """
-    return average_factors(prepared, p, scale=scale, alpha=alpha)
+    name = "fedavg"
+    combine = staticmethod(fedavg)

@@ -1,4 +1,8 @@
-"""Product-aware, rank-optimal aggregation by factored SVD (with optional error feedback)."""
+"""Product-aware, rank-optimal aggregation by factored SVD (with optional error feedback).
+
+The exact weighted sum of the client products ``B_k A_k`` is re-factorised to rank ``r``
+(optimal), and the truncation residual is optionally fed back into the next round.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .backend import as_float64
+from .base import Method, register
 from .linalg import ProductSVD, product_norm, product_svd, stack_factors
-from .registry import register
+from .states import State
 from .types import AggregationError, LoraFactors
 from .validation import PreparedUpdates, check_rank_option, resolve_scale, weighted_alpha
 
-__all__ = ["SvdErrorFeedback", "SvdReport", "svd"]
+__all__ = ["SvdErrorFeedback", "SvdMethod", "SvdReport", "svd"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +146,6 @@ def _balanced_factors(
     return B, A
 
 
-@register("svd")
 def svd(
     prepared: PreparedUpdates,
     p: np.ndarray,
@@ -272,3 +276,41 @@ def svd(
     if report is not None:
         report.update(reports)
     return out
+
+
+@register
+class SvdMethod(Method):
+    """The exact weighted sum of client products B_k A_k, re-factorised to rank r (optimal),
+    with the truncation residual optionally fed back into the next round."""
+
+    name = "svd"
+    combine = staticmethod(svd)
+    linear = False  # the SVD of the mean of products B_k A_k
+
+    def __post_init__(self) -> None:
+        self.feedback = (SvdErrorFeedback()
+                         if self.options.get("error_feedback") else None)
+
+    def checkpoint_state(self) -> tuple[State, dict[str, Any]]:
+        if self.feedback is None:
+            return {}, {}
+        sd = self.feedback.state_dict()
+        arrays = {f"residual/{m}/{which}": pair[which]
+                  for m, pair in sd.pop("residuals").items() for which in ("A", "B")}
+        return arrays, sd
+
+    def restore_state(self, arrays: Mapping[str, np.ndarray], values: Mapping[str, Any]) -> None:
+        if self.feedback is None:
+            super().restore_state(arrays, values)
+            return
+        residuals: dict[str, dict[str, np.ndarray]] = {}
+        for key, a in arrays.items():
+            module, which = key[len("residual/"):].rsplit("/", 1)
+            residuals.setdefault(module, {})[which] = a
+        self.feedback.load_state_dict({**values, "residuals": residuals})
+
+    def _options(self, global_state: State) -> dict[str, Any]:
+        opts: dict[str, Any] = {"scale": self.scale, "rank": self.rank}
+        if self.feedback is not None:
+            opts.update(error_feedback=True, state=self.feedback)
+        return opts

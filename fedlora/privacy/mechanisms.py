@@ -8,7 +8,7 @@ A mechanism is one class registered with :func:`register` in its own module
   :class:`ServerMechanism` on the server;
 * ``neighbouring``: the neighbouring relation its guarantee is stated for, and against whom;
 * ``needs_linear_aggregator``: whether it works only with aggregators whose global adapter
-  is the weighted mean of what clients send (``linear`` in :mod:`fedlora.methods`);
+  is the weighted mean of what clients send (``linear`` in :mod:`fedlora.aggregation`);
 * ``check_config(cfg)``: its run-config checks, before round 1, naming the key;
 * a client mechanism: ``plan_round(cfg, n)`` (its sample rate and accounted steps per
   round, from which :meth:`ClientMechanism.plan` calibrates sigma for the whole run),
@@ -113,7 +113,7 @@ class Mechanism:
                               f"0 with dp-mode = '{cfg.dp_mode}' ({self.name} noises every "
                               "tensor sent, the LoRA factors a probe round leaves alone)")
         if self.needs_linear_aggregator:
-            from ..methods import METHODS  # each aggregator declares whether it is linear
+            from ..aggregation import METHODS  # each aggregator declares whether it is linear
 
             method = METHODS.get(cfg.aggregator)
             if method is not None and not method.linear:

@@ -81,7 +81,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import ConfigError
-from ..methods import Method, refit_state, state_rank
+from ..aggregation import Method, refit_state, state_rank
 from .accountant import ClientAccountant, PrivacyStateError
 from .entropy import private_numpy_rng
 from .gaussian import clip_update, gaussian_noise_like

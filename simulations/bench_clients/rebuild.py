@@ -26,7 +26,7 @@ def rebuild_train(msg: Message, context: Context) -> Message:
                               AutoTokenizer)
     from transformers.utils import logging as hf_logging
 
-    from fedlora import methods, privacy
+    from fedlora import aggregation, privacy
     from fedlora.config import parse_run_config
     from fedlora.data import CausalLMDataset, EncodedDataset, train_val_split
     from fedlora.models import (cast_frozen_base, choose_num_threads, head_name,
@@ -38,7 +38,7 @@ def rebuild_train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     cfg = parse_run_config(context.run_config, known_tasks=TASKS,
-                           known_aggregators=methods.METHODS)
+                           known_aggregators=aggregation.METHODS)
     if cfg.dp_mode not in ("off", "sample"):
         raise ValueError(f"the rebuild baseline runs dp-mode off or sample, not {cfg.dp_mode!r}")
     torch.set_num_threads(choose_num_threads(cfg.client_num_threads))  # as fedlora's client
@@ -47,8 +47,8 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     task = get_task(cfg.task)
     model_path = task.model_path(cfg)
     rank = node.lora_rank or cfg.lora_rank
-    method = methods.get_method(cfg.aggregator, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
-                                error_feedback=cfg.svd_error_feedback)
+    method = aggregation.get_method(cfg.aggregator, alpha=cfg.lora_alpha, rank=cfg.lora_rank,
+                                    error_feedback=cfg.svd_error_feedback)
 
     # The model: re-instantiated from its folder, with a new LoRA adapter of the run's spec.
     hf_logging.set_verbosity_error()

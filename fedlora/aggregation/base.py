@@ -1,88 +1,55 @@
-"""The FedAvg-style :class:`Method` protocol, the registry of methods, and the helpers
-they share to convert adapter states to and from :class:`fedlora.aggregation.LoraFactors`.
+"""The :class:`Method` every aggregator subclasses, the one registry of aggregators, and
+the pure entry point :func:`aggregate`.
 
-Adapter states are ``{peft key: float32 ndarray}`` (see :mod:`fedlora.adapters`); a
-client's own LoRA scale is ``alpha / r_k``.
+An aggregator is one module of this package holding its math (a pure function on
+validated client factors) and its protocol (a :class:`Method` subclass naming that
+function as :attr:`Method.combine`), registered once with :func:`register`. Both ways
+in read the same registry: :func:`aggregate` runs an aggregator's math on client factors,
+:func:`get_method` builds its protocol object for a run.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, TypeVar
 
 import numpy as np
 from torch import nn
 
-from .. import aggregation
-from ..adapters import FACTOR_A, FACTOR_B, adapter_state, is_factor_key, load_adapter_state, module_of
+from ..adapters import FACTOR_A, FACTOR_B, adapter_state, is_factor_key, load_adapter_state
+from .ops import fit_rank
+from .states import (ReplyShapeError, State, factors_to_state, refit_state, state_rank,
+                     state_to_factors, weighted_mean)
+from .types import AggregationError, LoraFactors, Updates
+from .validation import PreparedUpdates, normalize_weights, prepare_updates
 
-__all__ = ["Method", "METHODS", "register_method", "get_method", "state_to_factors",
-           "factors_to_state", "state_rank", "refit_state", "ReplyShapeError", "State"]
+__all__ = ["METHODS", "AggregationFn", "Method", "aggregate", "available_methods", "get_method",
+           "register"]
 
 log = logging.getLogger(__name__)
 
-State = dict[str, np.ndarray]
-
-
-class ReplyShapeError(ValueError):
-    """A reply's adapter tensors do not fit what the server sent."""
-
-
-def state_to_factors(state: Mapping[str, np.ndarray], scale: float) -> dict[str, aggregation.LoraFactors]:
-    """Module -> LoraFactors(A, B, scale) for every LoRA module of an adapter state."""
-    modules = sorted({module_of(k) for k in state if is_factor_key(k)})
-    return {m: aggregation.LoraFactors(A=state.get(m + FACTOR_A), B=state[m + FACTOR_B], scale=scale)
-            for m in modules}
-
-
-def factors_to_state(factors: Mapping[str, aggregation.LoraFactors], scale: float) -> State:
-    """Adapter-state tensors of ``factors`` expressed in LoRA scale ``scale``.
-
-    ``B`` is rescaled by ``f.scale / scale`` so that ``scale * B @ A`` is unchanged.
-    """
-    out: State = {}
-    for m, f in factors.items():
-        if f.A is not None:
-            out[m + FACTOR_A] = np.asarray(f.A, dtype=np.float32)
-        out[m + FACTOR_B] = (np.asarray(f.B, dtype=np.float64) * (f.scale / scale)).astype(np.float32)
-    return out
-
-
-def state_rank(state: Mapping[str, np.ndarray]) -> int | None:
-    """The LoRA rank of an adapter state (columns of its B factors), None if it has none."""
-    ranks = {np.shape(v)[1] for k, v in state.items() if k.endswith(FACTOR_B)}
-    if len(ranks) > 1:
-        raise ReplyShapeError(f"factors of different ranks {sorted(ranks)} in one adapter")
-    return ranks.pop() if ranks else None
-
-
-def refit_state(state: Mapping[str, np.ndarray], *, rank: int, from_scale: float,
-                to_scale: float) -> State:
-    """Truncate or zero-pad the factors of ``state`` to ``rank`` (HetLoRA), changing the
-    scale from ``from_scale`` to ``to_scale`` without changing the retained update."""
-    factors = state_to_factors(state, from_scale)
-    fitted = aggregation.fit_rank(factors, rank, scale=to_scale)
-    out = {k: v for k, v in state.items() if not is_factor_key(k)}
-    out.update(factors_to_state(fitted, to_scale))
-    return out
-
-
-def _weighted_mean(arrays: list[np.ndarray], p: np.ndarray) -> np.ndarray:
-    return np.tensordot(p, np.stack(arrays).astype(np.float64), axes=1).astype(np.float32)
+# An aggregator's math receives validated updates (numpy arrays) and normalised weights
+# p_k (float64, summing to 1) plus keyword options, and returns one LoraFactors per
+# module with numpy arrays; :func:`aggregate` converts them back to the input kind.
+AggregationFn = Callable[..., Dict[str, LoraFactors]]
 
 
 @dataclass
 class Method:
-    """FedAvg-style protocol: the global adapter goes out, full adapters come back.
+    """An aggregator: its math (:attr:`combine`) and the FedAvg-style protocol around it
+    (the global adapter goes out, full adapters come back), which subclasses change
+    where their aggregator needs to.
 
     ``alpha`` is LoRA's alpha (scale of a rank-r adapter is ``alpha / r``); ``rank`` the
-    global adapter's rank.
+    global adapter's rank; ``options`` the aggregator's own run options.
     """
 
     name: ClassVar[str] = ""
-    freeze_a: ClassVar[bool] = False  # clients train B only
+    # Clients train B only and send no A; the math then accepts updates with A=None.
+    freeze_a: ClassVar[bool] = False
     allows_rank_change: ClassVar[bool] = True  # clients may train their own rank
     # int8/int4 error feedback pays where what is sent accumulates (a client starts from
     # the broadcast, the server's global from the replies); not where each round starts over.
@@ -96,6 +63,16 @@ class Method:
 
     def __post_init__(self) -> None:
         """Subclasses set up the state they carry across rounds here."""
+
+    @staticmethod
+    def combine(prepared: PreparedUpdates, p: np.ndarray, **options: Any) -> Dict[str, LoraFactors]:
+        """The aggregator's math: module -> global :class:`LoraFactors` (numpy arrays).
+
+        ``prepared`` holds the validated client updates, ``p`` the normalised client
+        weights; ``options`` are the aggregator's own keywords. Subclasses set it to
+        their pure function (``combine = staticmethod(fn)``); :func:`aggregate` calls it.
+        """
+        raise NotImplementedError
 
     @property
     def scale(self) -> float:
@@ -159,11 +136,12 @@ class Method:
     def aggregate(self, replies: list[State], weights: list[int], global_state: State) -> State:
         """The new global adapter from the replies (each in its own rank)."""
         updates = [state_to_factors(r, self.alpha / (state_rank(r) or self.rank)) for r in replies]
-        merged = aggregation.aggregate(self.name, updates, weights, **self._options(global_state))
+        # The module-level aggregate(): this aggregator's math, validated and converted.
+        merged = aggregate(self.name, updates, weights, **self._options(global_state))
         if any(f.rank != self.rank for f in merged.values()):
-            merged = aggregation.fit_rank(merged, self.rank)
+            merged = fit_rank(merged, self.rank)
         p = np.asarray(weights, dtype=np.float64) / float(sum(weights))
-        out = {k: _weighted_mean([r[k] for r in replies], p)
+        out = {k: weighted_mean([r[k] for r in replies], p)
                for k in replies[0] if not is_factor_key(k)}
         out.update(factors_to_state(merged, self.scale))
         return {k: out[k] for k in global_state if k in out} | {
@@ -205,18 +183,96 @@ class Method:
         return adapter_state(model)
 
 
+#: The registered aggregators: name -> :class:`Method` subclass, in registration order.
 METHODS: dict[str, type[Method]] = {}
+M = TypeVar("M", bound=type[Method])
 
 
-def register_method(cls: type[Method]) -> type[Method]:
-    METHODS[cls.name] = cls
+def register(cls: M) -> M:
+    """Class decorator registering an aggregator under ``cls.name``.
+
+    ``ValueError`` for a missing name, a name already registered, or a class that sets
+    no :attr:`Method.combine`.
+    """
+    name = cls.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"aggregator {cls.__name__} needs a non-empty string name, got {name!r}")
+    if name in METHODS:
+        raise ValueError(f"aggregation method {name!r} is already registered "
+                         f"(by {METHODS[name].__module__})")
+    if cls.combine is Method.combine:
+        raise ValueError(f"aggregator {name!r} sets no combine (its aggregation function)")
+    METHODS[name] = cls
     return cls
 
 
-def get_method(name: str, *, alpha: float, rank: int, **options: Any) -> Method:
-    """The protocol object of aggregator ``name``."""
+def available_methods() -> Tuple[str, ...]:
+    """Names of the registered aggregators, sorted."""
+    return tuple(sorted(METHODS))
+
+
+def _method_class(name: str) -> type[Method]:
     try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown aggregator {name!r} (known: {', '.join(sorted(METHODS))})") from None
-    return cls(alpha=alpha, rank=rank, options=dict(options))
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown aggregation method {name!r}; available methods: {', '.join(available_methods())}"
+        ) from None
+
+
+def get_method(name: str, *, alpha: float, rank: int, **options: Any) -> Method:
+    """The protocol object of aggregator ``name`` for a run (``ValueError`` listing the
+    aggregators for an unknown name)."""
+    return _method_class(name)(alpha=alpha, rank=rank, options=dict(options))
+
+
+def aggregate(
+    method: str,
+    updates: Updates,
+    weights: Optional[Any] = None,
+    **options: Any,
+) -> Dict[str, LoraFactors]:
+    """Aggregate per-client LoRA factors into one global mapping.
+
+    Args:
+        method: a registered aggregator name, see :func:`available_methods`
+            (``"fedavg"``, ``"ffa"``, ``"stack"``, ``"svd"``, ``"fedsa"``).
+        updates: one mapping per client, module name -> :class:`LoraFactors`
+            (``A``: ``(r_k, d_in)``, ``B``: ``(d_out, r_k)``, ``scale = alpha / r_k``);
+            numpy arrays or torch tensors.
+        weights: per-client example counts (normalised to ``p_k``); ``None`` for
+            equal weights.
+        **options: the aggregator's own options (see the docstring of its function).
+
+    Returns:
+        module name -> :class:`LoraFactors` for the global model, with arrays of
+        the same kind (numpy/torch), device and dtype as client 0's inputs
+        (dtypes promoted across clients; computation is in float64).
+
+    Raises:
+        ValueError: unknown method or invalid weights.
+        AggregationError: inconsistent or non-finite updates.
+    """
+    cls = _method_class(method)
+    start = time.perf_counter()
+    prepared: PreparedUpdates = prepare_updates(updates, allow_missing_A=cls.freeze_a)
+    p = normalize_weights(weights, len(prepared.clients))
+    result = cls.combine(prepared, p, **options)
+    missing = [name for name in prepared.modules if name not in result]
+    if missing:
+        raise AggregationError(f"method {method!r} returned no factors for modules {missing}")
+    out: Dict[str, LoraFactors] = {}
+    for name in prepared.modules:
+        f = result[name]
+        spec = prepared.specs[name]
+        out[name] = LoraFactors(A=spec.convert(f.A), B=spec.convert(f.B), scale=f.scale)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "aggregated %d clients, %d modules with %r in %.4fs (p=%s)",
+            len(prepared.clients),
+            len(prepared.modules),
+            method,
+            time.perf_counter() - start,
+            np.array2string(p, precision=3, threshold=8),
+        )
+    return out
