@@ -185,21 +185,20 @@ def train_fn(msg: Message, context: Context) -> Message:
                                reply_to=msg)
             context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())  # its count
             policy.check_plan(ledger.plan)
+            # The round is charged (and a ledger file written) before training starts:
+            # whether training fails, or the process dies, may depend on the data or on
+            # noisy steps already taken, so every outcome is paid for as a release.
+            ledger.spend()
+            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
             try:
                 reply, result = _train_and_release(cfg, model, data, method, ledger.plan, seed,
                                                    server_round)
             except Exception:  # noqa: BLE001  (whatever it was, it stays here)
                 # e.g. a diverged (non-finite) update: nothing is released,
                 # and the details stay here (they are about this site's data).
-                # The failure itself may depend on the data or on noisy steps already
-                # taken: the round is charged as if it had been released.
-                ledger.spend()
-                context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
                 log.exception("Private training failed at this site; nothing was sent and "
                               "the round was charged")
                 return Message(content=could_not_train(PRIVATE_FAILURE), reply_to=msg)
-            ledger.spend()  # persisted before anything leaves the site
-            context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
             dp_metrics = privacy.to_metrics(ledger.metrics())
     except (PrivacyStateError, PolicyRefusal) as e:  # the ledger is busy or unreadable, or
         # the plan is weaker than the site's floor: neither says anything about the data

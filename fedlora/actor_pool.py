@@ -18,8 +18,10 @@ __all__ = ["replace_dead_actors", "DIED_MARKERS"]
 
 log = logging.getLogger(__name__)
 
-#: Error texts that mean the client's process died, not that its code raised.
-DIED_MARKERS = ("ActorDiedError", "RayActorError", "OutOfMemoryError", "ActorUnavailableError")
+#: Error texts (Ray's exception classes, as the engine names them in an error reply) that
+#: mean the client's process died, not that its code raised.
+DIED_MARKERS = ("ray.exceptions.ActorDiedError", "ray.exceptions.RayActorError",
+                "ray.exceptions.OutOfMemoryError", "ray.exceptions.ActorUnavailableError")
 
 
 def replace_dead_actors() -> bool:

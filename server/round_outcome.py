@@ -86,15 +86,18 @@ class RoundStrategy(Strategy):
         pass
 
 
+CLIENT_PROCESS_DIED = ("the client's process died (killed, e.g. for memory, or crashed); a "
+                       "fresh worker serves the next message")
+
+
 def short_reason(reason: str, limit: int = 300) -> str:
     """An error reason without the traceback around it: Flower's simulation wraps a crashed
     ClientApp's exception in a Ray traceback ending in "Message: <the exception's text>"."""
     reason = str(reason)
     marker = "Message: "
-    if any(m in reason for m in DIED_MARKERS):
-        reason = ("the client's process died (killed, e.g. for memory, or crashed); a fresh "
-                  "worker serves the next message: " + reason)
-    elif marker in reason:
+    if any(m in reason for m in DIED_MARKERS):  # only this: Ray's text names the process,
+        return CLIENT_PROCESS_DIED               # its host and the memory it held
+    if marker in reason:
         reason = "client crashed: " + reason[reason.rindex(marker) + len(marker):]
     reason = " ".join(reason.split()).rstrip("'>\"")
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."

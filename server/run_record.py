@@ -164,7 +164,8 @@ class RunRecord:
         the strategy's state (the server's user-level ledger included) and every row."""
         method_arrays, method_values = method.checkpoint_state()
         state = strategy.state_dict()
-        extra = {"method": method_values, "resumes": self.resumes}
+        extra = {"method": method_values, "resumes": self.resumes,
+                 "counts": state.get("counts") or {}}
         if "central-dp" in state:
             extra["central-dp"] = state["central-dp"]
         save_checkpoint(self.run_dir, Checkpoint(
@@ -176,7 +177,8 @@ class RunRecord:
     @staticmethod
     def strategy_state(ckpt: Checkpoint) -> dict:
         """What :meth:`write_checkpoint` saved of the strategy, for ``load_state_dict``."""
-        state = {"rng": ckpt.rng_state, "wire": ckpt.wire_state}
+        state = {"rng": ckpt.rng_state, "wire": ckpt.wire_state,
+                 "counts": ckpt.extra.get("counts") or {}}
         if "central-dp" in ckpt.extra:
             state["central-dp"] = ckpt.extra["central-dp"]
         return state

@@ -71,6 +71,11 @@ class LoraStrategy(RoundStrategy):
         Seeds node sampling (without user-level DP), so a run is reproducible.
     ledger : CommsLedger, optional
         Records the bytes of every message.
+    reply_weights : str
+        What a reply's ``num-examples`` (its weight in the mean) may be: ``claimed`` (any
+        value up to ``max_num_examples``), ``released-once`` (a site's noised count, the
+        same in every reply of the run: the first one seen is kept) or ``uniform`` (1, the
+        same for every site).
     reply_bound : callable, optional
         ``reply_bound(server_round, released_count, reply_state, start_norm)``: under a
         DP mode whose clients noise what they send, the largest change an honest reply can
@@ -93,6 +98,7 @@ class LoraStrategy(RoundStrategy):
         max_update_norm: float = 0.0,
         max_num_examples: int = 10_000_000,
         reply_bound: Callable[..., float | None] | None = None,
+        reply_weights: str = "claimed",
         dp_on: bool = False,
     ) -> None:
         for ok, what, value in (
@@ -108,6 +114,11 @@ class LoraStrategy(RoundStrategy):
         self.method, self.template, self.foreign_keys = method, template, foreign_keys
         self.max_update_norm = float(max_update_norm)
         self.reply_bound = reply_bound
+        if reply_weights not in ("claimed", "released-once", "uniform"):
+            raise ValueError(f"reply_weights must be claimed, released-once or uniform, got "
+                             f"{reply_weights!r}")
+        self.reply_weights = reply_weights
+        self.counts: dict[int, int] = {}  # node -> the count it released (released-once)
         self.server_round = 0  # the round being trained (set by send_train)
         self.max_num_examples = int(max_num_examples)
         # What may ever leave a client: LoRA factors and the head tensors this run trains.
@@ -235,6 +246,7 @@ class LoraStrategy(RoundStrategy):
         if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) \
                 or n != int(n) or not 0 < n <= self.max_num_examples:
             raise ValueError(f"num-examples {n!r} is not an integer in [1, {self.max_num_examples}]")
+        self._check_weight(int(msg.metadata.src_node_id), int(n))
         if LORA_KEY not in content:
             raise ValueError(f"reply has no '{LORA_KEY}' array record")
         foreign = sorted(set(content[LORA_KEY]) - self.allowed_keys)
@@ -265,12 +277,33 @@ class LoraStrategy(RoundStrategy):
         private = None if self.reply_bound is None else self.reply_bound(
             self.server_round, int(n), state, global_norm(self.received))
         if private is not None:
+            private = private * (1 + 1e-6) + self._rounding_allowance(state)
             bound, what = private, (f"{private:.4g}, the largest change an honest private reply "
                                     "of this round can make (from the plan)")
         if self.max_update_norm > 0 and norm > bound:
             raise ValueError(f"update norm {norm:.4g} exceeds {what}")
         self.outcome.update_norms.append(norm)
         return state, int(n)
+
+    def _check_weight(self, node: int, n: int) -> None:
+        """A reply's weight as the run's DP mode allows it (see ``reply_weights``): a site
+        cannot claim a larger share of the mean than its released count gives it."""
+        if self.reply_weights == "uniform" and n != 1:
+            raise ValueError(f"num-examples {n}: every reply weighs 1 under this dp-mode "
+                             "(no count is released)")
+        if self.reply_weights == "released-once":
+            first = self.counts.setdefault(node, n)
+            if n != first:
+                raise ValueError(f"num-examples {n} is not the count this node released "
+                                 f"earlier in the run ({first}); a site releases it once")
+
+    def _rounding_allowance(self, state: dict[str, np.ndarray]) -> float:
+        """How much float rounding can lengthen an honest reply beyond its plan's bound:
+        the client's float32 arithmetic over its steps, and on a float16/bfloat16 wire half
+        a unit in the last place of every value sent (relative to the values, not to
+        their change). Integer wires are handled by :meth:`_beyond_rounding`."""
+        relative = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}.get(self.wire.dtype, 0.0)
+        return (relative + 2.0 ** -18) * global_norm(state)
 
     def _beyond_rounding(self, state: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
         """The smallest change a quantised reply can stand for: each value moved back towards
@@ -408,11 +441,13 @@ class LoraStrategy(RoundStrategy):
         generator's state and the broadcast's rounding residual (arrays)."""
         return {"rng": self.rng.bit_generator.state,
                 "wire": (self.downlink_feedback.state()
-                         if self.downlink_feedback is not None else {})}
+                         if self.downlink_feedback is not None else {}),
+                "counts": {str(k): v for k, v in self.counts.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("rng"):
             self.rng.bit_generator.state = state["rng"]
+        self.counts = {int(k): int(v) for k, v in (state.get("counts") or {}).items()}
         if self.downlink_feedback is not None:
             self.downlink_feedback = ErrorFeedback(state.get("wire") or None)
 

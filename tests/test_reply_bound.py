@@ -128,3 +128,67 @@ def test_the_bound_grows_with_the_noise_a_plan_adds(tiny_model_dir):
     assert bound_of[8.0](1, 500, lora) == bound_of[8.0](1, 500, head)
     assert bound_of[8.0](3, 500, lora) > bound_of[8.0](3, 500, head)
     assert privacy.reply_norm_bound(parse_run_config({"dp-mode": "off"})) is None
+
+
+@pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
+def test_a_single_adam_step_on_a_half_precision_wire_is_not_refused(tiny_model_dir, tmp_path,
+                                                                    wire, identity):  # noqa: F811
+    """One AdamW step moves every coordinate by exactly the learning rate, the bound's own
+    value; rounding on the wire (and in the client's float32 arithmetic) must not tip it."""
+    from server.strategy import LoraStrategy
+
+    data = _tiny_setup(tiny_model_dir, tmp_path, 200)
+    cfg = parse_run_config({
+        "task": "custom", "model-path": str(tiny_model_dir), "labels": "negative,positive",
+        "dp-mode": "sample", "dp-recipe": "none", "target-epsilon": 1.0, "local-steps": 1,
+        "batch-size": 32, "lora-rank": 4, "wire-dtype": wire})
+    mechanism = privacy.client_mechanism("sample")
+    method = get_method("fedavg", alpha=8.0, rank=4)
+    spec = LoraSpec(str(tiny_model_dir), 2, 4, 8.0, 0.0, ("query", "value"), True)
+    for _ in range(3):
+        model = build_lora_model(spec)
+        start = adapter_state(model)
+        released = noised_count(200)
+        mechanism.train(model, data, np.arange(200), plan=mechanism.plan(cfg, released),
+                        cfg=cfg, seed=0)
+        strategy = LoraStrategy(method=method, template=start, fraction_train=1.0,
+                                fraction_evaluate=0.0, wire=WireFormat(wire),
+                                max_update_norm=50.0, reply_bound=privacy.reply_norm_bound(cfg))
+        strategy.global_state = start
+        strategy._messages(1, to_record(start, WireFormat(wire)), _config(), [1], "train")
+        strategy.server_round = 1
+        msg = _reply_message(to_record(adapter_state(model), WireFormat(wire)))
+        msg.content["metrics"]["num-examples"] = released
+        strategy._check_reply(msg)
+
+
+def test_a_reply_cannot_claim_a_larger_weight_than_its_released_count(identity):  # noqa: F811
+    """Under sample a site's weight is its noised count, released once: a later reply
+    claiming another is refused. Under update every reply weighs 1."""
+    from server.strategy import LoraStrategy
+
+    rng = np.random.default_rng(0)
+    template = {"m.lora_A.weight": rng.normal(size=(4, 64)).astype(np.float32),
+                "m.lora_B.weight": np.zeros((64, 4), np.float32)}
+    method = get_method("fedavg", alpha=8.0, rank=4)
+
+    def check(weights, n):
+        strategy = LoraStrategy(method=method, template=template, fraction_train=1.0,
+                                fraction_evaluate=0.0, reply_weights=weights)
+        strategy.global_state = template
+        strategy._messages(1, to_record(template), _config(), [1], "train")
+        msg = _reply_message(to_record(template))
+        msg.content["metrics"]["num-examples"] = n
+        return strategy, msg
+
+    strategy, msg = check("released-once", 480)
+    strategy._check_reply(msg)
+    _, later = check("released-once", 99_999)
+    with pytest.raises(ValueError, match="not the count this node released"):
+        strategy._check_reply(later)
+    strategy._check_reply(msg)  # the same count again: fine
+    strategy, msg = check("uniform", 2)
+    with pytest.raises(ValueError, match="every reply weighs 1"):
+        strategy._check_reply(msg)
+    strategy, msg = check("claimed", 99_999)
+    strategy._check_reply(msg)  # no DP: a count is just a count

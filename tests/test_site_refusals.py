@@ -127,3 +127,29 @@ def test_a_probe_step_with_a_dropout_head_moves_by_at_most_c(tiny_roberta_dir, t
     assert np.linalg.norm(without) > c  # a real sum of clipped gradients
     moved = np.linalg.norm(with_one - without)
     assert moved <= c * (1 + 1e-3), f"one example moved the probe's step by {moved / c:.3f} C"
+
+
+def test_a_site_that_dies_while_training_has_already_paid_for_the_round(identity, site,
+                                                                        tmp_path, monkeypatch):
+    """Whether training fails, or the process dies (killed for memory), may depend on the
+    data: the ledger file holds the round's charge before training starts, so a death that
+    a crafted run could provoke round after round is never free."""
+    import client.client_app as client_app
+    from fedlora.privacy import load_state
+
+    data = write_reviews(tmp_path / "site.csv", 40, seed=4)
+    run_config = dict(site, **PHASES["lora"], **{"data-path": str(data)})
+    node = _node(tmp_path, data)
+
+    class ProcessDied(BaseException):  # not an Exception: nothing in the site catches it
+        pass
+
+    def die(*args, **kwargs):
+        raise ProcessDied
+
+    monkeypatch.setattr(client_app, "_train_and_release", die)
+    with pytest.raises(ProcessDied):
+        _run_site(run_config, node, _train_message(run_config))
+    ledger = load_state(tmp_path / "ledger" / "privacy.json")
+    assert ledger.total_steps == run_config.get("local-steps", 10)  # the round, charged
+    assert ledger.epsilon(1e-5) > 0
