@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,15 +33,36 @@ RUN = {"dp-mode": "sample", "target-epsilon": 8.0, "num-server-rounds": 6, "prob
        "local-steps": 5}
 
 
+def _parent(pid: str) -> str | None:
+    try:
+        return (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+    except (OSError, IndexError):
+        return None
+
+
+def _descends_from(pid: str, root: str) -> bool:
+    for _ in range(64):
+        if pid == root:
+            return True
+        parent = _parent(pid)
+        if parent is None or parent in ("0", "1"):
+            return False
+        pid = parent
+    return False
+
+
 def _worker_peaks() -> dict[int, float]:
-    """pid -> peak RSS (MB) of the Ray workers that run simulated clients."""
-    out = {}
+    """pid -> peak RSS (MB) of this run's Ray workers that run simulated clients (those
+    of the Ray instance this process started, not of other runs on the machine)."""
+    out, me = {}, str(os.getpid())
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
             if b"ClientAppActor" not in cmd and b"ray::IDLE" not in cmd:
+                continue
+            if not _descends_from(proc.name, me):
                 continue
             for line in (proc / "status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
