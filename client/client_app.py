@@ -211,7 +211,7 @@ def train_fn(msg: Message, context: Context) -> Message:
         return Message(content=could_not_train(NO_PLAN), reply_to=msg)
     # The weight is the released count (or the same for every site), never num_train; the
     # steps are the configured ones.
-    steps = cfg.probe_steps if is_probe_round(cfg, server_round) else cfg.local_steps
+    steps = ledger.plan.probe_steps if is_probe_round(cfg, server_round) else cfg.local_steps
     return _reply(msg, context, cfg, method, reply, {
         "num-examples": ledger.plan.weight, "train-steps": steps, **dp_metrics})
 

@@ -181,3 +181,33 @@ def test_a_plan_without_probe_rounds_costs_the_same_every_round():
     plan = DpPlan(mode="sample", noise_multiplier=1.0, sample_rate=0.1, steps=5,
                   target_epsilon=1.0, delta=1e-5, accountant="rdp")
     assert plan.cost(1) == plan.cost(None) == (0.1, 5)
+
+
+def test_the_recipe_gives_a_site_whose_probe_steps_are_mostly_noise_fewer_longer_ones():
+    """A BBC News site of about 90 articles at epsilon 1: its full-batch steps would carry
+    noise about 20 times their signal, so it takes fewer steps of the same total length,
+    with sigma calibrated for the steps it takes and its whole plan within the target. A
+    site of 530 keeps the run-config's schedule; dp-recipe = none keeps it everywhere."""
+    from fedlora.privacy.accounting import epsilon_of_history
+    from fedlora.privacy.count import count_history
+
+    mechanism = privacy.client_mechanism("sample")
+    cfg = parse_run_config({"task": "news", "dp-mode": "sample", "target-epsilon": 1.0})
+    big, small = mechanism.plan(cfg, 530), mechanism.plan(cfg, 90)
+    assert (big.probe_steps, big.probe_learning_rate) == (cfg.probe_steps,
+                                                          cfg.probe_learning_rate)
+    assert 1 <= small.probe_steps < cfg.probe_steps
+    assert small.probe_steps * small.probe_learning_rate == pytest.approx(
+        cfg.probe_steps * cfg.probe_learning_rate)
+    assert small.noise_multiplier < 0.5 * big.noise_multiplier
+    lora_rounds = cfg.num_server_rounds - cfg.probe_rounds
+    history = [(small.noise_multiplier, small.sample_rate, lora_rounds * small.steps),
+               (small.noise_multiplier, 1.0, cfg.probe_rounds * small.probe_steps),
+               *count_history(small.count_noise)]
+    spent = epsilon_of_history(history, delta=cfg.target_delta, accountant=cfg.accountant)
+    assert cfg.target_epsilon * 0.95 < spent <= cfg.target_epsilon * 1.001
+    assert [small.cost(r) for r in (1, cfg.probe_rounds + 1)] == [
+        (1.0, small.probe_steps), (small.sample_rate, small.steps)]
+    fixed = parse_run_config({"task": "news", "dp-mode": "sample", "target-epsilon": 1.0,
+                              "dp-recipe": "none", "probe-rounds": 6, "fraction-train": 1.0})
+    assert mechanism.plan(fixed, 90).probe_steps == fixed.probe_steps

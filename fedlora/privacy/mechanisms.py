@@ -63,6 +63,7 @@ class DpPlan:
     accountant: str
     probe_rounds: int = 0  # the first rounds train the head alone: probe_steps steps at q = 1
     probe_steps: int = 0
+    probe_learning_rate: float = 0.0  # the probe's SGD rate (with probe_steps, the site's own)
     # The site's example count as released (noised, fedlora.privacy.count), which sets q,
     # a full-batch step's denominator and the reply's weight; None: no count is released.
     examples: int | None = None
@@ -153,22 +154,34 @@ class ClientMechanism(Mechanism):
                              mode=cfg.dp_mode)
         q, per_round = self.plan_round(cfg, num_examples)
         probe = min(getattr(cfg, "probe_rounds", 0), cfg.num_server_rounds)
-        probe_steps = getattr(cfg, "probe_steps", 0) if probe else 0
-        lora_rounds = cfg.num_server_rounds - probe
-        phases = []
-        if lora_rounds:
-            phases.append((q, planned_steps(num_rounds=lora_rounds, local_steps=per_round)))
-        if probe:
-            phases.append((1.0, planned_steps(num_rounds=probe, local_steps=probe_steps)))
         count_noise = COUNT_NOISE_STD if self.releases_count else 0.0
-        sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, *phases[0],
-                                 cfg.accountant, tuple(phases[1:]),
-                                 tuple(count_history(count_noise)))
-        return DpPlan(mode=self.name, noise_multiplier=sigma, sample_rate=q, steps=per_round,
-                      target_epsilon=cfg.target_epsilon, delta=cfg.target_delta,
-                      accountant=cfg.accountant, probe_rounds=probe, probe_steps=probe_steps,
+
+        def sigma_for(probe_steps: int) -> float:
+            lora_rounds = cfg.num_server_rounds - probe
+            phases = []
+            if lora_rounds:
+                phases.append((q, planned_steps(num_rounds=lora_rounds, local_steps=per_round)))
+            if probe:
+                phases.append((1.0, planned_steps(num_rounds=probe, local_steps=probe_steps)))
+            return calibrated_sigma(cfg.target_epsilon, cfg.target_delta, *phases[0],
+                                    cfg.accountant, tuple(phases[1:]),
+                                    tuple(count_history(count_noise)))
+
+        probe_steps, probe_lr = (self.probe_schedule(cfg, num_examples, sigma_for) if probe
+                                 else (0, 0.0))
+        return DpPlan(mode=self.name, noise_multiplier=sigma_for(probe_steps), sample_rate=q,
+                      steps=per_round, target_epsilon=cfg.target_epsilon,
+                      delta=cfg.target_delta, accountant=cfg.accountant, probe_rounds=probe,
+                      probe_steps=probe_steps, probe_learning_rate=probe_lr,
                       examples=num_examples if self.releases_count else None,
                       count_noise=count_noise)
+
+    def probe_schedule(self, cfg: RunConfig, num_examples: int | None,
+                       sigma_for: Any) -> tuple[int, float]:
+        """``(steps, learning rate)`` of this site's probe rounds; ``sigma_for(steps)`` is
+        the noise multiplier a schedule of that many steps would get. The run-config's."""
+        return int(getattr(cfg, "probe_steps", 0)), float(getattr(cfg, "probe_learning_rate",
+                                                                   0.0))
 
     def reply_norm_bound(self, cfg: RunConfig, server_round: int, released_count: int,
                          dims: int, start_norm: float) -> float | None:
