@@ -9,6 +9,7 @@ crashing the run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -101,7 +102,9 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
                           server_round=server_round,
                           examples=num_examples if mechanism.releases_count else None,
                           budget=(cfg.accountant, cfg.target_epsilon, cfg.target_delta),
-                          site_cap=policy.max_epsilon)
+                          site_cap=policy.max_epsilon,
+                          worst_probe_round=(functools.partial(mechanism.worst_probe_round, cfg)
+                                             if cfg.probe_rounds else None))
 
 
 class SimulatedFailure(RuntimeError):

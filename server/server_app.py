@@ -189,8 +189,9 @@ def _reply_weights(cfg: RunConfig) -> str:
     """What a reply's ``num-examples`` may be: the site's released count, kept for the whole
     run, under a client mechanism that releases one; 1 under one that releases none."""
     mechanism = privacy.client_mechanism(cfg.dp_mode)
-    if mechanism is None:
-        return "claimed"
+    if mechanism is None or privacy.server_mechanism(cfg.dp_mode) is not None:
+        return "claimed"  # (user-level DP: the server's release ignores weights, and which
+        # nodes replied is withheld, so no count is kept per node)
     return "released-once" if mechanism.releases_count else "uniform"
 
 

@@ -211,3 +211,37 @@ def test_the_recipe_gives_a_site_whose_probe_steps_are_mostly_noise_fewer_longer
     fixed = parse_run_config({"task": "news", "dp-mode": "sample", "target-epsilon": 1.0,
                               "dp-recipe": "none", "probe-rounds": 6, "fraction-train": 1.0})
     assert mechanism.plan(fixed, 90).probe_steps == fixed.probe_steps
+
+
+@pytest.mark.parametrize("worst_case", [True, False], ids=["charged-worst", "naive"])
+def test_a_resumed_site_that_lost_its_ledger_is_charged_no_less_than_it_spent(monkeypatch,
+                                                                              worst_case):
+    """A simulated site's ledger is lost on resume, and with it the count its probe
+    schedule came from: before the restart it released 400 (20 steps, sigma 44.5); after
+    it, 100 (2 steps, sigma 15). Charging the lost rounds at the new schedule would
+    undercharge them; the worst schedule any count could give never does."""
+    import functools
+
+    import fedlora.privacy.ledger as ledger_module
+    from fedlora.privacy.accounting import epsilon_of_history
+    from fedlora.privacy.count import count_history
+
+    mechanism = privacy.client_mechanism("sample")
+    cfg = parse_run_config({"task": "news", "dp-mode": "sample", "target-epsilon": 1.0})
+    before = mechanism.plan(cfg, 400)
+    resumed_after = 5  # rounds 1-5 and the interrupted round 6: all probe rounds
+    spent = epsilon_of_history(
+        [(before.noise_multiplier, 1.0, before.probe_steps * (resumed_after + 1)),
+         *count_history(50.0, releases=2)], delta=cfg.target_delta, accountant=cfg.accountant)
+    monkeypatch.setattr(ledger_module, "noised_count", lambda n, *a, **k: 100)
+    ledger = privacy.Ledger(
+        lambda count: mechanism.plan(cfg, count), path=None, state=None, server_round=7,
+        examples=90, budget=(cfg.accountant, 10.0, cfg.target_delta),
+        worst_probe_round=functools.partial(mechanism.worst_probe_round, cfg)
+        if worst_case else None)
+    with ledger.session():
+        ledger.charge_missed_rounds(resumed_after + 1)
+    if worst_case:
+        assert ledger.epsilon() >= spent
+    else:  # what the test guards against: the naive charge reports less than was spent
+        assert ledger.epsilon() < spent

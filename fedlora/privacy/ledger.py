@@ -208,8 +208,12 @@ class Ledger:
     def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None,
                  server_round: int | None = None, examples: int | None = None,
                  budget: tuple[str, float, float] | None = None,
-                 site_cap: float | None = None) -> None:
+                 site_cap: float | None = None,
+                 worst_probe_round: Any = None) -> None:
         self._planner = plan if callable(plan) else None
+        # () -> (sigma, steps): the dearest probe round any released count could have given
+        # this site (its probe schedule depends on the count), for rounds a lost ledger spent.
+        self._worst_probe_round = worst_probe_round
         self.plan = None if callable(plan) else plan
         if self._planner is not None and budget is None:
             raise ValueError("a ledger that plans from its released count needs its budget")
@@ -318,7 +322,11 @@ class Ledger:
             acc.count_releases.insert(0, acc.count_releases[0])
         for r in range(1, rounds + 1):
             q, steps = p.cost(r)
-            acc.step(noise_multiplier=p.noise_multiplier, sample_rate=q, num_steps=steps)
+            sigma = p.noise_multiplier
+            if 1 <= r <= p.probe_rounds and self._worst_probe_round is not None:
+                # The lost rounds ran under the lost count's schedule, not this one's.
+                sigma, steps = self._worst_probe_round()
+            acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=steps)
         if self.path is not None:
             save_state(self.path, acc)
 

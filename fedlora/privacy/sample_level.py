@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import ConfigError
 from .count import full_batch_denominator
-from .mechanisms import ClientMechanism, DpPlan, register
+from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
 from .reply_bound import dp_sgd_reply_bound, probe_reply_bound
 
 if TYPE_CHECKING:
@@ -166,6 +166,25 @@ class SampleLevel(ClientMechanism):
             return steps, lr
         fewer = max(1, min(steps, round(steps * (PROBE_NOISE_RATIO / rho) ** 2)))
         return fewer, lr * steps / fewer
+
+    def worst_probe_round(self, cfg: RunConfig) -> tuple[float, int]:
+        """``(sigma, steps)`` of the dearest probe round any released count could give:
+        for ``T`` steps at rate 1 a round's Renyi DP is ``a T / (2 sigma^2)`` at every order
+        ``a``, and sigma is at least what the probe rounds alone (no LoRA rounds, which only
+        raise it) calibrate to; the largest ``T / sigma^2`` over the schedules
+        :meth:`probe_schedule` can choose bounds every one of them."""
+        from .count import COUNT_NOISE_STD, count_history
+
+        probe = min(cfg.probe_rounds, cfg.num_server_rounds)
+        steps, _ = super().probe_schedule(cfg, None, None)
+        candidates = range(1, steps + 1) if cfg.dp_recipe == "auto" else (steps,)
+        worst = None
+        for t in candidates:
+            sigma = calibrated_sigma(cfg.target_epsilon, cfg.target_delta, 1.0, probe * t,
+                                     cfg.accountant, (), tuple(count_history(COUNT_NOISE_STD)))
+            if worst is None or t / sigma ** 2 > worst[1] / worst[0] ** 2:
+                worst = (sigma, t)
+        return worst
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
                    cfg: RunConfig) -> Any:
