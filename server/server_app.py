@@ -171,7 +171,7 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
         max_update_norm=cfg.max_update_norm,
         max_num_examples=cfg.max_num_examples,
         reply_bound=privacy.reply_norm_bound(cfg),
-        reply_weights=_reply_weights(cfg),
+        reply_weights=privacy.reply_weights(cfg),
         dp_on=cfg.dp_mode != "off",
     )
     central = privacy.server_hook(cfg)
@@ -183,16 +183,6 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
             log.info("plan: %s", mechanism.describe(cfg))
     strategy.summary()
     return strategy
-
-
-def _reply_weights(cfg: RunConfig) -> str:
-    """What a reply's ``num-examples`` may be: the site's released count, kept for the whole
-    run, under a client mechanism that releases one; 1 under one that releases none."""
-    mechanism = privacy.client_mechanism(cfg.dp_mode)
-    if mechanism is None or privacy.server_mechanism(cfg.dp_mode) is not None:
-        return "claimed"  # (user-level DP: the server's release ignores weights, and which
-        # nodes replied is withheld, so no count is kept per node)
-    return "released-once" if mechanism.releases_count else "uniform"
 
 
 @dataclasses.dataclass

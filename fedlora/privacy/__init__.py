@@ -86,7 +86,7 @@ __all__ = [
     "epsilon_of_history", "exclusive", "from_metrics", "from_record_dict",
     "gaussian_noise_like", "get_mechanism", "global_norm", "load_state", "parse_dp_mode",
     "plan_for", "planned_steps", "privacy_row", "private_numpy_rng", "private_torch_generator",
-    "privatize_reply", "released_metrics", "reply_norm_bound", "save_state", "server_hook",
+    "privatize_reply", "released_metrics", "reply_norm_bound", "reply_weights", "save_state", "server_hook",
     "server_mechanism", "to_metrics", "to_record_dict", "update_noise_std",
 ]
 
@@ -117,6 +117,18 @@ def reply_norm_bound(cfg: RunConfig) -> Callable[..., float | None] | None:
                                           float(start_norm))
 
     return bound
+
+
+def reply_weights(cfg: RunConfig) -> str:
+    """What a reply's ``num-examples`` may be (``server.strategy.LoraStrategy``): the
+    site's released count, kept for the whole run, under a client mechanism that releases
+    one; 1 under one that releases none; anything without a client mechanism, and under
+    user-level DP (the server's release ignores weights, and which nodes replied is
+    withheld, so no count is kept per node)."""
+    mechanism = client_mechanism(cfg.dp_mode)
+    if mechanism is None or server_mechanism(cfg.dp_mode) is not None:
+        return "claimed"
+    return "released-once" if mechanism.releases_count else "uniform"
 
 
 def server_hook(cfg: RunConfig) -> Any:
