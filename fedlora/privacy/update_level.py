@@ -17,7 +17,6 @@ against everyone outside the site, the server included.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
