@@ -40,6 +40,7 @@ def headlines_csv(out: Path) -> dict:
     """The headlines task's run-config: train/test CSVs of BBC News headlines (a seeded
     stratified fifth held out)."""
     from fedlora.data import split_stratified
+    from fedlora.tasks import minilm_path
     from fedlora.tasks.news import _bbc_news_rows
 
     rows = _bbc_news_rows()
@@ -54,7 +55,8 @@ def headlines_csv(out: Path) -> dict:
                 w.writerow([rows.texts[i].splitlines()[0].strip(),
                             rows.label_names[rows.labels[i]]])
         paths[name] = str(path)
-    return {"task": "custom", "data-path": paths["train"], "test-data-path": paths["test"],
+    return {"task": "custom", "model-path": minilm_path(), "data-path": paths["train"],
+            "test-data-path": paths["test"],
             "labels": ",".join(rows.label_names), "num-partitions": 40}
 
 
