@@ -179,8 +179,9 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
         strategy = UserLevelDpStrategy(strategy, central)
     for mechanism in privacy.parse_dp_mode(cfg.dp_mode):
         log.info("dp-mode '%s' protects: %s", mechanism.name, mechanism.neighbouring)
-        if mechanism.describe(cfg):
-            log.info("plan: %s", mechanism.describe(cfg))
+        plan = mechanism.describe(cfg)
+        if plan:
+            log.info("plan: %s", plan)
     strategy.summary()
     return strategy
 

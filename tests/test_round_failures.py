@@ -15,9 +15,8 @@ import pytest
 from server.empty_rounds import EmptyRounds, RunGoingNowhere, diagnose
 from server.round_outcome import RoundOutcome
 
-from .conftest import write_reviews
 from .test_resume import fedlora_log
-from .test_simulation import run_in_process
+from .test_simulation import custom_task, run_in_process  # noqa: F401
 
 
 def _kill_partition_zero_in_round(round_to_die: int):
@@ -35,21 +34,15 @@ def _kill_partition_zero_in_round(round_to_die: int):
     return mod
 
 
-def _small_run(tmp_path, tiny_model_dir, **extra) -> dict:
-    data = write_reviews(tmp_path / "train.csv", 120, seed=1)
-    test = write_reviews(tmp_path / "test.csv", 20, seed=2)
-    return {
-        "task": "custom", "model-path": str(tiny_model_dir), "data-path": str(data),
-        "test-data-path": str(test), "labels": "negative,positive", "lora-rank": 2,
-        "lora-alpha": 4.0, "num-server-rounds": 3, "local-steps": 1, "batch-size": 8,
-        "fraction-train": 1.0, "fraction-evaluate": 0.0, "max-length": 16,
-        "output-dir": str(tmp_path / "results"), "run-name": "small", "num-partitions": 4,
-        **extra,
-    }
+def _small_run(custom_task, **extra) -> dict:  # noqa: F811
+    """The simulation tests' tiny custom run, every client training in every round."""
+    return {**custom_task, "lora-rank": 2, "lora-alpha": 4.0, "num-server-rounds": 3,
+            "local-steps": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+            "run-name": "small", **extra}
 
 
-def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(tmp_path, tiny_model_dir):
-    overrides = _small_run(tmp_path, tiny_model_dir)
+def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(custom_task):  # noqa: F811
+    overrides = _small_run(custom_task)
     run_dir = run_in_process(overrides, num_nodes=4, mods=[_kill_partition_zero_in_round(1)])
     rounds = json.loads((Path(run_dir) / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # the run ended
@@ -61,8 +54,8 @@ def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(tmp_path, ti
         assert r["clients_accepted"] == 4 and r["clients_dropped"] == 0, r
 
 
-def test_a_run_whose_every_reply_is_refused_says_why_and_stops(tmp_path, tiny_model_dir):
-    overrides = _small_run(tmp_path, tiny_model_dir, **{
+def test_a_run_whose_every_reply_is_refused_says_why_and_stops(custom_task):  # noqa: F811
+    overrides = _small_run(custom_task, **{
         "num-server-rounds": 6, "max-update-norm": 1e-9, "stop-after-empty-rounds": 2})
     with fedlora_log() as records, contextlib.suppress(SystemExit):
         run_in_process(overrides, num_nodes=4)  # (the ServerApp's thread raises SystemExit)
