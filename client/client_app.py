@@ -139,7 +139,33 @@ def _simulate_failure(cfg: RunConfig, server_round: int, partition_id: int | Non
 
 
 def train_fn(msg: Message, context: Context) -> Message:
-    """Train the received adapter on this node's data and send the adapter back."""
+    """Train the received adapter on this node's data and send the adapter back; under a
+    site policy with ``min-reply-seconds`` the reply (trained or refused) leaves no sooner
+    than that after the instruction arrived."""
+    started = time.monotonic()
+    reply = _train(msg, context)
+    _hold_reply(started, context.node_config)
+    return reply
+
+
+def _hold_reply(started: float, node_config) -> None:
+    """Sleep until ``min-reply-seconds`` after ``started`` (a bad value was refused already)."""
+    try:
+        hold = SitePolicy.from_node_config(node_config).min_reply_seconds
+    except PolicyRefusal:
+        return
+    if hold is None:
+        return
+    left = started + hold - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+    else:  # stays at the site: how long it took is about its data
+        log.warning("This reply took %.1f s, more than node-config 'min-reply-seconds' = "
+                    "%g: its timing may tell the server about this site's data; raise the "
+                    "floor", hold - left, hold)
+
+
+def _train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     policy = _site_policy(context)  # before the site touches its data

@@ -49,11 +49,14 @@ WEAKER_RUNS = [  # (run-config overrides, site policy, the node-config key the r
                                                    "max-delta": 1e-5}, "max-delta"),
     ({"dp-mode": "sample"}, {}, "accept-dp-modes"),  # a deployed site without a policy
     ({"dp-mode": "sample"}, {"accept-dp-modes": "sample,bogus"}, "accept-dp-modes"),
+    ({"dp-mode": "sample"}, {"accept-dp-modes": "sample", "min-reply-seconds": "soon"},
+     "min-reply-seconds"),
 ]
 
 
 @pytest.mark.parametrize("overrides,policy,key", WEAKER_RUNS,
-                         ids=["off", "client", "epsilon", "delta", "no-policy", "bad-policy"])
+                         ids=["off", "client", "epsilon", "delta", "no-policy", "bad-policy",
+                              "bad-reply-floor"])
 def test_a_run_weaker_than_the_sites_policy_is_refused_before_its_data_is_read(
         identity, site, tmp_path, overrides, policy, key):
     run_config = dict(site, **overrides)
@@ -64,6 +67,34 @@ def test_a_run_weaker_than_the_sites_policy_is_refused_before_its_data_is_read(
     reason = _refusal(_run_site(run_config, node, _train_message(run_config)))
     assert f"'{key}'" in reason, reason
     assert not ledger.exists() and not (tmp_path / "site").exists()  # no release, no charge
+
+
+def test_a_server_that_times_replies_learns_nothing_about_the_sites_data(identity, site,
+                                                                         tmp_path):
+    """A site's compute time grows with its data. With ``min-reply-seconds`` every reply, a
+    small site's, a large site's and a refusal, takes the floor; without it, the refusal
+    comes back at once and the timings would tell the sites apart."""
+    import time
+
+    hold = 4.0
+    timings = {}
+    for name, rows, overrides in (("small", 20, {}), ("large", 160, {}),
+                                  ("refused", 20, {"dp-mode": "off"})):
+        data = write_reviews(tmp_path / f"{name}.csv", rows, seed=rows)
+        run_config = dict(site, **{"dp-mode": "sample", "data-path": str(data), **overrides})
+        for floor in (None, hold):
+            node = {"data-path": str(data), "accept-dp-modes": "sample",
+                    "privacy-state-path": str(tmp_path / f"{name}-{floor}" / "privacy.json")}
+            if floor is not None:
+                node["min-reply-seconds"] = floor
+            msg = _train_message(run_config)
+            t0 = time.monotonic()
+            reply = _run_site(run_config, node, msg)
+            timings[name, floor] = time.monotonic() - t0
+            assert (reply.content[STATUS_KEY]["status"] == "ok") == (name != "refused")
+    assert timings["refused", None] < 1.0  # the channel the floor closes
+    held = [timings[name, hold] for name in ("small", "large", "refused")]
+    assert min(held) >= hold and max(held) - min(held) < 1.0, timings
 
 
 def test_a_simulated_site_with_a_policy_enforces_it_and_evaluates_nothing(identity, site):

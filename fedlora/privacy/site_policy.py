@@ -12,6 +12,11 @@ A site states instead, in the node-config its operator gives the SuperNode:
   at the run's ``target-epsilon``; a run asking for a larger target is refused.
 * ``max-delta``: the largest ``target-delta`` it accepts.
 * ``min-noise-multiplier`` (optional): a floor on the noise multiplier of its local mechanism.
+* ``min-reply-seconds`` (optional): the site holds every training reply (trained or refused)
+  until that many seconds after the instruction arrived. A site's compute time grows with
+  its data; a server that times replies would learn about it. Replies held to a floor the
+  training fits within take the same time whatever the data (a reply that takes longer is
+  logged at the site, so its operator can raise the floor).
 
 Every check reads only the run-config, the node-config and the plan (itself a function of
 the run-config and of the site's released, already charged count), never the site's data:
@@ -39,7 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["POLICY_KEYS", "PolicyRefusal", "SitePolicy"]
 
 #: The node-config keys of a site's privacy policy.
-POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier")
+POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier",
+               "min-reply-seconds")
 
 _EXAMPLE = ("--node-config \"accept-dp-modes='sample' max-epsilon=8.0 max-delta=1e-5 "
             "privacy-state-path='<file>'\"")
@@ -75,6 +81,7 @@ class SitePolicy:
     max_epsilon: float | None = None
     max_delta: float | None = None
     min_noise_multiplier: float | None = None
+    min_reply_seconds: float | None = None
     deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
 
     @classmethod
@@ -95,6 +102,7 @@ class SitePolicy:
                    max_epsilon=_positive(node_config, "max-epsilon"),
                    max_delta=_positive(node_config, "max-delta", upper=1.0),
                    min_noise_multiplier=_positive(node_config, "min-noise-multiplier"),
+                   min_reply_seconds=_positive(node_config, "min-reply-seconds"),
                    deployed=node_config.get("partition-id") is None)
 
     @property
