@@ -151,15 +151,13 @@ def train_fn(msg: Message, context: Context) -> Message:
 def _hold_reply(started: float, node_config) -> None:
     """Sleep until ``min-reply-seconds`` after ``started`` (a bad value was refused already)."""
     try:
-        hold = SitePolicy.from_node_config(node_config).min_reply_seconds
+        hold = SitePolicy.from_node_config(node_config).min_reply_seconds or 0.0
     except PolicyRefusal:
-        return
-    if hold is None:
-        return
+        hold = 0.0
     left = started + hold - time.monotonic()
     if left > 0:
         time.sleep(left)
-    else:  # stays at the site: how long it took is about its data
+    elif hold:  # stays at the site: how long it took is about its data
         log.warning("This reply took %.1f s, more than node-config 'min-reply-seconds' = "
                     "%g: its timing may tell the server about this site's data; raise the "
                     "floor", hold - left, hold)
