@@ -13,12 +13,13 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from .run_config import KEYS, KEYS_BY_NAME, Key, RunConfig, defaults
 from .run_config import field_name as _field_name
 
-__all__ = ["ConfigError", "RunConfig", "KEYS", "parse_run_config", "defaults"]
+__all__ = ["ConfigError", "DpRules", "RunConfig", "KEYS", "parse_run_config", "defaults"]
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,15 @@ class ConfigError(ValueError):
         self.value = value
         self.expected = expected
         super().__init__(f"run-config key '{key}' has bad value {value!r}: expected {expected}")
+
+
+class DpRules(Protocol):
+    """What the run-config parser asks of the DP mechanisms (:mod:`fedlora.privacy` is one):
+    each mechanism owns its recipe and its checks."""
+
+    def parse_dp_mode(self, mode: str) -> list[Any]: ...
+
+    def check_dp_config(self, cfg: RunConfig) -> None: ...
 
 
 def _coerce(key: Key, value: Any) -> Any:
@@ -78,8 +88,13 @@ def parse_run_config(
     *,
     known_tasks: Mapping[str, Any] | None = None,
     known_aggregators: Mapping[str, Any] | None = None,
+    dp: DpRules | None = None,
 ) -> RunConfig:
     """Parse Flower's run-config (plus optional overrides) into a :class:`RunConfig`.
+
+    ``known_tasks``, ``known_aggregators`` and ``dp`` (the DP mechanisms' recipes and
+    checks) are what the keys are checked against; :func:`fedlora.runtime.parse_run_config`
+    passes the registered ones.
 
     Raises :class:`ConfigError` for an unknown key (with the closest known key
     suggested), a wrong type, an out-of-range value or an incompatible combination.
@@ -99,10 +114,13 @@ def parse_run_config(
             raise ConfigError(name, raw, key.expected)
         values[_field_name(name)] = value
     _apply_task_defaults(values, known_tasks)
-    for name, value in dp_recipe(values).items():
+    for name, value in dp_recipe(values, dp).items():
         values[_field_name(name)] = _coerce(KEYS_BY_NAME[name], value)
     cfg = RunConfig(**values)
     _check_combinations(cfg, known_tasks, known_aggregators)
+    if dp is not None:
+        dp.check_dp_config(cfg)
+    _check_task(cfg, known_tasks)
     return cfg
 
 
@@ -123,16 +141,14 @@ def _apply_task_defaults(values: dict[str, Any], known_tasks: Mapping[str, Any] 
             values[_field_name(name)] = value
 
 
-def dp_recipe(values: Mapping[str, Any]) -> dict[str, Any]:
+def dp_recipe(values: Mapping[str, Any], dp: DpRules | None) -> dict[str, Any]:
     """The keys (kebab-case) that the DP recipe of ``values``' dp-mode changes, with their
     recipe values: only keys left at their global default, and only with dp-recipe = auto."""
     get = lambda name: values.get(_field_name(name), KEYS_BY_NAME[name].default)  # noqa: E731
-    if get("dp-recipe") != "auto" or get("dp-mode") == "off":
+    if dp is None or get("dp-recipe") != "auto" or get("dp-mode") == "off":
         return {}
-    from .privacy import parse_dp_mode  # each DP mechanism owns its recipe
-
     try:
-        mechanisms = parse_dp_mode(get("dp-mode"))
+        mechanisms = dp.parse_dp_mode(get("dp-mode"))
     except ConfigError:
         return {}  # reported by the DP checks, naming the key
     kebab = {k.name: get(k.name) for k in KEYS}
@@ -164,9 +180,9 @@ def _check_combinations(
     if cfg.probe_rounds and not cfg.train_head:
         raise ConfigError("probe-rounds", cfg.probe_rounds,
                           "0 when train-head is false (a probe round trains the head alone)")
-    from .privacy import check_dp_config  # each DP mechanism owns its checks
 
-    check_dp_config(cfg)
+
+def _check_task(cfg: RunConfig, known_tasks: Mapping[str, Any] | None) -> None:
     task_check = getattr((known_tasks or {}).get(cfg.task), "check_config", None)
     if task_check is not None:
         task_check(cfg)
@@ -186,8 +202,6 @@ def check_paths(cfg: RunConfig) -> None:
 
     A site's own ``data-path`` from its node-config is checked by that site's ClientApp.
     """
-    from pathlib import Path
-
     if cfg.model_path:
         p = Path(cfg.model_path).expanduser()
         if not (p / "config.json").is_file():

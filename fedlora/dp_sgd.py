@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import entropy
 from .data import CausalLMDataset, EncodedDataset
 from .training import (
     TrainResult,
@@ -173,8 +174,6 @@ def train_private(
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from .privacy.entropy import private_numpy_rng, private_torch_generator
-
     idx = np.asarray(indices, dtype=np.int64)
     n = len(idx)
     if n == 0 and sample_rate is None:
@@ -184,13 +183,13 @@ def train_private(
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     if expected_batch_size is None:
         expected_batch_size = max(1, round(q * n))
-    rng = private_numpy_rng()
+    rng = entropy.private_numpy_rng()
     params = trainable_parameters(model)
     device = model_device(model)
     causal_lm = isinstance(data, CausalLMDataset)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False,
                            force_functorch=grad_sample_mode == "functorch")
-    noise_gen = private_torch_generator(device)
+    noise_gen = entropy.private_torch_generator(device)
     opt = DPOptimizer(
         make_optimizer(optimizer, params, learning_rate=learning_rate,
                        weight_decay=weight_decay),

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .config import ConfigError
+from .heads import PooledClassifier, resolve_head_pooling
+
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
@@ -63,8 +66,6 @@ class LoraSpec:
         A causal LM has no classification head: ``train-head`` does not apply to it (its
         output layer, tied to the input embeddings, stays frozen and is never sent).
         """
-        from .heads import resolve_head_pooling
-
         device = resolve_device(getattr(cfg, "device", "cpu"))
         pooling = "model" if causal_lm else resolve_head_pooling(
             getattr(cfg, "head_pooling", "model"), model_path,
@@ -148,8 +149,6 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda"):
-        from .config import ConfigError
-
         if not torch.cuda.is_available():
             raise ConfigError("device", requested, f"'auto' or 'cpu': torch {torch.__version__} "
                               "sees no GPU on this machine")
@@ -199,12 +198,8 @@ def resolve_base_dtype(requested: str, device: str) -> str:
         fast = torch.cuda.is_bf16_supported() if gpu else _cpu_has_fast_bf16()
         return "bfloat16" if fast else "float32"
     if requested not in BASE_DTYPES:
-        from .config import ConfigError
-
         raise ConfigError("base-dtype", requested, f"auto or one of {', '.join(BASE_DTYPES)}")
     if requested == "float16" and not gpu:
-        from .config import ConfigError
-
         raise ConfigError("base-dtype", requested, "float32, bfloat16 or auto on a CPU (float16 "
                           "needs a GPU: set device to cuda)")
     return requested
@@ -276,8 +271,6 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
     torch.manual_seed(spec.init_seed)
     if spec.pooling == "mean":
         from transformers import AutoModel
-
-        from .heads import PooledClassifier
 
         encoder = AutoModel.from_pretrained(spec.model_path, local_files_only=True)
         dropout = getattr(encoder.config, "classifier_dropout", None)

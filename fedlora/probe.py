@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import entropy
 from .dp_sgd import dropout_off, noise_only_step, private_step, release_grad_samples
 from .heads import head_inputs, head_module
 from .training import TrainResult
@@ -143,13 +144,11 @@ def _private_head(head: nn.Module, params: list, lr: float, noise_multiplier: fl
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from .privacy.entropy import private_torch_generator
-
     device = params[0].device
     gsm = GradSampleModule(head, batch_first=True, loss_reduction="mean", strict=False)
     opt = DPOptimizer(torch.optim.SGD(params, lr=lr), noise_multiplier=noise_multiplier,
                       max_grad_norm=max_grad_norm, expected_batch_size=int(denominator),
-                      loss_reduction="mean", generator=private_torch_generator(device))
+                      loss_reduction="mean", generator=entropy.private_torch_generator(device))
     return gsm, opt
 
 

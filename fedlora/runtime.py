@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import aggregation
-from .config import parse_run_config
+from . import aggregation, config, privacy
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, load_tokenizer
 from .tasks import TASKS, client_source, get_task, load_task_data
@@ -37,11 +36,17 @@ def resolve_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] |
     return _resolve(items)
 
 
+def parse_run_config(run_config: Mapping[str, Any] | None = None,
+                     overrides: Mapping[str, Any] | None = None, **known: Any):
+    """:func:`fedlora.config.parse_run_config` with the DP mechanisms' recipes and checks
+    (``known``: the tasks and aggregators to check against, none unless given)."""
+    return config.parse_run_config(run_config, overrides, dp=privacy, **known)
+
+
 @functools.lru_cache(maxsize=16)
 def _resolve(items: tuple[tuple[str, Any], ...]):
-    return parse_run_config(
-        dict(items), known_tasks=TASKS, known_aggregators=aggregation.METHODS
-    )
+    return parse_run_config(dict(items), known_tasks=TASKS,
+                            known_aggregators=aggregation.METHODS)
 
 
 def model_spec(cfg: RunConfig, rank: int | None = None) -> LoraSpec:

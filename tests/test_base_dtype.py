@@ -10,7 +10,8 @@ import torch
 
 from fedlora import models
 from fedlora.adapters import adapter_state
-from fedlora.config import ConfigError, parse_run_config
+from fedlora.config import ConfigError
+from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.dp_sgd import train_private
 from fedlora.models import (

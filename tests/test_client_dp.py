@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fedlora import privacy
-from fedlora.config import ConfigError, parse_run_config
+from fedlora.config import ConfigError
+from fedlora.runtime import parse_run_config
 from fedlora.aggregation import get_method
 from fedlora.privacy import CentralDp
 from fedlora.privacy import user_level as central_dp

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedlora import aggregation
-from fedlora.config import KEYS, ConfigError, check_paths, defaults, parse_run_config
+from fedlora.config import KEYS, ConfigError, check_paths, defaults
+from fedlora.runtime import parse_run_config
 from fedlora.runtime import resolve_config
 from fedlora.tasks import TASKS
 

@@ -21,7 +21,8 @@ from fedlora.tasks import (
     load_task_data,
     partition_indices,
 )
-from fedlora.config import ConfigError, parse_run_config
+from fedlora.config import ConfigError
+from fedlora.runtime import parse_run_config
 
 from .conftest import write_reviews
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fedlora.adapters import adapter_state
-from fedlora.config import ConfigError, parse_run_config
+from fedlora.config import ConfigError
+from fedlora.runtime import parse_run_config
 from fedlora.models import LoraSpec, build_lora_model, resolve_device
 
 GPU = torch.cuda.is_available()

@@ -22,7 +22,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import privacy, runtime
 from fedlora.adapters import adapter_state
-from fedlora.config import parse_run_config
+from fedlora.runtime import parse_run_config
 from fedlora.models import build_lora_model
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY
 from fedlora.wire import from_record, to_record
@@ -215,7 +215,7 @@ def test_a_second_process_cannot_spend_a_held_ledger(identity, site, tmp_path):
         import time
         from pathlib import Path
         from fedlora import privacy
-        from fedlora.config import parse_run_config
+        from fedlora.runtime import parse_run_config
         plan = privacy.plan_for(parse_run_config({{"dp-mode": "sample", "dp-recipe": "none",
                                                   "target-delta": 1e-3}}), 120)
         with privacy.Ledger(plan, path={str(path)!r}, state=None).session() as ledger:
@@ -257,7 +257,7 @@ def test_an_empty_poisson_batch_still_adds_noise(tiny_model_dir, tmp_path, monke
     from fedlora.data import EncodedDataset, read_table
     from fedlora.dp_sgd import train_private
     from fedlora.models import LoraSpec, load_tokenizer
-    from fedlora.privacy import entropy
+    from fedlora import entropy
 
     class NoneSampled(np.random.Generator):
         def random(self, size=None):  # every Poisson coin says "not sampled"

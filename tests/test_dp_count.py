@@ -11,7 +11,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedlora import privacy
-from fedlora.config import parse_run_config
+from fedlora.runtime import parse_run_config
 from fedlora.privacy.count import COUNT_NOISE_STD, MIN_DENOMINATOR, count_history, noised_count
 from fedlora.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY
 

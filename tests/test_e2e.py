@@ -42,7 +42,7 @@ def test_flwr_run_real_model_writes_results_and_a_loadable_adapter(tmp_path, agg
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedlora.config import parse_run_config
+    from fedlora.runtime import parse_run_config
     from fedlora.tasks import load_task_data, minilm_path
 
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)

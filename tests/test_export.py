@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.config import parse_run_config
+from fedlora.runtime import parse_run_config
 from fedlora.models import LoraSpec, build_lora_model
 from fedlora.predict import Predictor, classification_metrics
 from fedlora.results import save_adapter, write_json

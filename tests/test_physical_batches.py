@@ -17,7 +17,7 @@ from .conftest import write_reviews
 @pytest.fixture()
 def same_randomness(monkeypatch):
     """Poisson coins and noise from fixed seeds (tests only: the real ones are OS entropy)."""
-    from fedlora.privacy import entropy
+    from fedlora import entropy
 
     def seeded(seed: int):
         monkeypatch.setattr(entropy, "private_numpy_rng",
@@ -95,7 +95,8 @@ def test_a_logical_batch_in_chunks_releases_what_one_physical_batch_does(
 
 
 def test_the_physical_bound_is_a_run_config_key_that_names_itself():
-    from fedlora.config import ConfigError, parse_run_config
+    from fedlora.config import ConfigError
+    from fedlora.runtime import parse_run_config
 
     assert parse_run_config({"max-physical-batch-size": 16}).max_physical_batch_size == 16
     with pytest.raises(ConfigError, match="max-physical-batch-size"):

@@ -12,7 +12,8 @@ import torch
 
 from fedlora import privacy
 from fedlora.adapters import adapter_state
-from fedlora.config import ConfigError, defaults, parse_run_config
+from fedlora.config import ConfigError, defaults
+from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.heads import checkpoint_pooling, head_inputs, resolve_head_pooling
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer

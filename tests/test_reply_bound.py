@@ -9,7 +9,7 @@ import torch
 
 from fedlora import privacy
 from fedlora.adapters import adapter_state
-from fedlora.config import parse_run_config
+from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.aggregation import get_method
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer

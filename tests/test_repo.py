@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import KEYS, parse_run_config
+from fedlora.config import KEYS
+from fedlora.runtime import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +37,50 @@ def _imports(folder: str, package: str) -> list[Path]:
 def test_layering_library_and_apps():
     assert not _imports("fedlora", "server") and not _imports("fedlora", "client")
     assert not _imports("server", "client") and not _imports("client", "server")
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Every fedlora module and the fedlora modules it imports, anywhere in its body
+    (top level, inside functions, under TYPE_CHECKING)."""
+    import ast
+
+    modules = {}
+    for path in (ROOT / "fedlora").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] \
+                    if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    sub = f"{module}.{alias.name}"
+                    targets.add(sub if sub in modules else module)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_the_package_imports_have_no_circle():
+    """A module may import another only if that one does not lead back to it."""
+    graph = _package_imports()
+    assert len(graph) > 50 and graph["fedlora.runtime"] >= {"fedlora.config", "fedlora.privacy"}
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join(path[path.index(module):]
+                                                                  + [module]))
+        if module in done:
+            return
+        for target in sorted(graph[module]):
+            visit(target, path + [module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])

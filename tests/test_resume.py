@@ -25,7 +25,8 @@ from fedlora.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedlora.config import ConfigError, defaults, parse_run_config
+from fedlora.config import ConfigError, defaults
+from fedlora.runtime import parse_run_config
 from fedlora.aggregation import get_method
 from simulations.harness import read_metrics, run_inprocess
 from tests.test_simulation import custom_task  # noqa: F401  (fixture)

@@ -17,7 +17,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlora.config import KEYS, ConfigError, parse_run_config
+from fedlora.config import KEYS, ConfigError
+from fedlora.runtime import parse_run_config
 from fedlora.wire import from_record, to_record
 
 from .test_dp_attacks import identity  # noqa: F401  (fixture)

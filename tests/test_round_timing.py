@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from fedlora.config import ConfigError, parse_run_config
+from fedlora.config import ConfigError
+from fedlora.runtime import parse_run_config
 from fedlora.timing import PHASES, RoundTimer
 
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)

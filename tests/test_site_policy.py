@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from fedlora import privacy
-from fedlora.config import parse_run_config
+from fedlora.runtime import parse_run_config
 from fedlora.privacy.count import COUNT_NOISE_STD, full_batch_denominator
 from fedlora.protocol import LORA_KEY, METRICS_KEY, STATUS_KEY
 
@@ -254,7 +254,8 @@ def fixed_count(monkeypatch):
     """Every site releases the count 60 (so every replay plans the same sigma), and every
     Poisson coin says "sampled" (so every replay computes the same clipped sum): what differs
     between two replays is the noise alone."""
-    from fedlora.privacy import entropy, ledger
+    from fedlora import entropy
+    from fedlora.privacy import ledger
 
     monkeypatch.setattr(ledger, "noised_count", lambda n, *a, **k: 60)
     real = entropy.private_numpy_rng

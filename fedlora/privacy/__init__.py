@@ -7,7 +7,8 @@ Layout (one concept per module):
 * :mod:`~fedlora.privacy.accountant`: a privacy unit's spent budget (``ClientAccountant``).
 * :mod:`~fedlora.privacy.ledger`: where a ledger lives (a site's file, under an exclusive
   lock, with a backup; or Flower's ``context.state``) and the client's round ledger.
-* :mod:`~fedlora.privacy.entropy`: the generators every guarantee rests on (OS entropy).
+* :mod:`~fedlora.entropy` (outside the package, as training uses it too): the generators
+  every guarantee rests on (OS entropy).
 * :mod:`~fedlora.privacy.gaussian`: clipping and Gaussian noise for whole updates.
 * :mod:`~fedlora.privacy.mechanisms`: the registry of mechanisms, ``dp-mode`` parsing,
   privacy run-config checks and the client's plan.
@@ -26,6 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..adapters import is_factor_key
+from ..entropy import private_numpy_rng, private_torch_generator
 from .accountant import (
     STATE_VERSION,
     ClientAccountant,
@@ -43,9 +46,15 @@ from .accounting import (
     epsilon_of_history,
     planned_steps,
 )
-from .entropy import private_numpy_rng, private_torch_generator
 from .gaussian import clip_update, gaussian_noise_like, global_norm
-from .ledger import BudgetExhausted, Ledger, LedgerBusy, exclusive, load_state, save_state
+from .ledger import (
+    BudgetExhausted,
+    Ledger,
+    LedgerBusy,
+    exclusive,
+    load_state,
+    save_state,
+)
 from .mechanisms import (
     NO_LOCAL_DP,
     ClientMechanism,
@@ -102,8 +111,6 @@ def reply_norm_bound(cfg: RunConfig) -> Callable[..., float | None] | None:
     change an honest reply can make under the clients' mechanism (None for a reply it
     does not noise), or None when no mechanism runs on clients. A probe round trains
     only the head, so only the head's entries count as noised there."""
-    from ..adapters import is_factor_key
-
     mechanism = client_mechanism(cfg.dp_mode)
     if mechanism is None:
         return None

@@ -19,7 +19,7 @@ included: no count is released at all, and every site's reply weighs the same.
 
 from __future__ import annotations
 
-from .entropy import private_numpy_rng
+from ..entropy import private_numpy_rng
 
 __all__ = ["COUNT_NOISE_STD", "MIN_DENOMINATOR", "UNWEIGHTED", "count_history",
            "full_batch_denominator", "noised_count"]

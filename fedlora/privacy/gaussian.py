@@ -2,7 +2,7 @@
 
 Shared by the mechanisms that clip a whole update (DP-LoRA update noise on a client,
 user-level DP-FedAvg on the server). Noise is always drawn from a generator of
-:mod:`fedlora.privacy.entropy`.
+:mod:`fedlora.entropy`.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def gaussian_noise_like(arrays: Mapping[str, np.ndarray], std: float,
                         rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Independent ``N(0, std^2)`` entries shaped like each array, in float64.
 
-    ``rng`` must come from :func:`fedlora.privacy.entropy.private_numpy_rng` wherever a
+    ``rng`` must come from :func:`fedlora.entropy.private_numpy_rng` wherever a
     guarantee rests on the noise.
     """
     s = _real(std)

@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..aggregation import METHODS  # each aggregator declares whether it is linear
 from ..config import ConfigError
+from ..model_cache import _locked, cache_root
+from ..probe import train_head
+from ..results import atomic_write_text
+from ..training import train
+from . import (
+    accounting,  # calibrate_noise_multiplier looked up at call time (tests watch it)
+)
 from .accounting import _check_count, _real, epsilon_of_history, planned_steps
 from .count import COUNT_NOISE_STD, UNWEIGHTED, count_history
 
@@ -114,8 +122,6 @@ class Mechanism:
                               f"0 with dp-mode = '{cfg.dp_mode}' ({self.name} noises every "
                               "tensor sent, the LoRA factors a probe round leaves alone)")
         if self.needs_linear_aggregator:
-            from ..aggregation import METHODS  # each aggregator declares whether it is linear
-
             method = METHODS.get(cfg.aggregator)
             if method is not None and not method.linear:
                 linear = [name for name, m in METHODS.items() if m.linear]
@@ -194,8 +200,6 @@ class ClientMechanism(Mechanism):
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
         """Local training (non-private unless the mechanism says otherwise)."""
-        from ..training import train
-
         return train(model, data, indices, steps=cfg.local_steps, epochs=cfg.local_epochs,
                      batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
                      weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
@@ -203,8 +207,6 @@ class ClientMechanism(Mechanism):
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
                    cfg: RunConfig) -> Any:
         """A linear-probe round: the head alone (non-private unless the mechanism says so)."""
-        from ..probe import train_head
-
         return train_head(model, data, indices, steps=cfg.probe_steps,
                           learning_rate=cfg.probe_learning_rate,
                           batch_size=cfg.eval_batch_size)
@@ -332,8 +334,6 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
     a simulation worker serves clients of many sizes). A remembered value is used only if
     it still meets the target under the accountant, so a stale or edited file can cost a
     recalibration, never privacy."""
-    from ..model_cache import cache_root
-
     key = f"{accountant}|{target_epsilon!r}|{delta!r}|{sample_rate!r}|{steps}"
     key += "".join(f"|{q!r}x{n}" for q, n in more_phases)
     key += "".join(f"|fixed {s!r},{q!r}x{n}" for s, q, n in fixed)
@@ -347,8 +347,6 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
             return float(cached)
         log.warning("ignoring a remembered noise multiplier %s that gives epsilon %.4f > "
                     "target %s; recalibrating", cached, spent, target_epsilon)
-    from . import accounting  # looked up at call time, so tests can watch calibrations
-
     sigma = accounting.calibrate_noise_multiplier(
         target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
         steps=steps, accountant=accountant, more_phases=more_phases, fixed_history=fixed)
@@ -366,9 +364,6 @@ def _read_sigmas(path: Path) -> dict[str, Any]:
 
 def _remember_sigma(path: Path, key: str, sigma: float) -> None:
     """Add one entry to the shared file (best effort: a read-only cache just is not used)."""
-    from ..model_cache import _locked
-    from ..results import atomic_write_text
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.with_name(path.name + ".lock")):

@@ -22,8 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import dp_sgd  # train_private looked up at call time (tests watch it)
 from ..config import ConfigError
-from .count import full_batch_denominator
+from ..probe import train_head
+from ..tasks import get_task
+from .accounting import epsilon_of_history
+from .count import COUNT_NOISE_STD, count_history, full_batch_denominator
 from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
 from .reply_bound import dp_sgd_reply_bound, probe_reply_bound
 
@@ -55,16 +59,12 @@ def _hidden_size(model_path: str) -> int:
 
 def probe_dims(cfg: RunConfig) -> int:
     """The entries a linear head on the model's features has: ``(hidden + 1) x labels``."""
-    from ..tasks import get_task
-
     task = get_task(cfg.task)
     return (_hidden_size(task.model_path(cfg)) + 1) * len(task.label_names(cfg))
 
 
 def _causal_lm(task: str) -> bool:
     """Whether the registered task is a causal LM (no classification head to probe)."""
-    from ..tasks import get_task
-
     try:
         return get_task(task).causal_lm
     except ValueError:
@@ -112,9 +112,6 @@ class SampleLevel(ClientMechanism):
 
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
-        from .accounting import epsilon_of_history
-        from .count import COUNT_NOISE_STD, count_history
-
         count_cost = epsilon_of_history(count_history(COUNT_NOISE_STD), delta=cfg.target_delta,
                                         accountant=cfg.accountant)
         if cfg.target_epsilon <= count_cost:
@@ -173,8 +170,6 @@ class SampleLevel(ClientMechanism):
         ``a``, and sigma is at least what the probe rounds alone (no LoRA rounds, which only
         raise it) calibrate to; the largest ``T / sigma^2`` over the schedules
         :meth:`probe_schedule` can choose bounds every one of them."""
-        from .count import COUNT_NOISE_STD, count_history
-
         probe = min(cfg.probe_rounds, cfg.num_server_rounds)
         steps, _ = super().probe_schedule(cfg, None, None)
         candidates = range(1, steps + 1) if cfg.dp_recipe == "auto" else (steps,)
@@ -188,8 +183,6 @@ class SampleLevel(ClientMechanism):
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
                    cfg: RunConfig) -> Any:
-        from ..probe import train_head
-
         return train_head(model, data, indices, steps=plan.probe_steps,
                           learning_rate=plan.probe_learning_rate,
                           noise_multiplier=plan.noise_multiplier,
@@ -198,12 +191,10 @@ class SampleLevel(ClientMechanism):
 
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
-        from ..dp_sgd import train_private
-
-        return train_private(model, data, indices, steps=plan.steps, batch_size=cfg.batch_size,
-                             learning_rate=cfg.learning_rate,
-                             noise_multiplier=plan.noise_multiplier,
-                             max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
-                             optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
-                             expected_batch_size=cfg.batch_size,
-                             max_physical_batch_size=cfg.max_physical_batch_size)
+        return dp_sgd.train_private(
+            model, data, indices, steps=plan.steps, batch_size=cfg.batch_size,
+            learning_rate=cfg.learning_rate, noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm, weight_decay=cfg.weight_decay,
+            optimizer=cfg.optimizer, sample_rate=plan.sample_rate,
+            expected_batch_size=cfg.batch_size,
+            max_physical_batch_size=cfg.max_physical_batch_size)

