@@ -26,7 +26,7 @@ DIED_MARKERS = ("ray.exceptions.ActorDiedError", "ray.exceptions.RayActorError",
 
 def replace_dead_actors() -> bool:
     """Patch Flower's simulation actor pool once; True if the patch is in place."""
-    try:
+    try:  # deferred: Ray is there only where Flower simulates
         import ray
         from flwr.simulation.ray_transport.ray_actor import BasicActorPool
     except ImportError:

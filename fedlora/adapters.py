@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 __all__ = [
@@ -37,8 +38,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def adapter_state(model: nn.Module) -> dict[str, np.ndarray]:
     """The adapter tensors of a peft model (LoRA factors and any trained head), as float32."""
-    from peft import get_peft_model_state_dict
-
     sd = get_peft_model_state_dict(_unwrap(model))
     return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in sd.items()}
 
@@ -49,8 +48,6 @@ def load_adapter_state(model: nn.Module, state: Mapping[str, np.ndarray | torch.
     Raises ``KeyError`` naming missing or unexpected keys and ``ValueError`` naming a
     tensor whose shape does not match.
     """
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
     inner = _unwrap(model)
     expected = get_peft_model_state_dict(inner)
     missing = sorted(set(expected) - set(state))

@@ -21,6 +21,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+# Each subcommand imports what it runs when it runs (deferred on purpose): `fedlora --help`,
+# `certs` and `node-key` start without loading torch or transformers.
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2

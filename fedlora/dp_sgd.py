@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from . import entropy
@@ -171,9 +173,6 @@ def train_private(
     per-example gradients are clipped and added up, and the noise is added once per logical
     batch, so memory is bounded by the chunk and the release is the same.
     """
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     idx = np.asarray(indices, dtype=np.int64)
     n = len(idx)
     if n == 0 and sample_rate is None:

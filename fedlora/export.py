@@ -32,6 +32,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from peft import get_peft_model_state_dict
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+from . import pooled_model, runtime
+from .config import ConfigError
+from .data import DataError
+from .models import build_lora_model, load_tokenizer
+from .tasks import get_task
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -105,11 +115,6 @@ def is_run_dir(path: str | Path) -> bool:
 def load_run_model(run_dir: str | Path) -> TrainedRun:
     """The model of a finished run: its base (float32, CPU) with the adapter of
     ``adapter/`` loaded. Raises :class:`ExportError` naming what is missing or does not fit."""
-    from . import runtime
-    from .config import ConfigError
-    from .data import DataError
-    from .models import load_tokenizer
-    from .tasks import get_task
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -156,11 +161,6 @@ def _check_adapter(adapter: Path, adapter_cfg: dict[str, Any], spec: LoraSpec) -
 
 
 def _load_adapter(spec: LoraSpec, adapter: Path) -> nn.Module:
-    import torch
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-    from .models import build_lora_model
-
     try:
         model = build_lora_model(spec)
     except (OSError, RuntimeError, ValueError) as e:
@@ -182,8 +182,6 @@ def _load_adapter(spec: LoraSpec, adapter: Path) -> nn.Module:
 
 
 def _peft_state(model: nn.Module) -> dict[str, Any]:
-    from peft import get_peft_model_state_dict
-
     return get_peft_model_state_dict(model)
 
 
@@ -263,8 +261,6 @@ def _save_merged(run: TrainedRun, tmp: Path) -> None:
 def _save_mean_pooled(merged: nn.Module, run: TrainedRun, tmp: Path) -> None:
     """A :class:`fedlora.heads.PooledClassifier` as :mod:`fedlora.pooled_model`'s class,
     with that module copied beside the weights and named in ``auto_map``."""
-    from . import pooled_model
-
     module = POOLED_CODE.removesuffix(".py")
     config = pooled_model.MeanPooledConfig(
         encoder=merged.encoder.config.to_dict(),

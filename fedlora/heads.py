@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 __all__ = ["PooledClassifier", "checkpoint_pooling", "resolve_head_pooling",
            "head_module", "head_inputs"]
@@ -89,8 +91,6 @@ class PooledClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **inputs: Any):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs = {k: v for k, v in inputs.items() if k == "token_type_ids"}
@@ -103,8 +103,6 @@ class PooledClassifier(nn.Module):
 
 def head_module(model: nn.Module) -> nn.Module:
     """The trainable copy of a peft model's classification head (its modules_to_save)."""
-    from peft.utils.other import ModulesToSaveWrapper
-
     heads = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
     if len(heads) != 1:
         raise ValueError(f"expected one trained classification head, found {len(heads)}")

@@ -44,7 +44,7 @@ def cache_root() -> Path:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock on ``path`` (waits for other holders)."""
-    try:
+    try:  # deferred: POSIX only
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: the atomic rename still protects
         yield
@@ -122,6 +122,7 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     claims its GGUF quantisation, which ``save_pretrained`` refuses, so that claim is
     dropped first: what is saved is a plain float32 model.
     """
+    # deferred: transformers is heavy and only a GGUF conversion needs it here
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+from transformers.utils import logging as hf_logging
 
 from .config import ConfigError
 from .heads import PooledClassifier, resolve_head_pooling
@@ -127,8 +136,6 @@ def _model_positions(model_path: str) -> int | None:
 
 def load_tokenizer(model_path: str):
     """The tokenizer of a local model folder, loaded once per process."""
-    from transformers import AutoTokenizer
-
     with _LOCK:
         tok = _TOKENIZERS.get(model_path)
         if tok is None:
@@ -209,8 +216,6 @@ def _keep_float32(model: nn.Module) -> set[int]:
     """Ids of the parameters that stay float32 under a lower-precision base: the LoRA
     factors (trainable or frozen under FFA: they are the adapter on the wire) and every
     parameter of a trained head (peft's modules_to_save wrapper, original included)."""
-    from peft.utils.other import ModulesToSaveWrapper
-
     keep: set[int] = set()
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
@@ -233,8 +238,6 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> None:
     under DP-SGD included) and the optimiser state are float32, and only the frozen
     matrix products run in ``dtype``. A trained head stays float32 and gets float32 inputs.
     """
-    from peft.utils.other import ModulesToSaveWrapper
-
     keep = _keep_float32(model)
     for param in model.parameters():
         if id(param) not in keep and param.is_floating_point() and param.dtype != dtype:
@@ -262,16 +265,11 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
     """
     if spec.causal_lm:
         return _build_causal_lm(spec)
-    from peft import LoraConfig
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected
     hf_logging.disable_progress_bar()
     torch.manual_seed(spec.init_seed)
     if spec.pooling == "mean":
-        from transformers import AutoModel
-
         encoder = AutoModel.from_pretrained(spec.model_path, local_files_only=True)
         dropout = getattr(encoder.config, "classifier_dropout", None)
         if dropout is None:
@@ -302,8 +300,6 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
 
 def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
     """Wrap ``base`` in peft's LoRA per ``config``; freeze A for FFA; move to the device."""
-    from peft import get_peft_model
-
     try:
         model = get_peft_model(base, config)
     except ValueError as e:
@@ -340,10 +336,6 @@ def cached_lora_model(spec: LoraSpec) -> nn.Module:
 
 
 def _build_causal_lm(spec: LoraSpec) -> nn.Module:
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     if spec.train_head:
         raise ValueError("train-head: a causal language model has no classification head to "
                          "train (LoraSpec.from_config turns it off for causal-LM tasks)")

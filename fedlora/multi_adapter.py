@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
 
@@ -83,8 +84,6 @@ def _head_forward(module: nn.Module, slots: _Slots):
 
 
 def _adapter_modules(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    from peft.utils.other import ModulesToSaveWrapper
-
     loras, heads = [], []
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):

@@ -20,9 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
 
-from .export import EXPORT_INFO, POOLED_CODE, ExportError, is_run_dir, load_run_model
+from . import pooled_model, runtime
+from .data import CausalLMDataset, DataError, TextDataset, read_table, read_texts
+from .export import (
+    EXPORT_INFO,
+    POOLED_CODE,
+    ExportError,
+    is_run_dir,
+    load_run_model,
+    run_config_of,
+)
 from .metrics import classification_metrics
+from .training import evaluate
 
 __all__ = ["Predictor", "Prediction", "classification_metrics", "evaluate_texts"]
 
@@ -64,9 +80,6 @@ class Predictor:
 
     @classmethod
     def _load_model_dir(cls, path: Path) -> Predictor:
-        from transformers import (AutoConfig, AutoModelForCausalLM,
-                                  AutoModelForSequenceClassification, AutoTokenizer)
-
         info = _read_info(path)
         adapter = (path / "adapter_config.json").is_file()
         if not adapter and not (path / "config.json").is_file():
@@ -166,8 +179,6 @@ def _adapter_task(path: Path) -> str | None:
 def _own_code(path: Path) -> bool:
     """Whether the folder's custom code is fedlora's own mean-pooled classifier (the only
     code run from a model folder); any other custom code is refused."""
-    from . import pooled_model
-
     code = path / POOLED_CODE
     if code.is_file():
         if not filecmp.cmp(code, pooled_model.__file__, shallow=False):
@@ -198,8 +209,6 @@ def evaluate_texts(predictor: Predictor, texts: Sequence[str],
 
 
 def _evaluate_lm(predictor: Predictor, texts: Sequence[str], *, batch_size: int) -> dict[str, Any]:
-    from .data import CausalLMDataset, TextDataset
-    from .training import evaluate
 
     rows = TextDataset(list(texts), np.zeros(len(texts), dtype=np.int64), [""] * len(texts), ())
     result = evaluate(predictor.model, CausalLMDataset(rows, predictor.tokenizer,
@@ -214,8 +223,6 @@ def _evaluate_lm(predictor: Predictor, texts: Sequence[str], *, batch_size: int)
 def read_input_texts(path: str | Path, *, text_column: str = "text") -> list[str]:
     """The texts of ``path``: a ``.txt`` file holds one per line (blank lines skipped), a
     CSV/JSONL file one per row in ``text_column``."""
-    from .data import DataError, read_texts
-
     p = Path(path)
     if p.suffix.lower() != ".txt":
         return list(read_texts(p, text_column=text_column).texts)
@@ -238,8 +245,6 @@ def evaluate_file(predictor: Predictor, data: str | Path | None, *, text_column:
     or, with ``data`` None, on the centralised test set of the run in ``run_dir`` (the
     same sample its rounds were evaluated on). A label outside the model's raises
     :class:`fedlora.data.DataError` naming the row and the label."""
-    from .data import read_table
-
     if data is None:
         if run_dir is None:
             raise ExportError("no data file given, and the model is not a run folder whose "
@@ -257,8 +262,6 @@ def evaluate_file(predictor: Predictor, data: str | Path | None, *, text_column:
 
 
 def _run_test_set(run_dir: Path):
-    from . import runtime
-    from .export import run_config_of
 
     cfg = runtime.resolve_config(run_config_of(run_dir))
     test = runtime.encoded_test_set(cfg)

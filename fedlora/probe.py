@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from . import entropy
@@ -141,9 +143,6 @@ def _private_head(head: nn.Module, params: list, lr: float, noise_multiplier: fl
                   max_grad_norm: float, denominator: int):
     """The head wrapped for per-example gradients, and its DP-SGD optimizer (noise from OS
     entropy on the head's device)."""
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
-
     device = params[0].device
     gsm = GradSampleModule(head, batch_first=True, loss_reduction="mean", strict=False)
     opt = DPOptimizer(torch.optim.SGD(params, lr=lr), noise_multiplier=noise_multiplier,

@@ -45,7 +45,7 @@ def _zeros_like(x: Array, shape: tuple) -> Array:
 
 def _concat(parts: list, axis: int) -> Array:
     if is_torch(parts[0]):
-        import torch
+        import torch  # deferred: aggregation is NumPy unless handed torch tensors
 
         return torch.cat(parts, dim=axis)
     return np.concatenate(parts, axis=axis)

@@ -15,15 +15,15 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from .accounting import (
     History,
-    _canonical,
-    _check_count,
-    _check_delta,
-    _check_mechanism,
-    _check_rate,
-    _check_sigma,
-    _extends,
-    _real,
+    canonical_history,
+    check_accountant,
+    check_count,
+    check_delta,
+    check_rate,
+    check_sigma,
     epsilon_of_history,
+    history_extends,
+    real_or_none,
 )
 
 __all__ = ["EXCEED_RTOL", "STATE_VERSION", "ClientAccountant", "PrivacyStateError",
@@ -58,10 +58,10 @@ class ClientAccountant:
 
     def __init__(self, mechanism: str = "rdp", *, target_epsilon: float | None = None,
                  target_delta: float | None = None) -> None:
-        self._accountant = RDPAccountant() if _check_mechanism(mechanism) == "rdp" \
+        self._accountant = RDPAccountant() if check_accountant(mechanism) == "rdp" \
             else PRVAccountant()
         self.target_epsilon = _optional_target(target_epsilon, "target_epsilon")
-        self.target_delta = None if target_delta is None else _check_delta(target_delta)
+        self.target_delta = None if target_delta is None else check_delta(target_delta)
         self.count: int | None = None  # the example count last released (noised)
         self.count_releases: list[float] = []  # noise std of every release of the count
 
@@ -92,7 +92,7 @@ class ClientAccountant:
         """Record that the unit released ``count`` with Gaussian noise of std ``noise_std``."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"count must be an integer >= 1, got {count!r}")
-        self.count_releases.append(_check_sigma(noise_std))
+        self.count_releases.append(check_sigma(noise_std))
         self.count = count
 
     def _full_history(self, extra: History = ()) -> History:
@@ -105,11 +105,11 @@ class ClientAccountant:
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
         """Record ``num_steps`` steps of the subsampled Gaussian at (sigma, q)."""
-        entry = (_check_sigma(noise_multiplier), _check_rate(sample_rate),
-                 _check_count(num_steps, minimum=0))
+        entry = (check_sigma(noise_multiplier), check_rate(sample_rate),
+                 check_count(num_steps, minimum=0))
         if entry[2] == 0:
             return
-        self._accountant.history = _canonical([*self._accountant.history, entry])
+        self._accountant.history = canonical_history([*self._accountant.history, entry])
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far at ``delta`` (default: the target delta)."""
@@ -119,8 +119,8 @@ class ClientAccountant:
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
                       delta: float | None = None) -> float:
         """Epsilon if ``num_steps`` more steps at (sigma, q) were recorded (nothing is recorded)."""
-        extra = (_check_sigma(noise_multiplier), _check_rate(sample_rate),
-                 _check_count(num_steps, minimum=0))
+        extra = (check_sigma(noise_multiplier), check_rate(sample_rate),
+                 check_count(num_steps, minimum=0))
         history = self._full_history([extra] if extra[2] else [])
         return epsilon_of_history(history, delta=self._delta(delta), accountant=self.mechanism)
 
@@ -143,7 +143,7 @@ class ClientAccountant:
             if self.target_delta is None:
                 raise ValueError("delta is required (no target_delta stored)")
             return self.target_delta
-        return _check_delta(delta)
+        return check_delta(delta)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state: version, mechanism, history (lists), targets (or None)."""
@@ -164,7 +164,7 @@ class ClientAccountant:
         that would forget recorded steps.
         """
         other = ClientAccountant.from_state_dict(state)
-        if not _extends(self._accountant.history, other._accountant.history):
+        if not history_extends(self._accountant.history, other._accountant.history):
             raise PrivacyStateError(
                 "state would forget recorded privacy steps: "
                 f"{self._accountant.history!r} -> {other._accountant.history!r}")
@@ -193,11 +193,11 @@ class ClientAccountant:
                 raise ValueError(f"history must be a list, got {history!r}")
             out = cls(state.get("mechanism"), target_epsilon=state.get("target_epsilon"),
                       target_delta=state.get("target_delta"))
-            out._accountant.history = _canonical(history)
+            out._accountant.history = canonical_history(history)
             releases = state.get("count_releases") or []
             if not isinstance(releases, (list, tuple)):
                 raise ValueError(f"count_releases must be a list, got {releases!r}")
-            out.count_releases = [_check_sigma(s) for s in releases]
+            out.count_releases = [check_sigma(s) for s in releases]
             count = state.get("count")
             if count is not None:
                 if isinstance(count, bool) or not isinstance(count, (int, float)) \
@@ -218,7 +218,7 @@ class ClientAccountant:
 def _optional_target(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    out = _real(value)
+    out = real_or_none(value)
     if out is None or out <= 0:
         raise ValueError(f"{name} must be a finite float > 0, got {value!r}")
     return out

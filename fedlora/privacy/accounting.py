@@ -43,15 +43,23 @@ __all__ = [
     "RDP_ORDERS",
     "History",
     "calibrate_noise_multiplier",
+    "canonical_history",
+    "check_accountant",
+    "check_count",
+    "check_delta",
+    "check_rate",
+    "check_sigma",
     "compute_epsilon",
     "epsilon_dp_accounting",
     "epsilon_of_history",
+    "history_extends",
     "planned_steps",
+    "real_or_none",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Accounting mechanisms supported (Opacus' names).
+#: Accountants supported (Opacus' names): Renyi DP and privacy random variables.
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: RDP orders: Opacus' defaults plus large orders for small-epsilon regimes.
 RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80, 96, 128, 256, 512, 1024)
@@ -64,10 +72,10 @@ MAX_SIGMA = 1e6
 
 History = list[tuple[float, float, int]]
 
-# --------------------------------------------------------------------------- validation
+# ------------------------------------------------- validation (shared by the privacy package)
 
 
-def _real(value: Any) -> float | None:
+def real_or_none(value: Any) -> float | None:
     """``value`` as a float, or None for bools, non-numbers and non-finite numbers."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
@@ -75,38 +83,38 @@ def _real(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _check_sigma(noise_multiplier: Any) -> float:
-    sigma = _real(noise_multiplier)
+def check_sigma(noise_multiplier: Any) -> float:
+    sigma = real_or_none(noise_multiplier)
     if sigma is None or sigma <= 0:
         raise ValueError(f"noise_multiplier must be a finite float > 0, got {noise_multiplier!r}")
     return sigma
 
 
-def _check_rate(sample_rate: Any) -> float:
-    q = _real(sample_rate)
+def check_rate(sample_rate: Any) -> float:
+    q = real_or_none(sample_rate)
     if q is None or not 0 < q <= 1:
         raise ValueError(f"sample_rate must be a float in (0, 1], got {sample_rate!r}")
     return q
 
 
-def _check_count(num_steps: Any, *, minimum: int, name: str = "num_steps") -> int:
+def check_count(num_steps: Any, *, minimum: int, name: str = "num_steps") -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) \
             or num_steps < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {num_steps!r}")
     return int(num_steps)
 
 
-def _check_delta(delta: Any) -> float:
-    d = _real(delta)
+def check_delta(delta: Any) -> float:
+    d = real_or_none(delta)
     if d is None or not 0 < d < 1:
         raise ValueError(f"delta must be a float in (0, 1), got {delta!r}")
     return d
 
 
-def _check_mechanism(mechanism: Any) -> str:
-    if mechanism not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {mechanism!r}")
-    return mechanism
+def check_accountant(name: Any) -> str:
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {name!r}")
+    return name
 
 
 def _entry(entry: Any) -> tuple[float, float, int]:
@@ -115,10 +123,10 @@ def _entry(entry: Any) -> tuple[float, float, int]:
         raise ValueError(f"a history entry must be (noise_multiplier, sample_rate, num_steps), "
                          f"got {entry!r}")
     sigma, q, n = entry
-    return _check_sigma(sigma), _check_rate(q), _check_count(n, minimum=1)
+    return check_sigma(sigma), check_rate(q), check_count(n, minimum=1)
 
 
-def _canonical(history: Iterable[Any]) -> History:
+def canonical_history(history: Iterable[Any]) -> History:
     """Validated history with consecutive entries of equal (sigma, q) merged (Opacus' format)."""
     out: History = []
     for raw in history:
@@ -130,9 +138,9 @@ def _canonical(history: Iterable[Any]) -> History:
     return out
 
 
-def _extends(old: Iterable[Any], new: Iterable[Any]) -> bool:
+def history_extends(old: Iterable[Any], new: Iterable[Any]) -> bool:
     """True if the steps of ``old`` are a prefix of the steps of ``new`` (nothing forgotten)."""
-    old, new = _canonical(old), _canonical(new)
+    old, new = canonical_history(old), canonical_history(new)
     if not old:
         return True
     if len(new) < len(old) or list(new[: len(old) - 1]) != list(old[:-1]):
@@ -202,16 +210,16 @@ def epsilon_of_history(history: Iterable[Any], *, delta: float, accountant: str 
     ``history`` is a list of ``(noise_multiplier, sample_rate, num_steps)``; the result is
     a valid upper bound on epsilon for the composition of all those steps.
     """
-    mechanism = _check_mechanism(accountant)
-    delta = _check_delta(delta)
-    hist = _canonical(history)
-    return _epsilon_rdp(hist, delta) if mechanism == "rdp" else _epsilon_prv(hist, delta)
+    accountant = check_accountant(accountant)
+    delta = check_delta(delta)
+    hist = canonical_history(history)
+    return _epsilon_rdp(hist, delta) if accountant == "rdp" else _epsilon_prv(hist, delta)
 
 
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,
                     accountant: str = "rdp") -> float:
     """Epsilon of ``steps`` compositions of the Poisson-subsampled Gaussian mechanism."""
-    steps = _check_count(steps, minimum=0, name="steps")
+    steps = check_count(steps, minimum=0, name="steps")
     if steps == 0:
         return 0.0
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta=delta,
@@ -225,8 +233,8 @@ def planned_steps(*, num_rounds: int, local_steps: int) -> int:
     and the budget must hold whatever the sampling turns out to be; rounds it sits out
     only leave budget unspent. For ``update`` mode pass ``local_steps=1`` (one release per round).
     """
-    return _check_count(num_rounds, minimum=1, name="num_rounds") * \
-        _check_count(local_steps, minimum=1, name="local_steps")
+    return check_count(num_rounds, minimum=1, name="num_rounds") * \
+        check_count(local_steps, minimum=1, name="local_steps")
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
@@ -246,26 +254,26 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
     same run at their own sigma (a site's noised example count), composed as they are. PRV is bracketed around the RDP
     answer so that it is never evaluated at tiny sigma.
     """
-    mechanism = _check_mechanism(accountant)
-    target = _real(target_epsilon)
+    accountant = check_accountant(accountant)
+    target = real_or_none(target_epsilon)
     if target is None or target <= 0:
         raise ValueError(f"target_epsilon must be a finite float > 0, got {target_epsilon!r}")
-    delta = _check_delta(target_delta)
-    q = _check_rate(sample_rate)
-    steps = _check_count(steps, minimum=1, name="steps")
-    tol = _real(epsilon_tolerance)
+    delta = check_delta(target_delta)
+    q = check_rate(sample_rate)
+    steps = check_count(steps, minimum=1, name="steps")
+    tol = real_or_none(epsilon_tolerance)
     if tol is None or tol <= 0:
         raise ValueError(f"epsilon_tolerance must be a finite float > 0, got {epsilon_tolerance!r}")
 
-    phases = [(q, steps)] + [(_check_rate(r), _check_count(n, minimum=1, name="steps"))
+    phases = [(q, steps)] + [(check_rate(r), check_count(n, minimum=1, name="steps"))
                              for r, n in more_phases]
-    fixed = _canonical(fixed_history)
+    fixed = canonical_history(fixed_history)
 
     def eps(sigma: float) -> float:
         return epsilon_of_history([*fixed, *((sigma, r, n) for r, n in phases)], delta=delta,
-                                  accountant=mechanism)
+                                  accountant=accountant)
 
-    if mechanism == "prv":
+    if accountant == "prv":
         start = calibrate_noise_multiplier(target_epsilon=target, target_delta=delta,
                                            sample_rate=q, steps=steps, accountant="rdp",
                                            epsilon_tolerance=tol, more_phases=phases[1:],
@@ -300,7 +308,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
         else:
             lo = mid
     logger.debug("calibrated sigma %.6g: epsilon %.6g (target %g, delta %g, q %g, %d steps, %s)",
-                 hi, eps_hi, target, delta, q, steps, mechanism)
+                 hi, eps_hi, target, delta, q, steps, accountant)
     return float(hi)
 
 
@@ -311,11 +319,11 @@ def epsilon_dp_accounting(*, noise_multiplier: float, sample_rate: float, steps:
     An independent implementation, for cross-checking Opacus. ``orders``: RDP orders
     (default: dp_accounting's own).
     """
-    import dp_accounting
+    import dp_accounting  # deferred: only the cross-check of Opacus needs it
     from dp_accounting.rdp import RdpAccountant
 
-    sigma, q, delta = _check_sigma(noise_multiplier), _check_rate(sample_rate), _check_delta(delta)
-    steps = _check_count(steps, minimum=0, name="steps")
+    sigma, q, delta = check_sigma(noise_multiplier), check_rate(sample_rate), check_delta(delta)
+    steps = check_count(steps, minimum=0, name="steps")
     accountant = RdpAccountant(list(orders) if orders is not None else None)
     event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))

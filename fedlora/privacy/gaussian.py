@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .accounting import _real
+from .accounting import real_or_none
 
 __all__ = ["clip_update", "gaussian_noise_like", "global_norm"]
 
@@ -34,7 +34,7 @@ def clip_update(delta: Mapping[str, np.ndarray], max_norm: float
     ``<= max_norm`` after rounding too. Non-finite values raise ValueError. The original
     norm is data-dependent: it must not leave the place where the clipping happens.
     """
-    c = _real(max_norm)
+    c = real_or_none(max_norm)
     if c is None or c <= 0:
         raise ValueError(f"max_norm must be a finite float > 0, got {max_norm!r}")
     arrays = {k: np.asarray(v) for k, v in delta.items()}
@@ -62,7 +62,7 @@ def gaussian_noise_like(arrays: Mapping[str, np.ndarray], std: float,
     ``rng`` must come from :func:`fedlora.entropy.private_numpy_rng` wherever a
     guarantee rests on the noise.
     """
-    s = _real(std)
+    s = real_or_none(std)
     if s is None or s < 0:
         raise ValueError(f"std must be a finite float >= 0, got {std!r}")
     return {k: rng.standard_normal(np.shape(a)) * s for k, a in arrays.items()}

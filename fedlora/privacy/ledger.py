@@ -27,7 +27,7 @@ from .accountant import (
     from_record_dict,
     to_record_dict,
 )
-from .accounting import _extends
+from .accounting import history_extends
 from .count import COUNT_NOISE_STD, noised_count
 
 __all__ = ["BudgetExhausted", "Ledger", "LedgerBusy", "exclusive", "load_state", "save_state"]
@@ -52,7 +52,7 @@ def exclusive(path: str | os.PathLike[str]) -> Iterator[None]:
     The lock is the kernel's (``flock``): it is released when the holder exits or dies, so a
     crashed run never leaves a site locked out.
     """
-    import fcntl
+    import fcntl  # deferred: POSIX only (a site's ledger lock)
 
     lock_path = Path(path).with_name(Path(path).name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +162,7 @@ def save_state(path: str | os.PathLike[str], accountant: ClientAccountant, *,
     if not allow_rewind:
         stored = load_state(path)
         if stored is not None and (
-                not _extends(stored.history, accountant.history)
+                not history_extends(stored.history, accountant.history)
                 or accountant.count_releases[:len(stored.count_releases)]
                 != stored.count_releases
                 or (accountant.count_releases == stored.count_releases

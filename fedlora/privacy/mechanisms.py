@@ -41,7 +41,7 @@ from ..training import train
 from . import (
     accounting,  # calibrate_noise_multiplier looked up at call time (tests watch it)
 )
-from .accounting import _check_count, _real, epsilon_of_history, planned_steps
+from .accounting import check_count, epsilon_of_history, planned_steps, real_or_none
 from .count import COUNT_NOISE_STD, UNWEIGHTED, count_history
 
 if TYPE_CHECKING:
@@ -302,19 +302,19 @@ def check_privacy_params(*, target_epsilon: float, target_delta: float, max_grad
     max-grad-norm finite and > 0. Values are checked even with ``dp-mode = off``.
     """
     modes = parse_dp_mode(mode)
-    eps = _real(target_epsilon)
+    eps = real_or_none(target_epsilon)
     if eps is None or eps <= 0:
         raise PrivacyConfigError("target-epsilon", target_epsilon, "a finite float > 0")
-    delta = _real(target_delta)
+    delta = real_or_none(target_delta)
     if delta is None or not 0 < delta < 1:
         raise PrivacyConfigError("target-delta", target_delta, "a float in (0, 1)")
     if num_examples is not None:
-        n = _check_count(num_examples, minimum=1, name="num_examples")
+        n = check_count(num_examples, minimum=1, name="num_examples")
         if delta >= 1 / n:
             raise PrivacyConfigError(
                 "target-delta", target_delta,
                 f"a float below 1/n = {1 / n:.6g} for n = {n} examples (typically <= 1/(10 n))")
-    norm = _real(max_grad_norm)
+    norm = real_or_none(max_grad_norm)
     if norm is None or norm <= 0:
         raise PrivacyConfigError("max-grad-norm", max_grad_norm, "a finite float > 0")
     return modes

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from transformers import AutoConfig
 
 from .. import dp_sgd  # train_private looked up at call time (tests watch it)
 from ..config import ConfigError
@@ -48,8 +49,6 @@ PROBE_NOISE_RATIO = 6.0
 @functools.lru_cache(maxsize=8)
 def _hidden_size(model_path: str) -> int:
     """The hidden width of a model folder (its config.json; no weights are read)."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(model_path)
     for name in ("hidden_size", "dim", "n_embd", "d_model"):
         if isinstance(getattr(config, name, None), int):

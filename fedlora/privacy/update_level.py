@@ -25,7 +25,7 @@ import numpy as np
 from ..dp_sgd import dropout_off
 from ..entropy import private_numpy_rng
 from ..training import TrainResult
-from .accounting import _check_sigma, _real
+from .accounting import check_sigma, real_or_none
 from .gaussian import clip_update, gaussian_noise_like
 from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, register
 from .reply_bound import gaussian_norm_bound
@@ -43,8 +43,8 @@ SENSITIVITY_FACTOR = 2.0
 
 def update_noise_std(*, noise_multiplier: float, max_norm: float) -> float:
     """Std of the noise on each entry of a clipped update: ``sigma * 2C``."""
-    sigma = _check_sigma(noise_multiplier)
-    c = _real(max_norm)
+    sigma = check_sigma(noise_multiplier)
+    c = real_or_none(max_norm)
     if c is None or c <= 0:
         raise ValueError(f"max_norm must be a finite float > 0, got {max_norm!r}")
     return sigma * SENSITIVITY_FACTOR * c

@@ -13,6 +13,7 @@ from .series import (accuracy_metric, accuracy_vs_bytes, bytes_per_node, cumulat
 
 def _figure(title: str, xlabel: str, ylabel: str, width: float = 9.0, height: float = 4.2):
     """A Figure (Agg canvas, no pyplot state) with one titled, labelled axes."""
+    # deferred: matplotlib is heavy and only the figures of a report need it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -28,7 +29,7 @@ def _figure(title: str, xlabel: str, ylabel: str, width: float = 9.0, height: fl
 
 def _bytes_axis(axis) -> None:
     """Label an axis in engineering units of bytes (kB, MB, GB)."""
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter  # deferred, as in _figure
 
     axis.set_major_formatter(EngFormatter(unit="B"))
 
