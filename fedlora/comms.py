@@ -89,6 +89,16 @@ class CommsLedger:
         self.entries.append(entry)
         return entry
 
+    def record_bytes(self, server_round: int, node: int, direction: str, kind: str,
+                     nbytes: int, keys: str = "") -> CommsEntry:
+        """A message that is not adapter tensors (a secure aggregation stage): its bytes."""
+        entry = CommsEntry(round=int(server_round), node=int(node), direction=direction,
+                           kind=str(kind).split(".")[-1], bytes=int(nbytes),
+                           analytic_bytes=int(nbytes), factor_bytes=0, head_bytes=0,
+                           num_arrays=0, wire_dtype="", keys=keys, array_bytes="")
+        self.entries.append(entry)
+        return entry
+
     def restore(self, rows: list[Mapping[str, Any]]) -> None:
         """Continue from the rows of an earlier :meth:`rows` (a resumed run)."""
         names = {f.name for f in fields(CommsEntry)}

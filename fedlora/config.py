@@ -167,6 +167,9 @@ def _check_combinations(
     from .privacy import check_dp_config  # each DP mechanism owns its checks
 
     check_dp_config(cfg)
+    from .secure_sum import check_config as check_secure_aggregation
+
+    check_secure_aggregation(cfg)
     task_check = getattr((known_tasks or {}).get(cfg.task), "check_config", None)
     if task_check is not None:
         task_check(cfg)

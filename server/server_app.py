@@ -55,6 +55,7 @@ from fedlora.wire import WireFormat, encoded_bytes, from_record, to_record
 from .empty_rounds import EmptyRounds, RunGoingNowhere
 from .round_outcome import RoundOutcome, RoundStrategy
 from .run_record import RunRecord
+from .secure_aggregation import SecureAggregationStrategy
 from .strategy import AuditError, LoraStrategy
 from .user_level_strategy import UserLevelDpStrategy
 
@@ -177,6 +178,8 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
     central = privacy.server_hook(cfg)
     if central is not None:
         strategy = UserLevelDpStrategy(strategy, central)
+    if cfg.secure_aggregation:
+        strategy = SecureAggregationStrategy(strategy, cfg)
     for mechanism in privacy.parse_dp_mode(cfg.dp_mode):
         log.info("dp-mode '%s' protects: %s", mechanism.name, mechanism.neighbouring)
         plan = mechanism.describe(cfg)
