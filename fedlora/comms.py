@@ -99,6 +99,13 @@ class CommsLedger:
         self.entries.append(entry)
         return entry
 
+    def forget(self, server_round: int, nodes: set[int], direction: str, kind: str) -> None:
+        """Drop the entries of messages prepared for ``nodes`` but never sent to them."""
+        kind = str(kind).split(".")[-1]
+        self.entries = [e for e in self.entries if not (
+            e.round == server_round and e.node in nodes and e.direction == direction
+            and e.kind == kind)]
+
     def restore(self, rows: list[Mapping[str, Any]]) -> None:
         """Continue from the rows of an earlier :meth:`rows` (a resumed run)."""
         names = {f.name for f in fields(CommsEntry)}

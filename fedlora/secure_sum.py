@@ -62,11 +62,16 @@ def check_config(cfg: RunConfig) -> None:
     """``ConfigError`` for a run that cannot aggregate securely (before round 1)."""
     if not cfg.secure_aggregation:
         return
-    if cfg.aggregator in REFUSED_AGGREGATORS:
+    from .aggregation import METHODS
+
+    method = METHODS.get(cfg.aggregator)
+    if cfg.aggregator in REFUSED_AGGREGATORS or (method is not None and not method.linear):
+        reason = REFUSED_AGGREGATORS.get(cfg.aggregator, "its new adapter is not the mean of "
+                                                         "what sites send")
         raise ConfigError("aggregator", cfg.aggregator,
                           "fedavg or ffa when secure-aggregation = true: the server learns only "
                           f"the sum of the updates, and '{cfg.aggregator}' cannot use it: "
-                          f"{REFUSED_AGGREGATORS[cfg.aggregator]}")
+                          f"{reason}")
     if "client" in cfg.dp_mode.split("+"):
         raise ConfigError("dp-mode", cfg.dp_mode,
                           "off, sample or update when secure-aggregation = true: user-level DP "

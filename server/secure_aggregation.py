@@ -190,6 +190,9 @@ class _Exchange:
                           dst_node_id=int(node))
             out.append(msg)
             self._count(node, "down", stage, msg.content)
+        if stage == "masked_input" and self.ledger is not None:  # the adapter went to these
+            self.ledger.forget(self.server_round, set(self.outcome.sampled_nodes) - set(messages),
+                               "down", "train")
         replies = list(self.grid.send_and_receive(out, timeout=self.timeout)) if out else []
         sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in out}
         answers: dict[int, Any] = {}
