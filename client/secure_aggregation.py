@@ -7,6 +7,8 @@ ClientApp's own training (``train_fn``: its site policy, its DP mechanism and le
 exactly as in a plain round), after which the site sends its update clipped, quantised
 (:class:`fedlora.secure_sum.SecureSum`) and masked, and nothing else: no adapter, no
 metrics, no example count. The other stages answer with protocol messages only.
+At setup a site checks that the round's public parameters (degree, threshold, modulus,
+round) are the ones the run-config implies for the cohort it names.
 
 A ClientApp keeps nothing between messages and each may run in another process: the
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
@@ -24,13 +26,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.protocol import LORA_KEY, STATUS_KEY, with_overrides
-from fedlora.secagg import ProtocolError, SecAggClient
+from fedlora import runtime
+from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, with_overrides
+from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
-from fedlora.secure_sum import ACTIONS, SecureSum, from_records, to_records
+from fedlora.secure_sum import ACTIONS, SecureSum, from_records, resolve_graph, to_records
 from fedlora.wire import from_record
 
-__all__ = ["STATE_KEY", "masked_reply", "register", "stage_fn"]
+__all__ = ["STATE_KEY", "check_round", "masked_reply", "register", "stage_fn"]
 
 log = logging.getLogger("fedlora.client")
 
@@ -60,11 +63,29 @@ def _answer(msg: Message, body: Mapping[str, Any]) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None:
+    """The round config must be the one the run-config implies for its cohort (degree,
+    threshold, modulus) and name the round of the message: ``ProtocolError`` otherwise."""
+    cfg = runtime.resolve_config(context.run_config)
+    config = RoundConfig.from_message(body)
+    n = len(config.cohort)
+    degree, threshold = resolve_graph(cfg, n)
+    expected = {"round_id": int(msg.content[CONFIG_KEY].get("server-round", -1)),
+                "degree": degree, "threshold": threshold,
+                "bits": SecureSum.from_config(cfg).bits(n)}
+    wrong = {k: v for k, v in expected.items() if getattr(config, k) != v}
+    if not cfg.secure_aggregation or wrong:
+        raise ProtocolError(f"the round config does not follow the run-config: expected "
+                            f"{wrong or 'secure-aggregation = true'}")
+
+
 def stage_fn(stage: str, msg: Message, context: Context) -> Message:
     """One protocol stage other than the masked input."""
     client = None
     try:
         body = from_records(msg.content)
+        if stage == "setup":
+            check_round(body, msg, context)
         client = SecAggClient(int(context.node_id)) if stage == "setup" else _load(context)
         out = getattr(client, stage)(body)
     except (ProtocolError, ValueError, KeyError) as e:

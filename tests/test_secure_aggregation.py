@@ -126,7 +126,8 @@ def _capture_mod(folder: str):
             np.save(Path(folder) / f"masked-{tag}.npy", masked)
         with open(Path(folder) / "replies.jsonl", "a") as f:
             f.write(json.dumps({"type": kind, "round": rnd, "node": context.node_id,
-                                "records": sorted(reply.content.keys())}) + "\n")
+                                "records": sorted(reply.content.keys()),
+                                "sent": sorted(msg.content.keys())}) + "\n")
         return reply
 
     return mod
@@ -154,6 +155,23 @@ def server_sums(monkeypatch):
     return seen
 
 
+@pytest.fixture()
+def sends(monkeypatch):
+    """Every send of the server's grid: (message types, timeout)."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    seen: list[tuple[list[str], float | None]] = []
+    original = InMemoryGrid.send_and_receive
+
+    def spy(self, messages, *, timeout=None):
+        messages = list(messages)
+        seen.append(([m.metadata.message_type for m in messages], timeout))
+        return original(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", spy)
+    return seen
+
+
 def _run(custom_task, tmp_path, num_nodes: int, **extra) -> tuple[Path, Path]:  # noqa: F811
     folder = tmp_path / "captured"
     folder.mkdir()
@@ -170,8 +188,13 @@ def _plain(folder: Path, rnd: int, node: int) -> np.ndarray:
 
 
 def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
-        custom_task, tmp_path, server_sums):  # noqa: F811
-    run_dir, folder = _run(custom_task, tmp_path, num_nodes=4)
+        custom_task, tmp_path, server_sums, sends):  # noqa: F811
+    run_dir, folder = _run(custom_task, tmp_path, num_nodes=4, **{"round-timeout": 120.0})
+    stages = [(set(types), timeout) for types, timeout in sends
+              if types and types[0].startswith("train")]
+    assert [types for types, _ in stages] == 2 * [{f"train.secagg_{s}"} for s in (
+        "setup", "share_keys", "masked_input", "consistency", "unmask")]
+    assert all(timeout == 120.0 for _, timeout in stages)  # no stage waits longer
     replies = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
     assert {r["type"] for r in replies if r["type"].startswith("train")} == {
         "train.secagg_setup", "train.secagg_share_keys", "train.secagg_masked_input",
@@ -179,6 +202,8 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
     for r in replies:  # no adapter, no metrics: protocol records and a status
         if r["type"].startswith("train"):
             assert "lora" not in r["records"] and "metrics" not in r["records"], r
+            # the global adapter goes out with the stage where sites train, only
+            assert ("lora" in r["sent"]) == (r["type"] == "train.secagg_masked_input"), r
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["clients_accepted"] for r in rounds[1:]] == [4, 4]
 
