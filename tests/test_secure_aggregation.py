@@ -96,6 +96,72 @@ def test_threshold_and_degree_are_checked_against_the_cohort():
         assert info.value.key == key
 
 
+@pytest.fixture()
+def identity(monkeypatch):
+    """What Flower sets in a process that makes messages (so that a test can make them)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_config(identity):
+    """The ClientApp's stage handlers, each with a fresh Context that shares only the node
+    state (as Flower gives them), through a whole round; then a config the run-config does
+    not imply, and a stage without setup."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from client.secure_aggregation import masked_reply, stage_fn
+    from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
+    from fedlora.secagg import COMPLETE
+    from fedlora.secure_sum import from_records, message_type, to_records
+    from fedlora.wire import to_record
+
+    run_config = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-levels": 10}
+    cfg, cohort = parse_run_config(run_config), [7, 8, 9]
+    q = SecureSum.from_config(cfg)
+    states = {u: RecordDict() for u in cohort}
+    received = {"w": np.zeros(3, np.float32)}
+    updates = {7: [0.1, 0.2, -0.3], 8: [0.5, -0.1, 0.0], 9: [-2.0, 0.3, 0.3]}  # 9: clipped
+
+    def send(stage, u, body):
+        ctx = Context(run_id=1, node_id=u, node_config={}, state=states[u],
+                      run_config=run_config)
+        records = {**to_records(body), CONFIG_KEY: ConfigRecord({"server-round": 1})}
+        if stage == "masked_input":
+            records[LORA_KEY] = to_record(received)
+        msg = Message(RecordDict(records), dst_node_id=u, message_type=message_type(stage))
+        if stage == "masked_input":
+            return masked_reply(msg, ctx, cfg, {"w": received["w"] + np.array(updates[u])})
+        return stage_fn(stage, msg, ctx)
+
+    def deliver(stage, messages):
+        replies = {u: send(stage, u, body) for u, body in messages.items()}
+        assert all(r.content[STATUS_KEY]["status"] == "ok" for r in replies.values())
+        return {u: from_records(r.content) for u, r in replies.items()}
+
+    _, threshold = resolve_graph(cfg, 3)
+    server = SecAggServer(RoundConfig.create(1, cohort, length=3, bits=q.bits(3),
+                                             degree=COMPLETE, threshold=threshold))
+    messages = server.collect_keys(deliver("setup", server.setup()))
+    messages = server.collect_shares(deliver("share_keys", messages))
+    messages = server.collect_masked(deliver("masked_input", messages))
+    messages = server.collect_signatures(deliver("consistency", messages))
+    total = server.aggregate(deliver("unmask", messages))
+    mean = q.mean(total.signed(), 3, received)["w"]
+    assert np.allclose(mean, np.mean([updates[7], updates[8], [-1.0, 0.3, 0.3]], axis=0),
+                       atol=q.step)
+
+    foreign = RoundConfig.create(1, cohort, length=3, bits=40, degree=COMPLETE,
+                                 threshold=threshold)
+    reply = send("setup", 7, foreign.to_message())
+    assert reply.content[STATUS_KEY]["status"] == "could-not-train"
+    assert "run-config" in reply.content[STATUS_KEY]["reason"], dict(reply.content[STATUS_KEY])
+    states[8] = RecordDict()
+    reply = send("share_keys", 8, {"keys": {}})
+    assert "no setup seen" in reply.content[STATUS_KEY]["reason"]
+
+
 # -- whole runs, in-process simulations ----------------------------------------------------
 def _capture_mod(folder: str):
     """A client mod (it runs in the simulation's workers): records every reply's records
