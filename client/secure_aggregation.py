@@ -30,7 +30,13 @@ from fedlora import runtime
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
-from fedlora.secure_sum import ACTIONS, SecureSum, from_records, resolve_graph, to_records
+from fedlora.secure_sum import (
+    ACTIONS,
+    SecureSum,
+    from_records,
+    resolve_graph,
+    to_records,
+)
 from fedlora.wire import from_record
 
 __all__ = ["STATE_KEY", "check_round", "masked_reply", "register", "stage_fn"]

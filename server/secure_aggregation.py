@@ -32,8 +32,14 @@ from flwr.serverapp import Grid
 
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
 from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
-from fedlora.secure_sum import (SecureSum, from_records, message_type, protocol_bytes,
-                                resolve_graph, to_records)
+from fedlora.secure_sum import (
+    SecureSum,
+    from_records,
+    message_type,
+    protocol_bytes,
+    resolve_graph,
+    to_records,
+)
 from fedlora.timing import RoundTimer
 from fedlora.wire import to_record
 
@@ -68,7 +74,7 @@ class SecureAggregationStrategy(RoundStrategy):
     def cohort_size(self, num_nodes: int) -> int:
         """How many sites a training round samples out of ``num_nodes``."""
         s = self.strategy
-        return min(num_nodes, max(s.min_train_nodes, int(round(num_nodes * s.fraction_train))))
+        return min(num_nodes, max(s.min_train_nodes, round(num_nodes * s.fraction_train)))
 
     def identify_nodes(self, grid: Grid, timeout: float | None = None) -> int:
         """The inner strategy's, then the graph checked against the cohort (before round 1:

@@ -169,7 +169,7 @@ def _capture_mod(folder: str):
     vector it sends."""
 
     def mod(msg, context, call_next):
-        import fedlora.secure_sum as secure_sum
+        from fedlora import secure_sum
 
         kind = msg.metadata.message_type
         config = msg.content.config_records.get("config")
