@@ -125,7 +125,8 @@ class CommsLedger:
         per_dir: dict[str, int] = defaultdict(int)
         per_node: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
         per_round: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
-        up_train = [e for e in self.entries if e.direction == "up" and e.kind == "train"]
+        up_train = [e for e in self.entries if e.direction == "up"
+                    and e.kind in ("train", "secagg_masked_input")]  # a client's update
         for e in self.entries:
             per_dir[e.direction] += e.bytes
             per_node[e.node][e.direction] += e.bytes

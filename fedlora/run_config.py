@@ -241,11 +241,11 @@ class RunConfig:
         help="Secure aggregation: neighbours per site; at least the cohort size minus one "
         "(and the default for small cohorts) is every other sampled site.")
     secagg_clip: float = key(
-        0.1, "a float > 0", _positive,
+        1.0, "a float > 0", _positive,
         help="Secure aggregation: each coordinate of a site's update is clipped to this "
         "public bound before it is quantised.")
     secagg_levels: int = key(
-        32767, "an integer in [1, 2^24]", lambda v: 1 <= v <= 2**24,
+        1_048_575, "an integer in [1, 2^24]", lambda v: 1 <= v <= 2**24,
         help="Secure aggregation: integer steps between 0 and secagg-clip (the step is "
         "secagg-clip / secagg-levels; stochastic rounding).")
 
