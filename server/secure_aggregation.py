@@ -118,13 +118,12 @@ class SecureAggregationStrategy(RoundStrategy):
                 total = server.aggregate(revealed)
             except RoundAborted as e:
                 return self._released_nothing(server_round, exchange, str(e))
+            if len(total.survivors) < self.strategy.min_train_nodes:
+                return self._released_nothing(server_round, exchange, (
+                    f"{len(total.survivors)} sites in the sum, fewer than min-train-nodes = "
+                    f"{self.strategy.min_train_nodes}"))
             exchange.settle(total.survivors)
             outcome.accepted = list(total.survivors)
-            if len(total.survivors) < self.strategy.min_train_nodes:
-                log.warning("round %d: %d sites in the secure sum, fewer than min-train-nodes "
-                            "= %d; the global adapter is left unchanged", server_round,
-                            len(total.survivors), self.strategy.min_train_nodes)
-                return outcome
             received = {k: self.strategy.received[k] for k, _ in self.layout}
             merged = {**self.strategy.global_state,
                       **self.sum.mean(total.signed(), len(total.survivors), received)}
@@ -241,6 +240,9 @@ class _Exchange:
         """Every sampled site not in the sum and not yet noted: its answers were not valid
         for the protocol (or, with ``why``, the round released nothing)."""
         keep = set(survivors)
+        # A survivor that left after its masked update arrived is in the sum all the same.
+        self.outcome.dropped = [(n, r) for n, r in self.outcome.dropped if n not in keep]
+        self.outcome.refused = [(n, r) for n, r in self.outcome.refused if n not in keep]
         for node in self.outcome.sampled_nodes:
             if node not in keep and node not in self.left:
                 self._leave(node, why or "its answer to a stage was not valid for the "
