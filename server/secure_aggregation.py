@@ -171,6 +171,10 @@ class SecureAggregationStrategy(RoundStrategy):
         log.info("SecureAggregationStrategy: secagg-clip %g, secagg-levels %d, "
                  "secagg-degree %s, secagg-threshold %s", self.sum.clip, self.sum.levels,
                  self.cfg.secagg_degree or "default", self.cfg.secagg_threshold or "default")
+        if self.cfg.fraction_evaluate > 0 and self.cfg.dp_mode == "off":
+            log.info("federated evaluation is off under secure aggregation: each site's "
+                     "validation loss, accuracy and example count would reach the server in "
+                     "the clear (the centralised test set is evaluated as usual)")
 
 
 class _Exchange:

@@ -227,7 +227,7 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
     # ledger did not survive the restart charges those rounds (fedlora.privacy.Ledger).
     train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
-    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off"
+    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off" and not cfg.secure_aggregation
     empty = EmptyRounds(cfg.stop_after_empty_rounds, enabled=not record.withhold_replies)
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         timer = RoundTimer()

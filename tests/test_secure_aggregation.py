@@ -255,7 +255,9 @@ def _plain(folder: Path, rnd: int, node: int) -> np.ndarray:
 
 def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
         custom_task, tmp_path, server_sums, sends):  # noqa: F811
-    run_dir, folder = _run(custom_task, tmp_path, num_nodes=4, **{"round-timeout": 120.0})
+    run_dir, folder = _run(custom_task, tmp_path, num_nodes=4,
+                           **{"round-timeout": 120.0, "fraction-evaluate": 1.0})
+    assert not [types for types, _ in sends if any(t.startswith("evaluate") for t in types)]
     stages = [(set(types), timeout) for types, timeout in sends
               if types and types[0].startswith("train")]
     assert [types for types, _ in stages] == 2 * [{f"train.secagg_{s}"} for s in (
