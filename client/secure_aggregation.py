@@ -8,7 +8,8 @@ exactly as in a plain round), after which the site sends its update clipped, qua
 (:class:`fedlora.secure_sum.SecureSum`) and masked, and nothing else: no adapter, no
 metrics, no example count. The other stages answer with protocol messages only.
 At setup a site checks that the round's public parameters (degree, threshold, modulus,
-round) are the ones the run-config implies for the cohort it names.
+round) are the ones the run-config implies for the cohort it names, and that it trains at
+the global rank (a reply of another shape cannot be summed).
 
 A ClientApp keeps nothing between messages and each may run in another process: the
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
@@ -27,7 +28,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import runtime
-from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, with_overrides
+from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import (
@@ -83,6 +84,10 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
     if not cfg.secure_aggregation or wrong:
         raise ProtocolError(f"the round config does not follow the run-config: expected "
                             f"{wrong or 'secure-aggregation = true'}")
+    rank = NodeInfo.from_node_config(context.node_config, cfg).lora_rank
+    if rank not in (None, cfg.lora_rank):  # said before training: no budget spent on it
+        raise ProtocolError(f"this site trains at lora-rank {rank} (its node-config), and a "
+                            f"secure sum needs every site at the global rank {cfg.lora_rank}")
 
 
 def stage_fn(stage: str, msg: Message, context: Context) -> Message:

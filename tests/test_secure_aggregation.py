@@ -124,8 +124,8 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     received = {"w": np.zeros(3, np.float32)}
     updates = {7: [0.1, 0.2, -0.3], 8: [0.5, -0.1, 0.0], 9: [-2.0, 0.3, 0.3]}  # 9: clipped
 
-    def send(stage, u, body):
-        ctx = Context(run_id=1, node_id=u, node_config={}, state=states[u],
+    def send(stage, u, body, node_config=None):
+        ctx = Context(run_id=1, node_id=u, node_config=node_config or {}, state=states[u],
                       run_config=run_config)
         records = {**to_records(body), CONFIG_KEY: ConfigRecord({"server-round": 1})}
         if stage == "masked_input":
@@ -157,6 +157,8 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     reply = send("setup", 7, foreign.to_message())
     assert reply.content[STATUS_KEY]["status"] == "could-not-train"
     assert "run-config" in reply.content[STATUS_KEY]["reason"], dict(reply.content[STATUS_KEY])
+    reply = send("setup", 7, server.config.to_message(), node_config={"lora-rank": 4})
+    assert "global rank" in reply.content[STATUS_KEY]["reason"]  # refused before training
     states[8] = RecordDict()
     reply = send("share_keys", 8, {"keys": {}})
     assert "no setup seen" in reply.content[STATUS_KEY]["reason"]
