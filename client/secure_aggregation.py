@@ -40,7 +40,8 @@ from fedlora.secure_sum import (
 )
 from fedlora.wire import from_record
 
-__all__ = ["STATE_KEY", "check_round", "masked_reply", "register", "stage_fn"]
+__all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "register",
+           "stage_fn"]
 
 log = logging.getLogger("fedlora.client")
 
@@ -107,6 +108,18 @@ def stage_fn(stage: str, msg: Message, context: Context) -> Message:
     return _answer(msg, out)
 
 
+def ready_to_train(msg: Message, context: Context) -> None:
+    """``ProtocolError`` unless this node is in this round, at the masked-input stage:
+    checked before it trains, so that no training (no privacy budget) goes to a stage it
+    would refuse."""
+    client = _load(context)
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
+    if client.stage != "masked_input" or client.config.round_id != server_round:
+        raise ProtocolError(f"this node is at stage {client.stage!r} of round "
+                            f"{client.config.round_id}, not ready for the masked input of "
+                            f"round {server_round}")
+
+
 def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
     """What a site that trained sends: its update, quantised and masked (the ``respond``
     of the ClientApp's training)."""
@@ -132,6 +145,10 @@ def register(app: ClientApp, overrides: Mapping[str, Any] | None,
         def run(msg: Message, context: Context) -> Message:
             context = with_overrides(context, overrides)
             if stage == "masked_input":
+                try:
+                    ready_to_train(msg, context)
+                except ProtocolError as e:
+                    return _refuse(msg, str(e))
                 return train_fn(msg, context, masked_reply)
             return stage_fn(stage, msg, context)
 

@@ -237,7 +237,7 @@ class _Exchange:
         self.left.add(node)
         (self.outcome.dropped if dropped else self.outcome.refused).append((node, reason))
         if not quiet:
-                log.warning("round %d: node %d %s the secure aggregation round: %s",
+            log.warning("round %d: node %d %s the secure aggregation round: %s",
                         self.server_round, node, "dropped out of" if dropped else "left", reason)
 
     def settle(self, survivors: Iterable[int], why: str | None = None) -> None:

@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from fedlora.config import ConfigError, parse_run_config
-from fedlora.secagg import RoundConfig, SecAggClient, SecAggServer, decode
+from fedlora.secagg import (
+    ProtocolError,
+    RoundConfig,
+    SecAggClient,
+    SecAggServer,
+    decode,
+)
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import SecureSum, resolve_graph
 
@@ -111,7 +117,7 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     not imply, and a stage without setup."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from client.secure_aggregation import masked_reply, stage_fn
+    from client.secure_aggregation import masked_reply, ready_to_train, stage_fn
     from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
     from fedlora.secagg import COMPLETE
     from fedlora.secure_sum import from_records, message_type, to_records
@@ -132,6 +138,7 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
             records[LORA_KEY] = to_record(received)
         msg = Message(RecordDict(records), dst_node_id=u, message_type=message_type(stage))
         if stage == "masked_input":
+            ready_to_train(msg, ctx)
             return masked_reply(msg, ctx, cfg, {"w": received["w"] + np.array(updates[u])})
         return stage_fn(stage, msg, ctx)
 
@@ -157,6 +164,8 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     reply = send("setup", 7, foreign.to_message())
     assert reply.content[STATUS_KEY]["status"] == "could-not-train"
     assert "run-config" in reply.content[STATUS_KEY]["reason"], dict(reply.content[STATUS_KEY])
+    with pytest.raises(ProtocolError, match="not ready"):  # done: no training for it
+        send("masked_input", 7, {})
     reply = send("setup", 7, server.config.to_message(), node_config={"lora-rank": 4})
     assert "global rank" in reply.content[STATUS_KEY]["reason"]  # refused before training
     states[8] = RecordDict()
