@@ -330,3 +330,5 @@ def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(
     lines = [x.getMessage() for x in records if x.levelno == logging.WARNING
              and "round 2: secure aggregation released nothing" in x.getMessage()]
     assert len(lines) == 1 and "left unchanged" in lines[0], lines
+    assert not [x for x in records if "could not write" in x.getMessage()]  # the report
+    assert "released nothing" in (run_dir / "report.html").read_text()
