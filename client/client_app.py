@@ -32,7 +32,7 @@ from fedlora.config import ConfigError
 from fedlora.data import DataError
 from fedlora.models import cached_lora_model
 from fedlora.privacy import BudgetExhausted, PrivacyStateError
-from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
+from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy, hold_reply
 from fedlora.probe import is_probe_round
 from fedlora.protocol import (
     CONFIG_KEY,
@@ -48,6 +48,8 @@ from fedlora.protocol import (
 from fedlora.quantization import ErrorFeedback
 from fedlora.training import evaluate
 from fedlora.wire import WireFormat, from_record, to_record
+
+from . import secure_aggregation
 
 if TYPE_CHECKING:
     from fedlora.run_config import RunConfig
@@ -138,32 +140,18 @@ def _simulate_failure(cfg: RunConfig, server_round: int, partition_id: int | Non
         time.sleep(cfg.straggler_delay)
 
 
-def train_fn(msg: Message, context: Context) -> Message:
-    """Train the received adapter on this node's data and send the adapter back; under a
-    site policy with ``min-reply-seconds`` the reply (trained or refused) leaves no sooner
-    than that after the instruction arrived."""
+def train_fn(msg: Message, context: Context, respond=None) -> Message:
+    """Train the received adapter on this node's data and send the adapter back (or what
+    ``respond(msg, context, cfg, reply)`` makes of it: secure aggregation); under a site
+    policy with ``min-reply-seconds`` the reply (trained or refused) leaves no sooner than
+    that after the instruction arrived."""
     started = time.monotonic()
-    reply = _train(msg, context)
-    _hold_reply(started, context.node_config)
+    reply = _train(msg, context, respond)
+    hold_reply(started, context.node_config)
     return reply
 
 
-def _hold_reply(started: float, node_config) -> None:
-    """Sleep until ``min-reply-seconds`` after ``started`` (a bad value was refused already)."""
-    try:
-        hold = SitePolicy.from_node_config(node_config).min_reply_seconds or 0.0
-    except PolicyRefusal:
-        hold = 0.0
-    left = started + hold - time.monotonic()
-    if left > 0:
-        time.sleep(left)
-    elif hold:  # stays at the site: how long it took is about its data
-        log.warning("This reply took %.1f s, more than node-config 'min-reply-seconds' = "
-                    "%g: its timing may tell the server about this site's data; raise the "
-                    "floor", hold - left, hold)
-
-
-def _train(msg: Message, context: Context) -> Message:
+def _train(msg: Message, context: Context, respond=None) -> Message:
     t0 = time.perf_counter()
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     policy = _site_policy(context)  # before the site touches its data
@@ -188,7 +176,7 @@ def _train(msg: Message, context: Context) -> Message:
         metrics = {"num-examples": data.num_train, "train-loss": result.loss,
                    "train-steps": result.steps, "train-seconds": t2 - t0,
                    "setup-seconds": t1 - t0, "compute-seconds": t2 - t1}
-        return _reply(msg, context, cfg, method, reply, metrics)
+        return _reply(msg, context, cfg, method, reply, metrics, respond)
     try:
         # With a ledger file, the session holds its lock from the check to the spend.
         with ledger.session():
@@ -240,7 +228,7 @@ def _train(msg: Message, context: Context) -> Message:
     # steps are the configured ones.
     steps = ledger.plan.probe_steps if is_probe_round(cfg, server_round) else cfg.local_steps
     return _reply(msg, context, cfg, method, reply, {
-        "num-examples": ledger.plan.weight, "train-steps": steps, **dp_metrics})
+        "num-examples": ledger.plan.weight, "train-steps": steps, **dp_metrics}, respond)
 
 
 PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"
@@ -312,8 +300,8 @@ DIVERGED = ("training diverged: the update has non-finite values (nothing was se
             "lower learning-rate usually helps)")
 
 
-def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply,
-           metrics: dict) -> Message:
+def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply, metrics: dict,
+           respond=None) -> Message:
     if not all(np.isfinite(np.asarray(v)).all() for v in reply.values()):
         # Said as a refusal, on every wire format (int8/int4 could not even encode it); under
         # DP the details stay here, as for any failure of private training.
@@ -323,6 +311,8 @@ def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply,
     personal = method.personal_keys(reply)
     if personal:  # kept as released (under DP: the noised values), for the next round
         context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})
+    if respond is not None:  # secure aggregation: the masked update alone, no metrics
+        return respond(msg, context, cfg, reply)
     if cfg.dp_mode != "off":  # under any DP mode: nothing about the data outside the guarantee
         metrics = privacy.released_metrics(metrics)
     content = RecordDict(
@@ -393,6 +383,7 @@ def build_app(
     def _query(msg: Message, context: Context) -> Message:
         return query_fn(msg, context)
 
+    secure_aggregation.register(client_app, overrides, train_fn)
     return client_app
 
 

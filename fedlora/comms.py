@@ -89,6 +89,23 @@ class CommsLedger:
         self.entries.append(entry)
         return entry
 
+    def record_bytes(self, server_round: int, node: int, direction: str, kind: str,
+                     nbytes: int, keys: str = "") -> CommsEntry:
+        """A message that is not adapter tensors (a secure aggregation stage): its bytes."""
+        entry = CommsEntry(round=int(server_round), node=int(node), direction=direction,
+                           kind=str(kind).split(".")[-1], bytes=int(nbytes),
+                           analytic_bytes=int(nbytes), factor_bytes=0, head_bytes=0,
+                           num_arrays=0, wire_dtype="", keys=keys, array_bytes="")
+        self.entries.append(entry)
+        return entry
+
+    def forget(self, server_round: int, nodes: set[int], direction: str, kind: str) -> None:
+        """Drop the entries of messages prepared for ``nodes`` but never sent to them."""
+        kind = str(kind).split(".")[-1]
+        self.entries = [e for e in self.entries if not (
+            e.round == server_round and e.node in nodes and e.direction == direction
+            and e.kind == kind)]
+
     def restore(self, rows: list[Mapping[str, Any]]) -> None:
         """Continue from the rows of an earlier :meth:`rows` (a resumed run)."""
         names = {f.name for f in fields(CommsEntry)}
@@ -108,7 +125,8 @@ class CommsLedger:
         per_dir: dict[str, int] = defaultdict(int)
         per_node: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
         per_round: dict[int, dict[str, int]] = defaultdict(lambda: {"up": 0, "down": 0})
-        up_train = [e for e in self.entries if e.direction == "up" and e.kind == "train"]
+        up_train = [e for e in self.entries if e.direction == "up"
+                    and e.kind in ("train", "secagg_masked_input")]  # a client's update
         for e in self.entries:
             per_dir[e.direction] += e.bytes
             per_node[e.node][e.direction] += e.bytes

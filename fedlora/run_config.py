@@ -226,6 +226,28 @@ class RunConfig:
         help="Stop the run, saying why, after this many rounds in a row in which no reply was "
         "accepted (every one refused or dropped): such rounds spend the sites' privacy "
         "budget and change nothing.")
+    secure_aggregation: bool = key(
+        False, "true or false",
+        help="Secure aggregation (SecAgg+): the server learns only the sum of the sampled "
+        "sites' clipped, quantised updates, never one site's (docs/secure_aggregation.md).")
+    secagg_threshold: float = key(
+        0.0, "0 (default: 2/3 of the degree), a fraction in (0.5, 1] or a whole count > 1",
+        lambda v: v == 0 or 0.5 < v <= 1 or (v > 1 and float(v).is_integer()),
+        help="Secure aggregation: shares needed to rebuild a site's secrets, as a fraction "
+        "of its neighbours or a count; a round with fewer survivors releases nothing.")
+    secagg_degree: int = key(
+        0, "0 (default: about 4 log2 of the cohort) or an even integer >= 2",
+        lambda v: v == 0 or v >= 2,
+        help="Secure aggregation: neighbours per site; at least the cohort size minus one "
+        "(and the default for small cohorts) is every other sampled site.")
+    secagg_clip: float = key(
+        1.0, "a float > 0", _positive,
+        help="Secure aggregation: each coordinate of a site's update is clipped to this "
+        "public bound before it is quantised.")
+    secagg_levels: int = key(
+        1_048_575, "an integer in [1, 2^24]", lambda v: 1 <= v <= 2**24,
+        help="Secure aggregation: integer steps between 0 and secagg-clip (the step is "
+        "secagg-clip / secagg-levels; stochastic rounding).")
 
     @property
     def target_modules(self) -> list[str]:

@@ -27,6 +27,8 @@ _HINTS = (
                         "(0 turns the bound off) or look for a client sending a poisoned update"),
     ("budget", "the sites' privacy budget is spent: a site's max-epsilon caps every run it "
                "joins; start fewer rounds or ask the sites for a larger budget"),
+    ("secure aggregation released nothing", "too few sites finished the secure "
+     "aggregation round: sample more sites (fraction-train) or lower secagg-threshold"),
     ("refuses", "the sites' own policy (their node-config) refuses this run: meet it (the "
                 "reason names the key) or ask the sites to accept it"),
     ("process died", "the clients' processes died: lower max-physical-batch-size or "

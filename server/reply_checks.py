@@ -7,6 +7,10 @@ serialisation and shapes, finite values, and the norm of the change against
 reply of the round can make (:mod:`fedlora.privacy.reply_bound`). A failed check raises
 ``ValueError`` with the reason (the reply is refused); a foreign array key raises
 :class:`AuditError` unless ``foreign-keys = "refuse"``.
+
+Under secure aggregation (:mod:`server.secure_aggregation`) none of this runs: a masked
+vector shows no keys, shapes or norm to check. The public ``secagg-clip`` bounds what each
+site adds to each coordinate instead.
 """
 
 from __future__ import annotations

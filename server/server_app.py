@@ -55,6 +55,7 @@ from fedlora.wire import WireFormat, encoded_bytes, from_record, to_record
 from .empty_rounds import EmptyRounds, RunGoingNowhere
 from .round_outcome import RoundOutcome, RoundStrategy
 from .run_record import RunRecord
+from .secure_aggregation import SecureAggregationStrategy
 from .strategy import AuditError, LoraStrategy
 from .user_level_strategy import UserLevelDpStrategy
 
@@ -177,6 +178,8 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
     central = privacy.server_hook(cfg)
     if central is not None:
         strategy = UserLevelDpStrategy(strategy, central)
+    if cfg.secure_aggregation:
+        strategy = SecureAggregationStrategy(strategy, cfg)
     for mechanism in privacy.parse_dp_mode(cfg.dp_mode):
         log.info("dp-mode '%s' protects: %s", mechanism.name, mechanism.neighbouring)
         plan = mechanism.describe(cfg)
@@ -224,7 +227,7 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
     # ledger did not survive the restart charges those rounds (fedlora.privacy.Ledger).
     train_config = ConfigRecord({"resumed-after": ckpt.round if ckpt is not None else 0})
     timeout = cfg.round_timeout or None
-    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off"
+    fed_eval = cfg.fraction_evaluate > 0 and cfg.dp_mode == "off" and not cfg.secure_aggregation
     empty = EmptyRounds(cfg.stop_after_empty_rounds, enabled=not record.withhold_replies)
     for rnd in range(first_round, cfg.num_server_rounds + 1):
         timer = RoundTimer()

@@ -30,7 +30,9 @@ its data and its operator are the run's own.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,9 @@ if TYPE_CHECKING:
     from ..run_config import RunConfig
     from .mechanisms import DpPlan
 
-__all__ = ["POLICY_KEYS", "PolicyRefusal", "SitePolicy"]
+__all__ = ["POLICY_KEYS", "PolicyRefusal", "SitePolicy", "hold_reply"]
+
+log = logging.getLogger("fedlora.client")
 
 #: The node-config keys of a site's privacy policy.
 POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier",
@@ -156,3 +160,18 @@ class SitePolicy:
         if self.accept_dp_modes is None:
             return not self.deployed
         return "off" in self.accept_dp_modes
+
+
+def hold_reply(started: float, node_config: Mapping[str, Any]) -> None:
+    """Sleep until ``min-reply-seconds`` after ``started`` (a bad value was refused already)."""
+    try:
+        hold = SitePolicy.from_node_config(node_config).min_reply_seconds or 0.0
+    except PolicyRefusal:
+        hold = 0.0
+    left = started + hold - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+    elif hold:  # stays at the site: how long it took is about its data
+        log.warning("This reply took %.1f s, more than node-config 'min-reply-seconds' = "
+                    "%g: its timing may tell the server about this site's data; raise the "
+                    "floor", hold - left, hold)

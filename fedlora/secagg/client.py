@@ -81,6 +81,11 @@ class SecAggClient:
         self._known = dict(known_identities) if known_identities is not None else None
         self._stage = "setup"
 
+    @property
+    def stage(self) -> str:
+        """The stage this client answers next (``"aborted"`` once it refused one)."""
+        return self._stage
+
     def _expect(self, stage: str) -> None:
         if self._stage != stage:
             raise ProtocolError(f"node {self.node_id} cannot run {stage!r} now "

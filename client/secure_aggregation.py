@@ -1,0 +1,158 @@
+"""A site's side of secure aggregation (``secure-aggregation = true``).
+
+The server runs each training round as the five stages of SecAgg+ (:mod:`fedlora.secagg`),
+one Flower train action each (:data:`fedlora.secure_sum.ACTIONS`). The stage that
+carries the global adapter, ``train.secagg_masked_input``, is where the site trains: the
+ClientApp's own training (``train_fn``: its site policy, its DP mechanism and ledger,
+exactly as in a plain round), after which the site sends its update clipped, quantised
+(:class:`fedlora.secure_sum.SecureSum`) and masked, and nothing else: no adapter, no
+metrics, no example count. The other stages answer with protocol messages only.
+At setup a site checks that the round's public parameters (degree, threshold, modulus,
+round) are the ones the run-config implies for the cohort it names, and that it trains at
+the global rank (a reply of another shape cannot be summed).
+
+A ClientApp keeps nothing between messages and each may run in another process: the
+site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
+``context.state``, which stays on the node. A stage the site refuses (a malformed or
+inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
+saying why; the site then refuses the round's later stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlora import runtime
+from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
+from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
+from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
+from fedlora.secure_sum import (
+    ACTIONS,
+    SecureSum,
+    from_records,
+    resolve_graph,
+    to_records,
+)
+from fedlora.wire import from_record
+
+__all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "register",
+           "stage_fn"]
+
+log = logging.getLogger("fedlora.client")
+
+STATE_KEY = "fedlora-secagg"  # this node's protocol state for the current round
+
+
+def _load(context: Context) -> SecAggClient:
+    stored = context.state.get(STATE_KEY)
+    if stored is None:
+        raise ProtocolError("this node holds no secure aggregation round (no setup seen)")
+    return load_client(unflatten(dict(stored)))
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    context.state[STATE_KEY] = ConfigRecord(flatten(dump_client(client)))
+
+
+def _refuse(msg: Message, reason: str) -> Message:
+    log.error("Secure aggregation: this site refuses the stage: %s", reason)
+    return Message(content=RecordDict({STATUS_KEY: ConfigRecord(
+        {"status": "could-not-train", "reason": f"secure aggregation: {reason}"[:2000]})}),
+        reply_to=msg)
+
+
+def _answer(msg: Message, body: Mapping[str, Any]) -> Message:
+    content = RecordDict({**to_records(body), STATUS_KEY: ConfigRecord({"status": "ok"})})
+    return Message(content=content, reply_to=msg)
+
+
+def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None:
+    """The round config must be the one the run-config implies for its cohort (degree,
+    threshold, modulus) and name the round of the message: ``ProtocolError`` otherwise."""
+    cfg = runtime.resolve_config(context.run_config)
+    config = RoundConfig.from_message(body)
+    n = len(config.cohort)
+    degree, threshold = resolve_graph(cfg, n)
+    expected = {"round_id": int(msg.content[CONFIG_KEY].get("server-round", -1)),
+                "degree": degree, "threshold": threshold,
+                "bits": SecureSum.from_config(cfg).bits(n)}
+    wrong = {k: v for k, v in expected.items() if getattr(config, k) != v}
+    if not cfg.secure_aggregation or wrong:
+        raise ProtocolError(f"the round config does not follow the run-config: expected "
+                            f"{wrong or 'secure-aggregation = true'}")
+    rank = NodeInfo.from_node_config(context.node_config, cfg).lora_rank
+    if rank not in (None, cfg.lora_rank):  # said before training: no budget spent on it
+        raise ProtocolError(f"this site trains at lora-rank {rank} (its node-config), and a "
+                            f"secure sum needs every site at the global rank {cfg.lora_rank}")
+
+
+def stage_fn(stage: str, msg: Message, context: Context) -> Message:
+    """One protocol stage other than the masked input."""
+    client = None
+    try:
+        body = from_records(msg.content)
+        if stage == "setup":
+            check_round(body, msg, context)
+        client = SecAggClient(int(context.node_id)) if stage == "setup" else _load(context)
+        out = getattr(client, stage)(body)
+    except (ProtocolError, ValueError, KeyError) as e:
+        if client is not None:
+            _save(context, client)  # a client that refused refuses every later stage
+        return _refuse(msg, str(e))
+    _save(context, client)
+    return _answer(msg, out)
+
+
+def ready_to_train(msg: Message, context: Context) -> None:
+    """``ProtocolError`` unless this node is in this round, at the masked-input stage:
+    checked before it trains, so that no training (no privacy budget) goes to a stage it
+    would refuse."""
+    client = _load(context)
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
+    if client.stage != "masked_input" or client.config.round_id != server_round:
+        raise ProtocolError(f"this node is at stage {client.stage!r} of round "
+                            f"{client.config.round_id}, not ready for the masked input of "
+                            f"round {server_round}")
+
+
+def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
+    """What a site that trained sends: its update, quantised and masked (the ``respond``
+    of the ClientApp's training)."""
+    client = None
+    try:
+        client = _load(context)
+        received = from_record(msg.content[LORA_KEY])
+        vector = SecureSum.from_config(cfg).quantise(reply, received, client.config.bits)
+        out = client.masked_input(from_records(msg.content), vector)
+    except (ProtocolError, ValueError, KeyError) as e:
+        if client is not None:
+            _save(context, client)
+        return _refuse(msg, str(e))
+    _save(context, client)
+    return _answer(msg, out)
+
+
+def register(app: ClientApp, overrides: Mapping[str, Any] | None,
+             train_fn: Callable[..., Message]) -> None:
+    """Register the stages on ``app``; ``train_fn(msg, context, respond)`` trains."""
+
+    def handler(stage: str) -> Callable[[Message, Context], Message]:
+        def run(msg: Message, context: Context) -> Message:
+            context = with_overrides(context, overrides)
+            if stage == "masked_input":
+                try:
+                    ready_to_train(msg, context)
+                except ProtocolError as e:
+                    return _refuse(msg, str(e))
+                return train_fn(msg, context, masked_reply)
+            return stage_fn(stage, msg, context)
+
+        return run
+
+    for stage, action in ACTIONS.items():
+        app.train(action)(handler(stage))

@@ -1,0 +1,200 @@
+"""Secure aggregation of adapter updates (``secure-aggregation = true``): what the server
+and the sites agree on, outside the protocol itself (:mod:`fedlora.secagg`).
+
+What a site sums is its update, the adapter it trained (or, under a local DP mode, what
+its mechanism releases) minus the adapter it received, over the tensors the method sends
+(:meth:`~fedlora.aggregation.Method.payload`, in sorted key order). Each coordinate is
+clipped to ``[-secagg-clip, secagg-clip]`` and stochastically rounded, with coins from OS
+entropy, to an integer multiple of the public step ``secagg-clip / secagg-levels``: an
+integer in ``[-levels, levels]``, unbiased. The modulus 2^k is
+``bits_for(cohort, levels, signed=True)``: no sum of a cohort's integers can wrap. Every
+site weighs the same (a public constant): the new global adapter is the received one plus
+``step * sum / survivors``, so no example count leaves a site.
+
+Which runs can use it is checked before round 1 (:func:`check_config`,
+:func:`resolve_graph`), with errors naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from .aggregation import METHODS
+from .config import ConfigError
+from .entropy import private_numpy_rng
+from .secagg import bits_for, encode
+from .secagg.graph import COMPLETE, resolve_degree, resolve_threshold
+from .secagg.state import flatten, unflatten
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
+
+__all__ = ["ACTIONS", "MASKED_KEY", "SECAGG_KEY", "SecureSum", "check_config", "from_records",
+           "message_type", "protocol_bytes", "resolve_graph", "to_records"]
+
+#: The protocol's client stages and the train actions that carry them (``train.<action>``).
+ACTIONS = {"setup": "secagg_setup", "share_keys": "secagg_share_keys",
+           "masked_input": "secagg_masked_input", "consistency": "secagg_consistency",
+           "unmask": "secagg_unmask"}
+SECAGG_KEY = "secagg"  # a stage's message (ConfigRecord, flattened)
+MASKED_KEY = "secagg-masked"  # the masked vector (ArrayRecord)
+
+#: Aggregators whose new global adapter is not the mean of what sites send.
+REFUSED_AGGREGATORS = {
+    "svd": "its new adapter re-factorises the exact sum of B @ A products, which needs "
+           "each site's factors, not their sum",
+    "stack": "it concatenates each site's factors, which would show every one of them",
+    "fedsa": "its server-side B is the mean of each site's own B, which starts from where "
+             "only that site knows, not from a shared adapter",
+}
+
+
+def message_type(stage: str) -> str:
+    return f"train.{ACTIONS[stage]}"
+
+
+def check_config(cfg: RunConfig) -> None:
+    """``ConfigError`` for a run that cannot aggregate securely (before round 1)."""
+    if not cfg.secure_aggregation:
+        return
+    method = METHODS.get(cfg.aggregator)
+    if cfg.aggregator in REFUSED_AGGREGATORS or (method is not None and not method.linear):
+        reason = REFUSED_AGGREGATORS.get(cfg.aggregator, "its new adapter is not the mean of "
+                                                         "what sites send")
+        raise ConfigError("aggregator", cfg.aggregator,
+                          "fedavg or ffa when secure-aggregation = true: the server learns only "
+                          f"the sum of the updates, and '{cfg.aggregator}' cannot use it: "
+                          f"{reason}")
+    if "client" in cfg.dp_mode.split("+"):
+        raise ConfigError("dp-mode", cfg.dp_mode,
+                          "off, sample or update when secure-aggregation = true: user-level DP "
+                          "(client) has the server clip and noise each site's update, which "
+                          "it no longer sees (distributed noise is not implemented)")
+
+
+def resolve_graph(cfg: RunConfig, cohort: int) -> tuple[int, int]:
+    """``(degree, threshold)`` of a round's neighbour graph for ``cohort`` sampled sites;
+    ``ConfigError`` naming the key when they do not fit the cohort."""
+    if cohort < 2:
+        raise ConfigError("fraction-train", cfg.fraction_train,
+                          f"a share that samples at least 2 sites when secure-aggregation = "
+                          f"true (it samples {cohort})")
+    degree: int | str | None = cfg.secagg_degree or None
+    if degree is not None and degree >= cohort - 1:
+        degree = COMPLETE
+    try:
+        degree = resolve_degree(cohort, degree)
+    except ValueError as e:
+        raise ConfigError("secagg-degree", cfg.secagg_degree,
+                          f"0, an even number, or at least the cohort size minus one "
+                          f"({cohort - 1}): {e}") from None
+    value = cfg.secagg_threshold
+    threshold = None if value == 0 else (value if value <= 1 else int(value))
+    try:
+        return degree, resolve_threshold(degree, threshold)
+    except ValueError as e:
+        raise ConfigError("secagg-threshold", value,
+                          f"a count or fraction of the {degree} neighbours of a site in a "
+                          f"cohort of {cohort}: {e}") from None
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """The public quantisation of a round: ``clip`` per coordinate, ``levels`` steps."""
+
+    clip: float
+    levels: int
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> SecureSum:
+        return cls(float(cfg.secagg_clip), int(cfg.secagg_levels))
+
+    @property
+    def step(self) -> float:
+        return self.clip / self.levels
+
+    def bits(self, cohort: int) -> int:
+        """Modulus bits: a sum of ``cohort`` integers in [-levels, levels] cannot wrap."""
+        return bits_for(cohort, self.levels, signed=True)
+
+    @staticmethod
+    def layout(payload: Mapping[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+        """The summed tensors (sorted keys) and their shapes."""
+        return [(k, tuple(int(s) for s in np.shape(payload[k]))) for k in sorted(payload)]
+
+    @staticmethod
+    def length(layout: list[tuple[str, tuple[int, ...]]]) -> int:
+        return sum(math.prod(shape) for _, shape in layout)
+
+    def quantise(self, reply: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+                 bits: int) -> np.ndarray:
+        """A site's update as ring elements mod 2^bits (``ValueError`` if its tensors are
+        not exactly the received ones' keys and shapes)."""
+        layout = self.layout(received)
+        if sorted(reply) != [k for k, _ in layout] or any(
+                tuple(np.shape(reply[k])) != shape for k, shape in layout):
+            raise ValueError("secure aggregation needs a reply with exactly the tensors and "
+                             "shapes received (every site at the global rank)")
+        update = np.concatenate([
+            (np.asarray(reply[k], np.float64) - np.asarray(received[k], np.float64)).ravel()
+            for k, _ in layout]) if layout else np.zeros(0)
+        scaled = np.clip(update, -self.clip, self.clip) / self.step
+        low = np.floor(scaled)
+        up = private_numpy_rng().random(scaled.shape) < (scaled - low)  # unbiased rounding
+        values = np.clip(low + up, -self.levels, self.levels).astype(np.int64)
+        return encode(values, bits)
+
+    def mean(self, total: np.ndarray, survivors: int,
+             received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``received + step * total / survivors`` per tensor (``total``: the signed sum)."""
+        delta = np.asarray(total, np.float64) * (self.step / survivors)
+        out, at = {}, 0
+        for key, shape in self.layout(received):
+            size = math.prod(shape)
+            out[key] = (np.asarray(received[key], np.float64)
+                        + delta[at:at + size].reshape(shape)).astype(np.float32)
+            at += size
+        return out
+
+
+def _transport_dtype(vector: np.ndarray) -> np.dtype:
+    top = int(vector.max()) if vector.size else 0
+    return next(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64")
+                if top <= np.iinfo(t).max)
+
+
+def to_records(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage's message as records: the masked vector apart, the rest flattened."""
+    rest = {k: v for k, v in body.items() if k != "masked"}
+    out: dict[str, Any] = {SECAGG_KEY: ConfigRecord(flatten(rest))}
+    if "masked" in body:
+        vector = np.asarray(body["masked"], dtype=np.uint64)
+        out[MASKED_KEY] = ArrayRecord({"masked": Array(vector.astype(_transport_dtype(vector)))})
+    return out
+
+
+def from_records(content: RecordDict) -> dict[str, Any]:
+    """Inverse of :func:`to_records` (``ValueError``/``KeyError`` for a malformed one)."""
+    body = unflatten(dict(content[SECAGG_KEY]))
+    if MASKED_KEY in content:
+        body["masked"] = content[MASKED_KEY]["masked"].numpy().astype(np.uint64)
+    return body
+
+
+def protocol_bytes(content: RecordDict) -> int:
+    """Bytes of the protocol's records in a message: byte strings and strings as written,
+    8 per integer, and the masked vector's serialised array."""
+    total = 0
+    if SECAGG_KEY in content:
+        for key, value in content[SECAGG_KEY].items():
+            total += len(key.encode()) + (len(value) if isinstance(value, bytes) else
+                                          len(value.encode()) if isinstance(value, str) else 8)
+    if MASKED_KEY in content:
+        total += sum(len(a.data) for a in content[MASKED_KEY].values())
+    return total

@@ -1,0 +1,253 @@
+"""Secure aggregation as a wrapper around the fedlora strategy (``secure-aggregation = true``).
+
+As :class:`server.user_level_strategy.UserLevelDpStrategy` does, this wraps a
+:class:`server.strategy.LoraStrategy` and uses its public methods: the inner strategy
+samples the cohort and prepares the global adapter as usual; the wrapper then runs the
+round as the five stages of SecAgg+ (:mod:`fedlora.secagg`), each a Flower train action
+sent to the sites still in the round (:data:`fedlora.secure_sum.ACTIONS`), the global
+adapter going out with the masked-input stage, where sites train. The server learns the
+sum of the survivors' quantised updates (:class:`fedlora.secure_sum.SecureSum`) and
+nothing else about any one site: the new global adapter is the received one plus their
+mean, every site weighing the same.
+
+What the server sees of a site: protocol messages (public keys, encrypted shares, the
+masked vector, signatures, the shares it reveals) and a status; no training metrics.
+A site that stops answering after it shared its keys is removed by reconstruction; a round
+with too few survivors (``secagg-threshold``) releases nothing and leaves the global
+adapter as it was. No stage waits longer than ``round-timeout``.
+
+The reply checks of :mod:`server.reply_checks` (update norms, shapes of each reply) cannot
+look at a masked vector: the public ``secagg-clip`` bounds what each site adds to each
+coordinate instead, so they do not run under secure aggregation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
+from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
+from fedlora.secure_sum import (
+    SecureSum,
+    from_records,
+    message_type,
+    protocol_bytes,
+    resolve_graph,
+    to_records,
+)
+from fedlora.timing import RoundTimer
+from fedlora.wire import to_record
+
+from .round_outcome import RoundOutcome, RoundStrategy, short_reason
+from .strategy import LoraStrategy
+
+if TYPE_CHECKING:
+    from fedlora.run_config import RunConfig
+
+log = logging.getLogger("fedlora.server")
+
+__all__ = ["SecureAggregationStrategy"]
+
+RELEASED_NOTHING = "secure aggregation released nothing"
+
+
+class SecureAggregationStrategy(RoundStrategy):
+    """``strategy`` whose training rounds aggregate by SecAgg+: the server sees only a sum."""
+
+    def __init__(self, strategy: LoraStrategy, cfg: RunConfig) -> None:
+        self.strategy, self.cfg = strategy, cfg
+        self.sum = SecureSum.from_config(cfg)
+        # Norms and shapes of single replies are not seen: the public clip bounds them.
+        strategy.measure_norms = False
+        self.layout = SecureSum.layout(strategy.method.payload(strategy.template))
+        self.length = SecureSum.length(self.layout)
+
+    @property
+    def outcome(self) -> RoundOutcome:  # type: ignore[override]
+        return self.strategy.outcome
+
+    def cohort_size(self, num_nodes: int) -> int:
+        """How many sites a training round samples out of ``num_nodes``."""
+        s = self.strategy
+        return min(num_nodes, max(s.min_train_nodes, round(num_nodes * s.fraction_train)))
+
+    def identify_nodes(self, grid: Grid, timeout: float | None = None) -> int:
+        """The inner strategy's, then the graph checked against the cohort (before round 1:
+        ``ConfigError`` naming the key)."""
+        found = self.strategy.identify_nodes(grid, timeout=timeout)
+        cohort = self.cohort_size(len(list(grid.get_node_ids())))
+        degree, threshold = resolve_graph(self.cfg, cohort)
+        log.info("secure aggregation: cohorts of %d sites, %d neighbours each, %d shares to "
+                 "rebuild a secret, %d coordinates clipped to %g in steps of %.3g, modulus "
+                 "2^%d", cohort, degree, threshold, self.length, self.sum.clip, self.sum.step,
+                 self.sum.bits(cohort))
+        return found
+
+    # -- a training round ---------------------------------------------------------------
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord,
+                    config: ConfigRecord, *, timeout: float | None,
+                    timer: RoundTimer) -> RoundOutcome:
+        """Sample, then run the protocol's stages; the new adapter from the revealed sum."""
+        with timer.phase("train_exchange"):
+            sent = list(self.strategy.configure_train(server_round, arrays, config, grid))
+            outcome = self.strategy.outcome
+            if not sent:
+                return outcome
+            nodes = [int(m.metadata.dst_node_id) for m in sent]
+            exchange = _Exchange(self, grid, server_round, timeout, sent[0].content)
+            try:
+                degree, threshold = resolve_graph(self.cfg, len(nodes))
+                server = SecAggServer(RoundConfig.create(
+                    server_round, nodes, length=self.length, bits=self.sum.bits(len(nodes)),
+                    degree=COMPLETE if degree == len(nodes) - 1 else degree,
+                    threshold=threshold))
+                stage = server.collect_keys(exchange.run("setup", server.setup()))
+                stage = server.collect_shares(exchange.run("share_keys", stage))
+                stage = server.collect_masked(exchange.run("masked_input", stage))
+                stage = server.collect_signatures(exchange.run("consistency", stage))
+                revealed = exchange.run("unmask", stage)
+            except (RoundAborted, ValueError) as e:
+                return self._released_nothing(server_round, exchange, str(e))
+        with timer.phase("aggregation"):
+            try:
+                total = server.aggregate(revealed)
+            except RoundAborted as e:
+                return self._released_nothing(server_round, exchange, str(e))
+            if len(total.survivors) < self.strategy.min_train_nodes:
+                return self._released_nothing(server_round, exchange, (
+                    f"{len(total.survivors)} sites in the sum, fewer than min-train-nodes = "
+                    f"{self.strategy.min_train_nodes}"))
+            exchange.settle(total.survivors)
+            outcome.accepted = list(total.survivors)
+            received = {k: self.strategy.received[k] for k, _ in self.layout}
+            merged = {**self.strategy.global_state,
+                      **self.sum.mean(total.signed(), len(total.survivors), received)}
+            outcome.arrays = to_record(merged)
+            log.info("round %d: secure sum of %d of %d sampled sites", server_round,
+                     len(total.survivors), len(nodes))
+        return outcome
+
+    def _released_nothing(self, server_round: int, exchange: _Exchange,
+                          reason: str) -> RoundOutcome:
+        """A round that aborted: nothing about any site was revealed, nothing changes."""
+        why = f"{RELEASED_NOTHING} ({reason})"
+        exchange.settle((), why)
+        log.warning("round %d: %s; the global adapter is left unchanged", server_round, why)
+        return self.strategy.outcome
+
+    # -- the rest is the inner strategy's -------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        raise NotImplementedError("under secure aggregation a round runs through train_round")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raise NotImplementedError("under secure aggregation a round runs through train_round")
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def public_node(self, node: int) -> int:
+        return self.strategy.public_node(node)
+
+    def state_dict(self) -> dict:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+        log.info("SecureAggregationStrategy: secagg-clip %g, secagg-levels %d, "
+                 "secagg-degree %s, secagg-threshold %s", self.sum.clip, self.sum.levels,
+                 self.cfg.secagg_degree or "default", self.cfg.secagg_threshold or "default")
+        if self.cfg.fraction_evaluate > 0 and self.cfg.dp_mode == "off":
+            log.info("federated evaluation is off under secure aggregation: each site's "
+                     "validation loss, accuracy and example count would reach the server in "
+                     "the clear (the centralised test set is evaluated as usual)")
+
+
+class _Exchange:
+    """One round's messages: sends a stage, keeps the answers, notes who left and why."""
+
+    def __init__(self, owner: SecureAggregationStrategy, grid: Grid, server_round: int,
+                 timeout: float | None, content: RecordDict) -> None:
+        self.grid, self.server_round, self.timeout = grid, server_round, timeout
+        self.outcome = owner.strategy.outcome
+        self.ledger = owner.strategy.ledger
+        self.lora, self.config = content[LORA_KEY], content[CONFIG_KEY]
+        self.left: set[int] = set()  # sites whose departure is noted in the outcome
+
+    def run(self, stage: str, messages: Mapping[int, Mapping[str, Any]]) -> dict[int, Any]:
+        """Send ``messages`` (node -> body) as ``stage``; the well-formed answers."""
+        out = []
+        for node, body in messages.items():
+            records: dict[str, Any] = {**to_records(body), CONFIG_KEY: self.config}
+            if stage == "masked_input":  # the global adapter goes with it: sites train now
+                records[LORA_KEY] = self.lora
+            msg = Message(content=RecordDict(records), message_type=message_type(stage),
+                          dst_node_id=int(node))
+            out.append(msg)
+            self._count(node, "down", stage, msg.content)
+        if stage == "masked_input" and self.ledger is not None:  # the adapter went to these
+            self.ledger.forget(self.server_round, set(self.outcome.sampled_nodes) - set(messages),
+                               "down", "train")
+        replies = list(self.grid.send_and_receive(out, timeout=self.timeout)) if out else []
+        sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in out}
+        answers: dict[int, Any] = {}
+        for reply in replies:
+            node = int(reply.metadata.src_node_id)
+            if node not in messages:  # an error made by the SuperLink, for the site it names
+                node = sent.get(reply.metadata.reply_to_message_id, node)
+            if reply.has_error():
+                self._leave(node, short_reason(reply.error.reason), dropped=True)
+                continue
+            self._count(node, "up", stage, reply.content)
+            status = reply.content.get(STATUS_KEY)
+            if status is None or status.get("status") != "ok":
+                reason = str(status.get("reason", "")) if status is not None else ""
+                self._leave(node, reason or "no status in its reply", dropped=False)
+                continue
+            try:
+                answers[node] = from_records(reply.content)
+            except (KeyError, ValueError, TypeError) as e:
+                self._leave(node, f"a malformed {stage} reply ({e})", dropped=False)
+        for node in messages:
+            if node not in answers and node not in self.left:
+                self._leave(node, "no reply before the round's timeout (round-timeout)",
+                            dropped=True)
+        return answers
+
+    def _count(self, node: int, direction: str, stage: str, content: RecordDict) -> None:
+        if self.ledger is not None:
+            self.ledger.record_bytes(self.server_round, node, direction, message_type(stage),
+                                     protocol_bytes(content))
+
+    def _leave(self, node: int, reason: str, *, dropped: bool, quiet: bool = False) -> None:
+        self.left.add(node)
+        (self.outcome.dropped if dropped else self.outcome.refused).append((node, reason))
+        if not quiet:
+            log.warning("round %d: node %d %s the secure aggregation round: %s",
+                        self.server_round, node, "dropped out of" if dropped else "left", reason)
+
+    def settle(self, survivors: Iterable[int], why: str | None = None) -> None:
+        """Every sampled site not in the sum and not yet noted: its answers were not valid
+        for the protocol (or, with ``why``, the round released nothing)."""
+        keep = set(survivors)
+        # A survivor that left after its masked update arrived is in the sum all the same.
+        self.outcome.dropped = [(n, r) for n, r in self.outcome.dropped if n not in keep]
+        self.outcome.refused = [(n, r) for n, r in self.outcome.refused if n not in keep]
+        for node in self.outcome.sampled_nodes:
+            if node not in keep and node not in self.left:
+                self._leave(node, why or "its answer to a stage was not valid for the "
+                            "protocol", dropped=False, quiet=why is not None)
