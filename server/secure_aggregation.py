@@ -14,7 +14,7 @@ What the server sees of a site: protocol messages (public keys, encrypted shares
 masked vector, signatures, the shares it reveals) and a status; no training metrics.
 A site that stops answering after it shared its keys is removed by reconstruction; a round
 with too few survivors (``secagg-threshold``) releases nothing and leaves the global
-adapter as it was. No stage waits longer than ``round-timeout``.
+adapter as it was. The round's stages together wait no longer than ``round-timeout``.
 
 The reply checks of :mod:`server.reply_checks` (update norms, shapes of each reply) cannot
 look at a masked vector: the public ``secagg-clip`` bounds what each site adds to each
@@ -24,6 +24,7 @@ coordinate instead, so they do not run under secure aggregation.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -182,7 +183,9 @@ class _Exchange:
 
     def __init__(self, owner: SecureAggregationStrategy, grid: Grid, server_round: int,
                  timeout: float | None, content: RecordDict) -> None:
-        self.grid, self.server_round, self.timeout = grid, server_round, timeout
+        self.grid, self.server_round = grid, server_round
+        # One deadline for the whole round (every stage together), as a plain round has.
+        self.deadline = time.monotonic() + timeout if timeout else None
         self.outcome = owner.strategy.outcome
         self.ledger = owner.strategy.ledger
         self.lora, self.config = content[LORA_KEY], content[CONFIG_KEY]
@@ -202,7 +205,8 @@ class _Exchange:
         if stage == "masked_input" and self.ledger is not None:  # the adapter went to these
             self.ledger.forget(self.server_round, set(self.outcome.sampled_nodes) - set(messages),
                                "down", "train")
-        replies = list(self.grid.send_and_receive(out, timeout=self.timeout)) if out else []
+        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        replies = list(self.grid.send_and_receive(out, timeout=timeout)) if out else []
         sent = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in out}
         answers: dict[int, Any] = {}
         for reply in replies:

@@ -274,7 +274,9 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
               if types and types[0].startswith("train")]
     assert [types for types, _ in stages] == 2 * [{f"train.secagg_{s}"} for s in (
         "setup", "share_keys", "masked_input", "consistency", "unmask")]
-    assert all(timeout == 120.0 for _, timeout in stages)  # no stage waits longer
+    for r in range(2):  # one deadline for the round's five stages together
+        waits = [timeout for _, timeout in stages[5 * r: 5 * r + 5]]
+        assert 110.0 < waits[0] <= 120.0 and waits == sorted(waits, reverse=True), waits
     replies = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
     assert {r["type"] for r in replies if r["type"].startswith("train")} == {
         "train.secagg_setup", "train.secagg_share_keys", "train.secagg_masked_input",
