@@ -146,9 +146,12 @@ def train_fn(msg: Message, context: Context, respond=None) -> Message:
     policy with ``min-reply-seconds`` the reply (trained or refused) leaves no sooner than
     that after the instruction arrived."""
     started = time.monotonic()
-    reply = _train(msg, context, respond)
-    hold_reply(started, context.node_config)
-    return reply
+    try:
+        reply = _train(msg, context, respond)
+    finally:  # a failure is held too: Flower makes its error reply after this
+        hold_reply(started, context.node_config)
+    # Flower stamps a message when it is made (created_at, ttl): the reply is made now.
+    return Message(content=reply.content, reply_to=msg)
 
 
 def _train(msg: Message, context: Context, respond=None) -> Message:
@@ -157,6 +160,8 @@ def _train(msg: Message, context: Context, respond=None) -> Message:
     policy = _site_policy(context)  # before the site touches its data
     if isinstance(policy, str):
         return Message(content=could_not_train(policy), reply_to=msg)
+    if respond is None and runtime.resolve_config(context.run_config).secure_aggregation:
+        return Message(content=could_not_train(PLAIN_IN_SECURE_RUN), reply_to=msg)
     try:
         cfg, node, model, data, method = _setup(msg, context)
         ledger = _ledger(cfg, node, context, data.num_train, server_round, policy)
@@ -231,6 +236,8 @@ def _train(msg: Message, context: Context, respond=None) -> Message:
         "num-examples": ledger.plan.weight, "train-steps": steps, **dp_metrics}, respond)
 
 
+PLAIN_IN_SECURE_RUN = ("this run aggregates securely (secure-aggregation = true): the site "
+                       "answers only its secure-aggregation stages")
 PRIVATE_FAILURE = "this site could not train (under DP the details stay in the site's own log)"
 NO_PLAN = ("this site cannot plan the run's privacy for its released count (e.g. target-delta "
            "too large); the details stay in the site's own log")
@@ -338,6 +345,8 @@ def evaluate_fn(msg: Message, context: Context) -> Message:
             "federated evaluation is off: this site's node-config 'accept-dp-modes' does not "
             "include 'off'"), reply_to=msg)
     cfg = runtime.resolve_config(context.run_config)
+    if cfg.secure_aggregation:
+        return Message(content=could_not_train(PLAIN_IN_SECURE_RUN), reply_to=msg)
     if cfg.dp_mode != "off":
         log.warning("Not evaluating: with dp-mode = '%s' this site releases nothing about its "
                     "data outside the privacy guarantee", cfg.dp_mode)

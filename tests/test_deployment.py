@@ -50,6 +50,9 @@ def test_two_private_sites_with_tls_and_auth_refuse_a_weaker_run_and_run_theirs(
                        f"target-epsilon=4.0 output-dir='{out}' run-name='sites'", timeout=900)
         wall = time.monotonic() - t0
         runs = fed.runs()
+        secure = fed.run(f"num-server-rounds=1 {SMALL} dp-mode='sample' dp-recipe='none' "
+                         "target-epsilon=6.0 secure-aggregation=true "
+                         f"output-dir='{out}' run-name='secure'", timeout=900)
         nodes = json.loads(fed.flwr("supernode", "list", "local-deployment", "--format",
                                     "json").stdout)["nodes"]
     finally:
@@ -97,6 +100,14 @@ def test_two_private_sites_with_tls_and_auth_refuse_a_weaker_run_and_run_theirs(
     assert abs(flower - ours) / ours < 0.08, (flower, ours)
     for name, ev in fed.events.items():
         assert ev["connected"] <= ev["first-message"] <= ev["first-reply"], (name, ev)
+
+    # Secure aggregation over TLS with authenticated nodes: the server learned only the sum.
+    assert secure.returncode == 0, secure.stdout[-4000:]
+    (s1,) = json.loads((out / "secure" / "metrics.json").read_text())["rounds"][1:]
+    assert s1["clients_accepted"] == 2, s1
+    kinds = {r["kind"] for r in csv.DictReader((out / "secure" / "comms.csv").open())}
+    assert {f"secagg_{s}" for s in ("setup", "share_keys", "masked_input", "consistency",
+                                     "unmask")} <= kinds, kinds
 
 
 def test_unregistered_supernode_is_refused(tmp_path):

@@ -51,12 +51,14 @@ WEAKER_RUNS = [  # (run-config overrides, site policy, the node-config key the r
     ({"dp-mode": "sample"}, {"accept-dp-modes": "sample,bogus"}, "accept-dp-modes"),
     ({"dp-mode": "sample"}, {"accept-dp-modes": "sample", "min-reply-seconds": "soon"},
      "min-reply-seconds"),
+    ({"dp-mode": "sample"}, {"accept-dp-modes": "sample", "require-secure-aggregation": True},
+     "require-secure-aggregation"),
 ]
 
 
 @pytest.mark.parametrize("overrides,policy,key", WEAKER_RUNS,
                          ids=["off", "client", "epsilon", "delta", "no-policy", "bad-policy",
-                              "bad-reply-floor"])
+                              "bad-reply-floor", "not-secure"])
 def test_a_run_weaker_than_the_sites_policy_is_refused_before_its_data_is_read(
         identity, site, tmp_path, overrides, policy, key):
     run_config = dict(site, **overrides)
@@ -91,10 +93,30 @@ def test_a_server_that_times_replies_learns_nothing_about_the_sites_data(identit
             t0 = time.monotonic()
             reply = _run_site(run_config, node, msg)
             timings[name, floor] = time.monotonic() - t0
+            if floor is not None:  # what the server reads from the messages' stamps
+                stamped = reply.metadata.created_at - msg.metadata.created_at
+                assert stamped >= hold and reply.metadata.ttl <= msg.metadata.ttl - hold, (
+                    name, stamped, reply.metadata.ttl, msg.metadata.ttl)
             assert (reply.content[STATUS_KEY]["status"] == "ok") == (name != "refused")
     assert timings["refused", None] < 1.0  # the channel the floor closes
     held = [timings[name, hold] for name in ("small", "large", "refused")]
     assert min(held) >= hold and max(held) - min(held) < 1.0, timings
+
+
+def test_in_a_secure_run_a_site_answers_no_plain_train_or_evaluate(identity, site):
+    """A server that asks for secure aggregation and then sends a plain train or evaluate
+    message would get the site's update or metrics in the clear: the site refuses both."""
+    from client.client_app import evaluate_fn
+
+    run_config = dict(site, **{"secure-aggregation": True})  # dp-mode off, allowed
+    node = {"data-path": site["data-path"], "accept-dp-modes": "off"}
+    assert "secure-aggregation" in _refusal(_run_site(run_config, node,
+                                                      _train_message(run_config)))
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                      run_config=run_config)
+    assert "secure-aggregation" in _refusal(evaluate_fn(_train_message(run_config), context))
+    plain = dict(site, **{"dp-mode": "off"})  # the same site answers a plain run
+    assert _run_site(plain, node, _train_message(plain)).content[STATUS_KEY]["status"] == "ok"
 
 
 def test_a_simulated_site_with_a_policy_enforces_it_and_evaluates_nothing(identity, site):

@@ -12,6 +12,8 @@ A site states instead, in the node-config its operator gives the SuperNode:
   at the run's ``target-epsilon``; a run asking for a larger target is refused.
 * ``max-delta``: the largest ``target-delta`` it accepts.
 * ``min-noise-multiplier`` (optional): a floor on the noise multiplier of its local mechanism.
+* ``require-secure-aggregation`` (optional, default false): the site trains only in runs
+  with ``secure-aggregation = true`` and answers no federated evaluation.
 * ``min-reply-seconds`` (optional): the site holds every training reply (trained or refused)
   until that many seconds after the instruction arrived. A site's compute time grows with
   its data; a server that times replies would learn about it. Replies held to a floor the
@@ -49,7 +51,7 @@ log = logging.getLogger("fedlora.client")
 
 #: The node-config keys of a site's privacy policy.
 POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier",
-               "min-reply-seconds")
+               "min-reply-seconds", "require-secure-aggregation")
 
 _EXAMPLE = ("--node-config \"accept-dp-modes='sample' max-epsilon=8.0 max-delta=1e-5 "
             "privacy-state-path='<file>'\"")
@@ -77,6 +79,16 @@ def _positive(node_config: Mapping[str, Any], key: str, upper: float | None = No
     return out
 
 
+def _flag(node_config: Mapping[str, Any], key: str) -> bool:
+    value = node_config.get(key, False)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise PolicyRefusal(f"node-config key '{key}' has bad value {value!r}: expected true "
+                            "or false")
+    return value
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     """What a site accepts (``accept_dp_modes`` None: no policy, the run's settings apply)."""
@@ -86,6 +98,7 @@ class SitePolicy:
     max_delta: float | None = None
     min_noise_multiplier: float | None = None
     min_reply_seconds: float | None = None
+    require_secure_aggregation: bool = False
     deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
 
     @classmethod
@@ -107,6 +120,7 @@ class SitePolicy:
                    max_delta=_positive(node_config, "max-delta", upper=1.0),
                    min_noise_multiplier=_positive(node_config, "min-noise-multiplier"),
                    min_reply_seconds=_positive(node_config, "min-reply-seconds"),
+                   require_secure_aggregation=_flag(node_config, "require-secure-aggregation"),
                    deployed=node_config.get("partition-id") is None)
 
     @property
@@ -116,6 +130,9 @@ class SitePolicy:
 
     def check_run(self, cfg: RunConfig) -> None:
         """Refuse a run weaker than the policy (before the site touches its data)."""
+        if self.require_secure_aggregation and not cfg.secure_aggregation:
+            raise PolicyRefusal("the run does not aggregate securely and this site's "
+                                "node-config key 'require-secure-aggregation' is true")
         if self.accept_dp_modes is None:
             if self.deployed:
                 raise PolicyRefusal(
@@ -157,6 +174,8 @@ class SitePolicy:
 
     def allows_plain_evaluation(self) -> bool:
         """Whether the site may answer federated evaluation (an un-noised loss/accuracy)."""
+        if self.require_secure_aggregation:
+            return False
         if self.accept_dp_modes is None:
             return not self.deployed
         return "off" in self.accept_dp_modes
