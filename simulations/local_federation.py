@@ -184,8 +184,9 @@ class LocalFederation:
 
     # SuperNode log lines that mark its progress (Flower 1.41's wording), in order: each is
     # looked for after the previous one, so first-reply is the reply to the first training
-    # message (the server's identity query comes before it).
-    NODE_EVENTS = {"connected": "SuperNode ID:", "first-message": "Receiving: train message",
+    # message (the server's identity query comes before it; under secure aggregation the
+    # first training message is the setup stage, "train.secagg_setup").
+    NODE_EVENTS = {"connected": "SuperNode ID:", "first-message": "Receiving: train",
                    "first-reply": "Sent successfully"}
 
     def watch(self) -> dict[str, dict[str, float]]:
