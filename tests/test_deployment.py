@@ -156,7 +156,9 @@ def test_killed_supernode_is_dropped_and_the_run_finishes(tmp_path):
 
 def test_secure_aggregation_over_tls_survives_a_killed_site(tmp_path):
     """Three sites aggregate securely over TLS with authenticated nodes; one is killed when
-    its first round-1 message arrives: the other two are summed, and so is round 2."""
+    its first round-1 message arrives. Three sites have two neighbours each and a threshold
+    of two, so that round cannot rebuild the others' masks: it releases nothing and says
+    so; round 2 samples the two left and releases their sum."""
     configs = default_node_configs(3, tmp_path, None)
     out = tmp_path / "results"
     fed = LocalFederation(tmp_path, configs)
@@ -178,7 +180,9 @@ def test_secure_aggregation_over_tls_survives_a_killed_site(tmp_path):
     assert killed, "site 2 never received its round-1 message"
     assert proc.returncode == 0, proc.stdout[-4000:]
     rounds = json.loads((out / "secure" / "metrics.json").read_text())["rounds"]
-    assert [r["clients_accepted"] for r in rounds[1:]] == [2, 2], rounds[1:]
+    assert [r["clients_accepted"] for r in rounds[1:]] == [0, 2], rounds[1:]
+    assert "released nothing" in rounds[1]["note"], rounds[1]
+    assert rounds[1]["test_accuracy"] == rounds[0]["test_accuracy"]  # the adapter as it was
     assert rounds[2]["test_accuracy"] != rounds[0]["test_accuracy"]  # the sums were applied
     comms = list(csv.DictReader((out / "secure" / "comms.csv").open()))
     stages = {f"secagg_{s}" for s in ("setup", "share_keys", "masked_input", "consistency",
