@@ -9,16 +9,18 @@ happened to every reply. The loop in :mod:`server.server_app` reads only that.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.actor_pool import DIED_MARKERS
 from fedlora.timing import RoundTimer
 
-__all__ = ["RoundOutcome", "RoundStrategy", "short_reason", "weighted_metrics"]
+__all__ = ["RoundOutcome", "RoundStrategy", "WrappingStrategy", "short_reason",
+           "weighted_metrics"]
 
 
 @dataclass
@@ -84,6 +86,39 @@ class RoundStrategy(Strategy):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class WrappingStrategy(RoundStrategy):
+    """A strategy around an inner one (a privacy or secure-aggregation layer, as Flower's DP
+    wrappers are): the round's outcome, node identities, federated evaluation and the
+    checkpoint are the inner strategy's unless a subclass says otherwise."""
+
+    def __init__(self, strategy: RoundStrategy) -> None:
+        self.strategy = strategy
+
+    @property
+    def outcome(self) -> RoundOutcome:  # type: ignore[override]
+        return self.strategy.outcome
+
+    def identify_nodes(self, grid: Grid, timeout: float | None = None) -> int:
+        return self.strategy.identify_nodes(grid, timeout=timeout)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
+                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def public_node(self, node: int) -> int:
+        return self.strategy.public_node(node)
+
+    def state_dict(self) -> dict:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state)
 
 
 CLIENT_PROCESS_DIED = ("the client's process died (killed, e.g. for memory, or crashed); a "

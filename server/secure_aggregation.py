@@ -44,7 +44,7 @@ from fedlora.secure_sum import (
 from fedlora.timing import RoundTimer
 from fedlora.wire import to_record
 
-from .round_outcome import RoundOutcome, RoundStrategy, short_reason
+from .round_outcome import RoundOutcome, WrappingStrategy, short_reason
 from .strategy import LoraStrategy
 
 if TYPE_CHECKING:
@@ -57,20 +57,18 @@ __all__ = ["SecureAggregationStrategy"]
 RELEASED_NOTHING = "secure aggregation released nothing"
 
 
-class SecureAggregationStrategy(RoundStrategy):
+class SecureAggregationStrategy(WrappingStrategy):
     """``strategy`` whose training rounds aggregate by SecAgg+: the server sees only a sum."""
 
     def __init__(self, strategy: LoraStrategy, cfg: RunConfig) -> None:
-        self.strategy, self.cfg = strategy, cfg
+        super().__init__(strategy)
+        self.strategy: LoraStrategy = strategy
+        self.cfg = cfg
         self.sum = SecureSum.from_config(cfg)
         # Norms and shapes of single replies are not seen: the public clip bounds them.
         strategy.measure_norms = False
         self.layout = SecureSum.layout(strategy.method.payload(strategy.template))
         self.length = SecureSum.length(self.layout)
-
-    @property
-    def outcome(self) -> RoundOutcome:  # type: ignore[override]
-        return self.strategy.outcome
 
     def cohort_size(self, num_nodes: int) -> int:
         """How many sites a training round samples out of ``num_nodes``."""
@@ -149,23 +147,6 @@ class SecureAggregationStrategy(RoundStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         raise NotImplementedError("under secure aggregation a round runs through train_round")
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def public_node(self, node: int) -> int:
-        return self.strategy.public_node(node)
-
-    def state_dict(self) -> dict:
-        return self.strategy.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.strategy.load_state_dict(state)
 
     def summary(self) -> None:
         self.strategy.summary()

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from fedlora.privacy import CentralDp
 from fedlora.wire import to_record
 
-from .round_outcome import RoundOutcome, RoundStrategy, weighted_metrics
+from .round_outcome import WrappingStrategy, weighted_metrics
 from .strategy import LoraStrategy
 
 log = logging.getLogger("fedlora.server")
@@ -35,19 +35,14 @@ log = logging.getLogger("fedlora.server")
 __all__ = ["UserLevelDpStrategy"]
 
 
-class UserLevelDpStrategy(RoundStrategy):
+class UserLevelDpStrategy(WrappingStrategy):
     """``strategy`` with user-level DP: Poisson node sampling and a noised release."""
 
     def __init__(self, strategy: LoraStrategy, central: CentralDp) -> None:
-        self.strategy, self.central = strategy, central
+        super().__init__(strategy)
+        self.strategy: LoraStrategy = strategy
+        self.central = central
         strategy.dp_on, strategy.hide_nodes, strategy.measure_norms = True, True, False
-
-    @property
-    def outcome(self) -> RoundOutcome:  # type: ignore[override]
-        return self.strategy.outcome
-
-    def identify_nodes(self, grid: Grid, timeout: float | None = None) -> int:
-        return self.strategy.identify_nodes(grid, timeout=timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -69,17 +64,6 @@ class UserLevelDpStrategy(RoundStrategy):
                                       self.strategy.method, reference=self.strategy.received)
         outcome.privacy.append(("server", self.central.metrics()))
         return to_record(merged), weighted_metrics(metrics, weights) if metrics else None
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord,
-                           config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def public_node(self, node: int) -> int:
-        return self.strategy.public_node(node)
 
     def state_dict(self) -> dict:
         """The inner strategy's state and the server's user-level ledger (never reset)."""
