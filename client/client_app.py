@@ -26,7 +26,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fedlora import privacy, runtime
+from fedlora import distributed_dp, privacy, runtime
 from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.config import ConfigError
 from fedlora.data import DataError
@@ -46,7 +46,7 @@ from fedlora.protocol import (
     with_overrides,
 )
 from fedlora.quantization import ErrorFeedback
-from fedlora.training import evaluate
+from fedlora.training import TrainResult, evaluate
 from fedlora.wire import WireFormat, from_record, to_record
 
 from . import secure_aggregation
@@ -103,7 +103,8 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
                           state=dict(stored) if stored is not None else None,
                           server_round=server_round,
                           examples=num_examples if mechanism.releases_count else None,
-                          budget=(cfg.accountant, cfg.target_epsilon, cfg.target_delta),
+                          budget=(mechanism.plan_accountant(cfg), cfg.target_epsilon,
+                                  cfg.target_delta),
                           site_cap=policy.max_epsilon,
                           worst_probe_round=(functools.partial(mechanism.worst_probe_round, cfg)
                                              if cfg.probe_rounds else None))
@@ -274,6 +275,12 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
     Returns ``(reply tensors, TrainResult)``."""
     mechanism = privacy.client_mechanism(cfg.dp_mode) or privacy.NO_LOCAL_DP
     received = method.reply(model)  # the starting point, as it would be sent back
+    if distributed_dp.is_distributed_round(cfg, server_round):  # noised when masked
+        vector = distributed_dp.site_vector(model, data.data, data.train_idx, cfg=cfg,
+                                            payload=received, batch_size=cfg.eval_batch_size)
+        return ({distributed_dp.VECTOR_KEY: vector,
+                 distributed_dp.SIGMA_KEY: np.asarray([plan.noise_multiplier])},
+                TrainResult(loss=float("nan"), steps=1, examples=len(data.train_idx)))
     if is_probe_round(cfg, server_round):
         result = mechanism.train_head(model, data.data, data.train_idx, plan=plan, cfg=cfg)
     else:

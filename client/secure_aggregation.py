@@ -24,12 +24,14 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import runtime
+from fedlora import distributed_dp, privacy, runtime
+from fedlora.privacy.skellam import SkellamSum
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
-from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
+from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import (
     ACTIONS,
@@ -78,9 +80,17 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
     config = RoundConfig.from_message(body)
     n = len(config.cohort)
     degree, threshold = resolve_graph(cfg, n)
-    expected = {"round_id": int(msg.content[CONFIG_KEY].get("server-round", -1)),
-                "degree": degree, "threshold": threshold,
-                "bits": SecureSum.from_config(cfg).bits(n)}
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
+    bits = SecureSum.from_config(cfg).bits(n)
+    if distributed_dp.is_distributed_round(cfg, server_round):
+        if n < distributed_dp.min_honest(cfg, n):
+            raise ProtocolError(f"a cohort of {n} cannot hold dp-min-honest = "
+                                f"{cfg.dp_min_honest:g} contributors")
+        bits = distributed_dp.round_bits(cfg, SkellamSum.for_dims(config.length - 1), n,
+                                         privacy.client_mechanism("sample")
+                                         .distributed_sigma(cfg))
+    expected = {"round_id": server_round, "degree": degree, "threshold": threshold,
+                "bits": bits}
     wrong = {k: v for k, v in expected.items() if getattr(config, k) != v}
     if not cfg.secure_aggregation or wrong:
         raise ProtocolError(f"the round config does not follow the run-config: expected "
@@ -99,6 +109,8 @@ def stage_fn(stage: str, msg: Message, context: Context) -> Message:
         if stage == "setup":
             check_round(body, msg, context)
         client = SecAggClient(int(context.node_id)) if stage == "setup" else _load(context)
+        if stage == "consistency":
+            check_contributors(body, client, context)
         out = getattr(client, stage)(body)
     except (ProtocolError, ValueError, KeyError) as e:
         if client is not None:
@@ -106,6 +118,20 @@ def stage_fn(stage: str, msg: Message, context: Context) -> Message:
         return _refuse(msg, str(e))
     _save(context, client)
     return _answer(msg, out)
+
+
+def check_contributors(body: Mapping[str, Any], client: SecAggClient,
+                       context: Context) -> None:
+    """In a distributed DP round, ``ProtocolError`` (this site reveals nothing) unless at
+    least ``dp-min-honest`` sites are in the sum: with fewer the noise would be short."""
+    cfg = runtime.resolve_config(context.run_config)
+    if not distributed_dp.is_distributed_round(cfg, client.config.round_id):
+        return
+    need = distributed_dp.min_honest(cfg, len(client.config.cohort))
+    u3 = body.get("u3")
+    if not isinstance(u3, (list, tuple)) or len(set(u3)) < need:
+        raise ProtocolError(f"fewer than dp-min-honest = {need} sites in the sum: their "
+                            "noise shares would not make up the planned noise")
 
 
 def ready_to_train(msg: Message, context: Context) -> None:
@@ -127,7 +153,15 @@ def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) 
     try:
         client = _load(context)
         received = from_record(msg.content[LORA_KEY])
-        vector = SecureSum.from_config(cfg).quantise(reply, received, client.config.bits)
+        if distributed_dp.VECTOR_KEY in reply:  # its noise share, then the ring
+            payload = runtime.method_for(cfg).payload(received)
+            vector = encode(distributed_dp.noised(
+                reply[distributed_dp.VECTOR_KEY],
+                sigma=float(np.asarray(reply[distributed_dp.SIGMA_KEY]).ravel()[0]),
+                cohort=len(client.config.cohort), cfg=cfg, payload=payload),
+                client.config.bits)
+        else:
+            vector = SecureSum.from_config(cfg).quantise(reply, received, client.config.bits)
         out = client.masked_input(from_records(msg.content), vector)
     except (ProtocolError, ValueError, KeyError) as e:
         if client is not None:

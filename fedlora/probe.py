@@ -62,7 +62,7 @@ def _encoder_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _features(model: nn.Module, data: Any, idx: np.ndarray, batch_size: int) -> torch.Tensor:
+def features(model: nn.Module, data: Any, idx: np.ndarray, batch_size: int) -> torch.Tensor:
     key = (id(model), hashlib.blake2b(idx.tobytes(), digest_size=16).hexdigest(),
            _encoder_digest(model))
     with _LOCK:
@@ -94,7 +94,7 @@ def train_head(model: nn.Module, data: Any, indices: np.ndarray, *, steps: int,
         _noise_only(head, steps, learning_rate, noise_multiplier, max_grad_norm,
                     denominator or 1)
         return TrainResult(loss=float("nan"), steps=steps, examples=0)
-    feats = _features(model, data, idx, batch_size)
+    feats = features(model, data, idx, batch_size)
     labels = data.labels[torch.as_tensor(idx)].to(feats.device)
     params = [p for p in head.parameters() if p.requires_grad]
     # The head stays in training mode (Opacus records activations only then); the dropout

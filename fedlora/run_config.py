@@ -248,6 +248,13 @@ class RunConfig:
         1_048_575, "an integer in [1, 2^24]", lambda v: 1 <= v <= 2**24,
         help="Secure aggregation: integer steps between 0 and secagg-clip (the step is "
         "secagg-clip / secagg-levels; stochastic rounding).")
+    dp_min_honest: float = key(
+        0.8, "a fraction in (0, 1] of the cohort or a whole count > 1",
+        lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
+        help="Distributed DP (dp-mode = sample with secure-aggregation = true): how many "
+        "sampled sites must add their share of the noise, a count or a fraction of the "
+        "cohort (rounded up). Each adds 1/t of it; a round with fewer contributors releases "
+        "nothing, so the noise is never short while that many are honest.")
 
     @property
     def target_modules(self) -> list[str]:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedlora import distributed_dp, privacy
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
 from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
 from fedlora.secure_sum import (
@@ -67,8 +68,14 @@ class SecureAggregationStrategy(WrappingStrategy):
         self.sum = SecureSum.from_config(cfg)
         # Norms and shapes of single replies are not seen: the public clip bounds them.
         strategy.measure_norms = False
-        self.layout = SecureSum.layout(strategy.method.payload(strategy.template))
+        payload = strategy.method.payload(strategy.template)
+        self.layout = SecureSum.layout(payload)
         self.length = SecureSum.length(self.layout)
+        # Distributed DP rounds sum one step of the head instead (fedlora.distributed_dp).
+        self.head_step = self.dp_sigma = None
+        if cfg.dp_mode == "sample" and cfg.probe_rounds:
+            self.head_step = distributed_dp.HeadStep(cfg, payload)
+            self.dp_sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
 
     def cohort_size(self, num_nodes: int) -> int:
         """How many sites a training round samples out of ``num_nodes``."""
@@ -99,15 +106,25 @@ class SecureAggregationStrategy(WrappingStrategy):
                 return outcome
             nodes = [int(m.metadata.dst_node_id) for m in sent]
             exchange = _Exchange(self, grid, server_round, timeout, sent[0].content)
+            distributed = distributed_dp.is_distributed_round(self.cfg, server_round)
             try:
                 degree, threshold = resolve_graph(self.cfg, len(nodes))
+                length, bits = self.length, self.sum.bits(len(nodes))
+                if distributed:
+                    spec = self.head_step.spec
+                    length = spec.length
+                    bits = distributed_dp.round_bits(self.cfg, spec, len(nodes), self.dp_sigma)
                 server = SecAggServer(RoundConfig.create(
-                    server_round, nodes, length=self.length, bits=self.sum.bits(len(nodes)),
+                    server_round, nodes, length=length, bits=bits,
                     degree=COMPLETE if degree == len(nodes) - 1 else degree,
                     threshold=threshold))
                 stage = server.collect_keys(exchange.run("setup", server.setup()))
                 stage = server.collect_shares(exchange.run("share_keys", stage))
                 stage = server.collect_masked(exchange.run("masked_input", stage))
+                need = distributed_dp.min_honest(self.cfg, len(nodes)) if distributed else 0
+                if len(stage) < need:
+                    raise RoundAborted(f"{len(stage)} sites sent their share, fewer than "
+                                       f"dp-min-honest = {need}: the noise would be short")
                 stage = server.collect_signatures(exchange.run("consistency", stage))
                 revealed = exchange.run("unmask", stage)
             except (RoundAborted, ValueError) as e:
@@ -124,8 +141,11 @@ class SecureAggregationStrategy(WrappingStrategy):
             exchange.settle(total.survivors)
             outcome.accepted = list(total.survivors)
             received = {k: self.strategy.received[k] for k, _ in self.layout}
-            merged = {**self.strategy.global_state,
-                      **self.sum.mean(total.signed(), len(total.survivors), received)}
+            if distributed:  # one step of the head on the noised sum
+                update = self.head_step.apply(received, total.signed())
+            else:
+                update = self.sum.mean(total.signed(), len(total.survivors), received)
+            merged = {**self.strategy.global_state, **update}
             outcome.arrays = to_record(merged)
             log.info("round %d: secure sum of %d of %d sampled sites", server_round,
                      len(total.survivors), len(nodes))

@@ -58,8 +58,8 @@ class ClientAccountant:
 
     def __init__(self, mechanism: str = "rdp", *, target_epsilon: float | None = None,
                  target_delta: float | None = None) -> None:
-        self._accountant = RDPAccountant() if check_accountant(mechanism) == "rdp" \
-            else PRVAccountant()
+        self._name = check_accountant(mechanism)
+        self._accountant = PRVAccountant() if self._name == "prv" else RDPAccountant()
         self.target_epsilon = _optional_target(target_epsilon, "target_epsilon")
         self.target_delta = None if target_delta is None else check_delta(target_delta)
         self.count: int | None = None  # the example count last released (noised)
@@ -67,8 +67,8 @@ class ClientAccountant:
 
     @property
     def mechanism(self) -> str:
-        """``"rdp"`` or ``"prv"``."""
-        return self._accountant.mechanism()
+        """``"rdp"``, ``"prv"`` or ``"rdp-int"`` (:data:`~fedlora.privacy.accounting.ACCOUNTANTS`)."""
+        return self._name
 
     @property
     def history(self) -> History:

@@ -42,6 +42,7 @@ __all__ = [
     "PRV_EPS_ERROR",
     "RDP_ORDERS",
     "History",
+    "INTEGER_RDP_ORDERS",
     "calibrate_noise_multiplier",
     "canonical_history",
     "check_accountant",
@@ -59,10 +60,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Accountants supported (Opacus' names): Renyi DP and privacy random variables.
-ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+#: Accountants supported: Renyi DP and privacy random variables (Opacus' names), and Renyi
+#: DP at integer orders only (``rdp-int``: a ledger holding distributed Skellam steps, whose
+#: RDP bound is proven for integer orders; :mod:`fedlora.privacy.skellam`).
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "rdp-int")
 #: RDP orders: Opacus' defaults plus large orders for small-epsilon regimes.
 RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80, 96, 128, 256, 512, 1024)
+#: The integer ones among them (``rdp-int``).
+INTEGER_RDP_ORDERS: tuple[float, ...] = tuple(a for a in RDP_ORDERS if float(a).is_integer())
 #: Error allowed in PRV's epsilon estimate; its upper bound (estimate + error) is used.
 PRV_EPS_ERROR = 0.01
 #: Above this RDP epsilon, PRV is not attempted (slow and meaningless).
@@ -153,29 +158,31 @@ def history_extends(old: Iterable[Any], new: Iterable[Any]) -> bool:
 
 
 @functools.lru_cache(maxsize=512)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    """RDP of one subsampled Gaussian step at every order of :data:`RDP_ORDERS` (Opacus)."""
+def _rdp_per_step(sample_rate: float, noise_multiplier: float,
+                  orders: tuple[float, ...] = RDP_ORDERS) -> np.ndarray:
+    """RDP of one subsampled Gaussian step at every order of ``orders`` (Opacus)."""
     out = np.asarray(
         rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                 orders=list(RDP_ORDERS)),
+                                 orders=list(orders)),
         dtype=np.float64,
     )
     out.flags.writeable = False
     return out
 
 
-def _epsilon_rdp(history: History, delta: float) -> float:
+def _epsilon_rdp(history: History, delta: float,
+                 orders: tuple[float, ...] = RDP_ORDERS) -> float:
     """Epsilon by RDP: ``min_a [sum_i n_i * RDP_a(q_i, sigma_i)] -> (eps, delta)`` (Balle et al.).
 
-    Equal to ``RDPAccountant(history).get_epsilon(delta, alphas=RDP_ORDERS)``, with the
+    Equal to ``RDPAccountant(history).get_epsilon(delta, alphas=orders)``, with the
     per-step RDP vectors cached.
     """
     if not history:
         return 0.0
-    rdp = sum(_rdp_per_step(q, sigma) * n for sigma, q, n in history)
+    rdp = sum(_rdp_per_step(q, sigma, orders) * n for sigma, q, n in history)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
+        eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
     for w in caught:
         logger.debug("RDP conversion: %s", w.message)
     return max(float(eps), 0.0)
@@ -213,7 +220,9 @@ def epsilon_of_history(history: Iterable[Any], *, delta: float, accountant: str 
     accountant = check_accountant(accountant)
     delta = check_delta(delta)
     hist = canonical_history(history)
-    return _epsilon_rdp(hist, delta) if accountant == "rdp" else _epsilon_prv(hist, delta)
+    if accountant == "prv":
+        return _epsilon_prv(hist, delta)
+    return _epsilon_rdp(hist, delta, INTEGER_RDP_ORDERS if accountant == "rdp-int" else RDP_ORDERS)
 
 
 def compute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float,

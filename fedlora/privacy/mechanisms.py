@@ -161,6 +161,7 @@ class ClientMechanism(Mechanism):
         q, per_round = self.plan_round(cfg, num_examples)
         probe = min(getattr(cfg, "probe_rounds", 0), cfg.num_server_rounds)
         count_noise = COUNT_NOISE_STD if self.releases_count else 0.0
+        accountant = self.plan_accountant(cfg)
 
         def sigma_for(probe_steps: int) -> float:
             lora_rounds = cfg.num_server_rounds - probe
@@ -170,17 +171,21 @@ class ClientMechanism(Mechanism):
             if probe:
                 phases.append((1.0, planned_steps(num_rounds=probe, local_steps=probe_steps)))
             return calibrated_sigma(cfg.target_epsilon, cfg.target_delta, *phases[0],
-                                    cfg.accountant, tuple(phases[1:]),
+                                    accountant, tuple(phases[1:]),
                                     tuple(count_history(count_noise)))
 
         probe_steps, probe_lr = (self.probe_schedule(cfg, num_examples, sigma_for) if probe
                                  else (0, 0.0))
         return DpPlan(mode=self.name, noise_multiplier=sigma_for(probe_steps), sample_rate=q,
                       steps=per_round, target_epsilon=cfg.target_epsilon,
-                      delta=cfg.target_delta, accountant=cfg.accountant, probe_rounds=probe,
+                      delta=cfg.target_delta, accountant=accountant, probe_rounds=probe,
                       probe_steps=probe_steps, probe_learning_rate=probe_lr,
                       examples=num_examples if self.releases_count else None,
                       count_noise=count_noise)
+
+    def plan_accountant(self, cfg: RunConfig) -> str:
+        """The accountant of this mechanism's ledgers (the run-config's ``accountant``)."""
+        return cfg.accountant
 
     def probe_schedule(self, cfg: RunConfig, num_examples: int | None,
                        sigma_for: Any) -> tuple[int, float]:

@@ -24,7 +24,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from .. import dp_sgd  # train_private looked up at call time (tests watch it)
-from ..config import ConfigError
+from ..config import KEYS_BY_NAME, ConfigError
 from ..probe import train_head
 from ..tasks import get_task
 from .accounting import epsilon_of_history
@@ -44,6 +44,11 @@ RECIPE_LORA_ROUNDS = 2
 #: task's sites (rho 0.4 at epsilon 8, 2.3 at 1) keep the run-config's 20 steps; BBC News
 #: sites of about 90 articles (rho 19.8 at epsilon 1) take 2.
 PROBE_NOISE_RATIO = 6.0
+#: Distributed DP (with secure aggregation): the recipe's rounds, each one step of the head
+#: over the union of the sites' data (fedlora.distributed_dp), and the server's Adam rate.
+DISTRIBUTED_ROUNDS = 30
+DISTRIBUTED_LEARNING_RATE = 0.03
+DISTRIBUTED_EVALUATE_EVERY = 5
 
 
 @functools.lru_cache(maxsize=8)
@@ -91,12 +96,27 @@ class SampleLevel(ClientMechanism):
         if values["dp-mode"] != self.name:
             return {}
         out: dict[str, Any] = {"fraction-train": 1.0}
+        if values["secure-aggregation"]:  # distributed DP: every round a step of the head
+            rounds = values["num-server-rounds"]
+            if rounds == KEYS_BY_NAME["num-server-rounds"].default:
+                rounds = DISTRIBUTED_ROUNDS
+            return {**out, "num-server-rounds": rounds, "probe-rounds": rounds,
+                    "probe-learning-rate": DISTRIBUTED_LEARNING_RATE,
+                    "evaluate-every": DISTRIBUTED_EVALUATE_EVERY}
         if values["train-head"] and not _causal_lm(values["task"]):
             out["probe-rounds"] = recipe_probe_rounds(int(values["num-server-rounds"]))
         return out
 
     def describe(self, cfg: RunConfig) -> str:
         """The plan's choices in one line (the server logs it once at the start)."""
+        if cfg.secure_aggregation:
+            return (f"dp-mode sample, distributed: each of the {cfg.num_server_rounds} rounds "
+                    f"is one DP-SGD step of the head over the union of the sampled sites' "
+                    f"data (every example clipped to {cfg.max_grad_norm:g}), released by the "
+                    f"secure sum with Skellam noise of noise multiplier "
+                    f"{self.distributed_sigma(cfg):.4g}, each site adding its share for "
+                    f"dp-min-honest = {cfg.dp_min_honest:g}; the server takes Adam steps at "
+                    f"{cfg.probe_learning_rate:g}; target-epsilon {cfg.target_epsilon:g}")
         adapts = (f", fewer and longer where a site's steps would be mostly noise (at most "
                   f"{PROBE_NOISE_RATIO:g} times the signal; see probe_schedule)"
                   if cfg.dp_recipe == "auto" else "")
@@ -112,12 +132,42 @@ class SampleLevel(ClientMechanism):
     def check_config(self, cfg: RunConfig) -> None:
         super().check_config(cfg)
         count_cost = epsilon_of_history(count_history(COUNT_NOISE_STD), delta=cfg.target_delta,
-                                        accountant=cfg.accountant)
+                                        accountant=self.plan_accountant(cfg))
         if cfg.target_epsilon <= count_cost:
             raise ConfigError("target-epsilon", cfg.target_epsilon,
                               f"a float above {count_cost:.4f} with dp-mode = "
                               f"'{cfg.dp_mode}' (what releasing a site's noised example "
                               "count costs at this target-delta)")
+
+        if cfg.secure_aggregation:
+            self._check_distributed(cfg)
+
+    @staticmethod
+    def _check_distributed(cfg: RunConfig) -> None:
+        """Distributed DP: every round a full-batch step of the head, the same noise
+        multiplier at every site (no round depends on a site's count), Renyi accounting."""
+        if cfg.probe_rounds != cfg.num_server_rounds:
+            raise ConfigError("probe-rounds", cfg.probe_rounds,
+                              f"num-server-rounds ({cfg.num_server_rounds}) with dp-mode = "
+                              "'sample' and secure-aggregation = true: every round is a "
+                              "distributed DP-SGD step of the head (local LoRA training with "
+                              "only a share of the noise would not be private)")
+        if cfg.accountant == "prv":
+            raise ConfigError("accountant", cfg.accountant,
+                              "rdp with dp-mode = 'sample' and secure-aggregation = true (the "
+                              "Skellam mechanism's bound is a Renyi-DP bound)")
+
+    def plan_accountant(self, cfg: RunConfig) -> str:
+        """Distributed steps are accounted at integer Renyi orders (fedlora.privacy.skellam)."""
+        return "rdp-int" if cfg.secure_aggregation else cfg.accountant
+
+    def distributed_sigma(self, cfg: RunConfig) -> float:
+        """The noise multiplier of every distributed step: what :meth:`plan` gives any site
+        (its rounds are full-batch steps, whatever its count)."""
+        probe = min(cfg.probe_rounds, cfg.num_server_rounds)
+        return calibrated_sigma(cfg.target_epsilon, cfg.target_delta, 1.0, probe,
+                                self.plan_accountant(cfg), (),
+                                tuple(count_history(COUNT_NOISE_STD)))
 
     def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
         return min(1.0, cfg.batch_size / num_examples), cfg.local_steps  # the released count
@@ -155,6 +205,8 @@ class SampleLevel(ClientMechanism):
         then calibrated for the steps it takes. A site whose steps are clean takes the
         run-config's schedule. Only with ``dp-recipe = auto``."""
         steps, lr = super().probe_schedule(cfg, num_examples, sigma_for)
+        if cfg.secure_aggregation:  # one distributed step per round
+            return 1, lr
         if cfg.dp_recipe != "auto" or num_examples is None or steps <= 1:
             return steps, lr
         rho = sigma_for(steps) * math.sqrt(probe_dims(cfg)) / full_batch_denominator(num_examples)
@@ -169,6 +221,8 @@ class SampleLevel(ClientMechanism):
         ``a``, and sigma is at least what the probe rounds alone (no LoRA rounds, which only
         raise it) calibrate to; the largest ``T / sigma^2`` over the schedules
         :meth:`probe_schedule` can choose bounds every one of them."""
+        if cfg.secure_aggregation:
+            return self.distributed_sigma(cfg), 1
         probe = min(cfg.probe_rounds, cfg.num_server_rounds)
         steps, _ = super().probe_schedule(cfg, None, None)
         candidates = range(1, steps + 1) if cfg.dp_recipe == "auto" else (steps,)

@@ -1,0 +1,170 @@
+"""Distributed DP-SGD of the head on the secure sum (``dp-mode = "sample"`` with
+``secure-aggregation = true``).
+
+Every round is one DP-SGD step of the classification head over the union of the sampled
+sites' data, released by the Skellam mechanism (:mod:`fedlora.privacy.skellam`) through
+the secure sum:
+
+* a site reads what the head reads (the encoder once, as a probe round does), takes every
+  example's gradient of the head (``torch.func``, the head's dropout off), and encodes
+  their clipped, scaled, rounded sum with the count appended (:func:`site_vector`); just
+  before masking it adds its share of the noise, ``v / t`` per coordinate, ``t`` the
+  round's :func:`min_honest` (:func:`noised`);
+* the server unmasks only the sum of at least ``t`` contributors (a round with fewer
+  releases nothing; the sites refuse to reveal shares for fewer), divides the gradient by
+  the noised count and takes an Adam step on the head (:class:`HeadStep`): post-processing.
+
+The round's public parameters follow from the run-config alone, so every site and the
+server derive the same ones: the noise multiplier of the plan (the same for every site:
+every round is a full-batch step), the vector length (the head's entries plus one) and
+the modulus (no sum of a cohort can wrap: :func:`round_bits`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .adapters import is_factor_key
+from .dp_sgd import dropout_off
+from .heads import head_module
+from .privacy.skellam import SkellamSum, skellam_share
+from .probe import features, is_probe_round
+from .secagg import bits_for
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
+
+__all__ = ["HeadStep", "VECTOR_KEY", "head_keys", "is_distributed_round", "min_honest",
+           "noised", "round_bits", "site_vector", "spec_for"]
+
+VECTOR_KEY = "distributed-dp-sum"  # a site's encoded sum, before its noise share
+SIGMA_KEY = "distributed-dp-sigma"  # the plan's noise multiplier, for its share
+
+
+def is_distributed_round(cfg: RunConfig, server_round: int) -> bool:
+    """Whether ``server_round`` is a distributed DP-SGD step of the head."""
+    return (cfg.secure_aggregation and cfg.dp_mode == "sample"
+            and is_probe_round(cfg, server_round))
+
+
+def min_honest(cfg: RunConfig, cohort: int) -> int:
+    """``dp-min-honest`` for a cohort: a count, or a fraction of the cohort (rounded up)."""
+    value = float(cfg.dp_min_honest)
+    t = int(value) if value > 1 else math.ceil(value * cohort - 1e-9)
+    return max(1, t)
+
+
+def head_keys(payload: Mapping[str, Any]) -> list[str]:
+    """The adapter keys of the head's tensors (every key that is not a LoRA factor)."""
+    return sorted(k for k in payload if not is_factor_key(k))
+
+
+def spec_for(payload: Mapping[str, Any]) -> SkellamSum:
+    return SkellamSum.for_dims(sum(int(np.prod(np.shape(payload[k])))
+                                   for k in head_keys(payload)))
+
+
+def round_bits(cfg: RunConfig, spec: SkellamSum, cohort: int, sigma: float) -> int:
+    """Modulus bits: ``cohort`` sites of at most ``max-num-examples`` examples each, with
+    their noise shares, cannot wrap."""
+    share = spec.variance(sigma) / min_honest(cfg, cohort)
+    return bits_for(cohort, spec.max_abs(int(cfg.max_num_examples), share), signed=True)
+
+
+# -- a site -------------------------------------------------------------------------------
+def _param_keys(head: nn.Module, keys: list[str]) -> list[tuple[str, str]]:
+    """(head parameter name, adapter key) pairs in adapter-key order."""
+    names = [n for n, p in head.named_parameters() if p.requires_grad]
+    pairs = []
+    for key in keys:
+        match = [n for n in names if key.endswith("." + n)]
+        if len(match) != 1:
+            raise ValueError(f"cannot match adapter key {key!r} to one head parameter")
+        pairs.append((match[0], key))
+    if sorted(n for n, _ in pairs) != sorted(names):
+        raise ValueError("the head's parameters and the adapter's head keys differ")
+    return pairs
+
+
+def per_example_grads(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
+                      names: list[str]) -> np.ndarray:
+    """``(n, dims)`` gradients of each example's cross-entropy, in ``names`` order."""
+    params = {n: p.detach() for n, p in head.named_parameters()}
+
+    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(head, p, (x.unsqueeze(0),))
+        return nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+    with dropout_off(head):
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, feats, labels)
+    return torch.cat([g[n].reshape(len(labels), -1) for n in names], 1).double().cpu().numpy()
+
+
+def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
+                payload: Mapping[str, Any], batch_size: int = 128) -> np.ndarray:
+    """This site's encoded sum of clipped per-example head gradients and its count (no
+    noise yet: :func:`noised` adds the share just before the vector is masked)."""
+    spec = spec_for(payload)
+    head = head_module(model)
+    pairs = _param_keys(head, head_keys(payload))
+    idx = np.asarray(indices, dtype=np.int64)
+    if len(idx) == 0:
+        return np.zeros(spec.length, dtype=np.int64)
+    feats = features(model, data, idx, batch_size).float()
+    labels = data.labels[torch.as_tensor(idx)].to(feats.device)
+    head_dtype = next(head.parameters()).dtype
+    grads = per_example_grads(head, feats.to(head_dtype), labels, [n for n, _ in pairs])
+    return spec.encode(grads, float(cfg.max_grad_norm))
+
+
+def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,
+           payload: Mapping[str, Any]) -> np.ndarray:
+    """``vector`` plus this site's Skellam share (variance ``v / t``, from OS entropy)."""
+    spec = spec_for(payload)
+    vector = np.asarray(vector, dtype=np.int64)
+    if vector.shape != (spec.length,):
+        raise ValueError(f"a distributed DP vector of {spec.length} entries, got {vector.shape}")
+    share = skellam_share(spec.variance(sigma), min_honest(cfg, cohort), spec.length)
+    return vector + share
+
+
+# -- the server ---------------------------------------------------------------------------
+class HeadStep:
+    """The server's step on the head from a revealed sum: Adam at ``probe-learning-rate``
+    on the noised mean gradient (post-processing of the released sum)."""
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, cfg: RunConfig, payload: Mapping[str, Any]) -> None:
+        self.lr = float(cfg.probe_learning_rate)
+        self.clip = float(cfg.max_grad_norm)
+        self.keys = head_keys(payload)
+        self.spec = spec_for(payload)
+        self.m = np.zeros(self.spec.dims)
+        self.v = np.zeros(self.spec.dims)
+        self.t = 0
+
+    def apply(self, state: Mapping[str, np.ndarray], total: np.ndarray) -> dict[str, np.ndarray]:
+        """The head's tensors after one step on the summed vector ``total`` (signed)."""
+        grad_sum, count = self.spec.decode(total, self.clip)
+        g = grad_sum / max(count, 1.0)
+        self.t += 1
+        b1, b2 = self.BETAS
+        self.m = b1 * self.m + (1 - b1) * g
+        self.v = b2 * self.v + (1 - b2) * g * g
+        step = self.lr * (self.m / (1 - b1 ** self.t)) / (
+            np.sqrt(self.v / (1 - b2 ** self.t)) + self.EPS)
+        out, at = {}, 0
+        for key in self.keys:
+            cur = np.asarray(state[key], dtype=np.float64)
+            out[key] = (cur - step[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
+            at += cur.size
+        return out
