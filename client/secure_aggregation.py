@@ -29,6 +29,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import distributed_dp, privacy, runtime
+from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 from fedlora.privacy.skellam import SkellamSum
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
@@ -83,9 +84,14 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
     server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
     bits = SecureSum.from_config(cfg).bits(n)
     if distributed_dp.is_distributed_round(cfg, server_round):
-        if n < distributed_dp.min_honest(cfg, n):
+        t = distributed_dp.min_honest(cfg, n)
+        if n < t:
             raise ProtocolError(f"a cohort of {n} cannot hold dp-min-honest = "
                                 f"{cfg.dp_min_honest:g} contributors")
+        try:  # the site's own floor on its share of the noise
+            SitePolicy.from_node_config(context.node_config).check_noise_share(t)
+        except PolicyRefusal as e:
+            raise ProtocolError(str(e)) from None
         bits = distributed_dp.round_bits(cfg, SkellamSum.for_dims(config.length - 1), n,
                                          privacy.client_mechanism("sample")
                                          .distributed_sigma(cfg))

@@ -9,7 +9,10 @@ At each epsilon two methods are measured in this one command:
 
 * ``lora``: the recipe as a user gets it (linear-probe rounds, then LoRA rounds);
 * ``probe``: the private linear-probe baseline, every round training the head alone
-  (``probe-rounds = num-server-rounds``): what LoRA must beat to be worth its noise.
+  (``probe-rounds = num-server-rounds``): what LoRA must beat to be worth its noise;
+* ``distributed``: distributed DP (``secure-aggregation = true``, its own recipe: every
+  round one DP-SGD step of the head over the union of the sites' data, the noise added once
+  to the secure sum; ``--rounds`` does not apply). Not run unless named in ``--methods``.
 
 plus the non-private run (``--no-baseline`` skips it). Writes ``table.md``, ``table.json``
 and ``accuracy_vs_epsilon.png`` (accuracy against epsilon, one line per method, with the
@@ -36,12 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fedlora.privacy.sample_level import DISTRIBUTED_ROUNDS  # noqa: E402
 from simulations.harness import parse_sets  # noqa: E402
 from simulations.privacy_modes import measure  # noqa: E402
 
-METHODS = ("lora", "probe")
+METHODS = ("lora", "probe", "distributed")
 LABELS = {"lora": "LoRA (DP recipe: probe rounds, then LoRA)",
-          "probe": "linear probe only (head-only rounds)"}
+          "probe": "linear probe only (head-only rounds)",
+          "distributed": "distributed DP (secure sum, one step of the head per round)"}
 
 
 def majority_accuracy(overrides: dict) -> float:
@@ -192,7 +197,8 @@ def _earlier_runs(paths: list[Path], delta: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epsilons", default="0.5,1,3,8", help="comma-separated target epsilons")
-    ap.add_argument("--methods", default=",".join(METHODS), help="lora, probe or both")
+    ap.add_argument("--methods", default="lora,probe",
+                    help="comma-separated: lora, probe, distributed")
     ap.add_argument("--no-baseline", action="store_true", help="skip the non-private run")
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--clients", type=int, default=20)
@@ -229,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for method in methods:
                     more = {"probe-rounds": args.rounds} if method == "probe" else {}
+                    if method == "distributed":  # its recipe's rounds, not --rounds
+                        more = {"secure-aggregation": True,
+                                "num-server-rounds": DISTRIBUTED_ROUNDS}
                     name = f"{method}-eps-{eps:g}" + (f"-run{repeat + 1}"
                                                       if args.repeats > 1 else "")
                     row = measure("sample", eps, clients=args.clients, out=out,

@@ -210,3 +210,21 @@ def test_a_round_with_fewer_contributors_than_dp_min_honest_releases_nothing(
     assert rounds[1]["clients_accepted"] == 0 and "released nothing" in rounds[1]["note"]
     assert "dp-min-honest" in rounds[1]["note"]
     assert not [r for r in revealed if r[0] == 1]
+
+
+def test_a_site_opts_in_to_distributed_dp_and_floors_its_noise_share():
+    from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
+
+    cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True})
+    local_only = SitePolicy.from_node_config({"accept-dp-modes": "sample", "max-epsilon": 8.0})
+    with pytest.raises(PolicyRefusal, match="'distributed'"):
+        local_only.check_run(cfg)  # its own DP-SGD noise is what 'sample' promised it
+    local_only.check_run(parse_run_config({"dp-mode": "sample"}))
+    site = SitePolicy.from_node_config({"accept-dp-modes": "distributed", "max-epsilon": 8.0,
+                                        "min-noise-share": 0.25})
+    site.check_run(cfg)
+    site.check_noise_share(4)
+    with pytest.raises(PolicyRefusal, match="min-noise-share"):
+        site.check_noise_share(5)  # a fifth of the noise: needs more honest sites than it trusts
+    with pytest.raises(PolicyRefusal, match="min-noise-share"):
+        SitePolicy.from_node_config({"accept-dp-modes": "distributed", "min-noise-share": 1.5})

@@ -12,6 +12,12 @@ A site states instead, in the node-config its operator gives the SuperNode:
   at the run's ``target-epsilon``; a run asking for a larger target is refused.
 * ``max-delta``: the largest ``target-delta`` it accepts.
 * ``min-noise-multiplier`` (optional): a floor on the noise multiplier of its local mechanism.
+* Distributed DP (``dp-mode = "sample"`` with ``secure-aggregation = true``) adds only a
+  share of the noise at each site, ``1/t`` of it for ``dp-min-honest`` t: the site must list
+  ``distributed`` in ``accept-dp-modes`` (``sample`` alone means its own DP-SGD noise), and
+  ``min-noise-share`` (optional, a fraction in (0, 1]) is the least share it adds: it
+  refuses a round whose ``t`` would give it less, so its guarantee needs at most
+  ``1 / min-noise-share`` honest contributors, itself included.
 * ``require-secure-aggregation`` (optional, default false): the site trains only in runs
   with ``secure-aggregation = true`` and answers no federated evaluation.
 * ``min-reply-seconds`` (optional): the site holds every training reply (trained or refused)
@@ -51,7 +57,9 @@ log = logging.getLogger("fedlora.client")
 
 #: The node-config keys of a site's privacy policy.
 POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier",
-               "min-reply-seconds", "require-secure-aggregation")
+               "min-noise-share", "min-reply-seconds", "require-secure-aggregation")
+#: The ``accept-dp-modes`` token of distributed DP (sample-level DP on the secure sum).
+DISTRIBUTED = "distributed"
 
 _EXAMPLE = ("--node-config \"accept-dp-modes='sample' max-epsilon=8.0 max-delta=1e-5 "
             "privacy-state-path='<file>'\"")
@@ -97,6 +105,7 @@ class SitePolicy:
     max_epsilon: float | None = None
     max_delta: float | None = None
     min_noise_multiplier: float | None = None
+    min_noise_share: float | None = None
     min_reply_seconds: float | None = None
     require_secure_aggregation: bool = False
     deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
@@ -108,17 +117,23 @@ class SitePolicy:
         accepted = None
         if modes is not None and str(modes).strip() != "":
             names = [m.strip() for m in str(modes).split(",") if m.strip()]
-            choices = dp_mode_choices()
+            choices = (*dp_mode_choices(), DISTRIBUTED)
             bad = [m for m in names if m not in choices]
             if bad or not names:
                 raise PolicyRefusal(f"node-config key 'accept-dp-modes' has bad value "
                                     f"{modes!r}: expected a comma-separated list of "
                                     f"{', '.join(choices)}")
             accepted = frozenset(names)
+        share = _positive(node_config, "min-noise-share")
+        if share is not None and share > 1:
+            raise PolicyRefusal(f"node-config key 'min-noise-share' has bad value "
+                                f"{node_config.get('min-noise-share')!r}: expected a "
+                                "fraction in (0, 1]")
         return cls(accept_dp_modes=accepted,
                    max_epsilon=_positive(node_config, "max-epsilon"),
                    max_delta=_positive(node_config, "max-delta", upper=1.0),
                    min_noise_multiplier=_positive(node_config, "min-noise-multiplier"),
+                   min_noise_share=share,
                    min_reply_seconds=_positive(node_config, "min-reply-seconds"),
                    require_secure_aggregation=_flag(node_config, "require-secure-aggregation"),
                    deployed=node_config.get("partition-id") is None)
@@ -142,7 +157,13 @@ class SitePolicy:
             return
         mode = cfg.dp_mode
         local = client_mechanism(mode)
-        if mode not in self.accept_dp_modes and (
+        if cfg.secure_aggregation and mode == "sample":  # distributed: a share of the noise
+            if DISTRIBUTED not in self.accept_dp_modes:
+                raise PolicyRefusal(
+                    "the run's dp-mode = 'sample' with secure-aggregation = true adds only a "
+                    "share of the noise at each site (distributed DP), and this site's "
+                    f"node-config key 'accept-dp-modes' does not list '{DISTRIBUTED}'")
+        elif mode not in self.accept_dp_modes and (
                 local is None or local.name not in self.accept_dp_modes):
             raise PolicyRefusal(f"the run's dp-mode = '{mode}' is not accepted by this site "
                                 f"(node-config key 'accept-dp-modes' = "
@@ -166,6 +187,14 @@ class SitePolicy:
             raise PolicyRefusal(f"the run's noise multiplier is below this site's "
                                 f"node-config key 'min-noise-multiplier' = "
                                 f"{self.min_noise_multiplier}")
+
+    def check_noise_share(self, contributors: int) -> None:
+        """Refuse a distributed round in which this site would add less than its
+        ``min-noise-share`` of the noise (``1 / contributors``)."""
+        if self.min_noise_share is not None and 1.0 / contributors < self.min_noise_share:
+            raise PolicyRefusal(f"the round's dp-min-honest = {contributors} gives this site "
+                                f"a noise share of 1/{contributors}, below its node-config "
+                                f"key 'min-noise-share' = {self.min_noise_share:g}")
 
     def epsilon_cap(self, run_target: float) -> float:
         """The epsilon the site's ledger may never exceed: the site's own cap when it has
