@@ -164,8 +164,8 @@ def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) 
             vector = encode(distributed_dp.noised(
                 reply[distributed_dp.VECTOR_KEY],
                 sigma=float(np.asarray(reply[distributed_dp.SIGMA_KEY]).ravel()[0]),
-                cohort=len(client.config.cohort), cfg=cfg, payload=payload),
-                client.config.bits)
+                cohort=len(client.config.cohort), cfg=cfg, payload=payload,
+                bits=client.config.bits), client.config.bits)
         else:
             vector = SecureSum.from_config(cfg).quantise(reply, received, client.config.bits)
         out = client.masked_input(from_records(msg.content), vector)

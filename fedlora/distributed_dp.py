@@ -121,18 +121,25 @@ def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunCon
     labels = data.labels[torch.as_tensor(idx)].to(feats.device)
     head_dtype = next(head.parameters()).dtype
     grads = per_example_grads(head, feats.to(head_dtype), labels, [n for n, _ in pairs])
-    return spec.encode(grads, float(cfg.max_grad_norm))
+    return spec.bound_sum(spec.encode(grads, float(cfg.max_grad_norm)),
+                          int(cfg.max_num_examples))
 
 
 def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,
-           payload: Mapping[str, Any]) -> np.ndarray:
-    """``vector`` plus this site's Skellam share (variance ``v / t``, from OS entropy)."""
+           payload: Mapping[str, Any], bits: int | None = None) -> np.ndarray:
+    """``vector`` plus this site's Skellam share (variance ``v / t``, from OS entropy);
+    with ``bits``, as signed values of that ring (a noise draw beyond the modulus' tail
+    bound wraps instead of failing: whether a site answers never depends on the draw)."""
     spec = spec_for(payload)
     vector = np.asarray(vector, dtype=np.int64)
     if vector.shape != (spec.length,):
         raise ValueError(f"a distributed DP vector of {spec.length} entries, got {vector.shape}")
     share = skellam_share(spec.variance(sigma), min_honest(cfg, cohort), spec.length)
-    return vector + share
+    out = vector + share
+    if bits is not None and bits < 63:  # (a sum that wide cannot reach int64's edge)
+        half = np.int64(1) << np.int64(bits - 1)
+        out = (out + half) % (half * 2) - half
+    return out
 
 
 # -- the server ---------------------------------------------------------------------------

@@ -88,6 +88,15 @@ class SecureAggregationStrategy(WrappingStrategy):
         found = self.strategy.identify_nodes(grid, timeout=timeout)
         cohort = self.cohort_size(len(list(grid.get_node_ids())))
         degree, threshold = resolve_graph(self.cfg, cohort)
+        if self.head_step is not None:
+            spec = self.head_step.spec
+            log.info("distributed DP: cohorts of %d sites, %d neighbours each, %d shares to "
+                     "rebuild a secret; each round sums %d integers (the head's clipped "
+                     "gradients and the count), noise shared by dp-min-honest = %d sites, "
+                     "modulus 2^%d", cohort, degree, threshold, spec.length,
+                     distributed_dp.min_honest(self.cfg, cohort),
+                     distributed_dp.round_bits(self.cfg, spec, cohort, self.dp_sigma))
+            return found
         log.info("secure aggregation: cohorts of %d sites, %d neighbours each, %d shares to "
                  "rebuild a secret, %d coordinates clipped to %g in steps of %.3g, modulus "
                  "2^%d", cohort, degree, threshold, self.length, self.sum.clip, self.sum.step,

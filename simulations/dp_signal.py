@@ -15,7 +15,10 @@ as DP-SGD clips it. Per group (head, LoRA A, LoRA B) the table gives:
 * the noise DP-SGD adds to that mean at the plan's sigma, as a norm: sigma C sqrt(d) / n for
   one client in a full-batch step (q = 1), and that over sqrt(K) once the server averages
   K clients' steps (the best case: every step at q = 1, every client in the round);
-* their ratio. Under 1 a step moves the group mostly by noise.
+* their ratio. Under 1 a step moves the group mostly by noise;
+* under distributed DP (``secure-aggregation = true``: the noise of one step added once to
+  the sum of the K clients' clipped gradients, fedlora.distributed_dp), the noise on the
+  mean at the same sigma, ``sigma C sqrt(d) / (K n)``: sqrt(K) less, and that ratio.
 """
 
 from __future__ import annotations
@@ -92,11 +95,15 @@ def measure(overrides: dict, *, clients: int, probe_steps: int, max_examples: in
         signal = math.sqrt(sum(float(((a / len(use)) ** 2).sum()) for a in accs))
         noise_one = sigma * cfg.max_grad_norm * math.sqrt(d) / n
         noise_all = noise_one / math.sqrt(clients)
+        noise_distributed = noise_one / clients
         out["groups"].append({"group": k, "dimensions": d,
                               "median_example_norm": float(np.median(norms[k])),
                               "signal": signal, "noise_one_client": noise_one,
                               "noise_mean_of_clients": noise_all,
-                              "ratio": signal / noise_all if noise_all else math.inf})
+                              "ratio": signal / noise_all if noise_all else math.inf,
+                              "noise_distributed": noise_distributed,
+                              "ratio_distributed": (signal / noise_distributed
+                                                    if noise_distributed else math.inf)})
     return out
 
 
@@ -106,11 +113,14 @@ def table(result: dict) -> str:
              f"n = {result['examples']} examples on the client, {k} clients", "",
              "| group | noised dimensions | median example gradient norm | signal: mean "
              "clipped gradient norm | noise norm, one client (q = 1) | noise norm, mean of "
-             f"{k} clients | signal / noise ({k} clients) |", "|---|---|---|---|---|---|---|"]
+             f"{k} clients | signal / noise ({k} clients) | noise norm, distributed "
+             f"(once on the sum of {k}) | signal / noise, distributed |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for g in result["groups"]:
         lines.append(f"| {g['group']} | {g['dimensions']:,} | {g['median_example_norm']:.3f} | "
                      f"{g['signal']:.4f} | {g['noise_one_client']:.3f} | "
-                     f"{g['noise_mean_of_clients']:.3f} | {g['ratio']:.2f} |")
+                     f"{g['noise_mean_of_clients']:.3f} | {g['ratio']:.2f} | "
+                     f"{g['noise_distributed']:.4f} | {g['ratio_distributed']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -228,3 +228,19 @@ def test_a_site_opts_in_to_distributed_dp_and_floors_its_noise_share():
         site.check_noise_share(5)  # a fifth of the noise: needs more honest sites than it trusts
     with pytest.raises(PolicyRefusal, match="min-noise-share"):
         SitePolicy.from_node_config({"accept-dp-modes": "distributed", "min-noise-share": 1.5})
+
+
+def test_a_sites_sum_is_bounded_publicly_and_its_noise_wraps_instead_of_failing():
+    spec = SkellamSum.for_dims(6)
+    big = spec.encode(np.ones((50, 6)), clip=1.0)
+    bounded = spec.bound_sum(big, max_examples=10)  # a site larger than the public bound
+    assert np.abs(bounded[:-1]).max() <= 10 * (spec.units + 1)
+    assert bounded[-1] == 10 * spec.count_weight
+    # Clipping coordinates keeps neighbours within the sensitivity: one example more or less
+    one_less = spec.bound_sum(spec.encode(np.ones((49, 6)), clip=1.0), max_examples=10)
+    assert np.linalg.norm((bounded - one_less).astype(float)) <= spec.l2_sensitivity
+    cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True})
+    payload = {"base_model.model.classifier.weight": np.zeros((2, 3))}
+    wrapped = distributed_dp.noised(np.full(7, 2**11, np.int64), sigma=1e-3, cohort=4,
+                                    cfg=cfg, payload=payload, bits=12)
+    assert wrapped.min() >= -(2**11) and wrapped.max() < 2**11  # no refusal, a wrapped value

@@ -114,6 +114,8 @@ def test_dp_signal_reports_clipped_signal_against_the_plans_noise(custom_task): 
     for g in groups.values():
         assert math.isclose(g["noise_one_client"], sigma * math.sqrt(g["dimensions"]) / n)
         assert math.isclose(g["noise_mean_of_clients"], g["noise_one_client"] / 2)
+        # distributed DP: the noise once on the sum of 4 clients' steps, sqrt(4) less again
+        assert math.isclose(g["noise_distributed"], g["noise_one_client"] / 4)
     # Every example's joint gradient is clipped to C before the mean: with a tiny C the
     # signal of all groups together cannot exceed it, whatever the raw norms are.
     tiny = dp_signal.measure({**keep, "target-epsilon": 8.0, "target-delta": 1e-3,

@@ -135,6 +135,16 @@ class SkellamSum:
         return np.concatenate([rounded.sum(axis=0),
                                [np.int64(self.count_weight) * len(g)]]).astype(np.int64)
 
+    def bound_sum(self, vector: np.ndarray, max_examples: int) -> np.ndarray:
+        """A site's sum with each coordinate clipped to what ``max_examples`` examples can
+        add (a public bound, so the modulus never depends on the data). Clipping each
+        coordinate moves no two sums further apart: the sensitivities stay."""
+        v = np.asarray(vector, dtype=np.int64).copy()
+        top = np.int64(max_examples) * (self.units + 1)
+        v[:-1] = np.clip(v[:-1], -top, top)
+        v[-1] = min(max(int(v[-1]), 0), int(max_examples) * self.count_weight)
+        return v
+
     def decode(self, total: np.ndarray, clip: float) -> tuple[np.ndarray, float]:
         """``(gradient sum in float units, noised example count)`` of a summed vector."""
         total = np.asarray(total, dtype=np.float64)
