@@ -30,9 +30,11 @@ from flwr.clientapp import ClientApp
 
 from fedlora import distributed_dp, privacy, runtime
 from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
-from fedlora.privacy.skellam import SkellamSum
+from fedlora.adapters import adapter_state
+from fedlora.models import cached_lora_model
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
+from fedlora.secagg.identity import load_identity, load_peers
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import (
     ACTIONS,
@@ -51,11 +53,22 @@ log = logging.getLogger("fedlora.client")
 STATE_KEY = "fedlora-secagg"  # this node's protocol state for the current round
 
 
+def _pinned(context: Context) -> dict[str, Any]:
+    """This site's long-term identity and its peers' (node-config ``secagg-identity`` and
+    ``secagg-peers``, :mod:`fedlora.secagg.identity`); ``ProtocolError`` for a bad file."""
+    identity, peers = (context.node_config.get(k) for k in ("secagg-identity", "secagg-peers"))
+    try:
+        return {"identity": load_identity(identity) if identity else None,
+                "trusted": load_peers(peers) if peers else None}
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
+
+
 def _load(context: Context) -> SecAggClient:
     stored = context.state.get(STATE_KEY)
     if stored is None:
         raise ProtocolError("this node holds no secure aggregation round (no setup seen)")
-    return load_client(unflatten(dict(stored)))
+    return load_client(unflatten(dict(stored)), **_pinned(context))
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -82,21 +95,26 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
     n = len(config.cohort)
     degree, threshold = resolve_graph(cfg, n)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
-    bits = SecureSum.from_config(cfg).bits(n)
+    bits, round_context = SecureSum.from_config(cfg).bits(n), b""
     if distributed_dp.is_distributed_round(cfg, server_round):
         t = distributed_dp.min_honest(cfg, n)
         if n < t:
             raise ProtocolError(f"a cohort of {n} cannot hold dp-min-honest = "
                                 f"{cfg.dp_min_honest:g} contributors")
-        try:  # the site's own floor on its share of the noise
-            SitePolicy.from_node_config(context.node_config).check_noise_share(t)
+        sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
+        try:  # the site's own floors on its share of the noise
+            SitePolicy.from_node_config(context.node_config).check_noise_share(t, sigma)
         except PolicyRefusal as e:
             raise ProtocolError(str(e)) from None
-        bits = distributed_dp.round_bits(cfg, SkellamSum.for_dims(config.length - 1), n,
-                                         privacy.client_mechanism("sample")
-                                         .distributed_sigma(cfg))
+        # This site's own head, not the server's word for it (said before any budget is spent)
+        spec = distributed_dp.spec_for(_own_payload(cfg, context))
+        if config.length != spec.length:
+            raise ProtocolError(f"the round sums {config.length} entries; this site's head "
+                                f"and count make {spec.length}")
+        bits = distributed_dp.round_bits(cfg, spec, n, sigma)
+        round_context = distributed_dp.round_context(cfg, spec, n, sigma)
     expected = {"round_id": server_round, "degree": degree, "threshold": threshold,
-                "bits": bits}
+                "bits": bits, "context": round_context}
     wrong = {k: v for k, v in expected.items() if getattr(config, k) != v}
     if not cfg.secure_aggregation or wrong:
         raise ProtocolError(f"the round config does not follow the run-config: expected "
@@ -107,6 +125,13 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
                             f"secure sum needs every site at the global rank {cfg.lora_rank}")
 
 
+def _own_payload(cfg, context: Context) -> dict[str, Any]:
+    """The tensors this site's model sends (its shapes: the adapter as built locally)."""
+    rank = NodeInfo.from_node_config(context.node_config, cfg).lora_rank
+    model = cached_lora_model(runtime.model_spec(cfg, rank=rank))
+    return runtime.method_for(cfg).payload(adapter_state(model))
+
+
 def stage_fn(stage: str, msg: Message, context: Context) -> Message:
     """One protocol stage other than the masked input."""
     client = None
@@ -114,7 +139,8 @@ def stage_fn(stage: str, msg: Message, context: Context) -> Message:
         body = from_records(msg.content)
         if stage == "setup":
             check_round(body, msg, context)
-        client = SecAggClient(int(context.node_id)) if stage == "setup" else _load(context)
+        client = (SecAggClient(int(context.node_id), **_pinned(context)) if stage == "setup"
+                  else _load(context))
         if stage == "consistency":
             check_contributors(body, client, context)
         out = getattr(client, stage)(body)
@@ -138,6 +164,11 @@ def check_contributors(body: Mapping[str, Any], client: SecAggClient,
     if not isinstance(u3, (list, tuple)) or len(set(u3)) < need:
         raise ProtocolError(f"fewer than dp-min-honest = {need} sites in the sum: their "
                             "noise shares would not make up the planned noise")
+    if client.trusted is not None:  # only parties this site pinned count: its neighbours
+        verified = len(set(u3) & set(client.neighbours)) + 1
+        if verified < need:
+            raise ProtocolError(f"only {verified} pinned sites (this one included) in the "
+                                f"sum, fewer than dp-min-honest = {need}")
 
 
 def ready_to_train(msg: Message, context: Context) -> None:

@@ -22,6 +22,8 @@ the modulus (no sum of a cohort can wrap: :func:`round_bits`).
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,7 +44,9 @@ if TYPE_CHECKING:
     from .run_config import RunConfig
 
 __all__ = ["HeadStep", "VECTOR_KEY", "head_keys", "is_distributed_round", "min_honest",
-           "noised", "round_bits", "site_vector", "spec_for"]
+           "noised", "round_bits", "round_context", "site_vector", "spec_for"]
+
+log = logging.getLogger("fedlora.client")
 
 VECTOR_KEY = "distributed-dp-sum"  # a site's encoded sum, before its noise share
 SIGMA_KEY = "distributed-dp-sigma"  # the plan's noise multiplier, for its share
@@ -69,6 +73,19 @@ def head_keys(payload: Mapping[str, Any]) -> list[str]:
 def spec_for(payload: Mapping[str, Any]) -> SkellamSum:
     return SkellamSum.for_dims(sum(int(np.prod(np.shape(payload[k])))
                                    for k in head_keys(payload)))
+
+
+def round_context(cfg: RunConfig, spec: SkellamSum, cohort: int, sigma: float) -> bytes:
+    """A digest of every parameter the round's noise and sensitivity rest on. It goes into
+    the signed round config (:class:`fedlora.secagg.RoundConfig`): a site refuses a round
+    whose digest is not its own, and sites given different parameters refuse each other's
+    keys, so no site can be made to add less noise than another site's ledger assumes."""
+    fields = (f"skellam|sigma={sigma!r}|t={min_honest(cfg, cohort)}|cohort={cohort}|"
+              f"dims={spec.dims}|units={spec.units}|count={spec.count_weight}|"
+              f"clip={float(cfg.max_grad_norm)!r}|max-examples={int(cfg.max_num_examples)}|"
+              f"eps={float(cfg.target_epsilon)!r}|delta={float(cfg.target_delta)!r}|"
+              f"rounds={int(cfg.num_server_rounds)}")
+    return hashlib.sha256(fields.encode()).digest()
 
 
 def round_bits(cfg: RunConfig, spec: SkellamSum, cohort: int, sigma: float) -> int:
@@ -104,7 +121,12 @@ def per_example_grads(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
 
     with dropout_off(head):
         g = vmap(grad(loss), in_dims=(None, 0, 0))(params, feats, labels)
-    return torch.cat([g[n].reshape(len(labels), -1) for n in names], 1).double().cpu().numpy()
+    out = torch.cat([g[n].reshape(len(labels), -1) for n in names], 1).double().cpu().numpy()
+    # A row with a non-finite entry (a head the server crafted to overflow on some inputs)
+    # counts as an example that adds nothing: never an error, whose presence would be a
+    # noiseless answer about the data.
+    out[~np.isfinite(out).all(axis=1)] = 0.0
+    return out
 
 
 def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
@@ -113,16 +135,21 @@ def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunCon
     noise yet: :func:`noised` adds the share just before the vector is masked)."""
     spec = spec_for(payload)
     head = head_module(model)
-    pairs = _param_keys(head, head_keys(payload))
+    pairs = _param_keys(head, head_keys(payload))  # the model's shape: not about the data
     idx = np.asarray(indices, dtype=np.int64)
     if len(idx) == 0:
         return np.zeros(spec.length, dtype=np.int64)
-    feats = features(model, data, idx, batch_size).float()
-    labels = data.labels[torch.as_tensor(idx)].to(feats.device)
-    head_dtype = next(head.parameters()).dtype
-    grads = per_example_grads(head, feats.to(head_dtype), labels, [n for n, _ in pairs])
-    return spec.bound_sum(spec.encode(grads, float(cfg.max_grad_norm)),
-                          int(cfg.max_num_examples))
+    try:
+        feats = features(model, data, idx, batch_size).float()
+        labels = data.labels[torch.as_tensor(idx)].to(feats.device)
+        head_dtype = next(head.parameters()).dtype
+        grads = per_example_grads(head, feats.to(head_dtype), labels, [n for n, _ in pairs])
+        vector = spec.encode(grads, float(cfg.max_grad_norm))
+    except (ValueError, RuntimeError, ArithmeticError):  # the details stay in this log
+        log.exception("Distributed DP: this site's gradients could not be taken; it sends "
+                      "its noise share alone this round")
+        return np.zeros(spec.length, dtype=np.int64)
+    return spec.bound_sum(vector, int(cfg.max_num_examples))
 
 
 def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,

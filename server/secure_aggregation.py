@@ -118,15 +118,17 @@ class SecureAggregationStrategy(WrappingStrategy):
             distributed = distributed_dp.is_distributed_round(self.cfg, server_round)
             try:
                 degree, threshold = resolve_graph(self.cfg, len(nodes))
-                length, bits = self.length, self.sum.bits(len(nodes))
+                length, bits, context = self.length, self.sum.bits(len(nodes)), b""
                 if distributed:
                     spec = self.head_step.spec
                     length = spec.length
                     bits = distributed_dp.round_bits(self.cfg, spec, len(nodes), self.dp_sigma)
+                    context = distributed_dp.round_context(self.cfg, spec, len(nodes),
+                                                           self.dp_sigma)
                 server = SecAggServer(RoundConfig.create(
                     server_round, nodes, length=length, bits=bits,
                     degree=COMPLETE if degree == len(nodes) - 1 else degree,
-                    threshold=threshold))
+                    threshold=threshold, context=context))
                 stage = server.collect_keys(exchange.run("setup", server.setup()))
                 stage = server.collect_shares(exchange.run("share_keys", stage))
                 stage = server.collect_masked(exchange.run("masked_input", stage))

@@ -216,16 +216,26 @@ def test_a_site_opts_in_to_distributed_dp_and_floors_its_noise_share():
     from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 
     cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True})
-    local_only = SitePolicy.from_node_config({"accept-dp-modes": "sample", "max-epsilon": 8.0})
+    local_only = SitePolicy.from_node_config({"accept-dp-modes": "sample", "max-epsilon": 8.0,
+                                              "partition-id": 0})
     with pytest.raises(PolicyRefusal, match="'distributed'"):
         local_only.check_run(cfg)  # its own DP-SGD noise is what 'sample' promised it
     local_only.check_run(parse_run_config({"dp-mode": "sample"}))
     site = SitePolicy.from_node_config({"accept-dp-modes": "distributed", "max-epsilon": 8.0,
-                                        "min-noise-share": 0.25})
+                                        "min-noise-share": 0.25, "min-noise-multiplier": 2.0,
+                                        "partition-id": 0})
     site.check_run(cfg)
-    site.check_noise_share(4)
+    site.check_noise_share(4, 4.0)
     with pytest.raises(PolicyRefusal, match="min-noise-share"):
-        site.check_noise_share(5)  # a fifth of the noise: needs more honest sites than it trusts
+        site.check_noise_share(5, 4.0)  # a fifth of the noise: more honest sites than it trusts
+    with pytest.raises(PolicyRefusal, match="min-noise-multiplier"):
+        site.check_noise_share(4, 3.9)  # its own share: 3.9 / sqrt(4) < 2
+    # A deployed site bounds whom it trusts, else the server's cohort would decide its share.
+    deployed = {"accept-dp-modes": "distributed", "max-epsilon": 8.0}
+    with pytest.raises(PolicyRefusal, match="min-noise-share"):
+        SitePolicy.from_node_config(deployed).check_run(cfg)
+    SitePolicy.from_node_config({**deployed, "secagg-peers": "/etc/peers"}).check_run(cfg)
+    SitePolicy.from_node_config({**deployed, "min-noise-share": 0.1}).check_run(cfg)
     with pytest.raises(PolicyRefusal, match="min-noise-share"):
         SitePolicy.from_node_config({"accept-dp-modes": "distributed", "min-noise-share": 1.5})
 
@@ -244,3 +254,83 @@ def test_a_sites_sum_is_bounded_publicly_and_its_noise_wraps_instead_of_failing(
     wrapped = distributed_dp.noised(np.full(7, 2**11, np.int64), sigma=1e-3, cohort=4,
                                     cfg=cfg, payload=payload, bits=12)
     assert wrapped.min() >= -(2**11) and wrapped.max() < 2**11  # no refusal, a wrapped value
+
+
+def test_a_head_crafted_to_overflow_on_some_inputs_gets_no_refusal():
+    """A server that sends a head whose logits overflow for examples with a feature above a
+    threshold must not learn, from a refusal, whether the site holds such an example."""
+    import torch
+    from torch import nn
+
+    head = nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[0, 0] = 3e38
+        head.bias[0] = 3e38
+    feats = torch.tensor([[-1.0, 0.0, 0.0], [0.5, 0.0, 0.0], [2.0, 0.0, 0.0]])
+    grads = distributed_dp.per_example_grads(head, feats, torch.tensor([1, 1, 0]),
+                                             ["weight", "bias"])
+    assert np.isfinite(grads).all()
+    spec = SkellamSum.for_dims(8)
+    vector = spec.encode(grads, clip=1.0)  # encodes, counting every example
+    assert vector[-1] == 3 * spec.count_weight
+
+
+def test_the_whole_noise_path_adds_v_over_t_per_site_whatever_the_cohort():
+    cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True,
+                            "dp-min-honest": 5.0})
+    payload = {"base_model.model.classifier.weight": np.zeros((100, 100))}
+    spec = distributed_dp.spec_for(payload)
+    draws = distributed_dp.noised(np.zeros(spec.length, np.int64), sigma=2.0, cohort=10,
+                                  cfg=cfg, payload=payload).astype(np.float64)
+    expected = spec.variance(2.0) / 5  # t = 5 of a cohort of 10: a fifth of v each
+    assert abs(draws.var() / expected - 1) < 5 * math.sqrt(2 / spec.length)
+    # Neither the numpy nor the torch global seed, nor the run's seed, fixes the coins.
+    import torch
+
+    g = np.random.default_rng(1).random((3, 10_000)) * 1e-3  # fractional steps: coins matter
+    outs = []
+    for _ in range(2):
+        np.random.seed(0)
+        torch.manual_seed(0)
+        outs.append((SkellamSum.for_dims(10_000).encode(g, clip=1.0),
+                     distributed_dp.noised(np.zeros(spec.length, np.int64), sigma=2.0,
+                                           cohort=10, cfg=cfg, payload=payload)))
+    assert not np.array_equal(outs[0][0], outs[1][0])
+    assert not np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_sites_given_other_dp_parameters_refuse_each_others_round():
+    """The DP parameters are bound into the signed round config: a server that tells one
+    site epsilon 1 and the others epsilon 100 gets no round."""
+    from fedlora.secagg import ProtocolError, RoundAborted, RoundConfig, SecAggClient
+    from fedlora.secagg.local import run_local_round
+
+    spec = SkellamSum.for_dims(4)
+    cohort = [1, 2, 3]
+    contexts = {}
+    for eps in (1.0, 100.0):
+        cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True,
+                                "target-epsilon": eps})
+        sigma = __import__("fedlora.privacy", fromlist=["x"]).client_mechanism(
+            "sample").distributed_sigma(cfg)
+        contexts[eps] = distributed_dp.round_context(cfg, spec, 3, sigma)
+    assert contexts[1.0] != contexts[100.0]
+    base = RoundConfig.create(1, cohort, length=5, bits=40, context=contexts[100.0])
+    told_one = RoundConfig(base.round_id, base.cohort, base.degree, base.threshold, base.bits,
+                           base.length, base.graph_seed, contexts[1.0])
+    clients = {u: SecAggClient(u) for u in cohort}
+    bundles = {u: clients[u].setup((told_one if u == 1 else base).to_message())
+               for u in cohort}
+    # Even a server that forwards every key: site 2 cannot verify site 1's keys, signed over
+    # another round config, and refuses the round (as site 1 refuses the others').
+    with pytest.raises(ProtocolError, match="not validly signed"):
+        clients[2].share_keys({"keys": {v: bundles[v] for v in (1, 3)}})
+    with pytest.raises(ProtocolError, match="not validly signed"):
+        clients[1].share_keys({"keys": {v: bundles[v] for v in (2, 3)}})
+    with pytest.raises(RoundAborted):  # and the honest server's own check drops it
+        run_local_round(base, {u: np.zeros(5, np.uint64) for u in cohort},
+                        clients={u: SecAggClient(u) for u in cohort},
+                        tamper=lambda st, m: {**m, 1: told_one.to_message()} if st == "setup"
+                        else m)

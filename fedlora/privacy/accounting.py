@@ -66,8 +66,8 @@ logger = logging.getLogger(__name__)
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv", "rdp-int")
 #: RDP orders: Opacus' defaults plus large orders for small-epsilon regimes.
 RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS) + (80, 96, 128, 256, 512, 1024)
-#: The integer ones among them (``rdp-int``).
-INTEGER_RDP_ORDERS: tuple[float, ...] = tuple(a for a in RDP_ORDERS if float(a).is_integer())
+#: Integer orders (``rdp-int``): every one from 2 to 63, then the large ones.
+INTEGER_RDP_ORDERS: tuple[float, ...] = tuple(range(2, 64)) + (80, 96, 128, 256, 512, 1024)
 #: Error allowed in PRV's epsilon estimate; its upper bound (estimate + error) is used.
 PRV_EPS_ERROR = 0.01
 #: Above this RDP epsilon, PRV is not attempted (slow and meaningless).

@@ -152,6 +152,10 @@ class SampleLevel(ClientMechanism):
                               "'sample' and secure-aggregation = true: every round is a "
                               "distributed DP-SGD step of the head (local LoRA training with "
                               "only a share of the noise would not be private)")
+        if _causal_lm(cfg.task) or not cfg.train_head:
+            raise ConfigError("secure-aggregation", cfg.secure_aggregation,
+                              "false with dp-mode = 'sample' for a task without a trained "
+                              "classification head: distributed DP steps the head")
         if cfg.accountant == "prv":
             raise ConfigError("accountant", cfg.accountant,
                               "rdp with dp-mode = 'sample' and secure-aggregation = true (the "

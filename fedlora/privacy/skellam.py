@@ -43,11 +43,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..entropy import private_numpy_rng
+from .accounting import INTEGER_RDP_ORDERS
 
 __all__ = ["INTEGER_ORDERS", "SkellamSum", "epsilon_of_rdp", "skellam_share"]
 
-#: Integer Renyi orders: the Skellam bound is proven for these.
-INTEGER_ORDERS: tuple[int, ...] = tuple(range(2, 64)) + (80, 96, 128, 256, 512, 1024)
+#: Integer Renyi orders: the Skellam bound is proven for these (the ledger's ``rdp-int``).
+INTEGER_ORDERS = INTEGER_RDP_ORDERS
 #: Integer steps per clip norm, over sqrt(dims): rounding then adds at most 1/RESOLUTION
 #: to the L2 sensitivity.
 RESOLUTION = 256

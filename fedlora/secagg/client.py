@@ -8,8 +8,10 @@ reorder, alter or forge messages, lie about who dropped); clients trust only the
 randomness and the public round config. The neighbour graph must be drawn honestly (see
 :mod:`fedlora.secagg.graph`). Messages travel through the server; pairwise encryption
 keeps shares from it. Signing keys are fresh per round unless the client is given a
-long-term ``identity`` and the others' public identities (``known_identities``), which
-stops a server from impersonating clients to each other.
+long-term ``identity`` and the others' public identities (``known_identities`` by node id,
+or ``trusted``: a set of public identities, any of which a neighbour may sign with, each
+at most once), which stops a server from impersonating clients to each other or
+inserting parties of its own.
 
 A client ``u`` answers five stages, each a plain dict in and out, in this order:
 
@@ -75,11 +77,18 @@ class SecAggClient:
     """One client's side of one round; it keeps its secrets to itself."""
 
     def __init__(self, node_id: int, *, identity: Ed25519PrivateKey | None = None,
-                 known_identities: Mapping[int, bytes] | None = None) -> None:
+                 known_identities: Mapping[int, bytes] | None = None,
+                 trusted: frozenset[bytes] | None = None) -> None:
         self.node_id = node_id
         self._identity = identity
         self._known = dict(known_identities) if known_identities is not None else None
+        self._trusted = frozenset(trusted) if trusted is not None else None
         self._stage = "setup"
+
+    @property
+    def trusted(self) -> frozenset[bytes] | None:
+        """The public identities this client accepts from neighbours (None: any)."""
+        return self._trusted
 
     @property
     def stage(self) -> str:
@@ -132,6 +141,8 @@ class SecAggClient:
             raise ProtocolError(f"the public keys of node {v} are not validly signed")
         if self._known is not None and self._known.get(v) != keys["sig_pk"]:
             raise ProtocolError(f"node {v}'s signing key is not its known identity")
+        if self._trusted is not None and keys["sig_pk"] not in self._trusted:
+            raise ProtocolError(f"node {v} signs with an identity this client does not trust")
         return keys
 
     def share_keys(self, message: Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
@@ -148,6 +159,9 @@ class SecAggClient:
         every = own + [k[f] for k in self._peers.values() for f in ("c_pk", "s_pk")]
         if len(set(every)) != len(every):
             raise ProtocolError("two advertised public keys are equal (replayed keys)")
+        signers = [public_bytes(self._sig_sk)] + [k["sig_pk"] for k in self._peers.values()]
+        if self._trusted is not None and len(set(signers)) != len(signers):
+            raise ProtocolError("two neighbours sign with one identity (a party counted twice)")
         self._enough(len(self._peers), "neighbours advertised keys")
         order = sorted(self._peers)
         xs = [self.config.share_x(v) for v in order]

@@ -55,6 +55,9 @@ class RoundConfig:
     bits: int
     length: int
     graph_seed: bytes
+    # What the application binds to the round (e.g. a digest of its DP parameters): signed
+    # with the rest, so sites given different contexts refuse each other's keys.
+    context: bytes = b""
 
     def __post_init__(self) -> None:
         cohort = tuple(self.cohort)
@@ -70,21 +73,23 @@ class RoundConfig:
             raise ValueError(f"length must be a positive integer, got {self.length!r}")
         if not isinstance(self.graph_seed, bytes) or len(self.graph_seed) != KEY_BYTES:
             raise ValueError(f"graph_seed must be {KEY_BYTES} bytes")
+        if not isinstance(self.context, bytes) or len(self.context) > 64:
+            raise ValueError("context must be at most 64 bytes")
 
     @classmethod
     def create(cls, round_id: int, cohort: Iterable[int], *, length: int, bits: int,
                degree: int | str | None = None,
-               threshold: int | float | None = None) -> RoundConfig:
+               threshold: int | float | None = None, context: bytes = b"") -> RoundConfig:
         """A config with resolved degree and threshold and a graph seed from OS entropy."""
         cohort = tuple(cohort)
         k, t = choose_parameters(len(cohort), degree, threshold)
-        return cls(round_id, cohort, k, t, bits, length, os.urandom(KEY_BYTES))
+        return cls(round_id, cohort, k, t, bits, length, os.urandom(KEY_BYTES), context)
 
     def to_message(self) -> dict[str, Any]:
         """The config as a plain dict (ints, a list of ints, bytes)."""
         return {"round_id": self.round_id, "cohort": list(self.cohort), "degree": self.degree,
                 "threshold": self.threshold, "bits": self.bits, "length": self.length,
-                "graph_seed": self.graph_seed}
+                "graph_seed": self.graph_seed, "context": self.context}
 
     @classmethod
     def from_message(cls, message: Mapping[str, Any]) -> RoundConfig:
@@ -92,7 +97,7 @@ class RoundConfig:
         try:
             return cls(message["round_id"], tuple(message["cohort"]), message["degree"],
                        message["threshold"], message["bits"], message["length"],
-                       message["graph_seed"])
+                       message["graph_seed"], message.get("context", b""))
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed round config: {exc!r}") from exc
 
@@ -101,7 +106,8 @@ class RoundConfig:
         """SHA-256 of the whole config: what signatures bind a round to."""
         fields = ids_bytes(self.round_id, self.degree, self.threshold, self.bits, self.length,
                            len(self.cohort), *self.cohort)
-        return hashlib.sha256(CONFIG_LABEL + fields + self.graph_seed).digest()
+        return hashlib.sha256(CONFIG_LABEL + fields + self.graph_seed
+                              + ids_bytes(len(self.context)) + self.context).digest()
 
     @cached_property
     def graph(self) -> dict[int, tuple[int, ...]]:

@@ -108,17 +108,19 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # How the attributes of a SecAggClient that are not plain values are written.
 _SETS = ("neighbours", "_u2", "_u3")
 _X25519 = ("_c_sk", "_s_sk")
-_SKIP = ("_identity", "_known")  # long-term identities are not used between processes
+# Long-term identities are not written: the node reads them again (load_client's arguments).
+_SKIP = ("_identity", "_known", "_trusted")
 
 
 def dump_client(client: SecAggClient) -> dict[str, Any]:
     """The client's whole state as a plain dict of its attributes (:func:`flatten` can
-    write it)."""
-    if client._identity is not None or client._known is not None:
-        raise ValueError("a client with a long-term identity cannot be dumped")
-    out: dict[str, Any] = {}
+    write it), without its long-term identity (its private key is never written)."""
+    if client._known is not None:
+        raise ValueError("a client with identities by node id cannot be dumped")
+    pinned = client._identity is not None
+    out: dict[str, Any] = {"_pinned": [int(pinned)]}
     for name, value in vars(client).items():
-        if name in _SKIP:
+        if name in _SKIP or (pinned and name == "_sig_sk"):
             continue
         if isinstance(value, RoundConfig):
             value = value.to_message()
@@ -134,12 +136,20 @@ def dump_client(client: SecAggClient) -> dict[str, Any]:
     return out
 
 
-def load_client(state: Mapping[str, Any]) -> SecAggClient:
-    """The client :func:`dump_client` wrote (``ValueError`` for a malformed state)."""
+def load_client(state: Mapping[str, Any], *, identity: Ed25519PrivateKey | None = None,
+                trusted: frozenset[bytes] | None = None) -> SecAggClient:
+    """The client :func:`dump_client` wrote (``ValueError`` for a malformed state, or for
+    one written with a long-term identity that is not given again)."""
     try:
-        client = SecAggClient(int(state["node_id"][0]))
+        pinned = bool(state.get("_pinned", [0])[0])
+        if pinned != (identity is not None):
+            raise ValueError("the state and the identity given disagree on whether this "
+                             "node signs with a long-term identity")
+        client = SecAggClient(int(state["node_id"][0]), identity=identity, trusted=trusted)
+        if pinned and "config" in state:
+            client._sig_sk = identity
         for name, value in state.items():
-            if name == "node_id":
+            if name in ("node_id", "_pinned"):
                 continue
             if name == "config":
                 value = RoundConfig.from_message(value)
