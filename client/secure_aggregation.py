@@ -68,10 +68,18 @@ def _load(context: Context) -> SecAggClient:
     stored = context.state.get(STATE_KEY)
     if stored is None:
         raise ProtocolError("this node holds no secure aggregation round (no setup seen)")
+    if "done-round" in stored:
+        raise ProtocolError(f"this node finished round {stored['done-round']}: it is not "
+                            "ready for any stage without a new setup")
     return load_client(unflatten(dict(stored)), **_pinned(context))
 
 
 def _save(context: Context, client: SecAggClient) -> None:
+    """Keep the round's state on the node; a finished round keeps only that it finished
+    (its secrets, the self-mask seed and the shares it held, are dropped)."""
+    if client.stage == "done":
+        context.state[STATE_KEY] = ConfigRecord({"done-round": int(client.config.round_id)})
+        return
     context.state[STATE_KEY] = ConfigRecord(flatten(dump_client(client)))
 
 

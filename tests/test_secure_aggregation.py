@@ -160,6 +160,9 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     assert np.allclose(mean, np.mean([updates[7], updates[8], [-1.0, 0.3, 0.3]], axis=0),
                        atol=q.step)
 
+    for u in cohort:  # a finished round leaves no secret in the node state
+        assert dict(states[u]["fedlora-secagg"]) == {"done-round": 1}
+
     foreign = RoundConfig.create(1, cohort, length=3, bits=40, degree=COMPLETE,
                                  threshold=threshold)
     reply = send("setup", 7, foreign.to_message())
