@@ -51,6 +51,7 @@ __all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "regist
 log = logging.getLogger("fedlora.client")
 
 STATE_KEY = "fedlora-secagg"  # this node's protocol state for the current round
+SEEN_KEY = "fedlora-secagg-seen"  # the last round this node set up (rounds only go forward)
 
 
 def _pinned(context: Context) -> dict[str, Any]:
@@ -110,15 +111,16 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
             raise ProtocolError(f"a cohort of {n} cannot hold dp-min-honest = "
                                 f"{cfg.dp_min_honest:g} contributors")
         sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
-        try:  # the site's own floors on its share of the noise
-            SitePolicy.from_node_config(context.node_config).check_noise_share(t, sigma)
-        except PolicyRefusal as e:
-            raise ProtocolError(str(e)) from None
         # This site's own head, not the server's word for it (said before any budget is spent)
         spec = distributed_dp.spec_for(_own_payload(cfg, context))
         if config.length != spec.length:
             raise ProtocolError(f"the round sums {config.length} entries; this site's head "
                                 f"and count make {spec.length}")
+        own = spec.gaussian_equivalent(spec.variance(sigma) / t)  # its share alone
+        try:  # the site's own floors on its share of the noise
+            SitePolicy.from_node_config(context.node_config).check_noise_share(t, own)
+        except PolicyRefusal as e:
+            raise ProtocolError(str(e)) from None
         bits = distributed_dp.round_bits(cfg, spec, n, sigma)
         round_context = distributed_dp.round_context(cfg, spec, n, sigma)
     expected = {"round_id": server_round, "degree": degree, "threshold": threshold,
@@ -147,10 +149,20 @@ def stage_fn(stage: str, msg: Message, context: Context) -> Message:
         body = from_records(msg.content)
         if stage == "setup":
             check_round(body, msg, context)
+            round_id = RoundConfig.from_message(body).round_id
+            seen = context.state.get(SEEN_KEY)
+            if seen is not None and round_id <= int(seen["round"]):
+                raise ProtocolError(f"round {round_id} was set up here already (last: "
+                                    f"{int(seen['round'])}): a round runs once")
+            context.state[SEEN_KEY] = ConfigRecord({"round": round_id})
         client = (SecAggClient(int(context.node_id), **_pinned(context)) if stage == "setup"
                   else _load(context))
         if stage == "consistency":
-            check_contributors(body, client, context)
+            try:
+                check_contributors(body, client, context)
+            except ProtocolError:
+                client.abort()  # and every later stage of the round
+                raise
         out = getattr(client, stage)(body)
     except (ProtocolError, ValueError, KeyError) as e:
         if client is not None:
@@ -169,7 +181,8 @@ def check_contributors(body: Mapping[str, Any], client: SecAggClient,
         return
     need = distributed_dp.min_honest(cfg, len(client.config.cohort))
     u3 = body.get("u3")
-    if not isinstance(u3, (list, tuple)) or len(set(u3)) < need:
+    cohort = set(client.config.cohort)
+    if not isinstance(u3, (list, tuple)) or len(set(u3) & cohort) < need:
         raise ProtocolError(f"fewer than dp-min-honest = {need} sites in the sum: their "
                             "noise shares would not make up the planned noise")
     if client.trusted is not None:  # only parties this site pinned count: its neighbours
@@ -226,7 +239,7 @@ def register(app: ClientApp, overrides: Mapping[str, Any] | None,
             if stage == "masked_input":
                 try:
                     ready_to_train(msg, context)
-                except ProtocolError as e:
+                except (ProtocolError, ValueError) as e:
                     return _refuse(msg, str(e))
                 return train_fn(msg, context, masked_reply)
             return stage_fn(stage, msg, context)

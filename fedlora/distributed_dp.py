@@ -129,26 +129,44 @@ def per_example_grads(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
     return out
 
 
+#: Examples per chunk of per-example gradients: a site's memory does not grow with its data.
+CHUNK = 64
+
+
 def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
                 payload: Mapping[str, Any], batch_size: int = 128) -> np.ndarray:
     """This site's encoded sum of clipped per-example head gradients and its count (no
-    noise yet: :func:`noised` adds the share just before the vector is masked)."""
+    noise yet: :func:`noised` adds the share just before the vector is masked).
+
+    Gradients are taken :data:`CHUNK` examples at a time, so memory does not depend on how
+    many examples the site holds, and a chunk that fails for any reason adds nothing to
+    the gradient coordinates while its examples still count: whether, or how, a site
+    answers never says more about its data than one example's bounded contribution."""
     spec = spec_for(payload)
     head = head_module(model)
-    pairs = _param_keys(head, head_keys(payload))  # the model's shape: not about the data
+    names = [n for n, _ in _param_keys(head, head_keys(payload))]  # the model's shape only
     idx = np.asarray(indices, dtype=np.int64)
-    if len(idx) == 0:
-        return np.zeros(spec.length, dtype=np.int64)
+    total = np.zeros(spec.dims, dtype=np.int64)
+    failed = 0
     try:
-        feats = features(model, data, idx, batch_size).float()
+        feats = features(model, data, idx, batch_size).float() if len(idx) else None
+    except (MemoryError, RuntimeError, ValueError, ArithmeticError):
+        feats, failed = None, len(idx)
+    if feats is not None:
         labels = data.labels[torch.as_tensor(idx)].to(feats.device)
         head_dtype = next(head.parameters()).dtype
-        grads = per_example_grads(head, feats.to(head_dtype), labels, [n for n, _ in pairs])
-        vector = spec.encode(grads, float(cfg.max_grad_norm))
-    except (ValueError, RuntimeError, ArithmeticError):  # the details stay in this log
-        log.exception("Distributed DP: this site's gradients could not be taken; it sends "
-                      "its noise share alone this round")
-        return np.zeros(spec.length, dtype=np.int64)
+        for start in range(0, len(idx), CHUNK):
+            part = slice(start, start + CHUNK)
+            try:
+                grads = per_example_grads(head, feats[part].to(head_dtype), labels[part],
+                                          names)
+                total += spec.encode(grads, float(cfg.max_grad_norm))[:-1]
+            except (MemoryError, RuntimeError, ValueError, ArithmeticError):
+                failed += len(labels[part])
+    if failed:  # the details stay in this site's log
+        log.error("Distributed DP: the gradients of %d examples could not be taken; they "
+                  "count, with no gradient, this round", failed)
+    vector = np.concatenate([total, [np.int64(spec.count_weight) * len(idx)]])
     return spec.bound_sum(vector, int(cfg.max_num_examples))
 
 

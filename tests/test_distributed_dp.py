@@ -24,6 +24,7 @@ from fedlora.privacy.skellam import INTEGER_ORDERS, SkellamSum, epsilon_of_rdp, 
 from fedlora.runtime import parse_run_config
 from fedlora.secagg import SecAggServer
 
+from .test_secure_aggregation import identity  # noqa: F401
 from .test_simulation import custom_task, run_in_process  # noqa: F401
 
 
@@ -225,17 +226,21 @@ def test_a_site_opts_in_to_distributed_dp_and_floors_its_noise_share():
                                         "min-noise-share": 0.25, "min-noise-multiplier": 2.0,
                                         "partition-id": 0})
     site.check_run(cfg)
-    site.check_noise_share(4, 4.0)
+    site.check_noise_share(4, 2.0)  # its own share's noise multiplier (a Gaussian equivalent)
     with pytest.raises(PolicyRefusal, match="min-noise-share"):
-        site.check_noise_share(5, 4.0)  # a fifth of the noise: more honest sites than it trusts
+        site.check_noise_share(5, 2.0)  # a fifth of the noise: more honest sites than it trusts
     with pytest.raises(PolicyRefusal, match="min-noise-multiplier"):
-        site.check_noise_share(4, 3.9)  # its own share: 3.9 / sqrt(4) < 2
-    # A deployed site bounds whom it trusts, else the server's cohort would decide its share.
+        site.check_noise_share(4, 1.99)
+    # A deployed site bounds whom it trusts, else the server's cohort would decide its share,
+    # and hides its compute time, which grows with its data.
     deployed = {"accept-dp-modes": "distributed", "max-epsilon": 8.0}
-    with pytest.raises(PolicyRefusal, match="min-noise-share"):
+    with pytest.raises(PolicyRefusal, match="'min-noise-share' and 'min-reply-seconds'"):
         SitePolicy.from_node_config(deployed).check_run(cfg)
-    SitePolicy.from_node_config({**deployed, "secagg-peers": "/etc/peers"}).check_run(cfg)
-    SitePolicy.from_node_config({**deployed, "min-noise-share": 0.1}).check_run(cfg)
+    with pytest.raises(PolicyRefusal, match="'min-noise-share'"):  # pinning is not enough
+        SitePolicy.from_node_config({**deployed, "secagg-peers": "/etc/peers",
+                                     "min-reply-seconds": 60}).check_run(cfg)
+    SitePolicy.from_node_config({**deployed, "min-noise-share": 0.1,
+                                 "min-reply-seconds": 60}).check_run(cfg)
     with pytest.raises(PolicyRefusal, match="min-noise-share"):
         SitePolicy.from_node_config({"accept-dp-modes": "distributed", "min-noise-share": 1.5})
 
@@ -269,9 +274,15 @@ def test_a_head_crafted_to_overflow_on_some_inputs_gets_no_refusal():
         head.weight[0, 0] = 3e38
         head.bias[0] = 3e38
     feats = torch.tensor([[-1.0, 0.0, 0.0], [0.5, 0.0, 0.0], [2.0, 0.0, 0.0]])
-    grads = distributed_dp.per_example_grads(head, feats, torch.tensor([1, 1, 0]),
-                                             ["weight", "bias"])
+    labels = torch.tensor([1, 1, 0])
+    grads = distributed_dp.per_example_grads(head, feats, labels, ["weight", "bias"])
     assert np.isfinite(grads).all()
+    # The example below the threshold keeps its own gradient; the overflowing ones add none.
+    x = feats[0].clone()
+    head.zero_grad()
+    nn.functional.cross_entropy(head(x[None]), labels[:1]).backward()
+    reference = torch.cat([head.weight.grad.ravel(), head.bias.grad]).double().numpy()
+    assert np.allclose(grads[0], reference) and not np.any(grads[1:])
     spec = SkellamSum.for_dims(8)
     vector = spec.encode(grads, clip=1.0)  # encodes, counting every example
     assert vector[-1] == 3 * spec.count_weight
@@ -334,3 +345,112 @@ def test_sites_given_other_dp_parameters_refuse_each_others_round():
                         clients={u: SecAggClient(u) for u in cohort},
                         tamper=lambda st, m: {**m, 1: told_one.to_message()} if st == "setup"
                         else m)
+
+
+def test_a_chunk_that_fails_adds_no_gradient_but_its_examples_still_count(monkeypatch):
+    """Whatever fails while a site takes its gradients (memory, say), it answers, and its
+    answer differs from a clean one by what the failed examples' gradients were."""
+    import torch
+    from torch import nn
+
+    from fedlora import distributed_dp as ddp
+
+    head = nn.Linear(4, 2)
+    feats = torch.randn(150, 4)
+
+    class Data:
+        labels = torch.randint(0, 2, (150,))
+
+    monkeypatch.setattr(ddp, "head_module", lambda model: head)
+    monkeypatch.setattr(ddp, "features", lambda model, data, idx, bs: feats[idx])
+    payload = {"base_model.model.classifier.bias": np.zeros(2),
+               "base_model.model.classifier.weight": np.zeros((2, 4))}
+    cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True})
+    spec = ddp.spec_for(payload)
+    clean = ddp.site_vector(None, Data(), np.arange(150), cfg=cfg, payload=payload)
+    assert clean[-1] == 150 * spec.count_weight and np.any(clean[:-1])
+    real = ddp.per_example_grads
+    calls = []
+
+    def fail_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(ddp, "per_example_grads", fail_second)
+    partial = ddp.site_vector(None, Data(), np.arange(150), cfg=cfg, payload=payload)
+    assert len(calls) == 3  # chunks of 64: 64, 64, 22 examples
+    assert partial[-1] == 150 * spec.count_weight  # every example counts
+    # the gradient part differs from the clean one by at most 64 examples' contributions
+    assert np.abs(partial[:-1] - clean[:-1]).sum() <= 64 * spec.l1_sensitivity
+
+
+def test_a_site_counts_only_pinned_neighbours_and_refuses_for_good(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from client.secure_aggregation import check_contributors
+    from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
+    from fedlora.secagg.identity import generate, load_identity, load_peers
+
+    keys = [tmp_path / f"k{i}" for i in range(2)]
+    peers = tmp_path / "peers"
+    peers.write_text("\n".join(generate(k) for k in keys))
+    run_config = {"dp-mode": "sample", "secure-aggregation": True, "dp-min-honest": 4.0,
+                  "num-server-rounds": 2}
+    # 8 sites, 2 neighbours each: at most 3 pinned parties (itself and 2) can be counted.
+    config = RoundConfig.create(1, range(1, 9), length=3, bits=40, degree=2)
+    client = SecAggClient(1, identity=load_identity(keys[0]), trusted=load_peers(peers))
+    client.setup(config.to_message())
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                  run_config=run_config)
+    with pytest.raises(ProtocolError, match="pinned"):
+        check_contributors({"u3": list(range(1, 9))}, client, ctx)  # 8 in U3, 3 pinned
+    with pytest.raises(ProtocolError, match="dp-min-honest"):  # ids outside the cohort
+        check_contributors({"u3": [1, 2, 97, 98, 99]}, client, ctx)
+
+
+def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
+        custom_task, identity):  # noqa: F811
+    """The site derives the round's digest, bits and length from its own run-config and
+    model: a config stripped of its digest, carrying another's, or of another length is
+    refused at setup, before any budget is spent."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from client.secure_aggregation import _own_payload, stage_fn
+    from fedlora import privacy
+    from fedlora.protocol import CONFIG_KEY, STATUS_KEY
+    from fedlora.secagg import RoundConfig
+    from fedlora.secure_sum import message_type, resolve_graph, to_records
+
+    run_config = {**custom_task, "dp-mode": "sample", "secure-aggregation": True,
+                  "num-server-rounds": 2, "fraction-train": 1.0}
+    cfg = parse_run_config(run_config)
+
+    def context():
+        return Context(run_id=1, node_id=7, node_config={"partition-id": 0},
+                       state=RecordDict(), run_config=run_config)
+
+    spec = distributed_dp.spec_for(_own_payload(cfg, context()))
+    sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
+    degree, threshold = resolve_graph(cfg, 3)
+    bits = distributed_dp.round_bits(cfg, spec, 3, sigma)
+
+    def setup(length=spec.length, ctx_bytes=None):
+        digest = distributed_dp.round_context(cfg, spec, 3, sigma) if ctx_bytes is None \
+            else ctx_bytes
+        config = RoundConfig.create(1, [7, 8, 9], length=length, bits=bits, degree="all",
+                                    threshold=threshold, context=digest)
+        msg = Message(RecordDict({**to_records(config.to_message()),
+                                  CONFIG_KEY: ConfigRecord({"server-round": 1})}),
+                      dst_node_id=7, message_type=message_type("setup"))
+        return dict(stage_fn("setup", msg, context()).content[STATUS_KEY])
+
+    assert setup()["status"] == "ok"
+    stripped = setup(ctx_bytes=b"")
+    assert stripped["status"] != "ok" and "run-config" in stripped["reason"]
+    other_cfg = parse_run_config({**run_config, "target-epsilon": 100.0})
+    other = distributed_dp.round_context(
+        other_cfg, spec, 3, privacy.client_mechanism("sample").distributed_sigma(other_cfg))
+    assert "run-config" in setup(ctx_bytes=other)["reason"]
+    assert "entries" in setup(length=spec.length + 1)["reason"]

@@ -108,7 +108,6 @@ class SitePolicy:
     min_noise_share: float | None = None
     min_reply_seconds: float | None = None
     require_secure_aggregation: bool = False
-    pinned_peers: bool = False  # node-config secagg-peers: only pinned sites count
     deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
 
     @classmethod
@@ -137,7 +136,6 @@ class SitePolicy:
                    min_noise_share=share,
                    min_reply_seconds=_positive(node_config, "min-reply-seconds"),
                    require_secure_aggregation=_flag(node_config, "require-secure-aggregation"),
-                   pinned_peers=bool(node_config.get("secagg-peers")),
                    deployed=node_config.get("partition-id") is None)
 
     @property
@@ -165,12 +163,17 @@ class SitePolicy:
                     "the run's dp-mode = 'sample' with secure-aggregation = true adds only a "
                     "share of the noise at each site (distributed DP), and this site's "
                     f"node-config key 'accept-dp-modes' does not list '{DISTRIBUTED}'")
-            if self.deployed and self.min_noise_share is None and not self.pinned_peers:
+            missing = [k for k, v in (("min-noise-share", self.min_noise_share),
+                                      ("min-reply-seconds", self.min_reply_seconds))
+                       if v is None]
+            if self.deployed and missing:
                 raise PolicyRefusal(
-                    "distributed DP at a deployed site needs a bound on whom it trusts: "
-                    "node-config key 'min-noise-share' (the least share of the noise it "
-                    "adds) or 'secagg-peers' (the sites it pins; only they count as honest), "
-                    "else the server's cohort decides how little noise it adds")
+                    "distributed DP at a deployed site needs node-config keys "
+                    f"{' and '.join(repr(k) for k in missing)}: 'min-noise-share' bounds how "
+                    "little noise it adds (else the server's cohort and dp-min-honest decide "
+                    "it; pinned peers stop invented sites, not colluding ones), and "
+                    "'min-reply-seconds' keeps its compute time, which grows with its data, "
+                    "from the server")
         elif mode not in self.accept_dp_modes and (
                 local is None or local.name not in self.accept_dp_modes):
             raise PolicyRefusal(f"the run's dp-mode = '{mode}' is not accepted by this site "
@@ -196,15 +199,16 @@ class SitePolicy:
                                 f"node-config key 'min-noise-multiplier' = "
                                 f"{self.min_noise_multiplier}")
 
-    def check_noise_share(self, contributors: int, noise_multiplier: float) -> None:
+    def check_noise_share(self, contributors: int, own_noise_multiplier: float) -> None:
         """Refuse a distributed round in which this site would add less than its
-        ``min-noise-share`` of the noise (``1 / contributors``), or noise of a multiplier
-        below its ``min-noise-multiplier`` (its own share: ``sigma / sqrt(contributors)``)."""
+        ``min-noise-share`` of the noise (``1 / contributors``), or noise whose own
+        multiplier (its share alone, as a Gaussian-equivalent) is below its
+        ``min-noise-multiplier``."""
         if self.min_noise_share is not None and 1.0 / contributors < self.min_noise_share:
             raise PolicyRefusal(f"the round's dp-min-honest = {contributors} gives this site "
                                 f"a noise share of 1/{contributors}, below its node-config "
                                 f"key 'min-noise-share' = {self.min_noise_share:g}")
-        own = noise_multiplier / math.sqrt(contributors)
+        own = own_noise_multiplier
         if self.min_noise_multiplier is not None and own < self.min_noise_multiplier:
             raise PolicyRefusal(f"this site's share of the noise, noise multiplier {own:.4g}, "
                                 f"is below its node-config key 'min-noise-multiplier' = "

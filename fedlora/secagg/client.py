@@ -85,6 +85,10 @@ class SecAggClient:
         self._trusted = frozenset(trusted) if trusted is not None else None
         self._stage = "setup"
 
+    def abort(self) -> None:
+        """Refuse this stage and every later one (a check outside the protocol failed)."""
+        self._stage = "aborted"
+
     @property
     def trusted(self) -> frozenset[bytes] | None:
         """The public identities this client accepts from neighbours (None: any)."""
@@ -211,6 +215,8 @@ class SecAggClient:
             raise ProtocolError("'ciphertexts' must map node ids to bytes")
         if self.node_id not in self._u2:
             raise ProtocolError(f"node {self.node_id} is missing from U2")
+        if not self._u2 <= set(self.config.cohort):
+            raise ProtocolError("U2 holds nodes outside the round's cohort")
         live = self._u2 & self.neighbours
         if not live <= set(self._peers):
             raise ProtocolError("U2 holds neighbours whose keys this node never received")
@@ -238,9 +244,10 @@ class SecAggClient:
         if not self._u3 <= self._u2:
             raise ProtocolError("U3 holds nodes that are not in U2")
         self._enough(len(self._u3 & self.neighbours), "neighbours in U3")
-        self._transcript = consistency_transcript(self.config, self._u3)
+        transcript = consistency_transcript(self.config, self._u3, public_bytes(self._c_sk),
+                                            public_bytes(self._s_sk))
         self._leave("consistency")
-        return {"signature": sign(self._sig_sk, self._transcript)}
+        return {"signature": sign(self._sig_sk, transcript)}
 
     def unmask(self, message: Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
         """Stage 5: check the neighbours' signatures on U3; return the requested shares."""
@@ -252,7 +259,10 @@ class SecAggClient:
         for v in _node_set(signatures, "'signatures'"):
             if v not in live:
                 raise ProtocolError(f"a signature from node {v}, not a neighbour in U3")
-            if not verify(self._peers[v]["sig_pk"], signatures[v], self._transcript):
+            keys = self._peers[v]
+            transcript = consistency_transcript(self.config, self._u3, keys["c_pk"],
+                                                keys["s_pk"])
+            if not verify(keys["sig_pk"], signatures[v], transcript):
                 raise ProtocolError(f"node {v} did not sign the U3 this node signed "
                                     "(the server may be showing clients different sets)")
         self._enough(len(signatures), "valid consistency signatures")

@@ -129,7 +129,10 @@ def keys_transcript(config: RoundConfig, node: int, c_pk: bytes, s_pk: bytes,
     return KEYS_LABEL + config.digest + ids_bytes(node) + c_pk + s_pk + sig_pk
 
 
-def consistency_transcript(config: RoundConfig, survivors: Iterable[int]) -> bytes:
-    """The bytes a client signs in the consistency check: the round and the sorted U3."""
+def consistency_transcript(config: RoundConfig, survivors: Iterable[int], c_pk: bytes,
+                           s_pk: bytes) -> bytes:
+    """The bytes a client signs in the consistency check: the round, the sorted U3 and the
+    signer's own fresh public keys of this run of the round (so a signature made with a
+    long-term identity cannot be replayed into another run of the same round config)."""
     ids = sorted(set(survivors))
-    return CONSISTENCY_LABEL + config.digest + ids_bytes(len(ids), *ids)
+    return CONSISTENCY_LABEL + config.digest + ids_bytes(len(ids), *ids) + c_pk + s_pk

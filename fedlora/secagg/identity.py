@@ -41,23 +41,34 @@ def load_identity(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         if len(raw) != KEY_BYTES:
             raise ValueError(f"{len(raw)} bytes")
         return Ed25519PrivateKey.from_private_bytes(raw)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError):  # (the message never quotes the file)
         raise ValueError(f"node-config 'secagg-identity' = {str(path)!r} is not a readable "
-                         f"identity file of {2 * KEY_BYTES} hex digits ({e})") from None
+                         f"identity file of {2 * KEY_BYTES} hex digits") from None
 
 
 def load_peers(path: str | os.PathLike[str]) -> frozenset[bytes]:
     """The public identities listed in ``path``, one hex key per line (``#`` comments)."""
+    # Errors name lines, never their contents (a mistaken file could hold a private key,
+    # and a site's refusal reasons go to the server).
     try:
         lines = [ln.split("#", 1)[0].strip() for ln in Path(path).read_text().splitlines()]
-        keys = [bytes.fromhex(ln) for ln in lines if ln]
-    except (OSError, ValueError) as e:
-        raise ValueError(f"node-config 'secagg-peers' = {str(path)!r} is not a readable list "
-                         f"of hex public keys ({e})") from None
-    bad = [k.hex() for k in keys if len(k) != KEY_BYTES]
+    except OSError as e:
+        raise ValueError(f"node-config 'secagg-peers' = {str(path)!r} cannot be read "
+                         f"({e.strerror})") from None
+    keys, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            key = bytes.fromhex(line)
+        except ValueError:
+            key = b""
+        (keys if len(key) == KEY_BYTES else bad).append(key if len(key) == KEY_BYTES
+                                                        else number)
     if bad or not keys:
         raise ValueError(f"node-config 'secagg-peers' = {str(path)!r}: expected one "
-                         f"{2 * KEY_BYTES}-digit hex key per line, got {bad or 'none'}")
+                         f"{2 * KEY_BYTES}-digit hex key per line; "
+                         f"{f'lines {bad} are not' if bad else 'no key found'}")
     return frozenset(keys)
 
 

@@ -124,10 +124,12 @@ class SecAggServer:
     def collect_signatures(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
         """Stage 5 messages: neighbours' signatures on U3 and which shares to reveal."""
         self._enter("signatures", "unmask")
-        transcript = consistency_transcript(self.config, self.u3)
         self.signatures = {u: _get(r, "signature") for u, r in replies.items()
-                           if u in self.u3 and verify(self.keys[u]["sig_pk"],
-                                                      _get(r, "signature"), transcript)}
+                           if u in self.u3 and verify(
+                               self.keys[u]["sig_pk"], _get(r, "signature"),
+                               consistency_transcript(self.config, self.u3,
+                                                      self.keys[u]["c_pk"],
+                                                      self.keys[u]["s_pk"]))}
         self.u4 = set(self.signatures)
         self._require(self.u4, "signed U3", self.config.threshold)
         dropped = self.u2 - self.u3
