@@ -61,13 +61,27 @@ def measure(mode: str, eps: float | None, *, clients: int, out: Path, extra: dic
     last: dict[str, dict] = {}
     for r in rows:  # each privacy unit's latest row: its whole spend so far
         last[r["node"]] = r
-    worst = max(last.values(), key=lambda r: float(r["epsilon"]))
-    sigma, q, steps = (float(worst["noise_multiplier"]), float(worst["sample_rate"]),
-                       int(worst["steps"]))
+    if last:
+        worst = max(last.values(), key=lambda r: float(r["epsilon"]))
+        sigma, q, steps = (float(worst["noise_multiplier"]), float(worst["sample_rate"]),
+                           int(worst["steps"]))
+        spent = float(worst["epsilon"])
+    elif cfg.secure_aggregation and mode == "sample":
+        # Distributed DP: no site's ledger reaches the server, and every site's plan is the
+        # same (one full-batch step a round), whatever its count.
+        from fedlora.privacy.count import count_history
+
+        plan = privacy.client_mechanism(mode).plan(cfg, 1000)
+        sigma, q, steps = plan.noise_multiplier, 1.0, cfg.num_server_rounds
+        spent = privacy.epsilon_of_history(
+            [*count_history(plan.count_noise), (sigma, q, steps)],
+            delta=cfg.target_delta, accountant=plan.accountant)
+    else:
+        raise ValueError(f"no privacy rows in {run_dir / 'privacy.csv'} for mode {mode}")
     row.update({
         "noise_multiplier": sigma,
         "noise_std_per_coordinate": _noise_std(mode, sigma, cfg, clients),
-        "epsilon_spent": float(worst["epsilon"]),
+        "epsilon_spent": spent,
         "epsilon_dp_accounting": privacy.epsilon_dp_accounting(
             noise_multiplier=sigma, sample_rate=q, steps=steps, delta=cfg.target_delta),
         "sample_rate": q, "steps": steps,
