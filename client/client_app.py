@@ -50,6 +50,7 @@ from fedlora.training import TrainResult, evaluate
 from fedlora.wire import WireFormat, from_record, to_record
 
 from . import secure_aggregation
+from .simulated_failures import simulate_failure, simulated_fate  # noqa: F401  (tests use it)
 
 if TYPE_CHECKING:
     from fedlora.run_config import RunConfig
@@ -110,37 +111,6 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
                                              if cfg.probe_rounds else None))
 
 
-class SimulatedFailure(RuntimeError):
-    """A failure injected by ``dropout-fraction`` (simulation of a crashing site)."""
-
-
-def simulated_fate(cfg: RunConfig, server_round: int, partition_id: int | None) -> str:
-    """``"drop"``, ``"straggle"`` or ``"ok"`` for this client in this round.
-
-    Drawn from (seed, round, partition): reproducible, independent across rounds, and the
-    same whichever worker process serves the client.
-    """
-    if cfg.dropout_fraction <= 0 and cfg.straggler_fraction <= 0:
-        return "ok"
-    u = np.random.default_rng([cfg.seed, server_round, partition_id or 0, 0x5EED]).random()
-    if u < cfg.dropout_fraction:
-        return "drop"
-    if u < cfg.dropout_fraction + cfg.straggler_fraction:
-        return "straggle"
-    return "ok"
-
-
-def _simulate_failure(cfg: RunConfig, server_round: int, partition_id: int | None) -> None:
-    """Fail or straggle as ``dropout-fraction`` / ``straggler-fraction`` ask (simulation)."""
-    fate = simulated_fate(cfg, server_round, partition_id)
-    if fate == "drop":
-        raise SimulatedFailure(f"simulated failure of partition {partition_id} in round "
-                               f"{server_round} (dropout-fraction {cfg.dropout_fraction})")
-    if fate == "straggle":
-        log.info("Straggling: replying %.1f s late (straggler-fraction)", cfg.straggler_delay)
-        time.sleep(cfg.straggler_delay)
-
-
 def train_fn(msg: Message, context: Context, respond=None) -> Message:
     """Train the received adapter on this node's data and send the adapter back (or what
     ``respond(msg, context, cfg, reply)`` makes of it: secure aggregation); under a site
@@ -172,7 +142,7 @@ def _train(msg: Message, context: Context, respond=None) -> Message:
             raise
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(_public_reason(e, context)), reply_to=msg)
-    _simulate_failure(cfg, server_round, node.partition_id)
+    simulate_failure(cfg, server_round, node.partition_id)
     resumed_after = int(msg.content[CONFIG_KEY].get("resumed-after", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)  # not for noise
     if ledger is None:

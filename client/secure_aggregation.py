@@ -29,9 +29,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import distributed_dp, privacy, runtime
-from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 from fedlora.adapters import adapter_state
 from fedlora.models import cached_lora_model
+from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
 from fedlora.secagg.identity import load_identity, load_peers

@@ -20,7 +20,12 @@ from fedlora.privacy.accounting import (
     epsilon_of_history,
 )
 from fedlora.privacy.count import COUNT_NOISE_STD, count_history
-from fedlora.privacy.skellam import INTEGER_ORDERS, SkellamSum, epsilon_of_rdp, skellam_share
+from fedlora.privacy.skellam import (
+    INTEGER_ORDERS,
+    SkellamSum,
+    epsilon_of_rdp,
+    skellam_share,
+)
 from fedlora.runtime import parse_run_config
 from fedlora.secagg import SecAggServer
 
@@ -197,7 +202,7 @@ def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, r
     assert len(revealed) == 2
     for _, survivors, total in revealed:
         spec_len = total.shape[0]
-        grad_sum, count = SkellamSum.for_dims(spec_len - 1).decode(total, 1.0)
+        _, count = SkellamSum.for_dims(spec_len - 1).decode(total, 1.0)
         # 200 examples over the 4 sites, seen through noise of std ~ sigma * Delta / weight
         assert len(survivors) == 4 and 100 < count < 300, count
 
@@ -433,7 +438,7 @@ def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
 
     spec = distributed_dp.spec_for(_own_payload(cfg, context()))
     sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
-    degree, threshold = resolve_graph(cfg, 3)
+    _, threshold = resolve_graph(cfg, 3)
     bits = distributed_dp.round_bits(cfg, spec, 3, sigma)
 
     def setup(length=spec.length, ctx_bytes=None):

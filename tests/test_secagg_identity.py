@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from fedlora.secagg import ProtocolError, RoundAborted, RoundConfig, SecAggClient
+from fedlora.secagg import RoundAborted, RoundConfig, SecAggClient
 from fedlora.secagg.crypto import public_bytes
 from fedlora.secagg.identity import generate, load_identity, load_peers
 from fedlora.secagg.local import run_local_round
