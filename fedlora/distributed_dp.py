@@ -129,8 +129,21 @@ def per_example_grads(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor
     return out
 
 
-#: Examples per chunk of per-example gradients: a site's memory does not grow with its data.
+#: Examples per chunk: what the head reads and its per-example gradients are taken this many
+#: examples at a time, so a chunk's memory is bounded by public settings (the chunk, the
+#: run's max-length, the model), not by the site's data.
 CHUNK = 64
+
+
+def _chunk_gradients(model: nn.Module, head: nn.Module, data: Any, idx: np.ndarray, *,
+                     names: list[str], spec: SkellamSum, clip: float,
+                     batch_size: int) -> np.ndarray:
+    """The encoded sum of the gradients of examples ``idx`` (without the count)."""
+    feats = features(model, data, idx, min(batch_size, CHUNK)).float()
+    labels = data.labels[torch.as_tensor(idx)].to(feats.device)
+    head_dtype = next(head.parameters()).dtype
+    grads = per_example_grads(head, feats.to(head_dtype), labels, names)
+    return spec.encode(grads, clip)[:-1]
 
 
 def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
@@ -138,31 +151,30 @@ def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunCon
     """This site's encoded sum of clipped per-example head gradients and its count (no
     noise yet: :func:`noised` adds the share just before the vector is masked).
 
-    Gradients are taken :data:`CHUNK` examples at a time, so memory does not depend on how
-    many examples the site holds, and a chunk that fails for any reason adds nothing to
-    the gradient coordinates while its examples still count: whether, or how, a site
-    answers never says more about its data than one example's bounded contribution."""
+    Taken :data:`CHUNK` examples at a time. A chunk that fails for any reason is taken
+    again one example at a time, and an example that fails on its own adds no gradient but
+    still counts: a failure changes the sum by at most what one example could, and the
+    site answers whatever its data hold (a refusal would be a noiseless answer)."""
     spec = spec_for(payload)
     head = head_module(model)
     names = [n for n, _ in _param_keys(head, head_keys(payload))]  # the model's shape only
     idx = np.asarray(indices, dtype=np.int64)
     total = np.zeros(spec.dims, dtype=np.int64)
-    failed = 0
-    try:
-        feats = features(model, data, idx, batch_size).float() if len(idx) else None
-    except (MemoryError, RuntimeError, ValueError, ArithmeticError):
-        feats, failed = None, len(idx)
-    if feats is not None:
-        labels = data.labels[torch.as_tensor(idx)].to(feats.device)
-        head_dtype = next(head.parameters()).dtype
-        for start in range(0, len(idx), CHUNK):
-            part = slice(start, start + CHUNK)
+    clip, failed = float(cfg.max_grad_norm), 0
+    for start in range(0, len(idx), CHUNK):
+        part = idx[start:start + CHUNK]
+        try:
+            total += _chunk_gradients(model, head, data, part, names=names, spec=spec,
+                                      clip=clip, batch_size=batch_size)
+            continue
+        except Exception:  # noqa: BLE001  (whatever it was: one example at a time)
+            pass
+        for one in part:
             try:
-                grads = per_example_grads(head, feats[part].to(head_dtype), labels[part],
-                                          names)
-                total += spec.encode(grads, float(cfg.max_grad_norm))[:-1]
-            except (MemoryError, RuntimeError, ValueError, ArithmeticError):
-                failed += len(labels[part])
+                total += _chunk_gradients(model, head, data, np.array([one]), names=names,
+                                          spec=spec, clip=clip, batch_size=batch_size)
+            except Exception:  # noqa: BLE001  (it adds no gradient; it still counts)
+                failed += 1
     if failed:  # the details stay in this site's log
         log.error("Distributed DP: the gradients of %d examples could not be taken; they "
                   "count, with no gradient, this round", failed)

@@ -41,7 +41,7 @@ __all__ = ["is_probe_round", "train_head"]
 # rows the head read for (model, indices, adapter outside the head).
 _CACHE: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, torch.Tensor]] = \
     weakref.WeakKeyDictionary()
-_CACHE_SIZE = 64  # entries per dataset
+_CACHE_SIZE = 512  # entries per dataset (distributed DP keeps one per chunk of 64 examples)
 _LOCK = threading.Lock()
 
 

@@ -3,7 +3,9 @@ check of SecAgg (Bonawitz et al., CCS 2017), as a pure library without Flower.
 
 The server learns the sum modulo 2^k of the clients' integer vectors, and nothing more
 about any one vector, as long as it colludes with fewer than t of any client's neighbours
-and the neighbour graph is drawn honestly. Clients may drop out at any stage; the sum then
+and the neighbour graph is drawn honestly; a server that also shows clients different
+survivor sets needs only c <= 2t - k colluding neighbours (k of them), so against such a
+server the bound is that, not t. Clients may drop out at any stage; the sum then
 covers those that sent their masked vector, provided each secret still has t share holders.
 
 Layout:

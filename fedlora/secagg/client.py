@@ -4,7 +4,8 @@ check of SecAgg (Bonawitz et al., CCS 2017).
 Goal: the server learns the sum of the integer vectors (mod 2^k) of the clients that
 finish the round, and nothing else about any one vector. Threat model: the server and
 fewer than t of any client's neighbours may collude and deviate from the protocol (drop,
-reorder, alter or forge messages, lie about who dropped); clients trust only their own
+reorder, alter or forge messages, lie about who dropped); a server that shows clients
+different survivor sets needs only c <= 2t - k colluding neighbours (k the degree); clients trust only their own
 randomness and the public round config. The neighbour graph must be drawn honestly (see
 :mod:`fedlora.secagg.graph`). Messages travel through the server; pairwise encryption
 keeps shares from it. Signing keys are fresh per round unless the client is given a
