@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the whole test suite, slow end-to-end runs included:
 #   bash scripts/test.sh            # everything
-#   bash scripts/test.sh -m "not slow"   # unit tests only
+#   bash scripts/test.sh -m "not slow"   # unit tests and cheap in-process checks (no simulations)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
@@ -18,6 +19,57 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_ray_for_the_session_s_simulations():
+    """Keep one Ray instance between the in-process simulations of the session.
+
+    Flower's Ray backend starts Ray for every ``run_simulation`` and shuts it down after
+    (6-12 s a simulation on 2 cores; the slow tier runs dozens). Here a simulation reuses the
+    Ray that the last one started when nothing its workers inherit has changed: the same
+    ``init_args`` (num_cpus), environment variables (pytest's PYTEST_CURRENT_TEST aside),
+    working directory and sys.path;
+    otherwise Ray is restarted as before. Every simulation still gets fresh actors: at its
+    end all of its actors are killed, busy ones (stragglers) included, as the shutdown did.
+    Set FEDLORA_TEST_FRESH_RAY=1 for Flower's own start-and-stop per simulation."""
+    if os.environ.get("FEDLORA_TEST_FRESH_RAY") == "1":
+        yield
+        return
+    try:
+        import ray
+        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    except ImportError:
+        yield
+        return
+    init_ray, terminate = RayBackend.init_ray, RayBackend.terminate
+    started: dict = {}
+
+    def inherited(backend, backend_config):
+        return (repr(sorted((backend_config.get(backend.init_args_key) or {}).items())),
+                tuple(sorted((k, v) for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST")),
+                os.getcwd(), tuple(sys.path))
+
+    def init_or_reuse(self, backend_config):
+        if ray.is_initialized() and started.get("key") != inherited(self, backend_config):
+            ray.shutdown()
+        init_ray(self, backend_config)  # starts Ray only when it is not running
+        started["key"] = inherited(self, backend_config)  # (init_ray sets PYTHONPATH)
+
+    def kill_actors(self):
+        pool = self.pool
+        if pool is not None:
+            for actor in [*pool.pool, *getattr(pool, "_future_to_actor", {}).values()]:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+
+    RayBackend.init_ray, RayBackend.terminate = init_or_reuse, kill_actors
+    try:
+        yield
+    finally:
+        RayBackend.init_ray, RayBackend.terminate = init_ray, terminate
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,7 @@ def _leaky_mod(msg, context, call_next):
     return reply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wire,size", [("float32", 4), ("float16", 2)])
 def test_ledger_bytes_equal_the_analytic_count(custom_task, wire, size):  # noqa: F811
     overrides = dict(custom_task, **{"wire-dtype": wire, "run-name": f"wire-{wire}",
@@ -40,6 +41,7 @@ def test_ledger_bytes_equal_the_analytic_count(custom_task, wire, size):  # noqa
     assert {int(r["bytes"]) for r in rows} == {numel * size}
 
 
+@pytest.mark.slow
 def test_a_foreign_key_fails_the_run_naming_it(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"run-name": "leak", "fraction-evaluate": 0.0})
     with pytest.raises(Exception) as err:
@@ -53,6 +55,7 @@ def test_a_foreign_key_fails_the_run_naming_it(custom_task):  # noqa: F811
     assert [r["round"] for r in json.loads((run_dir / "metrics.json").read_text())["rounds"]] == [0]
 
 
+@pytest.mark.slow
 def test_foreign_keys_refuse_mode_drops_the_reply(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"run-name": "leak-refuse", "fraction-evaluate": 0.0,
                                      "foreign-keys": "refuse"})
@@ -72,6 +75,7 @@ def _float16_mod(msg, context, call_next):
     return reply
 
 
+@pytest.mark.slow
 def test_a_reply_in_the_wrong_dtype_is_refused(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"run-name": "dtype", "fraction-evaluate": 0.0})
     run_dir = run_in_process(overrides, num_nodes=4, mods=[_float16_mod])

@@ -247,6 +247,7 @@ def _privacy_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_client_mode_run_writes_the_servers_epsilon(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"dp-mode": "client", "target-epsilon": 2.0,
                                      "target-delta": 1e-3, "update-max-norm": 0.5,
@@ -276,6 +277,7 @@ def test_client_mode_run_writes_the_servers_epsilon(custom_task):  # noqa: F811
     assert len(_privacy_rows(run)) == 2
 
 
+@pytest.mark.slow
 def test_sample_plus_client_keeps_both_ledgers(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"dp-mode": "sample+client", "target-epsilon": 3.0,
                                      "target-delta": 1e-3, "fraction-train": 1.0,

@@ -193,6 +193,7 @@ def _run(custom_task, num_nodes=4, **extra):  # noqa: F811
     return run_in_process(overrides, num_nodes=num_nodes)
 
 
+@pytest.mark.slow
 def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, revealed):  # noqa: F811
     run_dir = _run(custom_task, **{"dp-min-honest": 1.0})
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
@@ -207,6 +208,7 @@ def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, r
         assert len(survivors) == 4 and 100 < count < 300, count
 
 
+@pytest.mark.slow
 def test_a_round_with_fewer_contributors_than_dp_min_honest_releases_nothing(
         custom_task, revealed):  # noqa: F811
     # seed 2, dropout 0.3 with 5 sites: one site fails in round 1 (see test_secure_aggregation)

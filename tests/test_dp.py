@@ -119,6 +119,7 @@ def _privacy_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tmp_path):  # noqa: F811
     from simulations.harness import node_config_mod
 

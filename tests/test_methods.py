@@ -151,6 +151,7 @@ def test_reply_checks_name_the_problem(tiny_model_dir):
         method.check_reply(extra, template)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregator,wire", [("fedavg", "int4"), ("svd", "int8"),
                                               ("ffa", "int4"), ("stack", "int8"),
                                               ("fedsa", "float16")])
@@ -174,6 +175,7 @@ def test_every_aggregator_runs_in_process(custom_task, aggregator, wire):  # noq
     assert dtypes == {wire} and directions == {"up", "down"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aggregator", ["fedavg", "svd", "stack"])
 def test_heterogeneous_ranks(custom_task, aggregator):  # noqa: F811
     overrides = dict(custom_task, aggregator=aggregator, **{
@@ -186,6 +188,7 @@ def test_heterogeneous_ranks(custom_task, aggregator):  # noqa: F811
     assert len(up_sizes) == 3  # three ranks, three message sizes
 
 
+@pytest.mark.slow
 def test_ffa_refuses_a_site_with_another_rank(custom_task):  # noqa: F811
     overrides = dict(custom_task, aggregator="ffa", **{
         "run-name": "ffa-het", "fraction-train": 1.0, "fraction-evaluate": 0.0})
@@ -195,6 +198,7 @@ def test_ffa_refuses_a_site_with_another_rank(custom_task):  # noqa: F811
     assert all("global rank" in r["refused"][0]["reason"] for r in rounds[1:])
 
 
+@pytest.mark.slow
 def test_svd_error_feedback_runs_in_process(custom_task):  # noqa: F811
     overrides = dict(custom_task, aggregator="svd", **{
         "svd-error-feedback": True, "run-name": "svd-ef", "fraction-train": 1.0,
@@ -253,6 +257,7 @@ def _fedsa_mod(path):
     return mod
 
 
+@pytest.mark.slow
 def test_fedsa_shares_a_and_each_client_trains_its_own_b(custom_task, tmp_path):  # noqa: F811
     overrides = dict(custom_task, aggregator="fedsa", **{
         "run-name": "fedsa", "fraction-train": 1.0, "fraction-evaluate": 0.0,

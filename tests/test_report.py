@@ -240,6 +240,7 @@ def test_missing_optional_files_and_nulls(tmp_path):
     assert "cannot be audited" in " ".join(page.text)
 
 
+@pytest.mark.slow
 def test_report_of_a_real_run(custom_task, capsys):  # noqa: F811
     """The run's own report shows the confusion matrix of its last centralised evaluation
     (collected in the same pass as its accuracy); ``fedlora evaluate RUN_DIR`` agrees."""

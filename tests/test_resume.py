@@ -176,6 +176,7 @@ def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_from_its_last_round(custom_task, tmp_path):  # noqa: F811
     base = dict(custom_task, **{"num-server-rounds": 3, "fraction-train": 1.0,
                                 "fraction-evaluate": 0.0, "lora-dropout": 0.0,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,6 +55,7 @@ def attack_mod(msg, context, call_next):
     return reply
 
 
+@pytest.mark.slow
 def test_broken_and_malicious_replies_are_refused(custom_task):  # noqa: F811
     common = dict(custom_task, **{"fraction-train": 1.0, "fraction-evaluate": 0.0,
                                   "foreign-keys": "refuse", "num-partitions": 10,
@@ -76,6 +78,7 @@ def test_broken_and_malicious_replies_are_refused(custom_task):  # noqa: F811
     assert abs(rounds[-1]["test_accuracy"] - clean_acc) <= 0.1
 
 
+@pytest.mark.slow
 def test_too_few_valid_replies_skip_the_round_cleanly(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"fraction-train": 1.0, "fraction-evaluate": 0.0,
                                      "min-train-nodes": 2, "num-partitions": 10,
@@ -121,6 +124,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_leaves_complete_results(custom_task, tmp_path):  # noqa: F811
     overrides = dict(custom_task, **{"num-server-rounds": 30, "fraction-evaluate": 0.0,
                                      "run-name": "killed"})

@@ -41,6 +41,7 @@ def _small_run(custom_task, **extra) -> dict:  # noqa: F811
             "run-name": "small", **extra}
 
 
+@pytest.mark.slow
 def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(custom_task):  # noqa: F811
     overrides = _small_run(custom_task)
     run_dir = run_in_process(overrides, num_nodes=4, mods=[_kill_partition_zero_in_round(1)])
@@ -54,6 +55,7 @@ def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(custom_task)
         assert r["clients_accepted"] == 4 and r["clients_dropped"] == 0, r
 
 
+@pytest.mark.slow
 def test_a_run_whose_every_reply_is_refused_says_why_and_stops(custom_task):  # noqa: F811
     overrides = _small_run(custom_task, **{
         "num-server-rounds": 6, "max-update-norm": 1e-9, "stop-after-empty-rounds": 2})

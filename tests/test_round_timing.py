@@ -42,6 +42,7 @@ def test_evaluate_every_is_validated():
         parse_run_config({"evaluate-every": 0})
 
 
+@pytest.mark.slow
 def test_a_run_times_its_rounds_evaluates_every_k_and_writes_its_report(custom_task):  # noqa: F811
     overrides = dict(custom_task, **{"num-server-rounds": 3, "evaluate-every": 2,
                                      "run-name": "timed"})

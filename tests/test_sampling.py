@@ -96,6 +96,7 @@ def _run(overrides: dict, tmp_path, name: str, log_path):
     return run_dir
 
 
+@pytest.mark.slow
 def test_two_runs_sample_the_same_partitions_and_end_identical(custom_task, tmp_path):  # noqa: F811
     log_path = tmp_path / "trained.jsonl"
     overrides = dict(custom_task, **{"num-partitions": 6, "fraction-train": 0.34,

@@ -268,6 +268,7 @@ def _plain(folder: Path, rnd: int, node: int) -> np.ndarray:
     return np.load(folder / f"plain-{rnd}-{node}.npy")
 
 
+@pytest.mark.slow
 def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
         custom_task, tmp_path, server_sums, sends):  # noqa: F811
     run_dir, folder = _run(custom_task, tmp_path, num_nodes=4,
@@ -318,6 +319,7 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
     assert rounds[1]["bytes_up"] == sum(int(r["bytes"]) for r in rows
                                         if r["direction"] == "up" and r["round"] == "1")
 
+@pytest.mark.slow
 def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(
         custom_task, tmp_path, server_sums):  # noqa: F811
     # seed 2, dropout 0.3: partition 1 fails in round 1, partitions 2 and 3 in round 2 (at

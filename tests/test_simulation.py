@@ -52,6 +52,7 @@ def custom_task(tmp_path, tiny_model_dir):
     }
 
 
+@pytest.mark.slow
 def test_only_adapter_factors_cross_the_wire(tmp_path, custom_task, tiny_model_dir):
     log_path = tmp_path / "messages.jsonl"
     overrides = dict(custom_task, **{"train-head": False})
@@ -84,6 +85,7 @@ def test_only_adapter_factors_cross_the_wire(tmp_path, custom_task, tiny_model_d
     assert comms["measured_equals_analytic"] and comms["bytes_per_client_update"] == expected_bytes
 
 
+@pytest.mark.slow
 def test_results_folder_and_adapter_reload(custom_task):
     run_in_process(custom_task, num_nodes=4)
     run_dir = Path(custom_task["output-dir"]) / "tiny"

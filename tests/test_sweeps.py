@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from simulations import compare_aggregators, sweep_epsilon
 
 from .test_simulation import custom_task  # noqa: F401  (fixture)
@@ -15,6 +17,7 @@ def _sets(task: dict) -> list[str]:
     return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in keep.items()]
 
 
+@pytest.mark.slow
 def test_epsilon_sweep_writes_table_and_plot(custom_task, tmp_path):  # noqa: F811
     out = tmp_path / "sweep"
     argv = ["--epsilons", "8", "--rounds", "2", "--clients", "4", "--delta", "1e-3",
@@ -32,6 +35,7 @@ def test_epsilon_sweep_writes_table_and_plot(custom_task, tmp_path):  # noqa: F8
     assert "| no DP |" in text and "| probe | 8 |" in text and "| majority class |" in text
 
 
+@pytest.mark.slow
 def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):  # noqa: F811
     out = tmp_path / "cmp"
     argv = ["--aggregators", "fedavg,svd", "--rounds", "1", "--clients", "4", "--out", str(out),
@@ -42,6 +46,7 @@ def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):  # noqa: F
     assert all(r["bytes_up"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_poisoning_comparison_refuses_only_with_checks_on(custom_task, tmp_path):  # noqa: F811
     from simulations import poisoning
 

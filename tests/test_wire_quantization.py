@@ -193,6 +193,7 @@ def _read(path) -> list[dict]:
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.slow
 def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task, tmp_path):  # noqa: F811
     from fedlora.checkpoint import load_checkpoint
 
