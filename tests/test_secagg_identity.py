@@ -85,6 +85,7 @@ def test_a_pinned_clients_state_never_holds_its_private_key(identities):
     assert again.stage == "share_keys" and again.trusted == load_peers(peers)
 
 
+@pytest.mark.slow
 def test_a_run_of_pinned_sites_completes_and_one_unpinned_site_stops_the_round(
         identities, custom_task, tmp_path):  # noqa: F811
     keys, peers = identities
