@@ -8,7 +8,7 @@ train ``--steps`` mini-batches of ``--batch-size`` from the same starting adapte
 
 * ``sequential``: one client after the other on the cached model, as a simulation worker
   serves them (load the adapter, :func:`fedlora.training.train`, read the adapter back);
-* ``batched``: all k at once with :func:`fedlora.multi_adapter.train_batched`: one forward
+* ``batched``: all k at once with :func:`simulations.multi_adapter.train_batched`: one forward
   and backward pass of the frozen base over the k mini-batches, each client's own LoRA
   factors and head applied to its own rows.
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora import runtime
     from fedlora.adapters import adapter_state, load_adapter_state
     from fedlora.models import cached_lora_model
-    from fedlora.multi_adapter import train_batched
+    from simulations.multi_adapter import train_batched
     from fedlora.training import train
     from simulations.harness import parse_sets
 

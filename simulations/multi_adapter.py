@@ -26,9 +26,9 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from torch.nn import functional as F
 
-from .adapters import adapter_state, load_adapter_state
-from .data import CausalLMDataset, EncodedDataset
-from .training import TrainResult, _to, make_optimizer, minibatches, model_device
+from fedlora.adapters import adapter_state, load_adapter_state
+from fedlora.data import CausalLMDataset, EncodedDataset
+from fedlora.training import TrainResult, _to, make_optimizer, minibatches, model_device
 
 __all__ = ["train_batched"]
 
