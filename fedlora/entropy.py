@@ -18,7 +18,7 @@ import secrets
 import numpy as np
 import torch
 
-__all__ = ["private_numpy_rng", "private_torch_generator"]
+__all__ = ["private_numpy_rng", "private_torch_generator", "stochastic_round"]
 
 
 def private_numpy_rng() -> np.random.Generator:
@@ -31,3 +31,11 @@ def private_torch_generator(device: torch.device | str = "cpu") -> torch.Generat
     gen = torch.Generator(device=torch.device(device))
     gen.manual_seed(secrets.randbits(64))
     return gen
+
+
+def stochastic_round(values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """``values`` rounded to an integer below or above, up with probability the fraction:
+    unbiased, as int64; the coins from OS entropy unless ``rng`` (tests only)."""
+    low = np.floor(values)
+    coins = (rng or private_numpy_rng()).random(np.shape(values))
+    return (low + (coins < values - low)).astype(np.int64)

@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .aggregation import METHODS
 from .config import ConfigError
-from .entropy import private_numpy_rng
+from .entropy import stochastic_round
 from .secagg import bits_for, encode
 from .secagg.graph import COMPLETE, resolve_degree, resolve_threshold
 from .secagg.state import flatten, unflatten
@@ -145,9 +145,7 @@ class SecureSum:
             (np.asarray(reply[k], np.float64) - np.asarray(received[k], np.float64)).ravel()
             for k, _ in layout]) if layout else np.zeros(0)
         scaled = np.clip(update, -self.clip, self.clip) / self.step
-        low = np.floor(scaled)
-        up = private_numpy_rng().random(scaled.shape) < (scaled - low)  # unbiased rounding
-        values = np.clip(low + up, -self.levels, self.levels).astype(np.int64)
+        values = np.clip(stochastic_round(scaled), -self.levels, self.levels)
         return encode(values, bits)
 
     def mean(self, total: np.ndarray, survivors: int,

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..entropy import private_numpy_rng
+from ..entropy import private_numpy_rng, stochastic_round
 from .accounting import INTEGER_RDP_ORDERS
 
 __all__ = ["INTEGER_ORDERS", "SkellamSum", "epsilon_of_rdp", "skellam_share"]
@@ -130,9 +130,7 @@ class SkellamSum:
             raise ValueError("non-finite per-example gradients")
         norms = np.linalg.norm(g, axis=1, keepdims=True)
         scaled = g * (np.minimum(1.0, clip / np.maximum(norms, 1e-300)) * (self.units / clip))
-        low = np.floor(scaled)
-        coins = (rng or private_numpy_rng()).random(scaled.shape)
-        rounded = (low + (coins < scaled - low)).astype(np.int64)
+        rounded = stochastic_round(scaled, rng)
         return np.concatenate([rounded.sum(axis=0),
                                [np.int64(self.count_weight) * len(g)]]).astype(np.int64)
 
