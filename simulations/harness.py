@@ -68,8 +68,8 @@ def run_inprocess(
     """
     from flwr.simulation import run_simulation
 
-    from client.client_app import build_app as client_app
-    from server.server_app import build_app as server_app
+    from fedlora.app.client.client_app import build_app as client_app
+    from fedlora.app.server.server_app import build_app as server_app
 
     if "run-name" not in overrides or not overrides["run-name"]:
         raise ValueError("run_inprocess needs a 'run-name' so that it can find the results")

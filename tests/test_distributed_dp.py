@@ -398,7 +398,7 @@ def test_an_example_that_fails_adds_no_gradient_but_counts_and_no_other_is_lost(
 def test_a_site_counts_only_pinned_neighbours_and_refuses_for_good(tmp_path):
     from flwr.app import Context, RecordDict
 
-    from client.secure_aggregation import check_contributors
+    from fedlora.app.client.secure_aggregation import check_contributors
     from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
     from fedlora.secagg.identity import generate, load_identity, load_peers
 
@@ -426,7 +426,7 @@ def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
     refused at setup, before any budget is spent."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from client.secure_aggregation import _own_payload, stage_fn
+    from fedlora.app.client.secure_aggregation import _own_payload, stage_fn
     from fedlora import privacy
     from fedlora.protocol import CONFIG_KEY, STATUS_KEY
     from fedlora.secagg import RoundConfig

@@ -60,7 +60,7 @@ def _train_message(run_config: dict, server_round: int = 1) -> Message:
 
 
 def _run_site(run_config: dict, node_config: dict, msg: Message) -> Message:
-    from client.client_app import train_fn
+    from fedlora.app.client.client_app import train_fn
 
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config=run_config)
@@ -180,7 +180,7 @@ def test_update_noise_is_calibrated_for_sensitivity_2c_by_independent_accounting
 
 def test_a_site_under_local_dp_sends_nothing_data_dependent_and_does_not_evaluate(
         identity, site):
-    from client.client_app import evaluate_fn
+    from fedlora.app.client.client_app import evaluate_fn
 
     for mode in ("sample", "update", "client"):
         run_config = dict(site, **{"dp-mode": mode})
@@ -340,7 +340,7 @@ def test_fedsa_keeps_the_b_it_released_not_the_one_it_trained(identity, site):
     """FedSA-LoRA: a client's own B goes into its next round's starting point, and from
     there into what it releases next; under update DP it must be the noised B it released,
     or the next release would carry this round's update un-noised."""
-    from client.client_app import PERSONAL_STATE_KEY, train_fn
+    from fedlora.app.client.client_app import PERSONAL_STATE_KEY, train_fn
 
     run_config = dict(site, **{"dp-mode": "update", "aggregator": "fedsa"})
     msg = _train_message(run_config)

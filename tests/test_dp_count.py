@@ -72,7 +72,7 @@ def _context(run_config: dict) -> Context:
 
 
 def test_a_site_releases_one_noised_count_for_the_whole_run(identity, site, monkeypatch):
-    from client.client_app import train_fn
+    from fedlora.app.client.client_app import train_fn
     from fedlora import dp_sgd
 
     seen = []
@@ -116,7 +116,7 @@ def test_a_site_releases_one_noised_count_for_the_whole_run(identity, site, monk
 def test_sites_of_equal_size_release_different_counts(identity, site, tmp_path):
     """Three sites with the same data (deployed: one ledger file each): the server does not
     read one size off their replies."""
-    from client.client_app import train_fn
+    from fedlora.app.client.client_app import train_fn
 
     run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none"})
     counts = []
@@ -134,7 +134,7 @@ def test_sites_of_equal_size_release_different_counts(identity, site, tmp_path):
 
 
 def test_under_update_dp_every_site_weighs_the_same(identity, site):
-    from client.client_app import train_fn
+    from fedlora.app.client.client_app import train_fn
 
     run_config = dict(site, **{"dp-mode": "update"})
     context = _context(run_config)
@@ -146,7 +146,7 @@ def test_under_update_dp_every_site_weighs_the_same(identity, site):
 
 
 def test_a_probe_step_divides_by_the_released_count(identity, site, monkeypatch):
-    from client.client_app import train_fn
+    from fedlora.app.client.client_app import train_fn
     from fedlora import probe
 
     seen = []
@@ -199,7 +199,7 @@ def test_a_ledger_keeps_its_count_and_old_code_cannot_drop_it(tmp_path, caplog):
 def test_a_count_release_is_never_redrawn_when_planning_fails(identity, site):
     """target-delta above 1/count: the site cannot plan, says so, and keeps the count it
     released (charged), so the next round cannot draw another one."""
-    from client.client_app import train_fn
+    from fedlora.app.client.client_app import train_fn
 
     run_config = dict(site, **{"dp-mode": "sample", "dp-recipe": "none", "target-delta": 0.3})
     context = _context(run_config)

@@ -230,7 +230,7 @@ def _fedsa_mod(path):
     the B this client keeps before training and of the B it released."""
     import hashlib
 
-    from client.client_app import PERSONAL_STATE_KEY
+    from fedlora.app.client.client_app import PERSONAL_STATE_KEY
     from fedlora.protocol import CONFIG_KEY, LORA_KEY
     from fedlora.wire import from_record
 

@@ -61,7 +61,7 @@ def _cfg(tiny_model_dir, eps: float, optimizer: str):
 @pytest.mark.parametrize("n", [50, 500, 5000])
 def test_honest_private_replies_pass_and_a_poisoned_one_is_refused(tiny_model_dir, tmp_path, n,
                                                                    identity):  # noqa: F811
-    from server.strategy import LoraStrategy
+    from fedlora.app.server.strategy import LoraStrategy
 
     data = _tiny_setup(tiny_model_dir, tmp_path, n)
     idx = np.arange(n)
@@ -135,7 +135,7 @@ def test_a_single_adam_step_on_a_half_precision_wire_is_not_refused(tiny_model_d
                                                                     wire, identity):  # noqa: F811
     """One AdamW step moves every coordinate by exactly the learning rate, the bound's own
     value; rounding on the wire (and in the client's float32 arithmetic) must not tip it."""
-    from server.strategy import LoraStrategy
+    from fedlora.app.server.strategy import LoraStrategy
 
     data = _tiny_setup(tiny_model_dir, tmp_path, 200)
     cfg = parse_run_config({
@@ -165,7 +165,7 @@ def test_a_single_adam_step_on_a_half_precision_wire_is_not_refused(tiny_model_d
 def test_a_reply_cannot_claim_a_larger_weight_than_its_released_count(identity):  # noqa: F811
     """Under sample a site's weight is its noised count, released once: a later reply
     claiming another is refused. Under update every reply weighs 1."""
-    from server.strategy import LoraStrategy
+    from fedlora.app.server.strategy import LoraStrategy
 
     rng = np.random.default_rng(0)
     template = {"m.lora_A.weight": rng.normal(size=(4, 64)).astype(np.float32),

@@ -30,13 +30,21 @@ def test_config_overlays_are_valid(path):
 
 
 def _imports(folder: str, package: str) -> list[Path]:
-    pattern = re.compile(rf"^\s*(from|import)\s+{package}\b", re.MULTILINE)
+    pattern = re.compile(rf"^\s*(from|import)\s+{re.escape(package)}\b", re.MULTILINE)
     return [p for p in (ROOT / folder).rglob("*.py") if pattern.search(p.read_text())]
 
 
 def test_layering_library_and_apps():
-    assert not _imports("fedlora", "server") and not _imports("fedlora", "client")
-    assert not _imports("server", "client") and not _imports("client", "server")
+    """The library never imports the Flower apps; the ServerApp and the ClientApp never
+    import each other; only the package ``fedlora`` is installed."""
+    library = [p for p in (ROOT / "fedlora").rglob("*.py") if "app" not in p.relative_to(ROOT).parts]
+    app_import = re.compile(r"^\s*(from|import)\s+fedlora\.app\b|^\s*from\s+\.+app\b", re.MULTILINE)
+    assert [p for p in library if app_import.search(p.read_text())] == []
+    assert not _imports("fedlora/app/server", "fedlora.app.client")
+    assert not _imports("fedlora/app/client", "fedlora.app.server")
+    assert not (ROOT / "server").exists() and not (ROOT / "client").exists()
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["packages"]["find"]["include"] == ["fedlora*"]
 
 
 def _package_imports() -> dict[str, set[str]]:

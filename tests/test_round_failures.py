@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server.empty_rounds import EmptyRounds, RunGoingNowhere, diagnose
-from server.round_outcome import RoundOutcome
+from fedlora.app.server.empty_rounds import EmptyRounds, RunGoingNowhere, diagnose
+from fedlora.app.server.round_outcome import RoundOutcome
 
 from .test_resume import fedlora_log
 from .test_simulation import custom_task, run_in_process  # noqa: F401

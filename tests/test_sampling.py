@@ -12,7 +12,7 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora.protocol import IDENTITY_KEY, identity_reply
-from server.strategy import LoraStrategy
+from fedlora.app.server.strategy import LoraStrategy
 from simulations.harness import run_inprocess
 from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 

@@ -118,7 +118,7 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     not imply, and a stage without setup."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from client.secure_aggregation import masked_reply, ready_to_train, stage_fn
+    from fedlora.app.client.secure_aggregation import masked_reply, ready_to_train, stage_fn
     from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
     from fedlora.secagg import COMPLETE
     from fedlora.secure_sum import from_records, message_type, to_records

@@ -106,7 +106,7 @@ def test_a_server_that_times_replies_learns_nothing_about_the_sites_data(identit
 def test_in_a_secure_run_a_site_answers_no_plain_train_or_evaluate(identity, site):
     """A server that asks for secure aggregation and then sends a plain train or evaluate
     message would get the site's update or metrics in the clear: the site refuses both."""
-    from client.client_app import evaluate_fn
+    from fedlora.app.client.client_app import evaluate_fn
 
     run_config = dict(site, **{"secure-aggregation": True})  # dp-mode off, allowed
     node = {"data-path": site["data-path"], "accept-dp-modes": "off"}
@@ -120,7 +120,7 @@ def test_in_a_secure_run_a_site_answers_no_plain_train_or_evaluate(identity, sit
 
 
 def test_a_simulated_site_with_a_policy_enforces_it_and_evaluates_nothing(identity, site):
-    from client.client_app import evaluate_fn
+    from fedlora.app.client.client_app import evaluate_fn
 
     run_config = dict(site, **{"dp-mode": "off"})
     node = {"partition-id": 0, "num-partitions": 2, "accept-dp-modes": "sample"}

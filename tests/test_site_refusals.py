@@ -134,7 +134,7 @@ def test_a_site_that_dies_while_training_has_already_paid_for_the_round(identity
     """Whether training fails, or the process dies (killed for memory), may depend on the
     data: the ledger file holds the round's charge before training starts, so a death that
     a crafted run could provoke round after round is never free."""
-    import client.client_app as client_app
+    import fedlora.app.client.client_app as client_app
     from fedlora.privacy import load_state
 
     data = write_reviews(tmp_path / "site.csv", 40, seed=4)

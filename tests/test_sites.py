@@ -41,7 +41,7 @@ def test_sites_with_bad_data_reply_that_they_could_not_train(custom_task, tmp_pa
 
 
 def test_simulated_fates_are_reproducible_and_in_proportion():
-    from client.client_app import simulated_fate
+    from fedlora.app.client.client_app import simulated_fate
     from fedlora.runtime import parse_run_config
 
     cfg = parse_run_config({"dropout-fraction": 0.2, "straggler-fraction": 0.1, "seed": 3})
@@ -58,7 +58,7 @@ def test_simulated_fates_are_reproducible_and_in_proportion():
 
 @pytest.mark.slow
 def test_failing_and_straggling_clients_are_dropped_and_the_round_goes_on(custom_task):  # noqa: F811
-    from client.client_app import simulated_fate
+    from fedlora.app.client.client_app import simulated_fate
     from fedlora.runtime import parse_run_config
 
     n = 4

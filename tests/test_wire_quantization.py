@@ -171,7 +171,7 @@ def _capture_mod(path):
     """Writes (to ``path``: clients run in other processes) each training broadcast's round
     and digest of its bytes and, after the reply, whether the node's context.state holds its
     wire residual."""
-    from client.client_app import WIRE_STATE_KEY
+    from fedlora.app.client.client_app import WIRE_STATE_KEY
     from fedlora.protocol import CONFIG_KEY, LORA_KEY
 
     def mod(msg, context, call_next):
@@ -222,7 +222,7 @@ def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task
 
 def _strategy(wire="int4", aggregator="fedavg", max_update_norm=50.0):
     from fedlora.aggregation import get_method
-    from server.strategy import LoraStrategy
+    from fedlora.app.server.strategy import LoraStrategy
 
     rng = np.random.default_rng(5)
     template = {"m.lora_A.weight": rng.normal(size=(4, 64)).astype(np.float32),

@@ -127,7 +127,7 @@ def reply_norm_bound(cfg: RunConfig) -> Callable[..., float | None] | None:
 
 
 def reply_weights(cfg: RunConfig) -> str:
-    """What a reply's ``num-examples`` may be (``server.strategy.LoraStrategy``): the
+    """What a reply's ``num-examples`` may be (``fedlora.app.server.strategy.LoraStrategy``): the
     site's released count, kept for the whole run, under a client mechanism that releases
     one; 1 under one that releases none; anything without a client mechanism, and under
     user-level DP (the server's release ignores weights, and which nodes replied is

@@ -32,7 +32,7 @@ published; the subsampled Gaussian's accounting is the same as for add/remove (a
 client and an absent one add the same zero to a fixed-denominator sum). Whether a sampled
 client replied, was refused or dropped out can depend on its data (a diverged update, a
 bad file), so none of that is published: no per-round accepted/refused/dropped counts, no
-reasons, no upload bytes, no client ledger rows (:mod:`server.user_level_strategy`). The
+reasons, no upload bytes, no client ledger rows (:mod:`fedlora.app.server.user_level_strategy`). The
 server is trusted with the replies; the guarantee holds against whoever sees what the
 server releases: the adapters, the log, ``metrics.json``, ``comms``, ``privacy.csv`` and the
 report.

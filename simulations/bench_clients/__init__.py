@@ -9,7 +9,7 @@ against the rebuild-per-message pattern of Flower's examples.
 Two ClientApps run through the same Flower simulation engine with the same ServerApp
 (fedlora's, so the same sampling, reply checks and aggregation) and the same run-config:
 
-* ``fedlora``: :mod:`client.client_app`. A simulation worker process loads the frozen base
+* ``fedlora``: :mod:`fedlora.app.client.client_app`. A simulation worker process loads the frozen base
   model, the tokenizer and the tokenised data once and serves every virtual client it is
   given from them; only the adapter tensors (and a DP client's privacy ledger in
   ``context.state``) belong to one client.

@@ -155,7 +155,7 @@ def build_rebuild_app(overrides: Mapping[str, Any] | None = None,
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:  # as fedlora's: same sampling
-        from client.client_app import query_fn
+        from fedlora.app.client.client_app import query_fn
 
         return query_fn(msg, context)
 

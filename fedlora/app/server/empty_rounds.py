@@ -7,7 +7,7 @@ row (``note``, shown in the report), and after ``stop-after-empty-rounds`` such 
 row stops the run with that line as its error.
 
 Under ``dp-mode = "client"`` the replies' fates are withheld from everything the server
-publishes (:class:`server.run_record.RunRecord`), so nothing is said or stopped there.
+publishes (:class:`fedlora.app.server.run_record.RunRecord`), so nothing is said or stopped there.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Secure aggregation as a wrapper around the fedlora strategy (``secure-aggregation = true``).
 
-As :class:`server.user_level_strategy.UserLevelDpStrategy` does, this wraps a
-:class:`server.strategy.LoraStrategy` and uses its public methods: the inner strategy
+As :class:`fedlora.app.server.user_level_strategy.UserLevelDpStrategy` does, this wraps a
+:class:`fedlora.app.server.strategy.LoraStrategy` and uses its public methods: the inner strategy
 samples the cohort and prepares the global adapter as usual; the wrapper then runs the
 round as the five stages of SecAgg+ (:mod:`fedlora.secagg`), each a Flower train action
 sent to the sites still in the round (:data:`fedlora.secure_sum.ACTIONS`), the global
@@ -16,7 +16,7 @@ A site that stops answering after it shared its keys is removed by reconstructio
 with too few survivors (``secagg-threshold``) releases nothing and leaves the global
 adapter as it was. The round's stages together wait no longer than ``round-timeout``.
 
-The reply checks of :mod:`server.reply_checks` (update norms, shapes of each reply) cannot
+The reply checks of :mod:`fedlora.app.server.reply_checks` (update norms, shapes of each reply) cannot
 look at a masked vector: the public ``secagg-clip`` bounds what each site adds to each
 coordinate instead, so they do not run under secure aggregation.
 """

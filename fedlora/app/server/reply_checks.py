@@ -1,6 +1,6 @@
 """What the server checks in every training reply before it aggregates it.
 
-:class:`ReplyChecks` is a part of :class:`server.strategy.LoraStrategy`: the status, the
+:class:`ReplyChecks` is a part of :class:`fedlora.app.server.strategy.LoraStrategy`: the status, the
 claimed weight (``num-examples``, as the run's DP mode allows it), the array keys, dtypes,
 serialisation and shapes, finite values, and the norm of the change against
 ``max-update-norm`` or, for a reply its sender noised, the largest change an honest private
@@ -8,7 +8,7 @@ reply of the round can make (:mod:`fedlora.privacy.reply_bound`). A failed check
 ``ValueError`` with the reason (the reply is refused); a foreign array key raises
 :class:`AuditError` unless ``foreign-keys = "refuse"``.
 
-Under secure aggregation (:mod:`server.secure_aggregation`) none of this runs: a masked
+Under secure aggregation (:mod:`fedlora.app.server.secure_aggregation`) none of this runs: a masked
 vector shows no keys, shapes or norm to check. The public ``secagg-clip`` bounds what each
 site adds to each coordinate instead.
 """
@@ -33,7 +33,7 @@ class AuditError(RuntimeError):
 
 
 class ReplyChecks:
-    """The reply checks of :class:`server.strategy.LoraStrategy` (which holds the fields
+    """The reply checks of :class:`fedlora.app.server.strategy.LoraStrategy` (which holds the fields
     they read: ``method``, ``wire``, ``received``, ``allowed_keys``, the bounds)."""
 
     def _check_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], int]:

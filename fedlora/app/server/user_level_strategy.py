@@ -1,7 +1,7 @@
 """User-level DP as a wrapper around the fedlora strategy (``dp-mode = client``).
 
 As Flower's ``DifferentialPrivacyServerSideFixedClipping`` wraps a strategy, this wraps a
-:class:`server.strategy.LoraStrategy`: the inner strategy still sends the global adapter
+:class:`fedlora.app.server.strategy.LoraStrategy`: the inner strategy still sends the global adapter
 and validates every reply; the wrapper replaces how nodes are sampled (each one
 independently with probability q, the coins from OS entropy) and what is released (the
 clipped updates' noised mean, :class:`fedlora.privacy.CentralDp`, with one step on the

@@ -2,7 +2,7 @@
 
 :class:`RunRecord` holds the metrics rows (``metrics.csv``/``metrics.json``), the privacy
 rows (``privacy.csv``), the communication ledger (``comms.csv``/``comms.json``) and the
-resumes of a run, turns each round's :class:`~server.round_outcome.RoundOutcome` into its
+resumes of a run, turns each round's :class:`~fedlora.app.server.round_outcome.RoundOutcome` into its
 row, and writes the files and ``checkpoint.npz`` (:mod:`fedlora.checkpoint`). For a
 classifier each centralised evaluation's confusion matrix goes into its row
 (``test_confusion``), and the latest one, with per-class precision, recall and F1, into

@@ -3,7 +3,7 @@
 :class:`RoundStrategy` is the Flower strategy API plus :meth:`RoundStrategy.train_round`
 and :meth:`RoundStrategy.evaluate_round`, which send, receive and aggregate one round and
 return its :class:`RoundOutcome`: the new global adapter, the aggregated metrics and what
-happened to every reply. The loop in :mod:`server.server_app` reads only that.
+happened to every reply. The loop in :mod:`fedlora.app.server.server_app` reads only that.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """fedlora ServerApp: federated LoRA fine-tuning rounds, results in ``output-dir/<run-name>/``.
 
 Parses the run-config once (a bad key or value stops the run before round 1), builds
-the initial adapter, runs the rounds through :class:`server.strategy.LoraStrategy`,
+the initial adapter, runs the rounds through :class:`fedlora.app.server.strategy.LoraStrategy`,
 evaluates the global adapter on the task's held-out test set after every round and
 writes metrics, the communication ledger and the adapter (peft format) as it goes.
 
 The loop reads in one screen: each round the strategy returns a
-:class:`~server.round_outcome.RoundOutcome` (user-level DP is a wrapper around the
-strategy, :mod:`server.user_level_strategy`), the centralised evaluation runs, and
-:class:`~server.run_record.RunRecord` writes the round's row, files and checkpoint.
+:class:`~fedlora.app.server.round_outcome.RoundOutcome` (user-level DP is a wrapper around the
+strategy, :mod:`fedlora.app.server.user_level_strategy`), the centralised evaluation runs, and
+:class:`~fedlora.app.server.run_record.RunRecord` writes the round's row, files and checkpoint.
 
 After every round it also writes ``checkpoint.npz`` (:mod:`fedlora.checkpoint`); a run
 started with ``resume=true`` continues from the last finished round of that checkpoint.

@@ -1,11 +1,11 @@
 """The fedlora strategy: sample nodes, send the global adapter, validate replies, aggregate.
 
 A Flower :class:`~flwr.serverapp.strategy.Strategy` (through
-:class:`server.round_outcome.RoundStrategy`, whose ``train_round`` returns each round's
-:class:`~server.round_outcome.RoundOutcome`). Aggregation itself is the method's pure
+:class:`fedlora.app.server.round_outcome.RoundStrategy`, whose ``train_round`` returns each round's
+:class:`~fedlora.app.server.round_outcome.RoundOutcome`). Aggregation itself is the method's pure
 math (:mod:`fedlora.aggregation`) and the checks every reply passes first are
-:mod:`server.reply_checks`; this file is the glue between messages and arrays.
-User-level DP wraps this strategy (:class:`server.user_level_strategy.UserLevelDpStrategy`),
+:mod:`fedlora.app.server.reply_checks`; this file is the glue between messages and arrays.
+User-level DP wraps this strategy (:class:`fedlora.app.server.user_level_strategy.UserLevelDpStrategy`),
 as Flower's DP wrappers wrap theirs.
 """
 
