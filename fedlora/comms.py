@@ -1,4 +1,4 @@
-"""Communication ledger: the bytes of every message, by round, node, direction and kind."""
+"""Communication log: the bytes of every message, by round, node, direction and kind."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 from .adapters import FACTOR_A, FACTOR_B
 from .wire import ALL_WIRE_DTYPES, array_bytes, encoded_bytes
 
-__all__ = ["CommsEntry", "CommsLedger", "analytic_record_bytes"]
+__all__ = ["CommsEntry", "CommsLog", "analytic_record_bytes"]
 
 COLUMNS = ("round", "node", "direction", "kind", "bytes", "analytic_bytes", "factor_bytes",
            "head_bytes", "num_arrays", "wire_dtype", "keys", "array_bytes")
@@ -61,7 +61,7 @@ class CommsEntry:
     array_bytes: str  # ';'-joined serialised bytes of each array, in the order of ``keys``
 
 
-class CommsLedger:
+class CommsLog:
     """Collects one :class:`CommsEntry` per message and summarises them."""
 
     def __init__(self, full_model_bytes: int = 0, block_size: int = 64) -> None:

@@ -2,7 +2,7 @@
 
 Each array travels as its raw little-endian, C-ordered bytes (``stype`` =
 :data:`STYPE`), so the bytes of an array in a message are exactly
-``numel x dtype size``: what the communication ledger measures is what the analytic
+``numel x dtype size``: what the communication log measures is what the analytic
 count predicts. ``wire-dtype`` float16/bfloat16 halves them; ``int8``/``int4`` quantise
 block-wise with their scales in the same bytes (:mod:`fedlora.quantization`), optionally
 with error feedback. Receivers always get float32 back.
@@ -10,17 +10,21 @@ with error feedback. Receivers always get float32 back.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from .quantization import QUANTIZED_DTYPES, ErrorFeedback, decode_bytes, encode_bytes, \
-    quantized_bytes
+from .quantization import (
+    QUANTIZED_DTYPES,
+    ErrorFeedback,
+    decode_bytes,
+    encode_bytes,
+    quantized_bytes,
+)
 
 if TYPE_CHECKING:
     from .run_config import RunConfig

@@ -114,8 +114,8 @@ def head_gradients(model, feats, labels, keys) -> np.ndarray:
     import torch
     from torch.func import functional_call, grad, vmap
 
-    from fedlora.heads import head_module
     from fedlora.dp_sgd import dropout_off
+    from fedlora.heads import head_module
 
     head = head_module(model)
     names = {p.data_ptr(): n for n, p in head.named_parameters()}

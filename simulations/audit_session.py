@@ -35,8 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from simulations.audit_gradients import (concat, flat, guess_sizes, head_gradients, key_params,
-                                         make_canaries, per_example_gradients)
+from simulations.audit_gradients import (
+    concat,
+    flat,
+    guess_sizes,
+    head_gradients,
+    key_params,
+    make_canaries,
+    per_example_gradients,
+)
 
 __all__ = ["AuditSession", "GRADIENTS", "SCORES"]
 
@@ -119,8 +126,7 @@ class AuditSession:
         """One audit (see the module docstring); returns what it found."""
         from fedlora import privacy, runtime
         from fedlora.adapters import adapter_state, load_adapter_state
-        from fedlora.privacy.audit import (audit_guesses, canary_fit, canary_scores,
-                                           presence_llr)
+        from fedlora.privacy.audit import audit_guesses, canary_fit, canary_scores, presence_llr
         from fedlora.privacy.gaussian import gaussian_noise_like
         from fedlora.privacy.update_level import privatize_reply, update_noise_std
         from simulations.audit_privacy import KNOWN_NOISE_SEED

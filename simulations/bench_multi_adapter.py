@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora import runtime
     from fedlora.adapters import adapter_state, load_adapter_state
     from fedlora.models import cached_lora_model
-    from simulations.multi_adapter import train_batched
     from fedlora.training import train
     from simulations.harness import parse_sets
+    from simulations.multi_adapter import train_batched
 
     torch.set_num_threads(args.threads)
     k_max = max(args.clients)

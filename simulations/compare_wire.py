@@ -5,7 +5,7 @@
 
 Every run is the task's default run (same seed, clients, rounds and sampled partitions)
 with one ``wire-dtype`` (int8/int4 with and without error feedback) and one aggregator.
-The bytes come from each run's communication ledger (comms.json: measured, and equal to
+The bytes come from each run's communication log (comms.json: measured, and equal to
 the analytic count); "up" is one client's training reply, "down" one training broadcast.
 Writes ``table.md`` and ``table.json`` in ``--out``.
 """

@@ -151,3 +151,23 @@ def assert_noise_std(samples, expected: float, z: float = 6.0) -> None:
     assert abs(got / expected - 1) <= rel, (
         f"noise std {got:.6g} vs expected {expected:.6g}: off by {got / expected - 1:+.1%}, "
         f"tolerance {rel:.1%} ({z} standard errors on {x.size} draws)")
+
+
+@pytest.fixture()
+def identity(monkeypatch):
+    """What Flower sets in a process that makes messages (so that a test can make them)."""
+    from flwr.supercore.task_identity import TaskIdentity  # Flower loads late: conftest stays cheap
+
+    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.fixture()
+def site(tmp_path, tiny_model_dir):
+    """A run-config on a tiny model and one site's data file."""
+    data = write_reviews(tmp_path / "site.csv", 120, seed=3)
+    return {"task": "custom", "model-path": str(tiny_model_dir), "data-path": str(data),
+            "labels": "negative,positive", "lora-rank": 4, "lora-alpha": 8.0,
+            "num-server-rounds": 4, "local-steps": 2, "batch-size": 16, "max-length": 16,
+            "num-partitions": 2, "target-delta": 1e-3, "update-max-norm": 0.05,
+            "output-dir": str(tmp_path / "results"), "run-name": "attack"}

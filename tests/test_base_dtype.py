@@ -11,7 +11,6 @@ import torch
 from fedlora import models
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError
-from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.dp_sgd import train_private
 from fedlora.models import (
@@ -20,6 +19,7 @@ from fedlora.models import (
     load_tokenizer,
     resolve_base_dtype,
 )
+from fedlora.runtime import parse_run_config
 from fedlora.training import evaluate, train
 from tests.conftest import write_reviews
 

@@ -61,7 +61,8 @@ def test_quick_run_reports_both_patterns(tmp_path, tiny_model_dir, capsys):
 
 
 def test_gpu_readings_are_parsed_and_kept_to_the_timed_rounds():
-    from simulations.bench_clients import _timed_utilisation, format_report, parse_nvidia_smi
+    from simulations.bench_clients.sampling import _timed_utilisation, parse_nvidia_smi
+    from simulations.bench_clients.summary import format_report
 
     assert parse_nvidia_smi("87, 30211\n45, 1000\n") == (66.0, 31211.0)
     assert parse_nvidia_smi("") is None

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from fedlora import privacy
-from fedlora.config import ConfigError
-from fedlora.runtime import parse_run_config
 from fedlora.aggregation import get_method
+from fedlora.config import ConfigError
 from fedlora.privacy import CentralDp
 from fedlora.privacy import user_level as central_dp
+from fedlora.runtime import parse_run_config
 
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedlora import aggregation
 from fedlora.config import KEYS, ConfigError, check_paths, defaults
-from fedlora.runtime import parse_run_config
-from fedlora.runtime import resolve_config
+from fedlora.runtime import parse_run_config, resolve_config
 from fedlora.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]

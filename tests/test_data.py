@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedlora.config import ConfigError
 from fedlora.data import (
     DataError,
     partition_dirichlet,
@@ -14,15 +15,10 @@ from fedlora.data import (
     split_by_group,
     split_stratified,
 )
-from fedlora.tasks import (
-    RT_LABELS,
-    _bbc_news_rows,
-    _rotten_tomatoes_rows,
-    load_task_data,
-    partition_indices,
-)
-from fedlora.config import ConfigError
 from fedlora.runtime import parse_run_config
+from fedlora.tasks import RT_LABELS, load_task_data, partition_indices
+from fedlora.tasks.news import _bbc_news_rows
+from fedlora.tasks.rotten_tomatoes import _rotten_tomatoes_rows
 
 from .conftest import write_reviews
 

@@ -8,8 +8,8 @@ import torch
 
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError
-from fedlora.runtime import parse_run_config
 from fedlora.models import LoraSpec, build_lora_model, resolve_device
+from fedlora.runtime import parse_run_config
 
 GPU = torch.cuda.is_available()
 

@@ -426,8 +426,8 @@ def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
     refused at setup, before any budget is spent."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from fedlora.app.client.secure_aggregation import _own_payload, stage_fn
     from fedlora import privacy
+    from fedlora.app.client.secure_aggregation import _own_payload, stage_fn
     from fedlora.protocol import CONFIG_KEY, STATUS_KEY
     from fedlora.secagg import RoundConfig
     from fedlora.secure_sum import message_type, resolve_graph, to_records

@@ -13,11 +13,11 @@ import torch
 from fedlora import privacy
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError
-from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.dp_sgd import train_private
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy.count import count_history
+from fedlora.runtime import parse_run_config
 
 from .conftest import write_reviews
 from .test_dp_attacks import identity, site  # noqa: F401  (fixtures)

@@ -18,34 +18,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlora import privacy, runtime
 from fedlora.adapters import adapter_state
-from fedlora.runtime import parse_run_config
 from fedlora.models import build_lora_model
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY
+from fedlora.runtime import parse_run_config
 from fedlora.wire import from_record, to_record
 
 from .conftest import assert_noise_std, write_reviews
-
-
-@pytest.fixture()
-def identity(monkeypatch):
-    """What Flower sets in a process that makes messages (so that a test can make them)."""
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
-@pytest.fixture()
-def site(tmp_path, tiny_model_dir):
-    """A run-config on a tiny model and one site's data file."""
-    data = write_reviews(tmp_path / "site.csv", 120, seed=3)
-    return {"task": "custom", "model-path": str(tiny_model_dir), "data-path": str(data),
-            "labels": "negative,positive", "lora-rank": 4, "lora-alpha": 8.0,
-            "num-server-rounds": 4, "local-steps": 2, "batch-size": 16, "max-length": 16,
-            "num-partitions": 2, "target-delta": 1e-3, "update-max-norm": 0.05,
-            "output-dir": str(tmp_path / "results"), "run-name": "attack"}
 
 
 def _train_message(run_config: dict, server_round: int = 1) -> Message:
@@ -254,10 +235,10 @@ def test_a_second_process_cannot_spend_a_held_ledger(identity, site, tmp_path):
 
 
 def test_an_empty_poisson_batch_still_adds_noise(tiny_model_dir, tmp_path, monkeypatch):
+    from fedlora import entropy
     from fedlora.data import EncodedDataset, read_table
     from fedlora.dp_sgd import train_private
     from fedlora.models import LoraSpec, load_tokenizer
-    from fedlora import entropy
 
     class NoneSampled(np.random.Generator):
         def random(self, size=None):  # every Poisson coin says "not sampled"

@@ -11,12 +11,11 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedlora import privacy
-from fedlora.runtime import parse_run_config
 from fedlora.privacy.count import COUNT_NOISE_STD, MIN_DENOMINATOR, count_history, noised_count
 from fedlora.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY
+from fedlora.runtime import parse_run_config
 
-from .test_dp_attacks import _train_message, identity, site  # noqa: F401  (fixtures)
-
+from .test_dp_attacks import _train_message
 
 
 def _train_examples(run_config: dict) -> int:
@@ -72,8 +71,8 @@ def _context(run_config: dict) -> Context:
 
 
 def test_a_site_releases_one_noised_count_for_the_whole_run(identity, site, monkeypatch):
-    from fedlora.app.client.client_app import train_fn
     from fedlora import dp_sgd
+    from fedlora.app.client.client_app import train_fn
 
     seen = []
     real = dp_sgd.train_private
@@ -146,8 +145,8 @@ def test_under_update_dp_every_site_weighs_the_same(identity, site):
 
 
 def test_a_probe_step_divides_by_the_released_count(identity, site, monkeypatch):
-    from fedlora.app.client.client_app import train_fn
     from fedlora import probe
+    from fedlora.app.client.client_app import train_fn
 
     seen = []
     real = probe._descend_private
@@ -170,12 +169,12 @@ def test_a_probe_step_divides_by_the_released_count(identity, site, monkeypatch)
 
 
 def test_a_ledger_keeps_its_count_and_old_code_cannot_drop_it(tmp_path, caplog):
-    acc = privacy.ClientAccountant("rdp", target_epsilon=1.0, target_delta=1e-5)
+    acc = privacy.PrivacyBudget("rdp", target_epsilon=1.0, target_delta=1e-5)
     acc.record_count(512, noise_std=COUNT_NOISE_STD)
     acc.step(noise_multiplier=5.0, sample_rate=0.06, num_steps=10)
     state = acc.state_dict()
     assert state["version"] == 2  # a reader of version 1 refuses it rather than drop the count
-    back = privacy.ClientAccountant.from_state_dict(state)
+    back = privacy.PrivacyBudget.from_state_dict(state)
     assert (back.count, back.count_releases) == (512, [COUNT_NOISE_STD])
     assert back.epsilon() == pytest.approx(acc.epsilon())
     assert acc.epsilon() > privacy.epsilon_of_history(acc.history, delta=1e-5)
@@ -185,14 +184,14 @@ def test_a_ledger_keeps_its_count_and_old_code_cannot_drop_it(tmp_path, caplog):
             acc.load_state_dict(forgets)
     path = tmp_path / "ledger.json"
     privacy.save_state(path, acc)
-    other = privacy.ClientAccountant.from_state_dict({**state, "count": 600})
+    other = privacy.PrivacyBudget.from_state_dict({**state, "count": 600})
     with pytest.raises(privacy.PrivacyStateError):
         privacy.save_state(path, other)
     # A ledger from before the count was noised is read, with a warning.
     old = {k: v for k, v in state.items() if k not in ("count", "count_releases")}
     old["version"] = 1
     with caplog.at_level("WARNING"):
-        assert privacy.ClientAccountant.from_state_dict(old).count is None
+        assert privacy.PrivacyBudget.from_state_dict(old).count is None
     assert "exact example count" in caplog.text
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from fedlora.cli import main
-from fedlora.runtime import parse_run_config
 from fedlora.models import LoraSpec, build_lora_model
 from fedlora.predict import Predictor, classification_metrics
 from fedlora.results import save_adapter, write_json
+from fedlora.runtime import parse_run_config
 
 from .conftest import write_reviews
 from .test_shakespeare import make_tiny_llama

@@ -9,8 +9,8 @@ import torch
 from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.data import CausalLMDataset, EncodedDataset, TextDataset, read_table
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
-from simulations.multi_adapter import train_batched
 from fedlora.training import train
+from simulations.multi_adapter import train_batched
 from tests.conftest import write_reviews
 from tests.test_shakespeare import TARGETS, make_tiny_llama
 

@@ -8,10 +8,10 @@ import torch
 
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError
-from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.dp_sgd import train_private
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
+from fedlora.runtime import parse_run_config
 from fedlora.training import make_optimizer, train
 from tests.conftest import write_reviews
 

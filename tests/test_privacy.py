@@ -15,7 +15,7 @@ from opacus.accountants import RDPAccountant
 from fedlora.config import ConfigError
 from fedlora.privacy import (
     RDP_ORDERS,
-    ClientAccountant,
+    PrivacyBudget,
     PrivacyConfigError,
     PrivacyStateError,
     calibrate_noise_multiplier,
@@ -55,7 +55,7 @@ DELTA = 1e-5
 )
 def test_rdp_epsilon_matches_dp_accounting_within_1_percent(sigma, q, rounds, local_steps):
     pytest.importorskip("dp_accounting")
-    acc = ClientAccountant("rdp")
+    acc = PrivacyBudget("rdp")
     for _ in range(rounds):
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=local_steps)
     steps = rounds * local_steps
@@ -69,7 +69,7 @@ def test_rdp_epsilon_matches_dp_accounting_within_1_percent(sigma, q, rounds, lo
 
 def test_rdp_epsilon_is_opacus_accountant_epsilon():
     history = [(1.0, 0.05, 30), (1.3, 0.02, 7), (1.0, 0.05, 11)]
-    acc = ClientAccountant("rdp")
+    acc = PrivacyBudget("rdp")
     for sigma, q, n in history:
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
     opacus = RDPAccountant()
@@ -92,8 +92,8 @@ def test_prv_is_tighter_than_rdp_and_handles_tiny_sigma():
 
 
 def test_empty_accountant_has_spent_nothing():
-    assert ClientAccountant("rdp").epsilon(DELTA) == 0.0
-    assert ClientAccountant("prv").epsilon(DELTA) == 0.0
+    assert PrivacyBudget("rdp").epsilon(DELTA) == 0.0
+    assert PrivacyBudget("prv").epsilon(DELTA) == 0.0
     assert compute_epsilon(noise_multiplier=1.0, sample_rate=0.1, steps=0, delta=DELTA) == 0.0
 
 
@@ -107,7 +107,7 @@ rounds_strategy = st.lists(
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rounds=rounds_strategy)
 def test_epsilon_never_decreases_across_rounds(rounds):
-    acc = ClientAccountant("rdp")
+    acc = PrivacyBudget("rdp")
     previous = acc.epsilon(DELTA)
     for sigma, q, n in rounds:
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
@@ -118,7 +118,7 @@ def test_epsilon_never_decreases_across_rounds(rounds):
 
 
 def test_prv_epsilon_never_decreases_over_a_few_rounds():
-    acc = ClientAccountant("prv")
+    acc = PrivacyBudget("prv")
     previous = 0.0
     for sigma, q, n in [(1.0, 0.05, 10), (1.0, 0.05, 10), (1.3, 0.05, 5), (1.0, 0.1, 3)]:
         acc.step(noise_multiplier=sigma, sample_rate=q, num_steps=n)
@@ -128,7 +128,7 @@ def test_prv_epsilon_never_decreases_over_a_few_rounds():
 
 
 def test_step_validates_and_ignores_zero_steps():
-    acc = ClientAccountant("rdp")
+    acc = PrivacyBudget("rdp")
     acc.step(noise_multiplier=1.0, sample_rate=0.1, num_steps=0)
     assert acc.history == []
     for bad in [dict(noise_multiplier=0.0, sample_rate=0.1, num_steps=1),
@@ -142,7 +142,7 @@ def test_step_validates_and_ignores_zero_steps():
     with pytest.raises(TypeError):
         acc.step(1.0, 0.1, 1)  # keyword-only
     with pytest.raises(ValueError):
-        ClientAccountant("gdp")
+        PrivacyBudget("gdp")
 
 
 def test_planned_steps_is_every_round_times_local_steps():
@@ -167,8 +167,8 @@ def test_calibrated_run_ends_at_or_just_under_target(accountant, target, q, step
     # a little less noise would overshoot: the calibration is (close to) tight
     assert compute_epsilon(noise_multiplier=sigma * 0.95, sample_rate=q, steps=steps,
                            delta=DELTA, accountant=accountant) > target
-    # the planned run, round by round, fits the budget exactly under ClientAccountant
-    acc = ClientAccountant(accountant, target_epsilon=target, target_delta=DELTA)
+    # the planned run, round by round, fits the budget exactly under PrivacyBudget
+    acc = PrivacyBudget(accountant, target_epsilon=target, target_delta=DELTA)
     rounds, per_round = (steps // 10, 10) if steps % 10 == 0 and steps >= 10 else (steps, 1)
     for _ in range(rounds):
         assert not acc.would_exceed(noise_multiplier=sigma, sample_rate=q, num_steps=per_round)
@@ -192,7 +192,7 @@ def test_calibration_rejects_impossible_or_bad_inputs():
 def test_would_exceed_is_true_exactly_when_the_next_round_goes_over():
     sigma, q, local = 1.5, 0.05, 10
     target = 2.0  # reached after 11 of these rounds
-    acc = ClientAccountant("rdp", target_epsilon=target, target_delta=DELTA)
+    acc = PrivacyBudget("rdp", target_epsilon=target, target_delta=DELTA)
     for rounds_done in range(100):
         after = epsilon_of_history(acc.history + [(sigma, q, local)], delta=DELTA)
         exceeds = acc.would_exceed(noise_multiplier=sigma, sample_rate=q, num_steps=local,
@@ -215,8 +215,8 @@ def test_would_exceed_is_true_exactly_when_the_next_round_goes_over():
 # --------------------------------------------------------------------------- persistence
 
 
-def _used_accountant(mechanism: str = "rdp") -> ClientAccountant:
-    acc = ClientAccountant(mechanism, target_epsilon=3.0, target_delta=DELTA)
+def _used_accountant(mechanism: str = "rdp") -> PrivacyBudget:
+    acc = PrivacyBudget(mechanism, target_epsilon=3.0, target_delta=DELTA)
     acc.step(noise_multiplier=1.1, sample_rate=0.03125, num_steps=10)
     acc.step(noise_multiplier=1.1, sample_rate=0.03125, num_steps=10)
     acc.step(noise_multiplier=0.9000000000000001, sample_rate=1 / 3, num_steps=1)
@@ -229,23 +229,23 @@ def test_state_dict_is_plain_json_and_round_trips():
     assert json.loads(json.dumps(state)) == state
     assert state["version"] == 2 and state["mechanism"] == "rdp"
     assert state["history"] == [[1.1, 0.03125, 20], [0.9000000000000001, 1 / 3, 1]]
-    back = ClientAccountant.from_state_dict(json.loads(json.dumps(state)))
+    back = PrivacyBudget.from_state_dict(json.loads(json.dumps(state)))
     assert back.history == acc.history and back.epsilon(DELTA) == acc.epsilon(DELTA)
     assert (back.target_epsilon, back.target_delta) == (3.0, DELTA)
-    fresh = ClientAccountant("rdp")
+    fresh = PrivacyBudget("rdp")
     fresh.load_state_dict(state)
     assert fresh.history == acc.history
     with pytest.raises(PrivacyStateError):
-        acc.load_state_dict(ClientAccountant("rdp").state_dict())  # would forget steps
+        acc.load_state_dict(PrivacyBudget("rdp").state_dict())  # would forget steps
     for bad in [{**state, "version": 3}, {**state, "mechanism": "gdp"},
                 {**state, "history": [[1.0, 0.1]]}, {**state, "history": [[-1.0, 0.1, 3]]},
                 {**state, "history": "[[1.0, 0.1, 3]]"}]:
         with pytest.raises(PrivacyStateError):
-            ClientAccountant.from_state_dict(bad)
+            PrivacyBudget.from_state_dict(bad)
 
 
 def test_record_dict_round_trip_is_exact():
-    for acc in (_used_accountant("rdp"), _used_accountant("prv"), ClientAccountant("rdp")):
+    for acc in (_used_accountant("rdp"), _used_accountant("prv"), PrivacyBudget("rdp")):
         record = to_record_dict(acc)
         assert all(isinstance(k, str) and isinstance(v, (str, float, int))
                    for k, v in record.items())
@@ -278,13 +278,13 @@ def test_save_refuses_to_forget_spent_budget(tmp_path):
     path = tmp_path / "ledger.json"
     save_state(path, _used_accountant())
     with pytest.raises(PrivacyStateError):
-        save_state(path, ClientAccountant("rdp"))
-    shorter = ClientAccountant("rdp")
+        save_state(path, PrivacyBudget("rdp"))
+    shorter = PrivacyBudget("rdp")
     shorter.step(noise_multiplier=1.1, sample_rate=0.03125, num_steps=19)
     with pytest.raises(PrivacyStateError):
         save_state(path, shorter)
     assert load_state(path).state_dict() == _used_accountant().state_dict()
-    save_state(path, ClientAccountant("rdp"), allow_rewind=True)  # explicit only
+    save_state(path, PrivacyBudget("rdp"), allow_rewind=True)  # explicit only
     assert load_state(path).total_steps == 0
 
 
@@ -310,7 +310,7 @@ def test_corrupt_ledger_falls_back_to_backup(tmp_path, damage):
     loaded = load_state(path)
     assert loaded is not None and loaded.state_dict() == first.state_dict()
     # saving again must not replace the good backup with the damaged file
-    third = ClientAccountant.from_state_dict(second.state_dict())
+    third = PrivacyBudget.from_state_dict(second.state_dict())
     third.step(noise_multiplier=1.1, sample_rate=0.03125, num_steps=5)
     save_state(path, third)
     assert load_state(path).state_dict() == third.state_dict()
@@ -329,7 +329,7 @@ def test_both_ledgers_unusable_raises(tmp_path):
     with pytest.raises(PrivacyStateError):
         load_state(path)
     with pytest.raises(PrivacyStateError):  # and no silent overwrite of the lost ledger
-        save_state(path, ClientAccountant("rdp"))
+        save_state(path, PrivacyBudget("rdp"))
     path.unlink()
     with pytest.raises(PrivacyStateError):  # only the (corrupt) backup left
         load_state(path)

@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from fedlora.privacy.audit import (audit_guesses, canary_scores, count_correct,
-                                   epsilon_lower_bound, guess, max_lower_bound, p_value)
+from fedlora.privacy.audit import (
+    audit_guesses,
+    canary_scores,
+    count_correct,
+    epsilon_lower_bound,
+    guess,
+    max_lower_bound,
+    p_value,
+)
 
 from .conftest import write_reviews
 
@@ -250,10 +257,10 @@ def test_the_auditor_takes_gradients_with_dropout_off_and_leaves_it_on(tiny_task
     model = build_lora_model(runtime.model_spec(cfg))
     dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and max(dropouts) > 0  # the model keeps its configured dropout
-    from simulations.audit_gradients import make_canaries
-    from fedlora.models import load_tokenizer
-
     import numpy as np
+
+    from fedlora.models import load_tokenizer
+    from simulations.audit_gradients import make_canaries
 
     tok = load_tokenizer(tiny_task["model-path"])
     data = runtime.encode(cfg, make_canaries(tok, 8, ("negative", "positive"),

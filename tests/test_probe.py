@@ -13,12 +13,12 @@ import torch
 from fedlora import privacy
 from fedlora.adapters import adapter_state
 from fedlora.config import ConfigError, defaults
-from fedlora.runtime import parse_run_config
 from fedlora.data import EncodedDataset, read_table
 from fedlora.heads import checkpoint_pooling, head_inputs, resolve_head_pooling
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy.mechanisms import DpPlan
 from fedlora.probe import train_head
+from fedlora.runtime import parse_run_config
 from fedlora.tasks import minilm_path
 
 from .conftest import write_reviews
@@ -145,7 +145,7 @@ def test_probe_rounds_are_accounted_at_rate_one_with_the_run_sigma():
         ledger.check()
         ledger.spend()
         assert ledger.metrics()["sample-rate"] == 1.0
-        assert ledger.accountant.total_steps == cfg.probe_steps
+        assert ledger.budget.total_steps == cfg.probe_steps
 
 
 def test_the_dp_recipe_fills_only_keys_left_at_their_default():
@@ -237,7 +237,7 @@ def test_a_resumed_site_that_lost_its_ledger_is_charged_no_less_than_it_spent(mo
     monkeypatch.setattr(ledger_module, "noised_count", lambda n, *a, **k: 100)
     ledger = privacy.Ledger(
         lambda count: mechanism.plan(cfg, count), path=None, state=None, server_round=7,
-        examples=90, budget=(cfg.accountant, 10.0, cfg.target_delta),
+        examples=90, terms=(cfg.accountant, 10.0, cfg.target_delta),
         worst_probe_round=functools.partial(mechanism.worst_probe_round, cfg)
         if worst_case else None)
     with ledger.session():

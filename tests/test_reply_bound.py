@@ -9,12 +9,12 @@ import torch
 
 from fedlora import privacy
 from fedlora.adapters import adapter_state
-from fedlora.runtime import parse_run_config
-from fedlora.data import EncodedDataset, read_table
 from fedlora.aggregation import get_method
+from fedlora.data import EncodedDataset, read_table
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy.count import noised_count
 from fedlora.privacy.reply_bound import adam_step_factor, displacement
+from fedlora.runtime import parse_run_config
 from fedlora.wire import WireFormat, to_record
 
 from .conftest import write_reviews

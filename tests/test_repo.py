@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fedlora.config import KEYS
 from fedlora.runtime import parse_run_config
@@ -92,3 +92,14 @@ def test_the_package_imports_have_no_circle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def test_ruff_finds_nothing():
+    """The lint rules of pyproject.toml ([tool.ruff]) hold everywhere; ruff comes with the
+    dev extras, so the suite (and CI, which runs it) checks them."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedlora.aggregation import get_method
 from fedlora.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -27,7 +28,6 @@ from fedlora.checkpoint import (
 )
 from fedlora.config import ConfigError, defaults
 from fedlora.runtime import parse_run_config
-from fedlora.aggregation import get_method
 from simulations.harness import read_metrics, run_inprocess
 from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 

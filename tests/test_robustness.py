@@ -175,9 +175,9 @@ def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(
         custom_task, identity, monkeypatch):  # noqa: F811  (fixtures)
     """A site whose training diverged says so; on an int8 wire, whose encoder cannot hold
     non-finite values, it used to fail outright and be counted as dropped."""
-    import fedlora.app.client.client_app as client_app
     from flwr.app import Context, RecordDict
 
+    import fedlora.app.client.client_app as client_app
     from fedlora.protocol import LORA_KEY, STATUS_KEY
     from fedlora.training import TrainResult
 

@@ -9,10 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import Message
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedlora.protocol import IDENTITY_KEY, identity_reply
 from fedlora.app.server.strategy import LoraStrategy
+from fedlora.protocol import IDENTITY_KEY, identity_reply
 from simulations.harness import run_inprocess
 from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 
@@ -43,13 +42,6 @@ class _Grid:
         return replies
 
 
-@pytest.fixture()
-def server_identity(monkeypatch):
-    """What Flower sets in a ServerApp process, so that messages can be made here."""
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def _strategy(seed: int = 0) -> LoraStrategy:
     method = SimpleNamespace(payload=lambda s: s)
     return LoraStrategy(method=method, template={}, fraction_train=0.5, fraction_evaluate=0.0,
@@ -62,7 +54,7 @@ def test_identity_reply_says_the_partition_and_nothing_else():
     assert dict(identity_reply({"data-path": "/secret.csv"})[IDENTITY_KEY]) == {}
 
 
-def test_sampling_follows_partition_ids_whatever_the_node_ids(server_identity):
+def test_sampling_follows_partition_ids_whatever_the_node_ids(identity):
     picked = []
     for node_ids in ([901, 17, 5555, 42, 3, 77], [12, 999999, 4, 610, 88, 2000]):
         grid = _Grid({n: pid for pid, n in enumerate(node_ids)})
@@ -76,7 +68,7 @@ def test_sampling_follows_partition_ids_whatever_the_node_ids(server_identity):
     assert picked[0] == picked[1]  # the same partitions in every round of both "runs"
 
 
-def test_unidentified_nodes_come_after_by_id(server_identity):
+def test_unidentified_nodes_come_after_by_id(identity):
     grid = _Grid({50: 1, 10: None, 30: 0, 20: 2}, silent={20})
     strategy = _strategy()
     assert strategy.identify_nodes(grid) == 2

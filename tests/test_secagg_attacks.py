@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedlora.secagg import (ProtocolError, RoundAborted, RoundConfig, SecAggClient,
-                            SecAggServer, run_local_round)
+from fedlora.secagg import (
+    ProtocolError,
+    RoundAborted,
+    RoundConfig,
+    SecAggClient,
+    SecAggServer,
+    run_local_round,
+)
 from fedlora.secagg.common import keys_transcript
 from fedlora.secagg.crypto import new_agreement_key, public_bytes, sign
 from fedlora.secagg.shamir import combine, share_from_bytes

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from fedlora.secagg.crypto import (ENCRYPTION_LABEL, MASK_LABEL, CryptoError, agree, decrypt,
-                                   encrypt, new_agreement_key, new_signing_key, public_bytes,
-                                   sign, usable_public_key, verify)
+from fedlora.secagg.crypto import (
+    ENCRYPTION_LABEL,
+    MASK_LABEL,
+    CryptoError,
+    agree,
+    decrypt,
+    encrypt,
+    new_agreement_key,
+    new_signing_key,
+    public_bytes,
+    sign,
+    usable_public_key,
+    verify,
+)
 
 
 def test_agreement_is_symmetric_and_separated_by_use_round_and_pair():

@@ -6,8 +6,13 @@ import os
 
 import pytest
 
-from fedlora.secagg.graph import (check_parameters, choose_parameters, neighbour_graph,
-                                  resolve_degree, resolve_threshold)
+from fedlora.secagg.graph import (
+    check_parameters,
+    choose_parameters,
+    neighbour_graph,
+    resolve_degree,
+    resolve_threshold,
+)
 
 
 def connected(graph: dict[int, tuple[int, ...]]) -> bool:

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 import fedlora.secagg as secagg
-from fedlora.secagg.masks import (add, bits_for, decode, encode, keystream, modulus_bits, prg,
-                                  subtract)
+from fedlora.secagg.masks import (
+    add,
+    bits_for,
+    decode,
+    encode,
+    keystream,
+    modulus_bits,
+    prg,
+    subtract,
+)
 
 #: chi-square critical value for 15 degrees of freedom at p = 1e-6.
 CHI2_15 = 50.5

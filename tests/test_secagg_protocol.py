@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlora.secagg import (ProtocolError, RoundAborted, RoundConfig, bits_for, encode,
-                            run_local_round)
+from fedlora.secagg import (
+    ProtocolError,
+    RoundAborted,
+    RoundConfig,
+    bits_for,
+    encode,
+    run_local_round,
+)
 
 LENGTH = 1000
 MAX_ABS = 5000

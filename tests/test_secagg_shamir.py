@@ -7,8 +7,14 @@ import os
 
 import pytest
 
-from fedlora.secagg.shamir import (PRIME, combine, interpolate, share_from_bytes,
-                                   share_to_bytes, split)
+from fedlora.secagg.shamir import (
+    PRIME,
+    combine,
+    interpolate,
+    share_from_bytes,
+    share_to_bytes,
+    split,
+)
 
 
 def test_any_t_of_n_shares_reconstruct():

@@ -103,15 +103,6 @@ def test_threshold_and_degree_are_checked_against_the_cohort():
         assert info.value.key == key
 
 
-@pytest.fixture()
-def identity(monkeypatch):
-    """What Flower sets in a process that makes messages (so that a test can make them)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
 def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_config(identity):
     """The ClientApp's stage handlers, each with a fresh Context that shares only the node
     state (as Flower gives them), through a whole round; then a config the run-config does

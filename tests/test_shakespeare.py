@@ -29,7 +29,8 @@ from fedlora.dp_sgd import train_private
 from fedlora.model_cache import SOURCE_FILE, cached_folder
 from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.runtime import model_spec, resolve_config
-from fedlora.tasks import LLAMA_TARGETS, _shakespeare_rows, parse_play
+from fedlora.tasks import LLAMA_TARGETS, parse_play
+from fedlora.tasks.shakespeare import _shakespeare_rows
 from fedlora.training import evaluate, train
 
 TARGETS = tuple(LLAMA_TARGETS.split(","))

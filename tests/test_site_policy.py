@@ -18,19 +18,12 @@ import torch
 from flwr.app import Context, RecordDict
 
 from fedlora import privacy
-from fedlora.runtime import parse_run_config
 from fedlora.privacy.count import COUNT_NOISE_STD, full_batch_denominator
 from fedlora.protocol import LORA_KEY, METRICS_KEY, STATUS_KEY
+from fedlora.runtime import parse_run_config
 
 from .conftest import assert_noise_std, write_reviews
-from .test_dp_attacks import (  # noqa: F401  (fixtures)
-    _diff,
-    _released,
-    _run_site,
-    _train_message,
-    identity,
-    site,
-)
+from .test_dp_attacks import _diff, _released, _run_site, _train_message
 
 
 def _refusal(reply) -> str:
@@ -154,7 +147,7 @@ def test_a_site_at_its_cap_releases_no_count(identity, site, tmp_path):
     a sample-mode run must not draw the count, since its charge alone would exceed the cap;
     the refusal carries nothing derived from a count and the ledger stays at or below its cap."""
     path = tmp_path / "site" / "privacy.json"
-    acc = privacy.ClientAccountant("rdp", target_delta=1e-3)
+    acc = privacy.PrivacyBudget("rdp", target_delta=1e-3)
     acc.step(noise_multiplier=3.0, sample_rate=1.0, num_steps=4)
     spent = acc.epsilon(1e-3)
     cap = round(spent + 2e-4, 6)  # the count's release costs about 1e-3 more

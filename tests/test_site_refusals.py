@@ -13,14 +13,7 @@ import numpy as np
 import pytest
 
 from .conftest import write_reviews
-from .test_dp_attacks import (  # noqa: F401  (fixtures)
-    _diff,
-    _released,
-    _run_site,
-    _train_message,
-    identity,
-    site,
-)
+from .test_dp_attacks import _diff, _released, _run_site, _train_message
 
 
 def _node(tmp_path, data) -> dict:

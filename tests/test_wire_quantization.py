@@ -8,9 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from fedlora.comms import CommsLedger
-from fedlora.quantization import (ErrorFeedback, decode_bytes, encode_bytes, quantize,
-                                  quantized_bytes)
+from fedlora.comms import CommsLog
+from fedlora.quantization import (
+    ErrorFeedback,
+    decode_bytes,
+    encode_bytes,
+    quantize,
+    quantized_bytes,
+)
 from fedlora.wire import WireFormat, from_record, to_record
 
 from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
@@ -115,8 +120,8 @@ def test_ledger_predicts_quantised_bytes_from_shapes(dtype):
     state = {"m.lora_A.weight": np.ones((4, 33), np.float32),
              "m.lora_B.weight": np.ones((31, 4), np.float32),
              "classifier.bias": np.ones(2, np.float32)}
-    ledger = CommsLedger(block_size=16)
-    entry = ledger.record(1, 1, "up", "train", to_record(state, WireFormat(dtype, 16)))
+    log = CommsLog(block_size=16)
+    entry = log.record(1, 1, "up", "train", to_record(state, WireFormat(dtype, 16)))
     assert entry.bytes == entry.analytic_bytes
     assert entry.factor_bytes == quantized_bytes(132, dtype, 16) + quantized_bytes(124, dtype, 16)
 
@@ -269,8 +274,8 @@ def test_crafted_replies_are_refused_not_fatal(identity):  # noqa: F811
         arrays = ArrayRecord({**dict(honest.items()), k: arr})
         with pytest.raises(ValueError):
             strategy._check_reply(_reply_message(arrays))
-        strategy.ledger = CommsLedger()
-        strategy.ledger.record(1, 1, "up", "train", arrays)  # the ledger does not crash
+        strategy.comms_log = CommsLog()
+        strategy.comms_log.record(1, 1, "up", "train", arrays)  # the log does not crash
 
 
 def test_rounding_does_not_count_as_update_but_a_real_change_does(identity):  # noqa: F811

@@ -56,8 +56,14 @@ subclass, plus one import line below.
 from .base import METHODS, AggregationFn, Method, aggregate, available_methods, get_method, register
 from .linalg import ProductSVD, product_norm, product_svd, stack_factors
 from .ops import delta_weight, fit_rank, product_error
-from .states import (ReplyShapeError, State, factors_to_state, refit_state, state_rank,
-                     state_to_factors)
+from .states import (
+                     ReplyShapeError,
+                     State,
+                     factors_to_state,
+                     refit_state,
+                     state_rank,
+                     state_to_factors,
+)
 from .types import AggregationError, Array, LoraFactors, ModuleFactors, Updates
 from .validation import PreparedUpdates, normalize_weights
 

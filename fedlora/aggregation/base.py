@@ -21,8 +21,15 @@ from torch import nn
 
 from ..adapters import FACTOR_A, FACTOR_B, adapter_state, is_factor_key, load_adapter_state
 from .ops import fit_rank
-from .states import (ReplyShapeError, State, factors_to_state, refit_state, state_rank,
-                     state_to_factors, weighted_mean)
+from .states import (
+    ReplyShapeError,
+    State,
+    factors_to_state,
+    refit_state,
+    state_rank,
+    state_to_factors,
+    weighted_mean,
+)
 from .types import AggregationError, LoraFactors, Updates
 from .validation import PreparedUpdates, normalize_weights, prepare_updates
 

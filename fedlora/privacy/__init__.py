@@ -4,7 +4,7 @@ Layout (one concept per module):
 
 * :mod:`~fedlora.privacy.accounting`: pure epsilon math over a history of subsampled
   Gaussian steps (RDP, PRV), calibration of the noise multiplier.
-* :mod:`~fedlora.privacy.accountant`: a privacy unit's spent budget (``ClientAccountant``).
+* :mod:`~fedlora.privacy.budget`: a privacy unit's spent budget (``PrivacyBudget``).
 * :mod:`~fedlora.privacy.ledger`: where a ledger lives (a site's file, under an exclusive
   lock, with a backup; or Flower's ``context.state``) and the client's round ledger.
 * :mod:`~fedlora.entropy` (outside the package, as training uses it too): the generators
@@ -29,13 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapters import is_factor_key
 from ..entropy import private_numpy_rng, private_torch_generator
-from .accountant import (
-    STATE_VERSION,
-    ClientAccountant,
-    PrivacyStateError,
-    from_record_dict,
-    to_record_dict,
-)
 from .accounting import (
     ACCOUNTANTS,
     PRV_EPS_ERROR,
@@ -45,6 +38,13 @@ from .accounting import (
     epsilon_dp_accounting,
     epsilon_of_history,
     planned_steps,
+)
+from .budget import (
+    STATE_VERSION,
+    PrivacyBudget,
+    PrivacyStateError,
+    from_record_dict,
+    to_record_dict,
 )
 from .gaussian import clip_update, gaussian_noise_like, global_norm
 from .ledger import (
@@ -86,7 +86,7 @@ if TYPE_CHECKING:
     from ..run_config import RunConfig
 
 __all__ = [
-    "ACCOUNTANTS", "BudgetExhausted", "CentralDp", "ClientAccountant", "ClientMechanism",
+    "ACCOUNTANTS", "BudgetExhausted", "CentralDp", "PrivacyBudget", "ClientMechanism",
     "DpPlan", "Ledger", "LedgerBusy", "Mechanism", "NO_LOCAL_DP", "PRIVACY_COLUMNS",
     "PRV_EPS_ERROR", "PrivacyConfigError", "PrivacyStateError", "RDP_ORDERS",
     "RELEASED_TRAIN_METRICS", "STATE_VERSION", "ServerMechanism", "calibrate_noise_multiplier",

@@ -256,7 +256,7 @@ def calibrate_noise_multiplier(*, target_epsilon: float, target_delta: float, sa
     Binary search on sigma between a bracket ``eps(lo) > target >= eps(hi)``; returns ``hi``
     once ``target - eps(hi) <= min(epsilon_tolerance, 0.01 * target)`` (or the bracket cannot
     shrink further), so the planned run ends at or just under the target under the same
-    accountant (:func:`epsilon_of_history`, the same numbers as :class:`ClientAccountant`).
+    accountant (:func:`epsilon_of_history`, the same numbers as :class:`PrivacyBudget`).
     ``steps`` is the whole run (see :func:`planned_steps`); ``more_phases`` are further
     ``(sample_rate, steps)`` phases of the same run at the same sigma (e.g. the full-batch
     steps of linear-probe rounds), composed with it; ``fixed_history`` holds releases of the

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from ..results import atomic_write_bytes
-from .accountant import (
-    ClientAccountant,
+from .accounting import history_extends
+from .budget import (
+    PrivacyBudget,
     PrivacyStateError,
     from_record_dict,
     to_record_dict,
 )
-from .accounting import history_extends
 from .count import COUNT_NOISE_STD, noised_count
 
 __all__ = ["BudgetExhausted", "Ledger", "LedgerBusy", "exclusive", "load_state", "save_state"]
@@ -77,13 +77,13 @@ def _state_digest(state: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _encode(accountant: ClientAccountant) -> bytes:
+def _encode(accountant: PrivacyBudget) -> bytes:
     state = accountant.state_dict()
     doc = {"format": _LEDGER_FORMAT, "sha256": _state_digest(state), "state": state}
     return (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode("utf-8")
 
 
-def _decode(data: bytes) -> ClientAccountant:
+def _decode(data: bytes) -> PrivacyBudget:
     """Parse a ledger file's bytes; raises PrivacyStateError if anything is off."""
     try:
         doc = json.loads(data.decode("utf-8"))
@@ -98,10 +98,10 @@ def _decode(data: bytes) -> ClientAccountant:
         raise PrivacyStateError(f"ledger state not serialisable ({exc})") from exc
     if digest != doc.get("sha256"):
         raise PrivacyStateError("ledger checksum mismatch (corrupted)")
-    return ClientAccountant.from_state_dict(state)
+    return PrivacyBudget.from_state_dict(state)
 
 
-def _read(path: Path) -> ClientAccountant:
+def _read(path: Path) -> PrivacyBudget:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -112,7 +112,7 @@ def _read(path: Path) -> ClientAccountant:
         raise PrivacyStateError(f"{path}: {exc}") from exc
 
 
-def load_state(path: str | os.PathLike[str]) -> ClientAccountant | None:
+def load_state(path: str | os.PathLike[str]) -> PrivacyBudget | None:
     """The ledger at ``path``, else its ``.bak``; None only if neither file exists.
 
     A corrupt or truncated ledger falls back to ``<path>.bak`` (with a warning: the backup
@@ -148,7 +148,7 @@ def load_state(path: str | os.PathLike[str]) -> ClientAccountant | None:
                             + "; ".join(errors))
 
 
-def save_state(path: str | os.PathLike[str], accountant: ClientAccountant, *,
+def save_state(path: str | os.PathLike[str], accountant: PrivacyBudget, *,
                allow_rewind: bool = False) -> None:
     """Write the ledger atomically; the previous ledger is kept as ``<path>.bak``.
 
@@ -187,7 +187,7 @@ def save_state(path: str | os.PathLike[str], accountant: ClientAccountant, *,
 
 
 class Ledger:
-    """A client's accountant for one private round, loaded from and saved to where it lives.
+    """A site's privacy budget for one private round, loaded from and saved to where it lives.
 
     With a ``path`` (a site's node-config ``privacy-state-path``) the file is the record and
     survives restarts; otherwise the accountant lives in ``state`` (a dict-like record of
@@ -195,7 +195,7 @@ class Ledger:
     the file's lock from loading the ledger through :meth:`check` to :meth:`spend`, so two
     runs on one site cannot both spend the same budget. A ledger that cannot be read raises,
     never resets to zero. ``plan`` is a :class:`fedlora.privacy.mechanisms.DpPlan`, or a
-    function of the site's released example count returning one: then ``budget`` is
+    function of the site's released example count returning one: then ``terms`` is
     ``(accountant, target_epsilon, delta)`` and ``examples`` the site's true count, released
     once (noised, :mod:`fedlora.privacy.count`) into this ledger when it has none, and only
     after :meth:`check` has found that its release fits the budget; it is recorded and saved
@@ -207,7 +207,7 @@ class Ledger:
 
     def __init__(self, plan: Any, *, path: str | None, state: Mapping[str, Any] | None,
                  server_round: int | None = None, examples: int | None = None,
-                 budget: tuple[str, float, float] | None = None,
+                 terms: tuple[str, float, float] | None = None,
                  site_cap: float | None = None,
                  worst_probe_round: Any = None) -> None:
         self._planner = plan if callable(plan) else None
@@ -215,16 +215,17 @@ class Ledger:
         # this site (its probe schedule depends on the count), for rounds a lost ledger spent.
         self._worst_probe_round = worst_probe_round
         self.plan = None if callable(plan) else plan
-        if self._planner is not None and budget is None:
-            raise ValueError("a ledger that plans from its released count needs its budget")
-        self.budget = budget if budget is not None else \
+        if self._planner is not None and terms is None:
+            raise ValueError("a ledger that plans from its released count needs its terms "
+                             "(accountant, target epsilon, delta)")
+        self.terms = terms if terms is not None else \
             (plan.accountant, plan.target_epsilon, plan.delta)
         self.examples = examples
         self.site_cap = site_cap
         self.path = Path(path) if path else None
         self.server_round = server_round  # fixes this round's cost (probe rounds differ)
         self.state = dict(state) if state else None
-        self.accountant: ClientAccountant | None = None
+        self.budget: PrivacyBudget | None = None
         self.fresh = True  # no record anywhere: a client new to this run
 
     @contextlib.contextmanager
@@ -246,19 +247,19 @@ class Ledger:
         elif self.state:
             acc = from_record_dict(self.state)
         self.fresh = acc is None
-        accountant, target_epsilon, delta = self.budget
+        accountant, target_epsilon, delta = self.terms
         if acc is None:  # a new ledger is capped at the site's cap, never above it
-            acc = ClientAccountant(accountant, target_epsilon=self.site_cap or target_epsilon,
+            acc = PrivacyBudget(accountant, target_epsilon=self.site_cap or target_epsilon,
                                    target_delta=delta)
-        if acc.mechanism != accountant:
+        if acc.accountant != accountant:
             raise PrivacyStateError(
-                f"the privacy ledger uses the '{acc.mechanism}' accountant but the run asks for "
+                f"the privacy ledger uses the '{acc.accountant}' accountant but the run asks for "
                 f"'{accountant}'; spent budget cannot be converted")
         if acc.target_delta is not None and acc.target_delta != delta:
             raise PrivacyStateError(
                 f"the privacy ledger accounts at delta {acc.target_delta}, the run asks for "
                 f"{delta}; a site's budget keeps the delta it started with")
-        self.accountant = acc
+        self.budget = acc
         if self._planner is not None and (acc.count is not None or self.examples is None):
             self.plan = self._planner(acc.count)
 
@@ -266,7 +267,7 @@ class Ledger:
         """The epsilon the ledger may not exceed: the lowest of the site's cap, the cap the
         ledger started with (a later run cannot raise a site's budget) and the run's
         target."""
-        _, target, _ = self.budget
+        _, target, _ = self.terms
         caps = [target, self._acc().target_epsilon, self.site_cap]
         return min(c for c in caps if c is not None)
 
@@ -276,7 +277,7 @@ class Ledger:
         acc = self._acc()
         if self.plan is not None or self._planner is None:
             return
-        _, _, delta = self.budget
+        _, _, delta = self.terms
         if acc.would_exceed(noise_multiplier=COUNT_NOISE_STD, sample_rate=1.0, num_steps=1,
                             target_epsilon=self.cap(), delta=delta):
             raise BudgetExhausted("privacy budget exhausted at this site")
@@ -355,7 +356,7 @@ class Ledger:
         acc = self._acc()
         return acc.epsilon(self.plan.delta) if acc.spent_anything else 0.0
 
-    def _acc(self) -> ClientAccountant:
-        if self.accountant is None:
+    def _acc(self) -> PrivacyBudget:
+        if self.budget is None:
             raise RuntimeError("use the ledger inside its session()")
-        return self.accountant
+        return self.budget

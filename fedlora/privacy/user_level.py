@@ -18,7 +18,7 @@ recurrent language models", fixed-denominator estimator):
 Times ``W``, step 3 is the sampled Gaussian mechanism on a sum whose L2 sensitivity to
 zeroing out one client (or adding or removing it) is ``C``: one Opacus step ``(sigma, q)``
 per round, composed
-by a server-side accountant (:class:`fedlora.privacy.ClientAccountant`, RDP or PRV per
+by a server-side accountant (:class:`fedlora.privacy.PrivacyBudget`, RDP or PRV per
 ``accountant``). A refused, failed or budget-exhausted reply adds zero, which keeps the
 sensitivity, so no reply count has to match. ``sigma`` is calibrated before round 1 so
 that ``num-server-rounds`` releases end at or just under ``target-epsilon`` at
@@ -83,7 +83,7 @@ import numpy as np
 from ..aggregation import Method, refit_state, state_rank
 from ..config import ConfigError
 from ..entropy import private_numpy_rng
-from .accountant import ClientAccountant, PrivacyStateError
+from .budget import PrivacyBudget, PrivacyStateError
 from .gaussian import clip_update, gaussian_noise_like
 from .ledger import BudgetExhausted
 from .mechanisms import (
@@ -174,7 +174,7 @@ class CentralDp:
         self.delta = float(delta)
         self.num_rounds = int(num_rounds)
         self.local_mode = local_mode
-        self.accountant = ClientAccountant(accountant, target_epsilon=target_epsilon,
+        self.budget = PrivacyBudget(accountant, target_epsilon=target_epsilon,
                                                    target_delta=delta)
         self.population: int | None = None
         self.denominator: float | None = None
@@ -214,13 +214,13 @@ class CentralDp:
             log.info("round %d: %d nodes connected (population at round 1: %d); the "
                      "denominator W = %g stays fixed", server_round, num_nodes,
                      self.population, self.denominator)
-        if self.accountant.would_exceed(noise_multiplier=self.noise_multiplier,
+        if self.budget.would_exceed(noise_multiplier=self.noise_multiplier,
                                         sample_rate=self.sample_rate, num_steps=1,
                                         target_epsilon=self.target_epsilon, delta=self.delta):
             raise BudgetExhausted(
                 f"user-level privacy budget exhausted: round {server_round} would take epsilon "
                 f"above {self.target_epsilon} (spent {self.epsilon():.4f} at delta {self.delta} "
-                f"after {self.accountant.total_steps} releases)")
+                f"after {self.budget.total_steps} releases)")
 
     def sample(self, nodes: Sequence[int], rng: np.random.Generator | None = None) -> list[int]:
         """Each node independently with probability ``q`` (Poisson sampling); the coins come
@@ -261,7 +261,7 @@ class CentralDp:
         out = {k: np.asarray(v, dtype=np.float32) for k, v in global_state.items()}
         for k, d in mean.items():
             out[k] = (template[k] + d).astype(np.float32)
-        self.accountant.step(noise_multiplier=self.noise_multiplier,
+        self.budget.step(noise_multiplier=self.noise_multiplier,
                              sample_rate=self.sample_rate, num_steps=1)
         log.info("round %d: user-level DP release, noise std %.3g on the mean update; "
                  "epsilon %.4f", server_round,
@@ -272,19 +272,19 @@ class CentralDp:
     # -- reporting and state ---------------------------------------------------------
     def epsilon(self) -> float:
         """User-level epsilon spent so far at ``target-delta``."""
-        if self.accountant.total_steps == 0:
+        if self.budget.total_steps == 0:
             return 0.0
-        return self.accountant.epsilon(self.delta)
+        return self.budget.epsilon(self.delta)
 
     def metrics(self) -> dict[str, float | int | str]:
         """One privacy.csv row's values (the keys clients use for theirs)."""
         return {"mode": "client", "epsilon": self.epsilon(), "delta": self.delta,
                 "noise-multiplier": self.noise_multiplier, "sample-rate": self.sample_rate,
-                "steps": self.accountant.total_steps, "target-epsilon": self.target_epsilon}
+                "steps": self.budget.total_steps, "target-epsilon": self.target_epsilon}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state for a checkpoint (accountant history, population)."""
-        return {"accountant": self.accountant.state_dict(), "population": self.population,
+        return {"accountant": self.budget.state_dict(), "population": self.population,
                 "denominator": self.denominator, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "clip": self.clip}
 
@@ -299,7 +299,7 @@ class CentralDp:
             if not math.isclose(float(state[key]), getattr(self, key), rel_tol=1e-12):
                 raise PrivacyStateError(
                     f"checkpoint has {key} {state[key]!r}, this run {getattr(self, key)!r}")
-        self.accountant.load_state_dict(state["accountant"])
+        self.budget.load_state_dict(state["accountant"])
         self.population = None if state["population"] is None else int(state["population"])
         self.denominator = None if state["denominator"] is None else float(state["denominator"])
 

@@ -5,7 +5,7 @@ when differential privacy was on, ``privacy.csv``) and embeds its plots as base6
 data URIs, so the single HTML file can be mailed or archived on its own.
 
 Modules: :mod:`.reading` (a run folder as :class:`RunData`), :mod:`.series` (the numbers
-derived from it), :mod:`.audit` (the keys of client replies), :mod:`.figures` (the plots) and
+derived from it), :mod:`.reply_keys` (the keys of client replies), :mod:`.figures` (the plots) and
 :mod:`.pages` (the HTML of one run or a comparison); this module writes the page.
 """
 
@@ -16,16 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..results import atomic_write_text
-
-# The package's public names, importable from ``fedlora.report`` as from its modules.
-from .audit import FACTOR_SUFFIXES, HEAD_MODULES, audit_reply_keys, is_head_key
-from .figures import (plot_accuracy_vs_bytes, plot_bytes_per_client, plot_cumulative_bytes,
-                      plot_epsilon, plots)
-from .pages import (CSS, HEADER_KEYS, audit_html, render_comparison_page, render_run_page,
-                    summary_items)
+from .pages import render_comparison_page, render_run_page
 from .reading import ReportError, RunData, load_run, load_runs
-from .series import (accuracy_metric, accuracy_vs_bytes, bytes_per_node, cumulative_bytes,
-                     epsilon_per_round, final_value, round_bytes)
+from .reply_keys import audit_reply_keys
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,13 @@ import io
 from collections.abc import Sequence
 
 from .reading import RunData
-from .series import (accuracy_metric, accuracy_vs_bytes, bytes_per_node, cumulative_bytes,
-                     epsilon_per_round)
+from .series import (
+    accuracy_metric,
+    accuracy_vs_bytes,
+    bytes_per_node,
+    cumulative_bytes,
+    epsilon_per_round,
+)
 
 
 def _figure(title: str, xlabel: str, ylabel: str, width: float = 9.0, height: float = 4.2):

@@ -6,9 +6,9 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from .audit import _count_reply_keys, audit_reply_keys
 from .figures import plots
 from .reading import RunData, _num
+from .reply_keys import _count_reply_keys, audit_reply_keys
 from .series import epsilon_per_round, final_value
 
 HEADER_KEYS = ("task", "aggregator", "lora-rank", "wire-dtype", "num-server-rounds", "dp-mode")

@@ -27,7 +27,7 @@ from .client import SecAggClient
 from .common import ProtocolError, RoundAborted, RoundConfig, SecAggError
 from .graph import COMPLETE, check_parameters, choose_parameters, neighbour_graph
 from .local import STAGES, run_local_round
-from .masks import (MAX_BITS, add, bits_for, decode, encode, modulus_bits, prg, subtract)
+from .masks import MAX_BITS, add, bits_for, decode, encode, modulus_bits, prg, subtract
 from .server import Aggregate, SecAggServer
 from .shamir import combine, split
 

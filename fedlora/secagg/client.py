@@ -46,9 +46,22 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .common import ProtocolError, RoundConfig, consistency_transcript, keys_transcript
-from .crypto import (ENCRYPTION_LABEL, KEY_BYTES, MASK_LABEL, CryptoError, agree, decrypt,
-                     encrypt, new_agreement_key, new_signing_key, public_bytes, secret_bytes,
-                     sign, usable_public_key, verify)
+from .crypto import (
+    ENCRYPTION_LABEL,
+    KEY_BYTES,
+    MASK_LABEL,
+    CryptoError,
+    agree,
+    decrypt,
+    encrypt,
+    new_agreement_key,
+    new_signing_key,
+    public_bytes,
+    secret_bytes,
+    sign,
+    usable_public_key,
+    verify,
+)
 from .masks import add, check_vector, prg, subtract
 from .shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split
 

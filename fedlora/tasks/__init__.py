@@ -11,19 +11,24 @@ its own module (:mod:`.rotten_tomatoes`, :mod:`.news`, :mod:`.shakespeare`,
 
 from __future__ import annotations
 
-from .registry import (TASKS, Task, TaskData, _package_dir, _partitions, client_dataset,
-                       client_source,
-                       get_task, load_task_data, log, minilm_path, partition_indices,
-                       register_task)
-
-__all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
-           "client_source",
-           "partition_indices", "load_task_data"]
-
 # The task modules register themselves on import, in this order.
-from . import rotten_tomatoes, news, shakespeare, custom  # noqa: E402,F401
-from .rotten_tomatoes import RT_LABELS, _rotten_tomatoes_rows  # noqa: E402,F401
-from .news import _bbc_news_rows, news_labels  # noqa: E402,F401
-from .shakespeare import (LLAMA_TARGETS, SHAKESPEARE_LINES_PER_SAMPLE,  # noqa: E402,F401
-                          SHAKESPEARE_MIN_LINES, SHAKESPEARE_TEST_EXAMPLES, SMOLLM2_CACHE_NAME,
-                          SMOLLM2_GGUF, _shakespeare_rows, parse_play, smollm2_path)
+from . import custom, news, rotten_tomatoes, shakespeare  # noqa: E402,F401,I001
+from .news import news_labels  # noqa: E402
+from .registry import (
+                       TASKS,
+                       Task,
+                       TaskData,
+                       client_dataset,
+                       client_source,
+                       get_task,
+                       load_task_data,
+                       minilm_path,
+                       partition_indices,
+                       register_task,
+)
+from .rotten_tomatoes import RT_LABELS  # noqa: E402
+from .shakespeare import LLAMA_TARGETS, parse_play, smollm2_path  # noqa: E402
+
+__all__ = ["LLAMA_TARGETS", "RT_LABELS", "TASKS", "Task", "TaskData", "client_dataset",
+           "client_source", "get_task", "load_task_data", "minilm_path", "news_labels",
+           "parse_play", "partition_indices", "register_task", "smollm2_path"]

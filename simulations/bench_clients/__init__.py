@@ -63,13 +63,9 @@ command).
 
 from __future__ import annotations
 
-from .cli import build_parser, main
-from .configs import (BASELINE, DEFAULT_NODES, DEFAULT_OUT, DEFAULT_PATTERNS, PATTERNS, ROOT,
-                      bench_overrides, pattern_app, pattern_overrides)
+from .cli import main
+from .configs import bench_overrides
 from .rebuild import build_rebuild_app, rebuild_train
-from .sampling import (NVIDIA_SMI_QUERY, TreeMemorySampler, _timed_utilisation, measure,
-                       parse_nvidia_smi, sample_gpu)
-from .summary import CSV_COLUMNS, format_report, summarise
 from .timed_run import run_one
 
 __all__ = ["bench_overrides", "build_rebuild_app", "main", "rebuild_train", "run_one"]

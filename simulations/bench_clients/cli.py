@@ -11,8 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-from .configs import (_ENV, DEFAULT_NODES, DEFAULT_OUT, DEFAULT_PATTERNS, PATTERNS, ROOT,
-                      bench_overrides)
+from .configs import (
+    _ENV,
+    DEFAULT_NODES,
+    DEFAULT_OUT,
+    DEFAULT_PATTERNS,
+    PATTERNS,
+    ROOT,
+    bench_overrides,
+)
 from .sampling import measure
 from .summary import CSV_COLUMNS, format_report, summarise
 from .timed_run import run_one

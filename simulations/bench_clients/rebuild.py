@@ -22,17 +22,20 @@ def rebuild_train(msg: Message, context: Context) -> Message:
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from fedlora import aggregation, privacy
-    from fedlora.runtime import parse_run_config
     from fedlora.data import CausalLMDataset, EncodedDataset, train_val_split
-    from fedlora.models import (cast_frozen_base, choose_num_threads, head_name,
-                                resolve_base_dtype, resolve_device)
+    from fedlora.models import (
+        cast_frozen_base,
+        choose_num_threads,
+        head_name,
+        resolve_base_dtype,
+        resolve_device,
+    )
     from fedlora.protocol import CONFIG_KEY, LORA_KEY, METRICS_KEY, STATUS_KEY, NodeInfo
-    from fedlora.runtime import VAL_FRACTION
+    from fedlora.runtime import VAL_FRACTION, parse_run_config
     from fedlora.tasks import TASKS, client_dataset, get_task
     from fedlora.wire import from_record, to_record
 

@@ -64,8 +64,8 @@ def run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from fedlora.app.client.client_app import build_app as fedlora_client_app
-    from fedlora.protocol import with_overrides
     from fedlora.app.server.server_app import main as server_main
+    from fedlora.protocol import with_overrides
     from simulations.harness import node_config_mod
 
     pattern, num_nodes = spec["pattern"], int(spec["nodes"])

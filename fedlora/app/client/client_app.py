@@ -104,8 +104,8 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
                           state=dict(stored) if stored is not None else None,
                           server_round=server_round,
                           examples=num_examples if mechanism.releases_count else None,
-                          budget=(mechanism.plan_accountant(cfg), cfg.target_epsilon,
-                                  cfg.target_delta),
+                          terms=(mechanism.plan_accountant(cfg), cfg.target_epsilon,
+                                 cfg.target_delta),
                           site_cap=policy.max_epsilon,
                           worst_probe_round=(functools.partial(mechanism.worst_probe_round, cfg)
                                              if cfg.probe_rounds else None))
@@ -196,7 +196,7 @@ def _train(msg: Message, context: Context, respond=None) -> Message:
         log.error("This site could not train: %s", e)
         return Message(content=could_not_train(str(e)), reply_to=msg)
     except ValueError as e:  # no plan for the released count (e.g. target-delta >= 1/count)
-        if ledger.accountant is not None:  # the count's release stays charged
+        if ledger.budget is not None:  # the count's release stays charged
             context.state[PRIVACY_STATE_KEY] = ConfigRecord(ledger.record())
         log.error("This site could not train: %s", e)  # the message may quote the count
         return Message(content=could_not_train(NO_PLAN), reply_to=msg)

@@ -6,7 +6,7 @@ serialisation and shapes, finite values, and the norm of the change against
 ``max-update-norm`` or, for a reply its sender noised, the largest change an honest private
 reply of the round can make (:mod:`fedlora.privacy.reply_bound`). A failed check raises
 ``ValueError`` with the reason (the reply is refused); a foreign array key raises
-:class:`AuditError` unless ``foreign-keys = "refuse"``.
+:class:`ForeignKeysError` unless ``foreign-keys = "refuse"``.
 
 Under secure aggregation (:mod:`fedlora.app.server.secure_aggregation`) none of this runs: a masked
 vector shows no keys, shapes or norm to check. The public ``secagg-clip`` bounds what each
@@ -25,10 +25,10 @@ from fedlora.protocol import LORA_KEY, METRICS_KEY, STATUS_KEY, STATUS_OK
 from fedlora.quantization import block_steps, header_block
 from fedlora.wire import STYPE, from_record
 
-__all__ = ["AuditError", "ReplyChecks"]
+__all__ = ["ForeignKeysError", "ReplyChecks"]
 
 
-class AuditError(RuntimeError):
+class ForeignKeysError(RuntimeError):
     """A client sent an array that is neither a LoRA factor nor the configured head."""
 
 
@@ -58,7 +58,7 @@ class ReplyChecks:
             reason = (f"array key(s) {foreign[:5]} are neither LoRA factors nor the configured "
                       "head")
             if self.foreign_keys == "fail":
-                raise AuditError(f"audit failed: node {msg.metadata.src_node_id} sent {reason}")
+                raise ForeignKeysError(f"audit failed: node {msg.metadata.src_node_id} sent {reason}")
             raise ValueError(reason)
         for k, a in sorted(content[LORA_KEY].items()):
             if a.dtype != self.wire_dtype:

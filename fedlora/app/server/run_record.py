@@ -1,7 +1,7 @@
 """What a run writes in its folder: the per-round rows, the result files and the checkpoint.
 
 :class:`RunRecord` holds the metrics rows (``metrics.csv``/``metrics.json``), the privacy
-rows (``privacy.csv``), the communication ledger (``comms.csv``/``comms.json``) and the
+rows (``privacy.csv``), the communication log (``comms.csv``/``comms.json``) and the
 resumes of a run, turns each round's :class:`~fedlora.app.server.round_outcome.RoundOutcome` into its
 row, and writes the files and ``checkpoint.npz`` (:mod:`fedlora.checkpoint`). For a
 classifier each centralised evaluation's confusion matrix goes into its row
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedlora.checkpoint import Checkpoint, save_checkpoint
 from fedlora.comms import COLUMNS as COMMS_COLUMNS
-from fedlora.comms import CommsLedger
+from fedlora.comms import CommsLog
 from fedlora.metrics import confusion_metrics
 from fedlora.privacy import PRIVACY_COLUMNS, privacy_row, server_mechanism
 from fedlora.results import write_csv, write_json
@@ -50,8 +50,8 @@ class RunRecord:
     """The rows and files of one run in ``run_dir`` (see the module docstring)."""
 
     def __init__(self, run_dir: Path, cfg: RunConfig, *, causal_lm: bool,
-                 ledger: CommsLedger, label_names: tuple[str, ...] = ()) -> None:
-        self.run_dir, self.cfg, self.causal_lm, self.ledger = run_dir, cfg, causal_lm, ledger
+                 comms_log: CommsLog, label_names: tuple[str, ...] = ()) -> None:
+        self.run_dir, self.cfg, self.causal_lm, self.comms_log = run_dir, cfg, causal_lm, comms_log
         #: user-level DP (``client``): which replies came back is not published
         self.withhold_replies = server_mechanism(cfg.dp_mode) is not None
         self.label_names = label_names  # the classifier's, for its confusion matrix
@@ -72,9 +72,9 @@ class RunRecord:
         self.rows.append(row)
 
     def restore(self, ckpt: Checkpoint) -> None:
-        """The rows, ledger and resumes of the checkpoint a resumed run continues."""
+        """The rows, communication log and resumes of the checkpoint a resumed run continues."""
         self.rows, self.privacy_rows = list(ckpt.rows), list(ckpt.privacy_rows)
-        self.ledger.restore(ckpt.comms_rows)
+        self.comms_log.restore(ckpt.comms_rows)
         self.resumes = list(ckpt.extra.get("resumes", []))
 
     def add_resume(self, after_round: int, res: Any) -> None:
@@ -94,7 +94,7 @@ class RunRecord:
         """The round's row (its time is set by :meth:`finish_round`) and privacy rows."""
         for node, values in outcome.privacy:
             self.privacy_rows.append(privacy_row(server_round, node, values, self.cfg.dp_mode))
-        totals = self.ledger.round_totals(server_round)
+        totals = self.comms_log.round_totals(server_round)
         # Under user-level DP the replies' fates depend on the clients' data: withheld.
         hide = self.withhold_replies
         train = outcome.train_metrics
@@ -148,14 +148,14 @@ class RunRecord:
     def write_results(self) -> None:
         d, cfg = self.run_dir, self.cfg
         write_csv(d / "metrics.csv", self.rows, self.columns)
-        write_csv(d / "comms.csv", self.ledger.rows(), COMMS_COLUMNS)
-        write_json(d / "comms.json", self.ledger.summary())
+        write_csv(d / "comms.csv", self.comms_log.rows(), COMMS_COLUMNS)
+        write_json(d / "comms.json", self.comms_log.summary())
         if cfg.dp_mode != "off":
             write_csv(d / "privacy.csv", self.privacy_rows, PRIVACY_COLUMNS)
         if self.evaluation is not None:
             write_json(d / "evaluation.json", self.evaluation)
         write_json(d / "metrics.json", {"config": cfg.to_dict(), "rounds": self.rows,
-                                        "comms": self.ledger.summary(),
+                                        "comms": self.comms_log.summary(),
                                         "resumes": self.resumes})
 
     def write_checkpoint(self, server_round: int, global_state: dict, method: Any,
@@ -172,7 +172,7 @@ class RunRecord:
             round=server_round, config=self.cfg.to_dict(), global_state=global_state,
             method_state=method_arrays, rng_state=state.get("rng"),
             wire_state=state.get("wire", {}), rows=self.rows,
-            comms_rows=self.ledger.rows(), privacy_rows=self.privacy_rows, extra=extra))
+            comms_rows=self.comms_log.rows(), privacy_rows=self.privacy_rows, extra=extra))
 
     @staticmethod
     def strategy_state(ckpt: Checkpoint) -> dict:

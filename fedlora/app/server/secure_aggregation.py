@@ -199,7 +199,7 @@ class _Exchange:
         # One deadline for the whole round (every stage together), as a plain round has.
         self.deadline = time.monotonic() + timeout if timeout else None
         self.outcome = owner.strategy.outcome
-        self.ledger = owner.strategy.ledger
+        self.comms_log = owner.strategy.comms_log
         self.lora, self.config = content[LORA_KEY], content[CONFIG_KEY]
         self.left: set[int] = set()  # sites whose departure is noted in the outcome
 
@@ -214,8 +214,8 @@ class _Exchange:
                           dst_node_id=int(node))
             out.append(msg)
             self._count(node, "down", stage, msg.content)
-        if stage == "masked_input" and self.ledger is not None:  # the adapter went to these
-            self.ledger.forget(self.server_round, set(self.outcome.sampled_nodes) - set(messages),
+        if stage == "masked_input" and self.comms_log is not None:  # the adapter went to these
+            self.comms_log.forget(self.server_round, set(self.outcome.sampled_nodes) - set(messages),
                                "down", "train")
         timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         replies = list(self.grid.send_and_receive(out, timeout=timeout)) if out else []
@@ -245,8 +245,8 @@ class _Exchange:
         return answers
 
     def _count(self, node: int, direction: str, stage: str, content: RecordDict) -> None:
-        if self.ledger is not None:
-            self.ledger.record_bytes(self.server_round, node, direction, message_type(stage),
+        if self.comms_log is not None:
+            self.comms_log.record_bytes(self.server_round, node, direction, message_type(stage),
                                      protocol_bytes(content))
 
     def _leave(self, node: int, reason: str, *, dropped: bool, quiet: bool = False) -> None:

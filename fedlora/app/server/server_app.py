@@ -3,7 +3,7 @@
 Parses the run-config once (a bad key or value stops the run before round 1), builds
 the initial adapter, runs the rounds through :class:`fedlora.app.server.strategy.LoraStrategy`,
 evaluates the global adapter on the task's held-out test set after every round and
-writes metrics, the communication ledger and the adapter (peft format) as it goes.
+writes metrics, the communication log and the adapter (peft format) as it goes.
 
 The loop reads in one screen: each round the strategy returns a
 :class:`~fedlora.app.server.round_outcome.RoundOutcome` (user-level DP is a wrapper around the
@@ -43,7 +43,7 @@ from fedlora.checkpoint import (
     find_resumable,
     load_checkpoint,
 )
-from fedlora.comms import CommsLedger
+from fedlora.comms import CommsLog
 from fedlora.config import ConfigError, check_paths
 from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
@@ -56,7 +56,7 @@ from .empty_rounds import EmptyRounds, RunGoingNowhere
 from .round_outcome import RoundOutcome, RoundStrategy
 from .run_record import RunRecord
 from .secure_aggregation import SecureAggregationStrategy
-from .strategy import AuditError, LoraStrategy
+from .strategy import ForeignKeysError, LoraStrategy
 from .user_level_strategy import UserLevelDpStrategy
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def open_checkpoint(cfg: RunConfig) -> tuple[Path, Checkpoint]:
     return run_dir, ckpt
 
 
-def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> RoundStrategy:
+def build_strategy(cfg: RunConfig, method, state: dict, comms_log: CommsLog) -> RoundStrategy:
     """The run's strategy: :class:`LoraStrategy`, wrapped for user-level DP when the
     run-config asks for it."""
     strategy: RoundStrategy = LoraStrategy(
@@ -167,7 +167,7 @@ def build_strategy(cfg: RunConfig, method, state: dict, ledger: CommsLedger) -> 
         min_train_nodes=cfg.min_train_nodes,
         wire=WireFormat.from_config(cfg),
         seed=cfg.seed,
-        ledger=ledger,
+        comms_log=comms_log,
         foreign_keys=cfg.foreign_keys,
         max_update_norm=cfg.max_update_norm,
         max_num_examples=cfg.max_num_examples,
@@ -234,8 +234,8 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
         try:
             outcome = strategy.train_round(grid, rnd, arrays, train_config, timeout=timeout,
                                            timer=timer)
-        except AuditError:
-            record.write_results()  # keep the ledger that shows the offending key
+        except ForeignKeysError:
+            record.write_results()  # keep the communication log that shows the offending key
             raise
         if outcome.arrays is not None:
             arrays = outcome.arrays
@@ -303,10 +303,10 @@ def _prepare(cfg: RunConfig, run_dir: Path) -> ServerRun:
         log.info("federated evaluation is off under dp-mode = '%s': the sites' validation "
                  "loss and accuracy would leave them un-noised (the centralised test set "
                  "is evaluated as usual)", cfg.dp_mode)
-    ledger = CommsLedger(full_model_bytes=_model_bytes(model), block_size=cfg.wire_block_size)
+    comms_log = CommsLog(full_model_bytes=_model_bytes(model), block_size=cfg.wire_block_size)
     return ServerRun(cfg=cfg, run_dir=run_dir, spec=spec, method=method, model=model,
-                     strategy=build_strategy(cfg, method, state, ledger),
-                     record=RunRecord(run_dir, cfg, causal_lm=spec.causal_lm, ledger=ledger,
+                     strategy=build_strategy(cfg, method, state, comms_log),
+                     record=RunRecord(run_dir, cfg, causal_lm=spec.causal_lm, comms_log=comms_log,
                                       label_names=_label_names(test_set, spec)),
                      test_set=test_set)
 
@@ -387,7 +387,7 @@ def _log_round(cfg: RunConfig, causal_lm: bool, row: dict, outcome: RoundOutcome
 
 def _log_done(cfg: RunConfig, causal_lm: bool, record: RunRecord, seconds: float) -> None:
     first, final = record.rows[0], record.rows[-1]
-    total = record.ledger.summary()["total_bytes"]
+    total = record.comms_log.summary()["total_bytes"]
     log.info("done in %.1f s: test accuracy %s -> %s%s over %d rounds; %s bytes up, %s bytes "
              "down; results in %s (adapter: %s, report: report.html)",
              seconds, _fmt(first.get("test_accuracy")), _fmt(final.get("test_accuracy")),

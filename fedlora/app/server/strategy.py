@@ -26,8 +26,8 @@ from flwr.app import (
 from flwr.serverapp import Grid
 
 from fedlora.adapters import state_digest
-from fedlora.comms import CommsLedger
 from fedlora.aggregation import Method
+from fedlora.comms import CommsLog
 from fedlora.privacy import from_metrics, released_metrics
 from fedlora.protocol import (
     CONFIG_KEY,
@@ -38,7 +38,7 @@ from fedlora.protocol import (
 from fedlora.quantization import ErrorFeedback
 from fedlora.wire import WireFormat, from_record, to_record
 
-from .reply_checks import AuditError, ReplyChecks
+from .reply_checks import ForeignKeysError, ReplyChecks
 from .round_outcome import RoundOutcome, RoundStrategy, weighted_metrics
 from .round_outcome import short_reason as _short
 
@@ -64,7 +64,7 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         (``downlink_feedback``, in the checkpoint).
     seed : int
         Seeds node sampling (without user-level DP), so a run is reproducible.
-    ledger : CommsLedger, optional
+    comms_log : CommsLog, optional
         Records the bytes of every message.
     reply_weights : str
         What a reply's ``num-examples`` (its weight in the mean) may be: ``claimed`` (any
@@ -88,7 +88,7 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         min_train_nodes: int = 1,
         wire: WireFormat | str = "float32",
         seed: int = 0,
-        ledger: CommsLedger | None = None,
+        comms_log: CommsLog | None = None,
         foreign_keys: str = "fail",
         max_update_norm: float = 0.0,
         max_num_examples: int = 10_000_000,
@@ -124,7 +124,7 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         self.wire_dtype = self.wire.dtype
         self.downlink_feedback = ErrorFeedback() if self.wire.feedback_for(method) else None
         self.seed, self.rng = int(seed), np.random.default_rng(seed)
-        self.ledger = ledger
+        self.comms_log = comms_log
         # Any DP: keep only released metrics. A wrapper for user-level DP also hides which
         # nodes took part (outputs name node 0 for all) and measures no update norms (it
         # clips them at release, and a norm would be released un-noised).
@@ -203,9 +203,9 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
                              for k, v in self.global_state.items()}
         record = RecordDict({LORA_KEY: arrays, CONFIG_KEY: config})
         msgs = [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
-        if self.ledger is not None:
+        if self.comms_log is not None:
             for n in nodes:
-                self.ledger.record(server_round, self.public_node(n), "down", kind, arrays)
+                self.comms_log.record(server_round, self.public_node(n), "down", kind, arrays)
         return msgs
 
     # -- Strategy API -----------------------------------------------------------------
@@ -252,15 +252,15 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
             if msg.has_error():
                 self._dropped(server_round, self._error_node(msg), _short(msg.error.reason))
                 continue
-            if self.ledger is not None and LORA_KEY in msg.content and not self.hide_nodes:
-                self.ledger.record(server_round, self.public_node(node), "up", MessageType.TRAIN,
+            if self.comms_log is not None and LORA_KEY in msg.content and not self.hide_nodes:
+                self.comms_log.record(server_round, self.public_node(node), "up", MessageType.TRAIN,
                                    msg.content[LORA_KEY])
             values = from_metrics(msg.content.get(METRICS_KEY) or {})
             if "epsilon" in values and not self.hide_nodes:
                 outcome.privacy.append((self.public_node(node), values))
             try:
                 state, n = self._check_reply(msg)
-            except AuditError as e:
+            except ForeignKeysError as e:
                 log.error("round %d: %s; stopping the run (set foreign-keys = 'refuse' to drop "
                           "such replies instead)", server_round, e)
                 raise

@@ -1,6 +1,6 @@
-"""A privacy unit's spent budget: :class:`ClientAccountant`, over an Opacus accountant.
+"""A privacy unit's spent budget: :class:`PrivacyBudget`, over an Opacus accountant.
 
-Steps can only be added, so epsilon never decreases; :meth:`ClientAccountant.load_state_dict`
+Steps can only be added, so epsilon never decreases; :meth:`PrivacyBudget.load_state_dict`
 refuses a state that would forget recorded steps. Files live in :mod:`fedlora.privacy.ledger`.
 """
 
@@ -26,18 +26,18 @@ from .accounting import (
     real_or_none,
 )
 
-__all__ = ["EXCEED_RTOL", "STATE_VERSION", "ClientAccountant", "PrivacyStateError",
+__all__ = ["EXCEED_RTOL", "STATE_VERSION", "PrivacyBudget", "PrivacyStateError",
            "from_record_dict", "to_record_dict"]
 
 logger = logging.getLogger(__name__)
 
-#: Version of :meth:`ClientAccountant.state_dict`; bump when the accounting changes. 2: the
+#: Version of :meth:`PrivacyBudget.state_dict`; bump when the accounting changes. 2: the
 #: site's released example count is in the ledger (code reading only 1 refuses the file,
 #: rather than dropping the count's charge).
 STATE_VERSION = 2
 #: Versions this code reads (1: before the count was released noised).
 READABLE_VERSIONS = (1, 2)
-#: Relative slack of :meth:`ClientAccountant.would_exceed` (floating-point noise only).
+#: Relative slack of :meth:`PrivacyBudget.would_exceed` (floating-point noise only).
 EXCEED_RTOL = 1e-9
 
 
@@ -45,8 +45,9 @@ class PrivacyStateError(RuntimeError):
     """A privacy ledger cannot be read or would lose spent budget."""
 
 
-class ClientAccountant:
-    """One client's privacy ledger across rounds, over an Opacus accountant.
+class PrivacyBudget:
+    """A privacy unit's spent budget across rounds (a site's, or the server's for its
+    users under user-level DP), over an Opacus accountant named by :attr:`accountant`.
 
     Holds the Opacus history ``[(noise_multiplier, sample_rate, num_steps), ...]``
     (consecutive equal (sigma, q) merged) of the training steps, and apart from them the
@@ -56,29 +57,29 @@ class ClientAccountant:
     decreases.
     """
 
-    def __init__(self, mechanism: str = "rdp", *, target_epsilon: float | None = None,
+    def __init__(self, accountant: str = "rdp", *, target_epsilon: float | None = None,
                  target_delta: float | None = None) -> None:
-        self._name = check_accountant(mechanism)
-        self._accountant = PRVAccountant() if self._name == "prv" else RDPAccountant()
+        self._name = check_accountant(accountant)
+        self._opacus = PRVAccountant() if self._name == "prv" else RDPAccountant()
         self.target_epsilon = _optional_target(target_epsilon, "target_epsilon")
         self.target_delta = None if target_delta is None else check_delta(target_delta)
         self.count: int | None = None  # the example count last released (noised)
         self.count_releases: list[float] = []  # noise std of every release of the count
 
     @property
-    def mechanism(self) -> str:
+    def accountant(self) -> str:
         """``"rdp"``, ``"prv"`` or ``"rdp-int"`` (:data:`~fedlora.privacy.accounting.ACCOUNTANTS`)."""
         return self._name
 
     @property
     def history(self) -> History:
         """A copy of the history, ``[(noise_multiplier, sample_rate, num_steps), ...]``."""
-        return list(self._accountant.history)
+        return list(self._opacus.history)
 
     @property
     def total_steps(self) -> int:
         """Number of mechanism steps recorded."""
-        return sum(n for _, _, n in self._accountant.history)
+        return sum(n for _, _, n in self._opacus.history)
 
     def __len__(self) -> int:
         return self.total_steps
@@ -97,11 +98,11 @@ class ClientAccountant:
 
     def _full_history(self, extra: History = ()) -> History:
         counts = [(s, 1.0, 1) for s in self.count_releases]
-        return [*counts, *self._accountant.history, *extra]
+        return [*counts, *self._opacus.history, *extra]
 
     def __repr__(self) -> str:
-        return (f"ClientAccountant({self.mechanism!r}, steps={self.total_steps}, "
-                f"history={self._accountant.history!r})")
+        return (f"PrivacyBudget({self.accountant!r}, steps={self.total_steps}, "
+                f"history={self._opacus.history!r})")
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
         """Record ``num_steps`` steps of the subsampled Gaussian at (sigma, q)."""
@@ -109,12 +110,12 @@ class ClientAccountant:
                  check_count(num_steps, minimum=0))
         if entry[2] == 0:
             return
-        self._accountant.history = canonical_history([*self._accountant.history, entry])
+        self._opacus.history = canonical_history([*self._opacus.history, entry])
 
     def epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far at ``delta`` (default: the target delta)."""
         return epsilon_of_history(self._full_history(), delta=self._delta(delta),
-                                  accountant=self.mechanism)
+                                  accountant=self.accountant)
 
     def epsilon_after(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
                       delta: float | None = None) -> float:
@@ -122,7 +123,7 @@ class ClientAccountant:
         extra = (check_sigma(noise_multiplier), check_rate(sample_rate),
                  check_count(num_steps, minimum=0))
         history = self._full_history([extra] if extra[2] else [])
-        return epsilon_of_history(history, delta=self._delta(delta), accountant=self.mechanism)
+        return epsilon_of_history(history, delta=self._delta(delta), accountant=self.accountant)
 
     def would_exceed(self, *, noise_multiplier: float, sample_rate: float, num_steps: int,
                      target_epsilon: float | None = None, delta: float | None = None) -> bool:
@@ -146,11 +147,12 @@ class ClientAccountant:
         return check_delta(delta)
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state: version, mechanism, history (lists), targets (or None)."""
+        """JSON-serialisable state: version, the accountant's name (under the key ``mechanism``,
+        as files have always had it), history (lists), targets (or None)."""
         return {
             "version": STATE_VERSION,
-            "mechanism": self.mechanism,
-            "history": [[float(s), float(q), int(n)] for s, q, n in self._accountant.history],
+            "mechanism": self.accountant,
+            "history": [[float(s), float(q), int(n)] for s, q, n in self._opacus.history],
             "target_epsilon": self.target_epsilon,
             "target_delta": self.target_delta,
             "count": self.count,
@@ -163,23 +165,23 @@ class ClientAccountant:
         Raises :class:`PrivacyStateError` for a malformed state, an unknown version or one
         that would forget recorded steps.
         """
-        other = ClientAccountant.from_state_dict(state)
-        if not history_extends(self._accountant.history, other._accountant.history):
+        other = PrivacyBudget.from_state_dict(state)
+        if not history_extends(self._opacus.history, other._opacus.history):
             raise PrivacyStateError(
                 "state would forget recorded privacy steps: "
-                f"{self._accountant.history!r} -> {other._accountant.history!r}")
+                f"{self._opacus.history!r} -> {other._opacus.history!r}")
         if other.count_releases[:len(self.count_releases)] != self.count_releases or (
                 len(other.count_releases) == len(self.count_releases)
                 and other.count != self.count):
             raise PrivacyStateError(
                 "state would forget releases of the example count: "
                 f"{self.count_releases!r} -> {other.count_releases!r}")
-        self._accountant = other._accountant
+        self._opacus = other._opacus
         self.count, self.count_releases = other.count, list(other.count_releases)
         self.target_epsilon, self.target_delta = other.target_epsilon, other.target_delta
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> ClientAccountant:
+    def from_state_dict(cls, state: Mapping[str, Any]) -> PrivacyBudget:
         """A new accountant from :meth:`state_dict` output (validated)."""
         try:
             if not isinstance(state, Mapping):
@@ -193,7 +195,7 @@ class ClientAccountant:
                 raise ValueError(f"history must be a list, got {history!r}")
             out = cls(state.get("mechanism"), target_epsilon=state.get("target_epsilon"),
                       target_delta=state.get("target_delta"))
-            out._accountant.history = canonical_history(history)
+            out._opacus.history = canonical_history(history)
             releases = state.get("count_releases") or []
             if not isinstance(releases, (list, tuple)):
                 raise ValueError(f"count_releases must be a list, got {releases!r}")
@@ -224,7 +226,7 @@ def _optional_target(value: Any, name: str) -> float | None:
     return out
 
 
-def to_record_dict(accountant: ClientAccountant) -> dict[str, str | float | int]:
+def to_record_dict(accountant: PrivacyBudget) -> dict[str, str | float | int]:
     """Flat ``str -> str/float/int`` form (for a Flower ConfigRecord); history as JSON text.
 
     Targets that are not set are left out.
@@ -245,7 +247,7 @@ def to_record_dict(accountant: ClientAccountant) -> dict[str, str | float | int]
     return out
 
 
-def from_record_dict(record: Mapping[str, Any]) -> ClientAccountant:
+def from_record_dict(record: Mapping[str, Any]) -> PrivacyBudget:
     """Inverse of :func:`to_record_dict`; raises :class:`PrivacyStateError` if malformed."""
     try:
         history = json.loads(record["history"])
@@ -260,7 +262,7 @@ def from_record_dict(record: Mapping[str, Any]) -> ClientAccountant:
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise PrivacyStateError(f"invalid privacy record: {exc!r}") from exc
-    out = ClientAccountant.from_state_dict(state)
+    out = PrivacyBudget.from_state_dict(state)
     steps = record.get("total_steps")
     if steps is not None and steps != out.total_steps:
         raise PrivacyStateError(f"privacy record says {steps!r} steps, its history has "
