@@ -18,8 +18,10 @@ prints and writes accuracy, per-class precision/recall/F1 and the confusion matr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Each subcommand imports what it runs when it runs (deferred on purpose): `fedlora --help`,
 # `certs` and `node-key` start without loading torch or transformers.
@@ -98,8 +100,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import json
-
     from .predict import Predictor, read_input_texts
 
     try:
@@ -147,8 +147,6 @@ def _format_evaluation(m: dict) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .export import is_run_dir
     from .predict import Predictor, evaluate_file
     from .results import write_json

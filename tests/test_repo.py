@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import re
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from fedlora.config import KEYS
 from fedlora.runtime import parse_run_config
@@ -50,8 +53,6 @@ def test_layering_library_and_apps():
 def _package_imports() -> dict[str, set[str]]:
     """Every fedlora module and the fedlora modules it imports, anywhere in its body
     (top level, inside functions, under TYPE_CHECKING)."""
-    import ast
-
     modules = {}
     for path in (ROOT / "fedlora").rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
@@ -97,9 +98,27 @@ def test_the_package_imports_have_no_circle():
 def test_ruff_finds_nothing():
     """The lint rules of pyproject.toml ([tool.ruff]) hold everywhere; ruff comes with the
     dev extras, so the suite (and CI, which runs it) checks them."""
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_imports_inside_functions_are_deferred_on_purpose():
+    """An import inside a function of the package defers a heavy or optional dependency and
+    says so ("deferred" on its line or the two above; ``cli.py`` says it once for all its
+    subcommands); anything else belongs at the top of its module."""
+    undeclared = []
+    for path in (ROOT / "fedlora").rglob("*.py"):
+        source = path.read_text()
+        if path.name == "cli.py" and "deferred on purpose" in source:
+            continue
+        lines = source.splitlines()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    near = lines[max(0, node.lineno - 3):node.lineno]
+                    if not any("deferred" in line for line in near):
+                        undeclared.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert undeclared == []

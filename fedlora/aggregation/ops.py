@@ -37,7 +37,7 @@ def delta_weight(factors: LoraFactors) -> Array:
 
 def _zeros_like(x: Array, shape: tuple) -> Array:
     if is_torch(x):
-        import torch  # already imported by the caller since x is a tensor
+        import torch  # deferred: aggregation is NumPy unless handed torch tensors
 
         return torch.zeros(shape, dtype=x.dtype, device=x.device)
     return np.zeros(shape, dtype=np.asarray(x).dtype)

@@ -123,7 +123,7 @@ def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> 
 
 def write_report(run_dir: Path) -> None:
     """``report.html`` of the run so far; drawing it never stops the run."""
-    from fedlora.report import write_report as render
+    from fedlora.report import write_report as render  # deferred: matplotlib, for the report only
 
     try:
         render([run_dir])
