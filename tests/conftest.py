@@ -171,3 +171,17 @@ def site(tmp_path, tiny_model_dir):
             "num-server-rounds": 4, "local-steps": 2, "batch-size": 16, "max-length": 16,
             "num-partitions": 2, "target-delta": 1e-3, "update-max-norm": 0.05,
             "output-dir": str(tmp_path / "results"), "run-name": "attack"}
+
+
+@pytest.fixture()
+def custom_task(tmp_path, tiny_model_dir):
+    """A run-config of the custom task on the tiny model: 4 partitions, 2 rounds."""
+    data = write_reviews(tmp_path / "train.csv", 200, seed=1)
+    test = write_reviews(tmp_path / "test.csv", 40, seed=2)
+    return {
+        "task": "custom", "model-path": str(tiny_model_dir), "data-path": str(data),
+        "test-data-path": str(test), "labels": "negative,positive", "lora-rank": 4,
+        "lora-alpha": 8.0, "num-server-rounds": 2, "local-steps": 3, "batch-size": 8,
+        "fraction-train": 0.5, "fraction-evaluate": 0.5, "max-length": 16,
+        "output-dir": str(tmp_path / "results"), "run-name": "tiny", "num-partitions": 4,
+    }

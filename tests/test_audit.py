@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 FOREIGN = "base_model.model.bert.embeddings.word_embeddings.weight"
 
@@ -25,7 +25,7 @@ def _leaky_mod(msg, context, call_next):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("wire,size", [("float32", 4), ("float16", 2)])
-def test_ledger_bytes_equal_the_analytic_count(custom_task, wire, size):  # noqa: F811
+def test_ledger_bytes_equal_the_analytic_count(custom_task, wire, size):
     overrides = dict(custom_task, **{"wire-dtype": wire, "run-name": f"wire-{wire}",
                                      "fraction-evaluate": 0.0})
     run_dir = run_in_process(overrides, num_nodes=4)
@@ -42,7 +42,7 @@ def test_ledger_bytes_equal_the_analytic_count(custom_task, wire, size):  # noqa
 
 
 @pytest.mark.slow
-def test_a_foreign_key_fails_the_run_naming_it(custom_task):  # noqa: F811
+def test_a_foreign_key_fails_the_run_naming_it(custom_task):
     overrides = dict(custom_task, **{"run-name": "leak", "fraction-evaluate": 0.0})
     with pytest.raises(Exception) as err:
         run_in_process(overrides, num_nodes=4, mods=[_leaky_mod])
@@ -56,7 +56,7 @@ def test_a_foreign_key_fails_the_run_naming_it(custom_task):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_foreign_keys_refuse_mode_drops_the_reply(custom_task):  # noqa: F811
+def test_foreign_keys_refuse_mode_drops_the_reply(custom_task):
     overrides = dict(custom_task, **{"run-name": "leak-refuse", "fraction-evaluate": 0.0,
                                      "foreign-keys": "refuse"})
     run_dir = run_in_process(overrides, num_nodes=4, mods=[_leaky_mod])
@@ -76,7 +76,7 @@ def _float16_mod(msg, context, call_next):
 
 
 @pytest.mark.slow
-def test_a_reply_in_the_wrong_dtype_is_refused(custom_task):  # noqa: F811
+def test_a_reply_in_the_wrong_dtype_is_refused(custom_task):
     overrides = dict(custom_task, **{"run-name": "dtype", "fraction-evaluate": 0.0})
     run_dir = run_in_process(overrides, num_nodes=4, mods=[_float16_mod])
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]

@@ -17,7 +17,7 @@ from fedlora.privacy import CentralDp
 from fedlora.privacy import user_level as central_dp
 from fedlora.runtime import parse_run_config
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 MOD = "base_model.model.enc.query"
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
@@ -248,7 +248,7 @@ def _privacy_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_client_mode_run_writes_the_servers_epsilon(custom_task):  # noqa: F811
+def test_client_mode_run_writes_the_servers_epsilon(custom_task):
     overrides = dict(custom_task, **{"dp-mode": "client", "target-epsilon": 2.0,
                                      "target-delta": 1e-3, "update-max-norm": 0.5,
                                      "fraction-evaluate": 0.0, "run-name": "cdp"})
@@ -278,7 +278,7 @@ def test_client_mode_run_writes_the_servers_epsilon(custom_task):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_sample_plus_client_keeps_both_ledgers(custom_task):  # noqa: F811
+def test_sample_plus_client_keeps_both_ledgers(custom_task):
     overrides = dict(custom_task, **{"dp-mode": "sample+client", "target-epsilon": 3.0,
                                      "target-delta": 1e-3, "fraction-train": 1.0,
                                      "fraction-evaluate": 0.0, "run-name": "sdp"})

@@ -29,8 +29,7 @@ from fedlora.privacy.skellam import (
 from fedlora.runtime import parse_run_config
 from fedlora.secagg import SecAggServer
 
-from .test_secure_aggregation import identity  # noqa: F401
-from .test_simulation import custom_task, run_in_process  # noqa: F401
+from .test_simulation import run_in_process
 
 
 def _exact_rdp_1d(alpha: int, variance: float, shift: int) -> float:
@@ -186,7 +185,7 @@ def revealed(monkeypatch):
     return seen
 
 
-def _run(custom_task, num_nodes=4, **extra):  # noqa: F811
+def _run(custom_task, num_nodes=4, **extra):
     overrides = {**custom_task, "num-server-rounds": 2, "fraction-train": 1.0,
                  "fraction-evaluate": 0.0, "secure-aggregation": True, "dp-mode": "sample",
                  "target-epsilon": 4.0, "run-name": "ddp", **extra}
@@ -194,7 +193,7 @@ def _run(custom_task, num_nodes=4, **extra):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, revealed):  # noqa: F811
+def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, revealed):
     run_dir = _run(custom_task, **{"dp-min-honest": 1.0})
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["clients_accepted"] for r in rounds[1:]] == [4, 4]
@@ -210,7 +209,7 @@ def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, r
 
 @pytest.mark.slow
 def test_a_round_with_fewer_contributors_than_dp_min_honest_releases_nothing(
-        custom_task, revealed):  # noqa: F811
+        custom_task, revealed):
     # seed 2, dropout 0.3 with 5 sites: one site fails in round 1 (see test_secure_aggregation)
     run_dir = _run(custom_task, **{"dp-min-honest": 5.0, "seed": 2, "dropout-fraction": 0.3,
                                    "num-partitions": 5}, num_nodes=5)
@@ -420,7 +419,7 @@ def test_a_site_counts_only_pinned_neighbours_and_refuses_for_good(tmp_path):
 
 
 def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
-        custom_task, identity):  # noqa: F811
+        custom_task, identity):
     """The site derives the round's digest, bits and length from its own run-config and
     model: a config stripped of its digest, carrying another's, or of another length is
     refused at setup, before any budget is spent."""

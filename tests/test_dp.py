@@ -20,8 +20,7 @@ from fedlora.privacy.count import count_history
 from fedlora.runtime import parse_run_config
 
 from .conftest import write_reviews
-from .test_dp_attacks import identity, site  # noqa: F401  (fixtures)
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 
 def test_a_private_step_trains_the_factors_and_nothing_else(tiny_model_dir, tmp_path):
@@ -120,7 +119,7 @@ def _privacy_rows(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tmp_path):  # noqa: F811
+def test_budget_is_kept_across_runs_and_exhausted_clients_refuse(custom_task, tmp_path):
     from simulations.harness import node_config_mod
 
     ledgers = tmp_path / "ledgers"
@@ -185,7 +184,7 @@ def test_calibrated_sigma_is_remembered_across_processes_and_checked(tmp_path, m
 
 
 def test_a_client_whose_ledger_did_not_survive_a_restart_charges_the_rounds_before(
-        identity, site):  # noqa: F811
+        identity, site):
     """A resumed simulation starts clients with empty context.state: a client charges the
     rounds before the restart, and the interrupted one, as if it had trained in every one
     (never restarts at zero)."""

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 
 from fedlora.protocol import METRICS_KEY
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 ALLOWED = {"num-examples", "train-steps"}
 
@@ -39,7 +39,7 @@ def _adapter(run_dir) -> dict[str, np.ndarray]:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sample", "update", "client"])
 def test_identical_private_runs_release_different_noise_and_nothing_else(
-        custom_task, mode, tmp_path):  # noqa: F811
+        custom_task, mode, tmp_path):
     base = dict(custom_task, **{"dp-mode": mode, "target-delta": 1e-3, "num-server-rounds": 1,
                                 "fraction-train": 1.0, "fraction-evaluate": 0.5})
     log_path = tmp_path / "sent.jsonl"
@@ -73,7 +73,7 @@ def test_identical_private_runs_release_different_noise_and_nothing_else(
 
 
 @pytest.mark.slow
-def test_identical_runs_without_dp_stay_bit_identical(custom_task):  # noqa: F811
+def test_identical_runs_without_dp_stay_bit_identical(custom_task):
     base = dict(custom_task, **{"num-server-rounds": 1})
     runs = [run_in_process(dict(base, **{"run-name": f"off{i}"}), num_nodes=4) for i in (0, 1)]
     a, b = (_adapter(r) for r in runs)

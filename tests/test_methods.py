@@ -12,7 +12,7 @@ from fedlora.adapters import FACTOR_A, FACTOR_B, adapter_state, load_adapter_sta
 from fedlora.aggregation import ReplyShapeError, get_method, refit_state, state_rank
 from fedlora.models import LoraSpec, build_lora_model
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 
 def _spec(path, rank=4, **kw):
@@ -155,7 +155,7 @@ def test_reply_checks_name_the_problem(tiny_model_dir):
 @pytest.mark.parametrize("aggregator,wire", [("fedavg", "int4"), ("svd", "int8"),
                                               ("ffa", "int4"), ("stack", "int8"),
                                               ("fedsa", "float16")])
-def test_every_aggregator_runs_in_process(custom_task, aggregator, wire):  # noqa: F811
+def test_every_aggregator_runs_in_process(custom_task, aggregator, wire):
     """Each aggregator end to end, on a wire other than float32 (float32 is what every
     other run uses); stack's broadcast grows every round."""
     overrides = dict(custom_task, aggregator=aggregator, **{
@@ -177,7 +177,7 @@ def test_every_aggregator_runs_in_process(custom_task, aggregator, wire):  # noq
 
 @pytest.mark.slow
 @pytest.mark.parametrize("aggregator", ["fedavg", "svd", "stack"])
-def test_heterogeneous_ranks(custom_task, aggregator):  # noqa: F811
+def test_heterogeneous_ranks(custom_task, aggregator):
     overrides = dict(custom_task, aggregator=aggregator, **{
         "run-name": f"het-{aggregator}", "fraction-train": 1.0, "fraction-evaluate": 0.0})
     run_dir = run_in_process(overrides, num_nodes=4, node_ranks=[2, 4, 8, 4])
@@ -189,7 +189,7 @@ def test_heterogeneous_ranks(custom_task, aggregator):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_ffa_refuses_a_site_with_another_rank(custom_task):  # noqa: F811
+def test_ffa_refuses_a_site_with_another_rank(custom_task):
     overrides = dict(custom_task, aggregator="ffa", **{
         "run-name": "ffa-het", "fraction-train": 1.0, "fraction-evaluate": 0.0})
     run_dir = run_in_process(overrides, num_nodes=4, node_ranks=[4, 4, 4, 2])
@@ -199,7 +199,7 @@ def test_ffa_refuses_a_site_with_another_rank(custom_task):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_svd_error_feedback_runs_in_process(custom_task):  # noqa: F811
+def test_svd_error_feedback_runs_in_process(custom_task):
     overrides = dict(custom_task, aggregator="svd", **{
         "svd-error-feedback": True, "run-name": "svd-ef", "fraction-train": 1.0,
         "fraction-evaluate": 0.0, "num-server-rounds": 3})
@@ -258,7 +258,7 @@ def _fedsa_mod(path):
 
 
 @pytest.mark.slow
-def test_fedsa_shares_a_and_each_client_trains_its_own_b(custom_task, tmp_path):  # noqa: F811
+def test_fedsa_shares_a_and_each_client_trains_its_own_b(custom_task, tmp_path):
     overrides = dict(custom_task, aggregator="fedsa", **{
         "run-name": "fedsa", "fraction-train": 1.0, "fraction-evaluate": 0.0,
         "num-server-rounds": 3})

@@ -15,10 +15,9 @@ from fedlora.models import LoraSpec, build_lora_model, load_tokenizer
 from fedlora.privacy.count import noised_count
 from fedlora.privacy.reply_bound import adam_step_factor, displacement
 from fedlora.runtime import parse_run_config
-from fedlora.wire import WireFormat, to_record
+from fedlora.wire import WireFormat, from_record, to_record
 
 from .conftest import write_reviews
-from .test_dp_attacks import identity  # noqa: F401
 from .test_wire_quantization import _config, _reply_message
 
 
@@ -60,7 +59,7 @@ def _cfg(tiny_model_dir, eps: float, optimizer: str):
 
 @pytest.mark.parametrize("n", [50, 500, 5000])
 def test_honest_private_replies_pass_and_a_poisoned_one_is_refused(tiny_model_dir, tmp_path, n,
-                                                                   identity):  # noqa: F811
+                                                                   identity):
     from fedlora.app.server.strategy import LoraStrategy
 
     data = _tiny_setup(tiny_model_dir, tmp_path, n)
@@ -94,7 +93,7 @@ def test_honest_private_replies_pass_and_a_poisoned_one_is_refused(tiny_model_di
                                     max_update_norm=50.0,
                                     reply_bound=privacy.reply_norm_bound(cfg))
             strategy.global_state = start
-            strategy._messages(rnd, to_record(start), _config(), [1], "train")
+            strategy._messages(rnd, from_record(to_record(start)), _config(), [1], "train")
             strategy.server_round = rnd
 
             def message(state):
@@ -132,7 +131,7 @@ def test_the_bound_grows_with_the_noise_a_plan_adds(tiny_model_dir):
 
 @pytest.mark.parametrize("wire", ["float32", "float16", "bfloat16"])
 def test_a_single_adam_step_on_a_half_precision_wire_is_not_refused(tiny_model_dir, tmp_path,
-                                                                    wire, identity):  # noqa: F811
+                                                                    wire, identity):
     """One AdamW step moves every coordinate by exactly the learning rate, the bound's own
     value; rounding on the wire (and in the client's float32 arithmetic) must not tip it."""
     from fedlora.app.server.strategy import LoraStrategy
@@ -155,14 +154,15 @@ def test_a_single_adam_step_on_a_half_precision_wire_is_not_refused(tiny_model_d
                                 fraction_evaluate=0.0, wire=WireFormat(wire),
                                 max_update_norm=50.0, reply_bound=privacy.reply_norm_bound(cfg))
         strategy.global_state = start
-        strategy._messages(1, to_record(start, WireFormat(wire)), _config(), [1], "train")
+        sent = from_record(to_record(start, WireFormat(wire)))
+        strategy._messages(1, sent, _config(), [1], "train")
         strategy.server_round = 1
         msg = _reply_message(to_record(adapter_state(model), WireFormat(wire)))
         msg.content["metrics"]["num-examples"] = released
         strategy._check_reply(msg)
 
 
-def test_a_reply_cannot_claim_a_larger_weight_than_its_released_count(identity):  # noqa: F811
+def test_a_reply_cannot_claim_a_larger_weight_than_its_released_count(identity):
     """Under sample a site's weight is its noised count, released once: a later reply
     claiming another is refused. Under update every reply weighs 1."""
     from fedlora.app.server.strategy import LoraStrategy
@@ -176,7 +176,7 @@ def test_a_reply_cannot_claim_a_larger_weight_than_its_released_count(identity):
         strategy = LoraStrategy(method=method, template=template, fraction_train=1.0,
                                 fraction_evaluate=0.0, reply_weights=weights)
         strategy.global_state = template
-        strategy._messages(1, to_record(template), _config(), [1], "train")
+        strategy._messages(1, from_record(to_record(template)), _config(), [1], "train")
         msg = _reply_message(to_record(template))
         msg.content["metrics"]["num-examples"] = n
         return strategy, msg

@@ -122,3 +122,13 @@ def test_imports_inside_functions_are_deferred_on_purpose():
                     if not any("deferred" in line for line in near):
                         undeclared.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert undeclared == []
+
+
+def test_one_docstring_style():
+    """Docstrings are prose with reST roles (``:func:``, ``:class:``, ````code````): no
+    Google (``Args:``) or NumPy (``Parameters`` / ``----``) sections."""
+    sections = re.compile(r"^\s+(Args|Arguments|Returns|Raises|Yields|Parameters|Attributes):?\s*$"
+                          r"|^\s+-{4,}\s*$", re.MULTILINE)
+    found = [str(p.relative_to(ROOT)) for folder in ("fedlora", "simulations")
+             for p in (ROOT / folder).rglob("*.py") if sections.search(p.read_text())]
+    assert found == []

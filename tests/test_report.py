@@ -14,7 +14,7 @@ import pytest
 
 from fedlora.cli import main
 from fedlora.report import audit_reply_keys, load_run
-from tests.test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from tests.test_simulation import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = (3021147760345528694, 5812987618740679959)
@@ -241,7 +241,7 @@ def test_missing_optional_files_and_nulls(tmp_path):
 
 
 @pytest.mark.slow
-def test_report_of_a_real_run(custom_task, capsys):  # noqa: F811
+def test_report_of_a_real_run(custom_task, capsys):
     """The run's own report shows the confusion matrix of its last centralised evaluation
     (collected in the same pass as its accuracy); ``fedlora evaluate RUN_DIR`` agrees."""
     overrides = dict(custom_task, **{"local-steps": 1, "fraction-evaluate": 0.0})

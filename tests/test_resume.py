@@ -29,7 +29,6 @@ from fedlora.checkpoint import (
 from fedlora.config import ConfigError, defaults
 from fedlora.runtime import parse_run_config
 from simulations.harness import read_metrics, run_inprocess
-from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,7 +176,7 @@ def _adapter(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_stopped_run_resumes_from_its_last_round(custom_task, tmp_path):  # noqa: F811
+def test_stopped_run_resumes_from_its_last_round(custom_task, tmp_path):
     base = dict(custom_task, **{"num-server-rounds": 3, "fraction-train": 1.0,
                                 "fraction-evaluate": 0.0, "lora-dropout": 0.0,
                                 "aggregator": "stack"})

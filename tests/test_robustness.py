@@ -22,8 +22,7 @@ from fedlora.config import KEYS, ConfigError
 from fedlora.runtime import parse_run_config
 from fedlora.wire import from_record, to_record
 
-from .test_dp_attacks import identity  # noqa: F401  (fixture)
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = "base_model.model.bert.embeddings.word_embeddings.weight"
@@ -56,7 +55,7 @@ def attack_mod(msg, context, call_next):
 
 
 @pytest.mark.slow
-def test_broken_and_malicious_replies_are_refused(custom_task):  # noqa: F811
+def test_broken_and_malicious_replies_are_refused(custom_task):
     common = dict(custom_task, **{"fraction-train": 1.0, "fraction-evaluate": 0.0,
                                   "foreign-keys": "refuse", "num-partitions": 10,
                                   "learning-rate": 0.01})
@@ -79,7 +78,7 @@ def test_broken_and_malicious_replies_are_refused(custom_task):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_too_few_valid_replies_skip_the_round_cleanly(custom_task):  # noqa: F811
+def test_too_few_valid_replies_skip_the_round_cleanly(custom_task):
     overrides = dict(custom_task, **{"fraction-train": 1.0, "fraction-evaluate": 0.0,
                                      "min-train-nodes": 2, "num-partitions": 10,
                                      "run-name": "skip", "foreign-keys": "refuse"})
@@ -125,7 +124,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_leaves_complete_results(custom_task, tmp_path):  # noqa: F811
+def test_sigkill_mid_run_leaves_complete_results(custom_task, tmp_path):
     overrides = dict(custom_task, **{"num-server-rounds": 30, "fraction-evaluate": 0.0,
                                      "run-name": "killed"})
     script = KILL_SCRIPT.format(root=str(ROOT), overrides=json.dumps(overrides))
@@ -172,7 +171,7 @@ def test_sigkill_mid_run_leaves_complete_results(custom_task, tmp_path):  # noqa
 
 
 def test_a_diverged_update_is_a_refusal_with_its_reason_on_every_wire(
-        custom_task, identity, monkeypatch):  # noqa: F811  (fixtures)
+        custom_task, identity, monkeypatch):
     """A site whose training diverged says so; on an int8 wire, whose encoder cannot hold
     non-finite values, it used to fail outright and be counted as dropped."""
     from flwr.app import Context, RecordDict

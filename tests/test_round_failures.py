@@ -16,7 +16,7 @@ from fedlora.app.server.empty_rounds import EmptyRounds, RunGoingNowhere, diagno
 from fedlora.app.server.round_outcome import RoundOutcome
 
 from .test_resume import fedlora_log
-from .test_simulation import custom_task, run_in_process  # noqa: F401
+from .test_simulation import run_in_process
 
 
 def _kill_partition_zero_in_round(round_to_die: int):
@@ -34,7 +34,7 @@ def _kill_partition_zero_in_round(round_to_die: int):
     return mod
 
 
-def _small_run(custom_task, **extra) -> dict:  # noqa: F811
+def _small_run(custom_task, **extra) -> dict:
     """The simulation tests' tiny custom run, every client training in every round."""
     return {**custom_task, "lora-rank": 2, "lora-alpha": 4.0, "num-server-rounds": 3,
             "local-steps": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
@@ -42,7 +42,7 @@ def _small_run(custom_task, **extra) -> dict:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(custom_task):  # noqa: F811
+def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(custom_task):
     overrides = _small_run(custom_task)
     run_dir = run_in_process(overrides, num_nodes=4, mods=[_kill_partition_zero_in_round(1)])
     rounds = json.loads((Path(run_dir) / "metrics.json").read_text())["rounds"]
@@ -56,7 +56,7 @@ def test_a_killed_client_is_dropped_and_the_next_round_has_everyone(custom_task)
 
 
 @pytest.mark.slow
-def test_a_run_whose_every_reply_is_refused_says_why_and_stops(custom_task):  # noqa: F811
+def test_a_run_whose_every_reply_is_refused_says_why_and_stops(custom_task):
     overrides = _small_run(custom_task, **{
         "num-server-rounds": 6, "max-update-norm": 1e-9, "stop-after-empty-rounds": 2})
     with fedlora_log() as records, contextlib.suppress(SystemExit):

@@ -12,7 +12,7 @@ from fedlora.config import ConfigError
 from fedlora.runtime import parse_run_config
 from fedlora.timing import PHASES, RoundTimer
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 
 def test_timer_splits_the_round_into_phases_and_the_rest():
@@ -43,7 +43,7 @@ def test_evaluate_every_is_validated():
 
 
 @pytest.mark.slow
-def test_a_run_times_its_rounds_evaluates_every_k_and_writes_its_report(custom_task):  # noqa: F811
+def test_a_run_times_its_rounds_evaluates_every_k_and_writes_its_report(custom_task):
     overrides = dict(custom_task, **{"num-server-rounds": 3, "evaluate-every": 2,
                                      "run-name": "timed"})
     run = run_in_process(overrides, num_nodes=4)

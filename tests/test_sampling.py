@@ -13,7 +13,6 @@ from flwr.app import Message
 from fedlora.app.server.strategy import LoraStrategy
 from fedlora.protocol import IDENTITY_KEY, identity_reply
 from simulations.harness import run_inprocess
-from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 
 
 class _Grid:
@@ -89,7 +88,7 @@ def _run(overrides: dict, tmp_path, name: str, log_path):
 
 
 @pytest.mark.slow
-def test_two_runs_sample_the_same_partitions_and_end_identical(custom_task, tmp_path):  # noqa: F811
+def test_two_runs_sample_the_same_partitions_and_end_identical(custom_task, tmp_path):
     log_path = tmp_path / "trained.jsonl"
     overrides = dict(custom_task, **{"num-partitions": 6, "fraction-train": 0.34,
                                      "fraction-evaluate": 0.0, "num-server-rounds": 3})

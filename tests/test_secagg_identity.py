@@ -15,7 +15,7 @@ from fedlora.secagg.local import run_local_round
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from simulations.harness import node_config_mod
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401
+from .test_simulation import run_in_process
 
 
 @pytest.fixture()
@@ -87,7 +87,7 @@ def test_a_pinned_clients_state_never_holds_its_private_key(identities):
 
 @pytest.mark.slow
 def test_a_run_of_pinned_sites_completes_and_one_unpinned_site_stops_the_round(
-        identities, custom_task, tmp_path):  # noqa: F811
+        identities, custom_task, tmp_path):
     keys, peers = identities
     overrides = {**custom_task, "lora-rank": 2, "lora-alpha": 4.0, "num-server-rounds": 1,
                  "local-steps": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,

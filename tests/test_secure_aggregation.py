@@ -23,7 +23,7 @@ from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import SecureSum, resolve_graph
 
 from .test_resume import fedlora_log
-from .test_simulation import custom_task, run_in_process  # noqa: F401
+from .test_simulation import run_in_process
 
 
 # -- pieces, in-process ---------------------------------------------------------------------
@@ -244,7 +244,7 @@ def sends(monkeypatch):
     return seen
 
 
-def _run(custom_task, tmp_path, num_nodes: int, **extra) -> tuple[Path, Path]:  # noqa: F811
+def _run(custom_task, tmp_path, num_nodes: int, **extra) -> tuple[Path, Path]:
     folder = tmp_path / "captured"
     folder.mkdir()
     overrides = {**custom_task, "lora-rank": 2, "lora-alpha": 4.0, "num-server-rounds": 2,
@@ -261,7 +261,7 @@ def _plain(folder: Path, rnd: int, node: int) -> np.ndarray:
 
 @pytest.mark.slow
 def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
-        custom_task, tmp_path, server_sums, sends):  # noqa: F811
+        custom_task, tmp_path, server_sums, sends):
     run_dir, folder = _run(custom_task, tmp_path, num_nodes=4,
                            **{"round-timeout": 120.0, "fraction-evaluate": 1.0})
     assert not [types for types, _ in sends if any(t.startswith("evaluate") for t in types)]
@@ -312,7 +312,7 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
 
 @pytest.mark.slow
 def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(
-        custom_task, tmp_path, server_sums):  # noqa: F811
+        custom_task, tmp_path, server_sums):
     # seed 2, dropout 0.3: partition 1 fails in round 1, partitions 2 and 3 in round 2 (at
     # the masked-input stage, after sharing keys); threshold 3 of 4 neighbours needs 4.
     with fedlora_log() as records:

@@ -325,7 +325,6 @@ SMOLLM2_SHORT_RUN = {
 @pytest.mark.slow
 def test_one_federated_round_on_smollm2_reports_perplexity(tmp_path, smollm2_cache):
     from .test_simulation import run_in_process
-
     overrides = {**SMOLLM2_SHORT_RUN, "output-dir": str(tmp_path / "results"),
                  "run-name": "shakespeare"}
     t0 = time.perf_counter()

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import write_reviews
-
 
 def _inspect_mod(log_path: str):
     """A client mod that writes, for every message in and out, its array keys and bytes."""
@@ -37,19 +35,6 @@ def run_in_process(overrides: dict, num_nodes: int, mods=None, node_ranks=None) 
 
     return run_inprocess(overrides, num_nodes=num_nodes, mods=mods, node_ranks=node_ranks,
                          total_cpus=2)
-
-
-@pytest.fixture()
-def custom_task(tmp_path, tiny_model_dir):
-    data = write_reviews(tmp_path / "train.csv", 200, seed=1)
-    test = write_reviews(tmp_path / "test.csv", 40, seed=2)
-    return {
-        "task": "custom", "model-path": str(tiny_model_dir), "data-path": str(data),
-        "test-data-path": str(test), "labels": "negative,positive", "lora-rank": 4,
-        "lora-alpha": 8.0, "num-server-rounds": 2, "local-steps": 3, "batch-size": 8,
-        "fraction-train": 0.5, "fraction-evaluate": 0.5, "max-length": 16,
-        "output-dir": str(tmp_path / "results"), "run-name": "tiny", "num-partitions": 4,
-    }
 
 
 @pytest.mark.slow

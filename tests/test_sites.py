@@ -8,11 +8,10 @@ import pytest
 
 from simulations.harness import node_config_mod, read_metrics, run_inprocess
 from tests.conftest import write_reviews
-from tests.test_simulation import custom_task  # noqa: F401  (fixture)
 
 
 @pytest.mark.slow
-def test_sites_with_bad_data_reply_that_they_could_not_train(custom_task, tmp_path):  # noqa: F811
+def test_sites_with_bad_data_reply_that_they_could_not_train(custom_task, tmp_path):
     good = write_reviews(tmp_path / "site0.csv", 60, seed=3)
     empty = tmp_path / "site2.csv"
     empty.write_text("")
@@ -57,7 +56,7 @@ def test_simulated_fates_are_reproducible_and_in_proportion():
 
 
 @pytest.mark.slow
-def test_failing_and_straggling_clients_are_dropped_and_the_round_goes_on(custom_task):  # noqa: F811
+def test_failing_and_straggling_clients_are_dropped_and_the_round_goes_on(custom_task):
     from fedlora.app.client.client_app import simulated_fate
     from fedlora.runtime import parse_run_config
 

@@ -8,8 +8,6 @@ import pytest
 
 from simulations import compare_aggregators, sweep_epsilon
 
-from .test_simulation import custom_task  # noqa: F401  (fixture)
-
 
 def _sets(task: dict) -> list[str]:
     keep = {k: v for k, v in task.items() if k not in ("run-name", "output-dir",
@@ -18,7 +16,7 @@ def _sets(task: dict) -> list[str]:
 
 
 @pytest.mark.slow
-def test_epsilon_sweep_writes_table_and_plot(custom_task, tmp_path):  # noqa: F811
+def test_epsilon_sweep_writes_table_and_plot(custom_task, tmp_path):
     out = tmp_path / "sweep"
     argv = ["--epsilons", "8", "--rounds", "2", "--clients", "4", "--delta", "1e-3",
             "--out", str(out)] + sum((["--set", s] for s in _sets(custom_task)), [])
@@ -36,7 +34,7 @@ def test_epsilon_sweep_writes_table_and_plot(custom_task, tmp_path):  # noqa: F8
 
 
 @pytest.mark.slow
-def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):  # noqa: F811
+def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):
     out = tmp_path / "cmp"
     argv = ["--aggregators", "fedavg,svd", "--rounds", "1", "--clients", "4", "--out", str(out),
             "--no-het"] + sum((["--set", s] for s in _sets(custom_task)), [])
@@ -47,7 +45,7 @@ def test_aggregator_comparison_writes_a_table(custom_task, tmp_path):  # noqa: F
 
 
 @pytest.mark.slow
-def test_poisoning_comparison_refuses_only_with_checks_on(custom_task, tmp_path):  # noqa: F811
+def test_poisoning_comparison_refuses_only_with_checks_on(custom_task, tmp_path):
     from simulations import poisoning
 
     out = tmp_path / "poison"
@@ -102,7 +100,7 @@ def test_an_earlier_sweep_counts_as_repeats_and_a_different_delta_is_refused(tmp
         sweep_epsilon.main(["--repeats", "0", "--out", str(out)])
 
 
-def test_dp_signal_reports_clipped_signal_against_the_plans_noise(custom_task):  # noqa: F811
+def test_dp_signal_reports_clipped_signal_against_the_plans_noise(custom_task):
     import math
 
     from simulations import dp_signal

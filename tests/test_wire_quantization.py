@@ -18,7 +18,7 @@ from fedlora.quantization import (
 )
 from fedlora.wire import WireFormat, from_record, to_record
 
-from .test_simulation import custom_task, run_in_process  # noqa: F401  (fixture)
+from .test_simulation import run_in_process
 
 QMAX = {"int8": 127, "int4": 7}
 
@@ -131,11 +131,11 @@ def test_ledger_predicts_quantised_bytes_from_shapes(dtype):
 
 # -- under DP: quantisation is post-processing of what the mechanism released ------------
 
-from .test_dp_attacks import _diff, _released, _run_site, _train_message, _update_noise_std, identity, site  # noqa: E402,F401,I001
+from .test_dp_attacks import _diff, _released, _run_site, _train_message, _update_noise_std  # noqa: E402,I001
 from .conftest import assert_noise_std  # noqa: E402,I001
 
 
-def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, monkeypatch):  # noqa: F811
+def test_under_dp_the_wire_quantises_only_the_noised_release(identity, site, monkeypatch):
     """The quantiser (and its error feedback) sees the mechanism's output and nothing else,
     and the noise survives it: two replays of the same site differ by the full noise."""
     from fedlora import quantization
@@ -199,7 +199,7 @@ def _read(path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task, tmp_path):  # noqa: F811
+def test_feedback_residuals_live_in_node_state_and_in_the_checkpoint(custom_task, tmp_path):
     from fedlora.checkpoint import load_checkpoint
 
     base = dict(custom_task, **{"wire-dtype": "int4", "wire-block-size": 16,
@@ -237,7 +237,7 @@ def _strategy(wire="int4", aggregator="fedavg", max_update_norm=50.0):
                             fraction_evaluate=0.0, wire=WireFormat(wire, 16),
                             max_update_norm=max_update_norm)
     strategy.global_state = template
-    strategy._messages(1, to_record(template), _config(), [1], "train")
+    strategy._messages(1, from_record(to_record(template)), _config(), [1], "train")
     return strategy, template
 
 
@@ -258,7 +258,7 @@ def _reply_message(arrays, identity_ok=True):
                    dst_node_id=0, message_type="train")
 
 
-def test_crafted_replies_are_refused_not_fatal(identity):  # noqa: F811
+def test_crafted_replies_are_refused_not_fatal(identity):
     from flwr.app import Array, ArrayRecord
 
     strategy, template = _strategy()
@@ -278,7 +278,7 @@ def test_crafted_replies_are_refused_not_fatal(identity):  # noqa: F811
         strategy.comms_log.record(1, 1, "up", "train", arrays)  # the log does not crash
 
 
-def test_rounding_does_not_count_as_update_but_a_real_change_does(identity):  # noqa: F811
+def test_rounding_does_not_count_as_update_but_a_real_change_does(identity):
     """An honest int4 reply that changed nothing is measured as (almost) no change, though
     its values moved by rounding; a reply that moved one value far is still measured."""
     strategy, template = _strategy(max_update_norm=0.5)

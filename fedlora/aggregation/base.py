@@ -241,24 +241,15 @@ def aggregate(
 ) -> Dict[str, LoraFactors]:
     """Aggregate per-client LoRA factors into one global mapping.
 
-    Args:
-        method: a registered aggregator name, see :func:`available_methods`
-            (``"fedavg"``, ``"ffa"``, ``"stack"``, ``"svd"``, ``"fedsa"``).
-        updates: one mapping per client, module name -> :class:`LoraFactors`
-            (``A``: ``(r_k, d_in)``, ``B``: ``(d_out, r_k)``, ``scale = alpha / r_k``);
-            numpy arrays or torch tensors.
-        weights: per-client example counts (normalised to ``p_k``); ``None`` for
-            equal weights.
-        **options: the aggregator's own options (see the docstring of its function).
-
-    Returns:
-        module name -> :class:`LoraFactors` for the global model, with arrays of
-        the same kind (numpy/torch), device and dtype as client 0's inputs
-        (dtypes promoted across clients; computation is in float64).
-
-    Raises:
-        ValueError: unknown method or invalid weights.
-        AggregationError: inconsistent or non-finite updates.
+    ``method`` is a registered aggregator's name (:func:`available_methods`); ``updates``
+    has one mapping per client, module name -> :class:`LoraFactors` (``A``: ``(r_k, d_in)``,
+    ``B``: ``(d_out, r_k)``, ``scale = alpha / r_k``), numpy arrays or torch tensors;
+    ``weights`` are per-client example counts (normalised to ``p_k``; ``None``: equal);
+    ``options`` are the aggregator's own (see its function). Returns module name ->
+    :class:`LoraFactors` of the global model, arrays of the kind, device and dtype of client
+    0's inputs (dtypes promoted across clients; the computation is float64). Raises
+    ValueError for an unknown method or invalid weights and :class:`AggregationError` for
+    inconsistent or non-finite updates.
     """
     cls = _method_class(method)
     start = time.perf_counter()

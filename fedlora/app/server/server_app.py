@@ -159,6 +159,7 @@ def open_checkpoint(cfg: RunConfig) -> tuple[Path, Checkpoint]:
 def build_strategy(cfg: RunConfig, method, state: dict, comms_log: CommsLog) -> RoundStrategy:
     """The run's strategy: :class:`LoraStrategy`, wrapped for user-level DP when the
     run-config asks for it."""
+    central = privacy.server_hook(cfg)
     strategy: RoundStrategy = LoraStrategy(
         method=method,
         template=state,
@@ -174,8 +175,8 @@ def build_strategy(cfg: RunConfig, method, state: dict, comms_log: CommsLog) -> 
         reply_bound=privacy.reply_norm_bound(cfg),
         reply_weights=privacy.reply_weights(cfg),
         dp_on=cfg.dp_mode != "off",
+        central_release=central is not None,
     )
-    central = privacy.server_hook(cfg)
     if central is not None:
         strategy = UserLevelDpStrategy(strategy, central)
     if cfg.secure_aggregation:
@@ -203,11 +204,11 @@ class ServerRun:
     record: RunRecord
     test_set: Any
 
-    def central_eval(self, arrays: ArrayRecord):
+    def central_eval(self, state: dict):
         """The global adapter on the task's held-out test set (None: the task has none)."""
         if self.test_set is None:
             return None
-        self.method.load(self.model, self.method.evaluation_state(from_record(arrays)),
+        self.method.load(self.model, self.method.evaluation_state(state),
                          client_rank=self.cfg.lora_rank)
         return evaluate(self.model, self.test_set, batch_size=self.cfg.eval_batch_size)
 
@@ -239,13 +240,14 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
             raise
         if outcome.arrays is not None:
             arrays = outcome.arrays
+        state = from_record(arrays)  # the global adapter, decoded once a round
         fed = res = None
         if rnd % cfg.evaluate_every == 0 or rnd == cfg.num_server_rounds:
             if fed_eval:
                 fed = strategy.evaluate_round(grid, rnd, arrays, train_config,
                                               timeout=timeout, timer=timer)
             with timer.phase("central_eval"):
-                res = run.central_eval(arrays)
+                res = run.central_eval(state)
         timer.add_clients(outcome.metrics)
         row = record.add_round(rnd, outcome, res, fed, strategy)
         note = empty.observe(rnd, outcome)
@@ -254,14 +256,13 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
         # The checkpoint (with the round's privacy spend) first: a crash after it resumes
         # after this round, so no round is ever released twice on one charge.
         with timer.phase("writing"):
-            record.write_checkpoint(rnd, from_record(arrays), run.method, strategy)
-            save_global_adapter(run.method, run.spec, run.model, from_record(arrays),
-                                run_dir / "adapter")
+            record.write_checkpoint(rnd, state, run.method, strategy)
+            save_global_adapter(run.method, run.spec, run.model, state, run_dir / "adapter")
             record.write_results()
             write_report(run_dir)
+        # The round's time, its writing included, is in the next round's files and in the
+        # run's last ones: each round's files are written once.
         record.finish_round(row, timer, time.perf_counter() - t_start)
-        record.write_checkpoint(rnd, from_record(arrays), run.method, strategy)  # + timing
-        record.write_results()
         _log_round(cfg, run.spec.causal_lm, row, outcome, timer)
         if note:
             log.warning(note)
@@ -324,8 +325,9 @@ def _begin(run: ServerRun, ckpt: Checkpoint | None, t_start: float
     (a resumed run goes on counting): fresh (round 0 evaluated) or from the checkpoint."""
     cfg, record = run.cfg, run.record
     if ckpt is None:
-        arrays = to_record(adapter_state(run.model))  # the global adapter: float32 here
-        res0 = run.central_eval(arrays)
+        state = adapter_state(run.model)
+        arrays = to_record(state)  # the global adapter: float32 here
+        res0 = run.central_eval(state)
         record.add_initial(res0, time.perf_counter() - t_start)
         if res0 is not None:
             log.info("[round 0/%d] initial adapter: test loss %.4f, test accuracy %.4f%s",
@@ -336,7 +338,7 @@ def _begin(run: ServerRun, ckpt: Checkpoint | None, t_start: float
     run.strategy.load_state_dict(RunRecord.strategy_state(ckpt))
     run.method.restore_state(ckpt.method_state, ckpt.extra.get("method", {}))
     record.restore(ckpt)
-    res = run.central_eval(arrays)
+    res = run.central_eval(ckpt.global_state)
     recorded = record.rows[-1].get("test_accuracy") if record.rows else None
     record.add_resume(ckpt.round, res)
     log.info("resuming %s after round %d of %d (from its checkpoint): the round-%d adapter "

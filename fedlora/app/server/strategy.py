@@ -3,8 +3,9 @@
 A Flower :class:`~flwr.serverapp.strategy.Strategy` (through
 :class:`fedlora.app.server.round_outcome.RoundStrategy`, whose ``train_round`` returns each round's
 :class:`~fedlora.app.server.round_outcome.RoundOutcome`). Aggregation itself is the method's pure
-math (:mod:`fedlora.aggregation`) and the checks every reply passes first are
-:mod:`fedlora.app.server.reply_checks`; this file is the glue between messages and arrays.
+math (:mod:`fedlora.aggregation`), the checks every reply passes first are
+:mod:`fedlora.app.server.reply_checks` and the order and sampling of nodes
+:mod:`fedlora.app.server.node_sampling`; this file is the glue between messages and arrays.
 User-level DP wraps this strategy (:class:`fedlora.app.server.user_level_strategy.UserLevelDpStrategy`),
 as Flower's DP wrappers wrap theirs.
 """
@@ -31,13 +32,13 @@ from fedlora.comms import CommsLog
 from fedlora.privacy import from_metrics, released_metrics
 from fedlora.protocol import (
     CONFIG_KEY,
-    IDENTITY_KEY,
     LORA_KEY,
     METRICS_KEY,
 )
 from fedlora.quantization import ErrorFeedback
 from fedlora.wire import WireFormat, from_record, to_record
 
+from .node_sampling import NodeSampling
 from .reply_checks import ForeignKeysError, ReplyChecks
 from .round_outcome import RoundOutcome, RoundStrategy, weighted_metrics
 from .round_outcome import short_reason as _short
@@ -45,37 +46,26 @@ from .round_outcome import short_reason as _short
 log = logging.getLogger("fedlora.server")
 
 
-class LoraStrategy(ReplyChecks, RoundStrategy):
+class LoraStrategy(NodeSampling, ReplyChecks, RoundStrategy):
     """Federated averaging of LoRA adapters through a pluggable factor aggregator.
 
-    Parameters
-    ----------
-    method : fedlora.aggregation.Method
-        The federated method: what is sent, how replies are checked and aggregated.
-    template : dict[str, ndarray]
-        A fresh adapter state at the global rank: the keys and shapes replies must match.
-    fraction_train, fraction_evaluate : float
-        Share of connected nodes sampled per round for training / federated evaluation.
-    min_train_nodes : int
-        Fewest nodes to sample for training; a round with fewer valid replies is skipped.
-    wire : WireFormat or str
-        How adapter tensors travel in messages (or a float dtype name). The global adapter
-        stays float32 here; with error feedback the broadcast's rounding residual is kept
-        (``downlink_feedback``, in the checkpoint).
-    seed : int
-        Seeds node sampling (without user-level DP), so a run is reproducible.
-    comms_log : CommsLog, optional
-        Records the bytes of every message.
-    reply_weights : str
-        What a reply's ``num-examples`` (its weight in the mean) may be: ``claimed`` (any
-        value up to ``max_num_examples``), ``released-once`` (a site's noised count, the
-        same in every reply of the run: the first one seen is kept) or ``uniform`` (1, the
-        same for every site).
-    reply_bound : callable, optional
-        ``reply_bound(server_round, released_count, reply_state, start_norm)``: under a
-        DP mode whose clients noise what they send, the largest change an honest reply can
-        make (:func:`fedlora.privacy.reply_norm_bound`); it replaces ``max_update_norm``
-        for those replies (``max_update_norm = 0`` still turns the check off).
+    ``method`` (a :class:`fedlora.aggregation.Method`) says what is sent and how replies
+    are checked and aggregated; ``template`` is a fresh adapter state at the global rank,
+    whose keys and shapes replies must match. ``fraction_train`` and ``fraction_evaluate``
+    are the shares of connected nodes sampled per round (at least ``min_train_nodes`` for
+    training; a round with fewer valid replies is skipped), drawn from ``seed`` so that a
+    run is reproducible (user-level DP samples with OS entropy in its wrapper). ``wire`` (a
+    :class:`fedlora.wire.WireFormat` or a float dtype name) is how tensors travel; the
+    global adapter stays float32 here, and with error feedback the broadcast's rounding
+    residual is kept (``downlink_feedback``, in the checkpoint). ``comms_log`` records the
+    bytes of every message. ``reply_weights`` is what a reply's ``num-examples`` may be:
+    ``claimed`` (up to ``max_num_examples``), ``released-once`` (a site's noised count, the
+    same in every reply: the first one seen is kept) or ``uniform`` (1 for every site).
+    ``reply_bound(server_round, released_count, reply_state, start_norm)``, under a DP mode
+    whose clients noise what they send, is the largest change an honest reply can make
+    (:func:`fedlora.privacy.reply_norm_bound`); it replaces ``max_update_norm`` for those
+    replies (``max_update_norm = 0`` still turns the check off). ``central_release`` builds
+    the inner strategy of user-level DP, whose wrapper noises the aggregate.
     """
 
     def __init__(
@@ -95,6 +85,7 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         reply_bound: Callable[..., float | None] | None = None,
         reply_weights: str = "claimed",
         dp_on: bool = False,
+        central_release: bool = False,
     ) -> None:
         for ok, what, value in (
                 (0 < fraction_train <= 1, "fraction_train must be in (0, 1]", fraction_train),
@@ -125,10 +116,12 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         self.downlink_feedback = ErrorFeedback() if self.wire.feedback_for(method) else None
         self.seed, self.rng = int(seed), np.random.default_rng(seed)
         self.comms_log = comms_log
-        # Any DP: keep only released metrics. A wrapper for user-level DP also hides which
-        # nodes took part (outputs name node 0 for all) and measures no update norms (it
-        # clips them at release, and a norm would be released un-noised).
-        self.dp_on, self.hide_nodes, self.measure_norms = dp_on, False, True
+        # Any DP: keep only released metrics. Under a central release (user-level DP, a
+        # wrapper noises the aggregate) it also hides which nodes took part (outputs name
+        # node 0 for all) and measures no update norms (the release clips them, and a norm
+        # would be released un-noised).
+        self.dp_on = dp_on or central_release
+        self.hide_nodes, self.measure_norms = central_release, not central_release
         self.outcome = RoundOutcome()  # the current round's, returned by train_round
         self.global_state: dict[str, np.ndarray] = {}
         # The global adapter as this round's clients received it (rounded by the wire):
@@ -137,57 +130,10 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         self._sent_train: list[Message] = []
         self.node_keys: dict[int, int] = {}  # node id -> partition-id, from identify_nodes
 
-    # -- sampling ---------------------------------------------------------------------
-    def identify_nodes(self, grid: Grid, timeout: float | None = None) -> int:
-        """Ask every node for its identity (a query message) and order nodes by it.
-
-        Flower's simulation gives nodes new random ids in every run; sampling positions in
-        the id order would pick other partitions each run. Nodes that tell their
-        ``partition-id`` are ordered by it, so a seeded run samples the same partitions
-        every time, and a resumed one the partitions the uninterrupted run would. Nodes that
-        do not answer (deployed sites, another ClientApp, a timeout) come after, by id.
-        Returns the number of nodes identified.
-        """
-        nodes = sorted(grid.get_node_ids())
-        msgs = [Message(content=RecordDict({CONFIG_KEY: ConfigRecord({"query": "identity"})}),
-                        message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        keys: dict[int, int] = {}
-        for reply in grid.send_and_receive(msgs, timeout=timeout):
-            if reply.has_error():
-                continue
-            record = reply.content.get(IDENTITY_KEY)
-            if record is not None and "partition-id" in record:
-                keys[reply.metadata.src_node_id] = int(record["partition-id"])
-        self.node_keys = keys
-        if keys:
-            log.info("%d of %d nodes told their partition-id: sampling follows partition ids%s",
-                     len(keys), len(nodes), "" if len(keys) == len(nodes)
-                     else " (the others after them, by node id)")
-        elif nodes:
-            log.info("no node told a partition-id (deployed sites): sampling follows node ids")
-        return len(keys)
-
-    def ordered_nodes(self, grid: Grid) -> list[int]:
-        """The connected nodes in sampling order."""
-        return self._ordered(grid.get_node_ids())
-
-    def _ordered(self, nodes: Iterable[int]) -> list[int]:
-        """Nodes in sampling order: by partition-id where known, then by node id."""
-        keys = self.node_keys
-        return sorted(nodes, key=lambda n: (0, keys[n], n) if n in keys else (1, 0, n))
-
-    def _sample(self, grid: Grid, fraction: float, minimum: int, rng=None) -> list[int]:
-        nodes = self._ordered(grid.get_node_ids())
-        if not nodes:
-            return []
-        n = min(len(nodes), max(minimum, int(round(len(nodes) * fraction))))
-        # Choose positions, not ids: node ids are uint64 and would lose bits as float/int64.
-        picks = (rng or self.rng).choice(len(nodes), size=n, replace=False)
-        return self._ordered(nodes[int(i)] for i in picks)
-
+    # -- wire ------------------------------------------------------------------------
     def _messages(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int],
-        kind: str,
+        self, server_round: int, state: dict[str, np.ndarray], config: ConfigRecord,
+        nodes: list[int], kind: str,
     ) -> list[Message]:
         config = ConfigRecord({**dict(config), "server-round": server_round})
         # Training broadcasts carry the rounding residual forward; evaluation ones, and
@@ -195,7 +141,7 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         train = kind == MessageType.TRAIN
         feedback = self.downlink_feedback if train and nodes else None
         sent: dict[str, np.ndarray] = {}
-        arrays = to_record(self.method.payload(from_record(arrays)), self.wire,
+        arrays = to_record(self.method.payload(state), self.wire,
                            feedback=feedback, decoded=sent,
                            rng=np.random.default_rng([self.seed, server_round, 0x317E]))
         if train:
@@ -224,7 +170,8 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
         self.outcome = RoundOutcome(sampled=len(nodes), sampled_nodes=list(nodes))
         log.info("round %d: training on %d of %d nodes", server_round, len(nodes),
                  len(list(grid.get_node_ids())))
-        self._sent_train = self._messages(server_round, arrays, config, nodes, MessageType.TRAIN)
+        self._sent_train = self._messages(server_round, self.global_state, config, nodes,
+                                          MessageType.TRAIN)
         return self._sent_train
 
     def aggregate_train(
@@ -322,7 +269,8 @@ class LoraStrategy(ReplyChecks, RoundStrategy):
             return []
         rng = np.random.default_rng([self.seed, server_round, 0xE7A1])  # not training's stream
         nodes = self._sample(grid, self.fraction_evaluate, 1, rng)
-        return self._messages(server_round, arrays, config, nodes, MessageType.EVALUATE)
+        return self._messages(server_round, from_record(arrays), config, nodes,
+                              MessageType.EVALUATE)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -42,7 +42,8 @@ class UserLevelDpStrategy(WrappingStrategy):
         super().__init__(strategy)
         self.strategy: LoraStrategy = strategy
         self.central = central
-        strategy.dp_on, strategy.hide_nodes, strategy.measure_norms = True, True, False
+        if not (strategy.dp_on and strategy.hide_nodes and not strategy.measure_norms):
+            raise ValueError("user-level DP wraps a strategy built with central_release=True")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
