@@ -33,7 +33,8 @@ from .heads import PooledClassifier, resolve_head_pooling
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["LoraSpec", "load_tokenizer", "build_lora_model", "cached_lora_model", "head_name",
+__all__ = ["LoraSpec", "load_tokenizer", "build_lora_model", "cached_lora_model",
+           "forget_cached_models", "head_name",
            "choose_num_threads", "resolve_base_dtype", "cast_frozen_base", "BASE_DTYPES"]
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,13 @@ def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
     # draws the same seeded adapter; then moved, before any training hook is attached.
     model.to(spec.device)
     return model
+
+
+def forget_cached_models() -> None:
+    """Drop this process's models and tokenizers (:func:`cached_lora_model`)."""
+    with _LOCK:
+        _MODELS.clear()
+        _TOKENIZERS.clear()
 
 
 def cached_lora_model(spec: LoraSpec) -> nn.Module:

@@ -16,14 +16,15 @@ import torch
 
 from . import aggregation, config, privacy, secure_sum
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
-from .models import LoraSpec, choose_num_threads, load_tokenizer
+from .models import LoraSpec, choose_num_threads, forget_cached_models, load_tokenizer
 from .tasks import TASKS, client_source, get_task, load_task_data
+from .tasks import registry as task_registry
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
 __all__ = ["resolve_config", "model_spec", "method_for", "encode", "encoded_test_set", "ClientData",
-           "client_data", "set_threads_once"]
+           "client_data", "set_threads_once", "forget_process_state"]
 
 log = logging.getLogger(__name__)
 
@@ -149,3 +150,19 @@ def client_data(
                                   num_partitions=num_partitions, data_path=data_path)
     return ClientData(_encoded(cfg, rows), indices, cfg.seed + int(partition_id or 0),
                       hold_out=cfg.dp_mode == "off")
+
+
+def forget_process_state() -> None:
+    """Drop what this process keeps for the runs it served: parsed run-configs, tokenised
+    data, a site's rows and partitions, models, and the torch thread setting. A worker
+    process kept to serve another run then starts it as a fresh process would (the
+    packaged datasets' rows, read-only and the same for every run, stay)."""
+    global _THREADS_SET
+    _resolve.cache_clear()
+    encoded_test_set.cache_clear()
+    _ENCODED.clear()
+    for cached in (task_registry.load_task_data, task_registry._partitions,
+                   task_registry._site_rows):
+        cached.cache_clear()
+    forget_cached_models()
+    _THREADS_SET = False

@@ -30,8 +30,11 @@ def _one_ray_for_the_session_s_simulations():
     Ray that the last one started when nothing its workers inherit has changed: the same
     ``init_args`` (num_cpus), environment variables (pytest's PYTEST_CURRENT_TEST aside),
     working directory and sys.path;
-    otherwise Ray is restarted as before. Every simulation still gets fresh actors: at its
-    end all of its actors are killed, busy ones (stragglers) included, as the shutdown did.
+    otherwise Ray is restarted as before. The idle actors of a finished simulation (worker
+    processes with torch, transformers and peft imported: 5-8 s each to start on 2 cores) serve
+    the next one that asks for the same client resources on the same Ray; busy ones
+    (stragglers) and any that died are killed or dropped, as the shutdown did. An actor keeps
+    nothing of fedlora's per-process state between simulations (forget_process_state).
     Set FEDLORA_TEST_FRESH_RAY=1 for Flower's own start-and-stop per simulation."""
     if os.environ.get("FEDLORA_TEST_FRESH_RAY") == "1":
         yield
@@ -39,11 +42,15 @@ def _one_ray_for_the_session_s_simulations():
     try:
         import ray
         from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+        from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
+
+        from fedlora.runtime import forget_process_state
     except ImportError:
         yield
         return
-    init_ray, terminate = RayBackend.init_ray, RayBackend.terminate
+    init_ray, terminate, build = RayBackend.init_ray, RayBackend.terminate, RayBackend.build
     started: dict = {}
+    idle: dict = {}  # (Ray's key, client resources, actor kwargs) -> idle actors
 
     def inherited(backend, backend_config):
         return (repr(sorted((backend_config.get(backend.init_args_key) or {}).items())),
@@ -53,21 +60,62 @@ def _one_ray_for_the_session_s_simulations():
     def init_or_reuse(self, backend_config):
         if ray.is_initialized() and started.get("key") != inherited(self, backend_config):
             ray.shutdown()
+            idle.clear()  # their processes went with that Ray
         init_ray(self, backend_config)  # starts Ray only when it is not running
         started["key"] = inherited(self, backend_config)  # (init_ray sets PYTHONPATH)
 
-    def kill_actors(self):
-        pool = self.pool
-        if pool is not None:
-            for actor in [*pool.pool, *getattr(pool, "_future_to_actor", {}).values()]:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+    def pool_key(self):
+        return (started.get("key"), repr(sorted(self.client_resources.items())),
+                repr(sorted((self.actor_kwargs or {}).items())))
 
-    RayBackend.init_ray, RayBackend.terminate = init_or_reuse, kill_actors
+    def alive(actor) -> bool:
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=10)
+            return True
+        except Exception:
+            return False
+
+    def forgot(actor) -> bool:
+        """The actor dropped the process state of the runs it served (as a fresh one)."""
+        try:
+            ray.get(actor.__ray_call__.remote(lambda _: forget_process_state()), timeout=30)
+            return True
+        except Exception:
+            return False
+
+    def build_from_idle(self, app_fn):
+        if not ray.is_initialized():
+            return build(self, app_fn)
+        self.pool = BasicActorPool(actor_type=ClientAppActor,
+                                   client_resources=self.client_resources,
+                                   actor_kwargs=self.actor_kwargs)
+        kept = [a for a in idle.pop(pool_key(self), []) if alive(a) and forgot(a)]
+        for actor in kept[self.pool.actors_capacity:]:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        kept = kept[: self.pool.actors_capacity]
+        self.pool.pool.extend(kept)
+        self.pool.num_actors += len(kept)
+        self.pool.add_actors_to_pool(self.pool.actors_capacity - len(kept))
+        self.app_fn = app_fn
+
+    def keep_idle_actors(self):
+        pool = self.pool
+        if pool is None:
+            return
+        busy = list(getattr(pool, "_future_to_actor", {}).values())
+        for actor in busy:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        idle.setdefault(pool_key(self), []).extend(a for a in pool.pool if a not in busy)
+        self.pool = None
+
+    RayBackend.init_ray, RayBackend.build = init_or_reuse, build_from_idle
+    RayBackend.terminate = keep_idle_actors
     try:
         yield
     finally:
-        RayBackend.init_ray, RayBackend.terminate = init_ray, terminate
+        RayBackend.init_ray, RayBackend.terminate, RayBackend.build = init_ray, terminate, build
         if ray.is_initialized():
             ray.shutdown()
 

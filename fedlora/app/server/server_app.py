@@ -267,6 +267,8 @@ def run_federated(grid: Grid, cfg: RunConfig) -> Path:
         if note:
             log.warning(note)
         empty.check(note)  # after the round's files: a stopped run resumes after it
+    if first_round <= cfg.num_server_rounds:  # the last round's time, in every file
+        record.write_checkpoint(cfg.num_server_rounds, state, run.method, strategy)
     record.write_results()
     write_report(run_dir)
     _log_done(cfg, run.spec.causal_lm, record, time.perf_counter() - t_start)
