@@ -194,7 +194,7 @@ def _capture_mod(folder: str):
         finally:
             secure_sum.SecureSum.quantise = original
         if "secagg-masked" in reply.content:
-            masked = reply.content["secagg-masked"]["masked"].numpy()
+            masked = secure_sum.from_records(reply.content)["masked"]
             np.save(Path(folder) / f"masked-{tag}.npy", masked)
         with open(Path(folder) / "replies.jsonl", "a") as f:
             f.write(json.dumps({"type": kind, "round": rnd, "node": context.node_id,

@@ -5,7 +5,8 @@ one Flower train action each (:data:`fedlora.secure_sum.ACTIONS`). The stage tha
 carries the global adapter, ``train.secagg_masked_input``, is where the site trains: the
 ClientApp's own training (``train_fn``: its site policy, its DP mechanism and ledger,
 exactly as in a plain round), after which the site sends its update clipped, quantised
-(:class:`fedlora.secure_sum.SecureSum`) and masked, and nothing else: no adapter, no
+(:class:`fedlora.secure_sum.SecureSum`: on the ``int8``/``int4`` wire, that wire's integers)
+and masked, in the smallest unsigned dtype that holds the round's modulus, and nothing else: no adapter, no
 metrics, no example count. The other stages answer with protocol messages only.
 At setup a site checks that the round's public parameters (degree, threshold, modulus,
 round) are the ones the run-config implies for the cohort it names, and that it trains at
@@ -91,8 +92,8 @@ def _refuse(msg: Message, reason: str) -> Message:
         reply_to=msg)
 
 
-def _answer(msg: Message, body: Mapping[str, Any]) -> Message:
-    content = RecordDict({**to_records(body), STATUS_KEY: ConfigRecord({"status": "ok"})})
+def _answer(msg: Message, body: Mapping[str, Any], bits: int | None = None) -> Message:
+    content = RecordDict({**to_records(body, bits), STATUS_KEY: ConfigRecord({"status": "ok"})})
     return Message(content=content, reply_to=msg)
 
 
@@ -226,7 +227,7 @@ def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) 
             _save(context, client)
         return _refuse(msg, str(e))
     _save(context, client)
-    return _answer(msg, out)
+    return _answer(msg, out, client.config.bits)
 
 
 def register(app: ClientApp, overrides: Mapping[str, Any] | None,
