@@ -7,7 +7,8 @@ and 100 sites, against sending the adapter in the clear.
 
 One SecAgg+ round of :mod:`fedlora.secagg` in this process (every site and the server as
 objects, each message encoded as the Flower records :mod:`fedlora.secure_sum` sends and
-counted as :func:`fedlora.secure_sum.protocol_bytes` counts it), over vectors of
+counted as :func:`fedlora.secure_sum.protocol_bytes` counts it, and checked against the
+formulas of :mod:`fedlora.secagg_bytes`), over vectors of
 ``--length`` coordinates (default: the default task's LoRA adapter, 74,498 entries) at the
 run-config's default quantisation (``secagg-levels``), or on the integer wire of
 ``--wire int8``/``int4`` (127 or 7 levels). Printed per cohort size: bytes a site sends and
@@ -36,6 +37,7 @@ from flwr.app import RecordDict  # noqa: E402
 from fedlora.quantization import QMAX  # noqa: E402
 from fedlora.run_config import KEYS_BY_NAME  # noqa: E402
 from fedlora.secagg import RoundConfig, SecAggClient, SecAggServer, bits_for  # noqa: E402
+from fedlora.secagg_bytes import round_bytes  # noqa: E402
 from fedlora.secure_sum import protocol_bytes, to_records  # noqa: E402
 from fedlora.wire import encoded_bytes  # noqa: E402
 
@@ -85,6 +87,10 @@ def one_round(sites: int, length: int, levels: int, wire: str = "float32") -> di
     for vector in inputs.values():
         expected = (expected + vector) & (mod - np.uint64(1))
     assert np.array_equal(np.asarray(result.total, dtype=np.uint64), expected), "sum differs"
+    formula = round_bytes(sites, config.degree, length, config.bits)
+    for direction, seen in (("up", up), ("down", down)):
+        predicted = sum(stage[direction] for stage in formula.values())
+        assert set(seen.values()) == {predicted}, f"{direction}: measured != analytic"
     return {"sites": sites, "degree": config.degree, "threshold": config.threshold,
             "bits": config.bits, "up": np.mean(list(up.values())),
             "down": np.mean(list(down.values())), "plain": encoded_bytes(length, wire),

@@ -309,6 +309,10 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
                   "secagg_consistency", "secagg_unmask"}, up  # the protocol's bytes counted
     assert rounds[1]["bytes_up"] == sum(int(r["bytes"]) for r in rows
                                         if r["direction"] == "up" and r["round"] == "1")
+    # Every stage's bytes, both ways, are what its formula predicts (fedlora.secagg_bytes).
+    assert all(r["bytes"] == r["analytic_bytes"] for r in rows), [
+        r for r in rows if r["bytes"] != r["analytic_bytes"]]
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
 
 @pytest.mark.slow
 def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from fedlora import distributed_dp, privacy
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
 from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
+from fedlora.secagg_bytes import expected_bytes
 from fedlora.secure_sum import (
     SecureSum,
     from_records,
@@ -129,6 +130,7 @@ class SecureAggregationStrategy(WrappingStrategy):
                     server_round, nodes, length=length, bits=bits,
                     degree=COMPLETE if degree == len(nodes) - 1 else degree,
                     threshold=threshold, context=context))
+                exchange.server = server
                 stage = server.collect_keys(exchange.run("setup", server.setup()))
                 stage = server.collect_shares(exchange.run("share_keys", stage))
                 stage = server.collect_masked(exchange.run("masked_input", stage))
@@ -202,6 +204,7 @@ class _Exchange:
         self.comms_log = owner.strategy.comms_log
         self.lora, self.config = content[LORA_KEY], content[CONFIG_KEY]
         self.left: set[int] = set()  # sites whose departure is noted in the outcome
+        self.server: SecAggServer | None = None  # whose state predicts each message's bytes
 
     def run(self, stage: str, messages: Mapping[int, Mapping[str, Any]]) -> dict[int, Any]:
         """Send ``messages`` (node -> body) as ``stage``; the well-formed answers."""
@@ -228,9 +231,10 @@ class _Exchange:
             if reply.has_error():
                 self._leave(node, short_reason(reply.error.reason), dropped=True)
                 continue
-            self._count(node, "up", stage, reply.content)
             status = reply.content.get(STATUS_KEY)
-            if status is None or status.get("status") != "ok":
+            ok = status is not None and status.get("status") == "ok"
+            self._count(node, "up", stage, reply.content, expected=ok)
+            if not ok:
                 reason = str(status.get("reason", "")) if status is not None else ""
                 self._leave(node, reason or "no status in its reply", dropped=False)
                 continue
@@ -244,10 +248,15 @@ class _Exchange:
                             dropped=True)
         return answers
 
-    def _count(self, node: int, direction: str, stage: str, content: RecordDict) -> None:
+    def _count(self, node: int, direction: str, stage: str, content: RecordDict, *,
+               expected: bool = True) -> None:
+        """Log a message's protocol bytes and what the round's state predicts for it (a
+        refusal, ``expected = False``, carries a status only: none)."""
         if self.comms_log is not None:
+            analytic = expected_bytes(self.server, stage, direction, node) \
+                if expected and self.server is not None else 0
             self.comms_log.record_bytes(self.server_round, node, direction, message_type(stage),
-                                     protocol_bytes(content))
+                                        protocol_bytes(content), analytic)
 
     def _leave(self, node: int, reason: str, *, dropped: bool, quiet: bool = False) -> None:
         self.left.add(node)
