@@ -4,11 +4,15 @@ that holds the modulus, and a revealed sum equal to the plain integer sum."""
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
 from flwr.app import RecordDict
 
 from fedlora.config import ConfigError
+from fedlora.report import write_report
 from fedlora.runtime import parse_run_config
 from fedlora.secagg import COMPLETE, RoundConfig, SecAggClient, SecAggServer, decode
 from fedlora.secure_sum import (
@@ -19,6 +23,9 @@ from fedlora.secure_sum import (
     to_records,
     transport_dtype,
 )
+
+from .test_secure_aggregation import _plain, _run, server_sums  # noqa: F401 (a fixture)
+from .test_simulation import run_in_process
 
 
 def _cfg(**keys):
@@ -121,3 +128,32 @@ def test_the_unmasked_sum_is_the_plain_integer_sum_with_a_dropped_site(wire, bit
                                       + flat[:12].reshape(2, 6)).astype(np.float32))
     assert np.array_equal(mean["b"], (received["b"].astype(np.float64)
                                       + flat[12:]).astype(np.float32))
+
+
+@pytest.mark.slow
+def test_a_run_on_the_int8_wire_sums_its_integers_and_the_report_weighs_it(
+        custom_task, tmp_path, server_sums):  # noqa: F811 (the fixture)
+    """A whole run on the int8 wire: the server's sum is the sites' integer sum, the masked
+    vectors travel as uint16, every stage's bytes equal its formula; then the same run
+    without secure aggregation, and the report of both."""
+    run_dir, folder = _run(custom_task, tmp_path, num_nodes=4, **{"wire-dtype": "int8"})
+    assert len(server_sums["sums"]) == 2
+    for rnd, survivors, total, bits in server_sums["sums"]:
+        assert bits == 10 and len(survivors) == 4  # 4 x 127 fits [-2^9, 2^9)
+        plain = [_plain(folder, rnd, u) for u in survivors]
+        assert all(np.abs(p).max() <= 127 for p in plain)
+        assert np.array_equal(total, sum(plain))
+    rows = list(csv.DictReader((run_dir / "comms.csv").open()))
+    masked = {int(r["bytes"]) for r in rows
+              if r["kind"] == "secagg_masked_input" and r["direction"] == "up"}
+    assert len(masked) == 1 and masked.pop() == 2 * len(_plain(folder, 1, survivors[0]))
+    assert all(r["bytes"] == r["analytic_bytes"] for r in rows)
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
+
+    plain_dir = run_in_process({
+        **custom_task, "lora-rank": 2, "lora-alpha": 4.0, "num-server-rounds": 2,
+        "local-steps": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+        "aggregator": "fedavg", "wire-dtype": "int8", "run-name": "plain"}, num_nodes=4)
+    page = write_report([run_dir, plain_dir], tmp_path / "cmp.html").read_text()
+    section = page.split("Secure aggregation overhead", 1)[1].split("<h2>", 1)[0]
+    assert "(without)" in section and "x</td>" in section and "also differ" not in section
