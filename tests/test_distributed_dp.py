@@ -205,6 +205,8 @@ def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, r
         _, count = SkellamSum.for_dims(spec_len - 1).decode(total, 1.0)
         # 200 examples over the 4 sites, seen through noise of std ~ sigma * Delta / weight
         assert len(survivors) == 4 and 100 < count < 300, count
+    # The round context (a digest of the DP parameters) in the setup: still its formula.
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
 
 
 @pytest.mark.slow

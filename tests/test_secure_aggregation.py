@@ -335,3 +335,5 @@ def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(
     assert len(lines) == 1 and "left unchanged" in lines[0], lines
     assert not [x for x in records if "could not write" in x.getMessage()]  # the report
     assert "released nothing" in (run_dir / "report.html").read_text()
+    # Dropouts, refusals and an aborted round included: every stage's bytes are its formula.
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
