@@ -42,6 +42,7 @@ from fedlora.secure_sum import (
     protocol_bytes,
     resolve_graph,
     to_records,
+    transport_dtype,
 )
 from fedlora.timing import RoundTimer
 from fedlora.wire import to_record
@@ -98,10 +99,11 @@ class SecureAggregationStrategy(WrappingStrategy):
                      distributed_dp.min_honest(self.cfg, cohort),
                      distributed_dp.round_bits(self.cfg, spec, cohort, self.dp_sigma))
             return found
+        bits = self.sum.bits(cohort)
         log.info("secure aggregation: cohorts of %d sites, %d neighbours each, %d shares to "
                  "rebuild a secret, %d coordinates clipped to %g in steps of %.3g, modulus "
-                 "2^%d", cohort, degree, threshold, self.length, self.sum.clip, self.sum.step,
-                 self.sum.bits(cohort))
+                 "2^%d (masked vectors as %s)", cohort, degree, threshold, self.length,
+                 self.sum.clip, self.sum.step, bits, transport_dtype(bits).name)
         return found
 
     # -- a training round ---------------------------------------------------------------
@@ -183,9 +185,10 @@ class SecureAggregationStrategy(WrappingStrategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-        log.info("SecureAggregationStrategy: secagg-clip %g, secagg-levels %d, "
+        log.info("SecureAggregationStrategy: secagg-clip %g, %d levels (wire-dtype %s), "
                  "secagg-degree %s, secagg-threshold %s", self.sum.clip, self.sum.levels,
-                 self.cfg.secagg_degree or "default", self.cfg.secagg_threshold or "default")
+                 self.cfg.wire_dtype, self.cfg.secagg_degree or "default",
+                 self.cfg.secagg_threshold or "default")
         if self.cfg.fraction_evaluate > 0 and self.cfg.dp_mode == "off":
             log.info("federated evaluation is off under secure aggregation: each site's "
                      "validation loss, accuracy and example count would reach the server in "
