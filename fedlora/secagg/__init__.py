@@ -16,6 +16,7 @@ Layout:
   signed encoding.
 * :mod:`~fedlora.secagg.graph`: the SecAgg+ neighbour graph, its degree and threshold.
 * :mod:`~fedlora.secagg.common`: the round config, errors and signed transcripts.
+* :mod:`~fedlora.secagg.floor`: a client's own floor on the cohort and the threshold.
 * :mod:`~fedlora.secagg.client`, :mod:`~fedlora.secagg.server`: the two sides of the
   protocol, over plain dict messages (the client module describes the stages).
 * :mod:`~fedlora.secagg.local`: one round run in-process.

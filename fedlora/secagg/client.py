@@ -33,7 +33,9 @@ A client ``u`` answers five stages, each a plain dict in and out, in this order:
 
 Any stage with fewer than t neighbours left, or a request inconsistent with what the client
 has seen or signed, raises :class:`~fedlora.secagg.common.ProtocolError`; a client that
-refused once refuses every later stage.
+refused once refuses every later stage. A client given a ``floor``
+(:class:`~fedlora.secagg.floor.Floor`) also refuses a round whose config, U2 or U3 is
+below it, whatever the config says.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from .crypto import (
     usable_public_key,
     verify,
 )
+from .floor import Floor
 from .masks import add, check_vector, prg, subtract
 from .shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split
 
@@ -92,8 +95,9 @@ class SecAggClient:
 
     def __init__(self, node_id: int, *, identity: Ed25519PrivateKey | None = None,
                  known_identities: Mapping[int, bytes] | None = None,
-                 trusted: frozenset[bytes] | None = None) -> None:
+                 trusted: frozenset[bytes] | None = None, floor: Floor | None = None) -> None:
         self.node_id = node_id
+        self._floor = floor if floor is not None else Floor()
         self._identity = identity
         self._known = dict(known_identities) if known_identities is not None else None
         self._trusted = frozenset(trusted) if trusted is not None else None
@@ -107,6 +111,11 @@ class SecAggClient:
     def trusted(self) -> frozenset[bytes] | None:
         """The public identities this client accepts from neighbours (None: any)."""
         return self._trusted
+
+    @property
+    def floor(self) -> Floor:
+        """The least cohort and threshold this client accepts."""
+        return self._floor
 
     @property
     def stage(self) -> str:
@@ -139,6 +148,7 @@ class SecAggClient:
             raise ProtocolError(f"bad round config: {exc}") from exc
         if self.node_id not in self.config.cohort:
             raise ProtocolError(f"node {self.node_id} is not in the round's cohort")
+        self._floor.check_config(self.config)
         self.neighbours = frozenset(self.config.graph[self.node_id])
         self._c_sk, self._s_sk = new_agreement_key(), new_agreement_key()
         self._sig_sk = self._identity if self._identity is not None else new_signing_key()
@@ -214,6 +224,21 @@ class SecAggClient:
             share_from_bytes(share)  # a field element, or ValueError
         return b_share, s_share
 
+    def check_u2(self, message: Mapping[str, Any]) -> set[int]:
+        """U2 of a masked-input request, checked without touching the input: it holds this
+        node, lies in the cohort and meets the floor (``ProtocolError`` otherwise)."""
+        self._expect("masked_input")
+        return self._read_u2(message)
+
+    def _read_u2(self, message: Mapping[str, Any]) -> set[int]:
+        u2 = _node_set(_field(message, "u2"), "'u2'")
+        if self.node_id not in u2:
+            raise ProtocolError(f"node {self.node_id} is missing from U2")
+        if not u2 <= set(self.config.cohort):
+            raise ProtocolError("U2 holds nodes outside the round's cohort")
+        self._floor.check_cohort(len(u2), "U2 (the sites that shared their keys)")
+        return u2
+
     def masked_input(self, message: Mapping[str, Any], vector: Any) -> dict[str, np.ndarray]:
         """Stage 3: keep the shares addressed to u; return the masked vector y_u.
 
@@ -224,13 +249,9 @@ class SecAggClient:
         x = check_vector(vector, length, bits)
         self._enter("masked_input")
         ciphertexts = _field(message, "ciphertexts")
-        self._u2 = _node_set(_field(message, "u2"), "'u2'")
+        self._u2 = self._read_u2(message)
         if not isinstance(ciphertexts, Mapping):
             raise ProtocolError("'ciphertexts' must map node ids to bytes")
-        if self.node_id not in self._u2:
-            raise ProtocolError(f"node {self.node_id} is missing from U2")
-        if not self._u2 <= set(self.config.cohort):
-            raise ProtocolError("U2 holds nodes outside the round's cohort")
         live = self._u2 & self.neighbours
         if not live <= set(self._peers):
             raise ProtocolError("U2 holds neighbours whose keys this node never received")
@@ -257,6 +278,7 @@ class SecAggClient:
             raise ProtocolError(f"node {self.node_id} is missing from U3")
         if not self._u3 <= self._u2:
             raise ProtocolError("U3 holds nodes that are not in U2")
+        self._floor.check_cohort(len(self._u3), "U3 (the sites whose masked input arrived)")
         self._enough(len(self._u3 & self.neighbours), "neighbours in U3")
         transcript = consistency_transcript(self.config, self._u3, public_bytes(self._c_sk),
                                             public_bytes(self._s_sk))

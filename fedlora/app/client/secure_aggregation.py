@@ -34,6 +34,7 @@ from fedlora.models import cached_lora_model
 from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
+from fedlora.secagg.floor import Floor
 from fedlora.secagg.identity import load_identity, load_peers
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import (
@@ -56,12 +57,18 @@ SEEN_KEY = "fedlora-secagg-seen"  # the last round this node set up (rounds only
 
 def _pinned(context: Context) -> dict[str, Any]:
     """This site's long-term identity and its peers' (node-config ``secagg-identity`` and
-    ``secagg-peers``, :mod:`fedlora.secagg.identity`); ``ProtocolError`` for a bad file."""
+    ``secagg-peers``, :mod:`fedlora.secagg.identity`) and its floor on the cohort and the
+    threshold (``secagg-min-cohort``, ``secagg-min-threshold``), all read from its
+    node-config at every stage; ``ProtocolError`` naming the key for a bad value."""
     identity, peers = (context.node_config.get(k) for k in ("secagg-identity", "secagg-peers"))
     try:
+        policy = SitePolicy.from_node_config(context.node_config)
         return {"identity": load_identity(identity) if identity else None,
-                "trusted": load_peers(peers) if peers else None}
-    except ValueError as e:
+                "trusted": load_peers(peers) if peers else None,
+                "floor": Floor(policy.secagg_min_cohort or 2, policy.secagg_min_threshold or 1,
+                               cohort_key="node-config key 'secagg-min-cohort'",
+                               threshold_key="node-config key 'secagg-min-threshold'")}
+    except ValueError as e:  # (PolicyRefusal is one)
         raise ProtocolError(str(e)) from None
 
 
@@ -193,15 +200,21 @@ def check_contributors(body: Mapping[str, Any], client: SecAggClient,
 
 
 def ready_to_train(msg: Message, context: Context) -> None:
-    """``ProtocolError`` unless this node is in this round, at the masked-input stage:
-    checked before it trains, so that no training (no privacy budget) goes to a stage it
-    would refuse."""
+    """``ProtocolError`` unless this node is in this round, at the masked-input stage, with
+    a U2 it accepts (its floor included): checked before it trains, so that no training (no
+    privacy budget) goes to a stage it would refuse."""
     client = _load(context)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
     if client.stage != "masked_input" or client.config.round_id != server_round:
         raise ProtocolError(f"this node is at stage {client.stage!r} of round "
                             f"{client.config.round_id}, not ready for the masked input of "
                             f"round {server_round}")
+    try:
+        client.check_u2(from_records(msg.content))
+    except (ProtocolError, ValueError, KeyError):
+        client.abort()  # a U2 under the site's floor (or malformed): the round ends here
+        _save(context, client)
+        raise
 
 
 def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
@@ -239,7 +252,7 @@ def register(app: ClientApp, overrides: Mapping[str, Any] | None,
             if stage == "masked_input":
                 try:
                     ready_to_train(msg, context)
-                except (ProtocolError, ValueError) as e:
+                except (ProtocolError, ValueError, KeyError) as e:
                     return _refuse(msg, str(e))
                 return train_fn(msg, context, masked_reply)
             return stage_fn(stage, msg, context)

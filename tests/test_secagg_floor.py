@@ -1,0 +1,203 @@
+"""A site's floor on the cohort and the threshold of a secure round (node-config
+``secagg-min-cohort``, ``secagg-min-threshold``): checked by the site against what the
+round announces, whatever the run-config says; a round under it sees no masked input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedlora.app.client.secure_aggregation import STATE_KEY, register, stage_fn
+from fedlora.privacy.site_policy import POLICY_KEYS, PolicyRefusal, SitePolicy
+from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
+from fedlora.runtime import parse_run_config
+from fedlora.secagg import (
+    COMPLETE,
+    ProtocolError,
+    RoundAborted,
+    RoundConfig,
+    SecAggClient,
+    run_local_round,
+)
+from fedlora.secagg.floor import Floor
+from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
+from fedlora.secure_sum import SecureSum, from_records, message_type, resolve_graph, to_records
+from fedlora.wire import to_record
+
+
+@pytest.mark.parametrize("key, value", [
+    ("secagg-min-cohort", 1), ("secagg-min-cohort", "many"), ("secagg-min-cohort", 2.5),
+    ("secagg-min-cohort", True), ("secagg-min-threshold", 0), ("secagg-min-threshold", -3),
+])
+def test_bad_floors_are_refused_naming_the_key_and_value(key, value):
+    with pytest.raises(PolicyRefusal) as info:
+        SitePolicy.from_node_config({key: value})
+    assert f"'{key}'" in str(info.value) and repr(value) in str(info.value)
+
+
+def test_floors_parse_from_node_config():
+    assert {"secagg-min-cohort", "secagg-min-threshold"} <= set(POLICY_KEYS)
+    policy = SitePolicy.from_node_config({"secagg-min-cohort": "8", "secagg-min-threshold": 5})
+    assert (policy.secagg_min_cohort, policy.secagg_min_threshold) == (8, 5)
+    assert SitePolicy.from_node_config({}).secagg_min_cohort is None
+    with pytest.raises(ValueError, match="min_cohort"):
+        Floor(min_cohort=1)
+
+
+class Counting(SecAggClient):
+    """A client that counts the masked inputs it sends (what a floor must stop)."""
+
+    sent = 0
+
+    def masked_input(self, message, vector):
+        out = super().masked_input(message, vector)
+        self.sent += 1
+        return out
+
+
+def _inputs(cohort, length=4):
+    return {u: np.arange(length) + u for u in cohort}
+
+
+def test_a_config_under_the_floor_is_refused_at_setup():
+    config = RoundConfig.create(1, [1, 2, 3, 4], length=4, bits=16, degree=COMPLETE,
+                                threshold=2)
+    with pytest.raises(ProtocolError, match="cohort holds 4 sites, below .* min_cohort = 5"):
+        SecAggClient(1, floor=Floor(min_cohort=5)).setup(config.to_message())
+    with pytest.raises(ProtocolError, match="threshold of 2 shares is below .*min_threshold"):
+        SecAggClient(1, floor=Floor(min_threshold=3)).setup(config.to_message())
+    SecAggClient(1, floor=Floor(min_cohort=4, min_threshold=2)).setup(config.to_message())
+
+
+def test_a_server_that_shrinks_the_round_after_setup_gets_no_masked_input():
+    """The config names 6 sites; the server drops 2 before the masked input: the floored
+    site never masks (and an unfloored one would have)."""
+    cohort = [1, 2, 3, 4, 5, 6]
+    config = RoundConfig.create(1, cohort, length=4, bits=16, degree=COMPLETE, threshold=3)
+    clients = {u: Counting(u, floor=Floor(min_cohort=5) if u == 1 else None) for u in cohort}
+    refusals: dict = {}
+    with pytest.raises(RoundAborted):  # 2, 3 and 4 alone are under the threshold's t + 1
+        run_local_round(config, _inputs(cohort), clients=clients, refusals=refusals,
+                        dropouts={"share_keys": [5, 6]})
+    assert clients[1].sent == 0 and clients[2].sent == 1
+    assert "U2" in str(refusals[1]) and "min_cohort = 5" in str(refusals[1])
+    assert clients[1].stage == "aborted"
+
+
+def test_a_sum_under_the_floor_gets_no_signature_and_no_share():
+    cohort = [1, 2, 3, 4, 5, 6]
+    config = RoundConfig.create(1, cohort, length=4, bits=16, degree=COMPLETE, threshold=3)
+    clients = {u: SecAggClient(u, floor=Floor(min_cohort=5)) for u in cohort}
+    refusals: dict = {}
+    with pytest.raises(RoundAborted):
+        run_local_round(config, _inputs(cohort), clients=clients, refusals=refusals,
+                        dropouts={"masked_input": [5, 6]})
+    assert set(refusals) == {1, 2, 3, 4}
+    assert all("U3" in str(e) and "min_cohort = 5" in str(e) for e in refusals.values())
+    # Without the floor the same server gets its sum of 4 sites.
+    total = run_local_round(config, _inputs(cohort), dropouts={"masked_input": [5, 6]})
+    assert total.survivors == (1, 2, 3, 4)
+
+
+def test_the_floor_comes_from_the_site_and_never_from_its_stored_state():
+    config = RoundConfig.create(1, [1, 2, 3], length=2, bits=8, degree=COMPLETE, threshold=2)
+    client = SecAggClient(1, floor=Floor(min_cohort=3))
+    client.setup(config.to_message())
+    state = unflatten(flatten(dump_client(client)))
+    assert not any("floor" in k for k in flatten(state))
+    assert load_client(state, floor=Floor(min_cohort=3)).floor.min_cohort == 3
+
+
+# -- the ClientApp: node-config against the announced round, whatever the run-config says ---
+RUN_CONFIG = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-levels": 10,
+              "secagg-threshold": 2}
+
+
+def _message(stage, u, body, server_round=1):
+    records = {**to_records(body), CONFIG_KEY: ConfigRecord({"server-round": server_round})}
+    if stage == "masked_input":
+        records[LORA_KEY] = to_record({"w": np.zeros(3, np.float32)})
+    return Message(RecordDict(records), dst_node_id=u, message_type=message_type(stage))
+
+
+def _config(cohort):
+    cfg = parse_run_config(RUN_CONFIG)
+    degree, threshold = resolve_graph(cfg, len(cohort))
+    return RoundConfig.create(1, cohort, length=3, bits=SecureSum.from_config(cfg).bits(
+        len(cohort)), degree=COMPLETE if degree == len(cohort) - 1 else degree,
+        threshold=threshold)
+
+
+@pytest.mark.parametrize("node_config, key", [
+    ({"secagg-min-cohort": 4}, "secagg-min-cohort"),
+    ({"secagg-min-threshold": 3}, "secagg-min-threshold"),
+    ({"secagg-min-cohort": "four"}, "secagg-min-cohort"),
+])
+def test_a_site_refuses_a_round_the_run_config_allows_but_its_floor_does_not(
+        identity, node_config, key):
+    """The run-config (threshold 2 of 3 sites) is followed to the letter; the site's floor
+    refuses it all the same, naming its key."""
+    state = RecordDict()
+    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=state,
+                  run_config=RUN_CONFIG)
+    reply = stage_fn("setup", _message("setup", 7, _config([7, 8, 9]).to_message()), ctx)
+    status = reply.content[STATUS_KEY]
+    assert status["status"] == "could-not-train" and key in status["reason"], dict(status)
+    ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
+                  run_config=RUN_CONFIG)
+    ok = stage_fn("setup", _message("setup", 7, _config([7, 8, 9]).to_message()), ctx)
+    assert ok.content[STATUS_KEY]["status"] == "ok"  # the same round without a floor
+
+
+class App:
+    """Stands in for a ClientApp: keeps the handlers :func:`register` gives it."""
+
+    def __init__(self):
+        self.handlers = {}
+
+    def train(self, action):
+        def keep(fn):
+            self.handlers[action] = fn
+            return fn
+        return keep
+
+
+def test_a_u2_under_the_floor_is_refused_before_the_site_trains(identity):
+    """Setup and key sharing pass (a cohort of 4 meets the floor of 4); the server then
+    names a U2 of 3: the site refuses without training, and refuses the rest of the round."""
+    cohort = [7, 8, 9, 10]
+    trained = []
+    app = App()
+    register(app, None, lambda msg, context, respond: trained.append(msg) or msg)
+    states = {u: RecordDict() for u in cohort}
+    node_config = {"secagg-min-cohort": 4}
+
+    def send(stage, u, body):
+        ctx = Context(run_id=1, node_id=u, node_config=node_config, state=states[u],
+                      run_config=RUN_CONFIG)
+        reply = app.handlers[f"secagg_{stage}"](_message(stage, u, body), ctx)
+        return reply.content[STATUS_KEY], reply
+
+    config = _config(cohort)
+    keys = {}
+    for u in cohort:
+        status, reply = send("setup", u, config.to_message())
+        assert status["status"] == "ok", dict(status)
+        keys[u] = from_records(reply.content)
+    shares = {}
+    for u in cohort:
+        status, reply = send("share_keys", u, {"keys": {v: keys[v] for v in cohort if v != u}})
+        assert status["status"] == "ok", dict(status)
+        shares[u] = from_records(reply.content)["ciphertexts"]
+    u2 = [7, 8, 9]
+    status, _ = send("masked_input", 7, {"ciphertexts": {v: shares[v][7] for v in (8, 9)},
+                                         "u2": u2})
+    assert status["status"] == "could-not-train" and "secagg-min-cohort" in status["reason"]
+    assert trained == []
+    assert "aborted" in str(dict(states[7][STATE_KEY]).get("_stage"))
+    body = {"ciphertexts": {v: shares[v][8] for v in (7, 9, 10)}, "u2": cohort}
+    ctx = Context(run_id=1, node_id=8, node_config=node_config, state=states[8],
+                  run_config=RUN_CONFIG)
+    app.handlers["secagg_masked_input"](_message("masked_input", 8, body), ctx)
+    assert len(trained) == 1  # a U2 that meets the floor goes on to train
