@@ -114,14 +114,14 @@ RUN_CONFIG = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-levels": 1
               "secagg-threshold": 2}
 
 
-def _message(stage, u, body, server_round=1):
+def message(stage, u, body, server_round=1):
     records = {**to_records(body), CONFIG_KEY: ConfigRecord({"server-round": server_round})}
     if stage == "masked_input":
         records[LORA_KEY] = to_record({"w": np.zeros(3, np.float32)})
     return Message(RecordDict(records), dst_node_id=u, message_type=message_type(stage))
 
 
-def _config(cohort):
+def round_config(cohort):
     cfg = parse_run_config(RUN_CONFIG)
     degree, threshold = resolve_graph(cfg, len(cohort))
     return RoundConfig.create(1, cohort, length=3, bits=SecureSum.from_config(cfg).bits(
@@ -141,12 +141,12 @@ def test_a_site_refuses_a_round_the_run_config_allows_but_its_floor_does_not(
     state = RecordDict()
     ctx = Context(run_id=1, node_id=7, node_config=node_config, state=state,
                   run_config=RUN_CONFIG)
-    reply = stage_fn("setup", _message("setup", 7, _config([7, 8, 9]).to_message()), ctx)
+    reply = stage_fn("setup", message("setup", 7, round_config([7, 8, 9]).to_message()), ctx)
     status = reply.content[STATUS_KEY]
     assert status["status"] == "could-not-train" and key in status["reason"], dict(status)
     ctx = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
                   run_config=RUN_CONFIG)
-    ok = stage_fn("setup", _message("setup", 7, _config([7, 8, 9]).to_message()), ctx)
+    ok = stage_fn("setup", message("setup", 7, round_config([7, 8, 9]).to_message()), ctx)
     assert ok.content[STATUS_KEY]["status"] == "ok"  # the same round without a floor
 
 
@@ -176,10 +176,10 @@ def test_a_u2_under_the_floor_is_refused_before_the_site_trains(identity):
     def send(stage, u, body):
         ctx = Context(run_id=1, node_id=u, node_config=node_config, state=states[u],
                       run_config=RUN_CONFIG)
-        reply = app.handlers[f"secagg_{stage}"](_message(stage, u, body), ctx)
+        reply = app.handlers[f"secagg_{stage}"](message(stage, u, body), ctx)
         return reply.content[STATUS_KEY], reply
 
-    config = _config(cohort)
+    config = round_config(cohort)
     keys = {}
     for u in cohort:
         status, reply = send("setup", u, config.to_message())
@@ -199,5 +199,5 @@ def test_a_u2_under_the_floor_is_refused_before_the_site_trains(identity):
     body = {"ciphertexts": {v: shares[v][8] for v in (7, 9, 10)}, "u2": cohort}
     ctx = Context(run_id=1, node_id=8, node_config=node_config, state=states[8],
                   run_config=RUN_CONFIG)
-    app.handlers["secagg_masked_input"](_message("masked_input", 8, body), ctx)
+    app.handlers["secagg_masked_input"](message("masked_input", 8, body), ctx)
     assert len(trained) == 1  # a U2 that meets the floor goes on to train

@@ -13,7 +13,9 @@ the global rank (a reply of another shape cannot be summed).
 
 A ClientApp keeps nothing between messages and each may run in another process: the
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
-``context.state``, which stays on the node. A stage the site refuses (a malformed or
+``context.state``, which stays on the node; each stage reads and writes it under the
+node's round lock (:mod:`fedlora.app.client.round_lock`), so that two stage messages
+delivered at once cannot both advance it. A stage the site refuses (a malformed or
 inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
 saying why; the site then refuses the round's later stages.
 """
@@ -45,6 +47,8 @@ from fedlora.secure_sum import (
     to_records,
 )
 from fedlora.wire import from_record
+
+from .round_lock import round_lock
 
 __all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "register",
            "stage_fn"]
@@ -150,7 +154,12 @@ def _own_payload(cfg, context: Context) -> dict[str, Any]:
 
 
 def stage_fn(stage: str, msg: Message, context: Context) -> Message:
-    """One protocol stage other than the masked input."""
+    """One protocol stage other than the masked input, under the node's round lock."""
+    with round_lock(context):
+        return _stage(stage, msg, context)
+
+
+def _stage(stage: str, msg: Message, context: Context) -> Message:
     client = None
     try:
         body = from_records(msg.content)
@@ -203,6 +212,11 @@ def ready_to_train(msg: Message, context: Context) -> None:
     """``ProtocolError`` unless this node is in this round, at the masked-input stage, with
     a U2 it accepts (its floor included): checked before it trains, so that no training (no
     privacy budget) goes to a stage it would refuse."""
+    with round_lock(context):
+        _ready(msg, context)
+
+
+def _ready(msg: Message, context: Context) -> None:
     client = _load(context)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
     if client.stage != "masked_input" or client.config.round_id != server_round:
@@ -219,7 +233,12 @@ def ready_to_train(msg: Message, context: Context) -> None:
 
 def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
     """What a site that trained sends: its update, quantised and masked (the ``respond``
-    of the ClientApp's training)."""
+    of the ClientApp's training), under the node's round lock."""
+    with round_lock(context):
+        return _masked(msg, context, cfg, reply)
+
+
+def _masked(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
     client = None
     try:
         client = _load(context)
@@ -249,12 +268,13 @@ def register(app: ClientApp, overrides: Mapping[str, Any] | None,
     def handler(stage: str) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:
             context = with_overrides(context, overrides)
-            if stage == "masked_input":
-                try:
-                    ready_to_train(msg, context)
-                except (ProtocolError, ValueError, KeyError) as e:
-                    return _refuse(msg, str(e))
-                return train_fn(msg, context, masked_reply)
+            if stage == "masked_input":  # one lock from the check to the masked reply
+                with round_lock(context):
+                    try:
+                        ready_to_train(msg, context)
+                    except (ProtocolError, ValueError, KeyError) as e:
+                        return _refuse(msg, str(e))
+                    return train_fn(msg, context, masked_reply)
             return stage_fn(stage, msg, context)
 
         return run
