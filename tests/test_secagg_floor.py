@@ -18,6 +18,7 @@ from fedlora.secagg import (
     RoundAborted,
     RoundConfig,
     SecAggClient,
+    SecAggServer,
     run_local_round,
 )
 from fedlora.secagg.floor import Floor
@@ -163,41 +164,50 @@ class App:
         return keep
 
 
+class Sites:
+    """Sites' node states and the ClientApp's handlers, driven by an honest server."""
+
+    def __init__(self, cohort, train, node_config=None, state=RecordDict):
+        self.states = {u: state() for u in cohort}
+        self.node_config = node_config or {}
+        self.app = App()
+        register(self.app, None, train)
+        self.config = round_config(cohort)
+        self.server = SecAggServer(self.config)
+
+    def context(self, u):
+        return Context(run_id=1, node_id=u, node_config=self.node_config,
+                       state=self.states[u], run_config=RUN_CONFIG)
+
+    def send(self, stage, u, body):
+        return self.app.handlers[f"secagg_{stage}"](message(stage, u, body), self.context(u))
+
+    def messages_for(self, stage):
+        """The honest server's messages of ``stage``, every earlier stage answered."""
+        messages = self.server.setup()
+        for earlier, collect in (("setup", self.server.collect_commitments),
+                                 ("advertise", self.server.collect_keys),
+                                 ("share_keys", self.server.collect_shares)):
+            if earlier == stage:
+                return messages
+            replies = {u: self.send(earlier, u, body) for u, body in messages.items()}
+            assert all(r.content[STATUS_KEY]["status"] == "ok" for r in replies.values())
+            messages = collect({u: from_records(r.content) for u, r in replies.items()})
+        return messages
+
+
 def test_a_u2_under_the_floor_is_refused_before_the_site_trains(identity):
     """Setup and key sharing pass (a cohort of 4 meets the floor of 4); the server then
     names a U2 of 3: the site refuses without training, and refuses the rest of the round."""
     cohort = [7, 8, 9, 10]
     trained = []
-    app = App()
-    register(app, None, lambda msg, context, respond: trained.append(msg) or msg)
-    states = {u: RecordDict() for u in cohort}
-    node_config = {"secagg-min-cohort": 4}
-
-    def send(stage, u, body):
-        ctx = Context(run_id=1, node_id=u, node_config=node_config, state=states[u],
-                      run_config=RUN_CONFIG)
-        reply = app.handlers[f"secagg_{stage}"](message(stage, u, body), ctx)
-        return reply.content[STATUS_KEY], reply
-
-    config = round_config(cohort)
-    keys = {}
-    for u in cohort:
-        status, reply = send("setup", u, config.to_message())
-        assert status["status"] == "ok", dict(status)
-        keys[u] = from_records(reply.content)
-    shares = {}
-    for u in cohort:
-        status, reply = send("share_keys", u, {"keys": {v: keys[v] for v in cohort if v != u}})
-        assert status["status"] == "ok", dict(status)
-        shares[u] = from_records(reply.content)["ciphertexts"]
-    u2 = [7, 8, 9]
-    status, _ = send("masked_input", 7, {"ciphertexts": {v: shares[v][7] for v in (8, 9)},
-                                         "u2": u2})
+    sites = Sites(cohort, lambda msg, context, respond: trained.append(msg) or msg,
+                  node_config={"secagg-min-cohort": 4})
+    messages = sites.messages_for("masked_input")
+    reply = sites.send("masked_input", 7, {**messages[7], "u2": [7, 8, 9]})
+    status = reply.content[STATUS_KEY]
     assert status["status"] == "could-not-train" and "secagg-min-cohort" in status["reason"]
     assert trained == []
-    assert "aborted" in str(dict(states[7][STATE_KEY]).get("_stage"))
-    body = {"ciphertexts": {v: shares[v][8] for v in (7, 9, 10)}, "u2": cohort}
-    ctx = Context(run_id=1, node_id=8, node_config=node_config, state=states[8],
-                  run_config=RUN_CONFIG)
-    app.handlers["secagg_masked_input"](message("masked_input", 8, body), ctx)
+    assert dict(sites.states[7][STATE_KEY])["_stage"] == "aborted"
+    sites.send("masked_input", 8, messages[8])
     assert len(trained) == 1  # a U2 that meets the floor goes on to train

@@ -8,16 +8,16 @@ import threading
 import time
 
 import numpy as np
-from flwr.app import Context, RecordDict
+from flwr.app import RecordDict
 
 from fedlora.app.client import secure_aggregation as site
 from fedlora.protocol import STATUS_KEY
 from fedlora.runtime import parse_run_config
-from fedlora.secagg.crypto import public_bytes
+from fedlora.secagg import joint_seed
 from fedlora.secagg.state import load_client, unflatten
 from fedlora.secure_sum import from_records
 
-from .test_secagg_floor import RUN_CONFIG, App, message, round_config
+from .test_secagg_floor import RUN_CONFIG, Sites
 
 COHORT = [7, 8, 9]
 
@@ -35,39 +35,16 @@ class SlowState(RecordDict):
         return value
 
 
-class Round:
-    """Three sites' node states and the ClientApp's registered handlers."""
+def sites(trained: list) -> Sites:
+    """Three sites whose training takes a while (a second copy arrives meanwhile)."""
+    cfg = parse_run_config(RUN_CONFIG)
 
-    def __init__(self, trained: list):
-        self.states = {u: SlowState() for u in COHORT}
-        self.app = App()
-        cfg = parse_run_config(RUN_CONFIG)
+    def train(msg, context, respond):
+        trained.append(int(context.node_id))
+        time.sleep(0.3)
+        return respond(msg, context, cfg, {"w": np.full(3, 0.1, np.float32)})
 
-        def train(msg, context, respond):
-            trained.append(int(context.node_id))
-            time.sleep(0.3)  # training takes a while: a second copy arrives meanwhile
-            return respond(msg, context, cfg, {"w": np.full(3, 0.1, np.float32)})
-
-        site.register(self.app, None, train)
-        self.config = round_config(COHORT)
-
-    def context(self, u):
-        return Context(run_id=1, node_id=u, node_config={}, state=self.states[u],
-                       run_config=RUN_CONFIG)
-
-    def send(self, stage, u, body):
-        return self.app.handlers[f"secagg_{stage}"](message(stage, u, body), self.context(u))
-
-    def keys(self):
-        return {u: from_records(self.send("setup", u, self.config.to_message()).content)
-                for u in COHORT}
-
-    def shares(self, keys):
-        out = {}
-        for u in COHORT:
-            reply = self.send("share_keys", u, {"keys": {v: keys[v] for v in COHORT if v != u}})
-            out[u] = from_records(reply.content)["ciphertexts"]
-        return out
+    return Sites(COHORT, train, state=SlowState)
 
 
 def at_once(*calls):
@@ -91,10 +68,9 @@ def _statuses(replies):
 
 
 def test_two_copies_of_share_keys_advance_the_state_once(identity):
-    rnd = Round([])
-    keys = rnd.keys()
+    rnd = sites([])
+    body = rnd.messages_for("share_keys")[7]
     rnd.states[7].slow = True
-    body = {"keys": {v: keys[v] for v in COHORT if v != 7}}
     replies = at_once(lambda: rnd.send("share_keys", 7, body),
                       lambda: rnd.send("share_keys", 7, body))
     assert _statuses(replies) == ["could-not-train", "ok"]
@@ -108,9 +84,8 @@ def test_two_copies_of_the_masked_input_train_once(identity):
     """The server sends the masked-input stage twice at once: the site trains once and
     sends one masked update (two would be masked alike, and spend the budget twice)."""
     trained: list = []
-    rnd = Round(trained)
-    shares = rnd.shares(rnd.keys())
-    body = {"ciphertexts": {v: shares[v][7] for v in COHORT if v != 7}, "u2": COHORT}
+    rnd = sites(trained)
+    body = rnd.messages_for("masked_input")[7]
     replies = at_once(lambda: rnd.send("masked_input", 7, body),
                       lambda: rnd.send("masked_input", 7, body))
     assert trained == [7]
@@ -119,10 +94,10 @@ def test_two_copies_of_the_masked_input_train_once(identity):
     assert dict(rnd.states[7][site.STATE_KEY])["_stage"] == "consistency"
 
 
-def test_two_copies_of_setup_keep_the_first_ones_keys(identity):
+def test_two_copies_of_setup_keep_the_first_ones_commitment(identity):
     """Two setups at once: without the lock both would pass the once-per-round check and
-    the second would replace the keys the first advertised."""
-    rnd = Round([])
+    the second would replace the commitment the first sent."""
+    rnd = sites([])
     rnd.states[7].slow = True
     replies = at_once(lambda: rnd.send("setup", 7, rnd.config.to_message()),
                       lambda: rnd.send("setup", 7, rnd.config.to_message()))
@@ -131,15 +106,14 @@ def test_two_copies_of_setup_keep_the_first_ones_keys(identity):
                              if r.content[STATUS_KEY]["status"] == "ok").content)
     rnd.states[7].slow = False
     stored = load_client(unflatten(dict(rnd.states[7][site.STATE_KEY])))
-    assert stored.stage == "share_keys"
-    assert public_bytes(stored._c_sk) == sent["c_pk"]  # the keys the server was sent
+    assert stored.stage == "advertise"
+    assert joint_seed.commitment(rnd.config, 7, stored._seed_share) == sent["commitment"]
 
 
 def test_a_stage_out_of_order_is_refused_and_changes_nothing(identity):
-    rnd = Round([])
-    rnd.keys()
+    rnd = sites([])
+    rnd.messages_for("share_keys")
     before = dict(rnd.states[7][site.STATE_KEY])
     reply = rnd.send("consistency", 7, {"u3": COHORT})
     assert "cannot run 'consistency' now" in reply.content[STATUS_KEY]["reason"]
     assert dict(rnd.states[7][site.STATE_KEY]) == before
-

@@ -1,6 +1,6 @@
 """A site's side of secure aggregation (``secure-aggregation = true``).
 
-The server runs each training round as the five stages of SecAgg+ (:mod:`fedlora.secagg`),
+The server runs each training round as the six stages of SecAgg+ (:mod:`fedlora.secagg`),
 one Flower train action each (:data:`fedlora.secure_sum.ACTIONS`). The stage that
 carries the global adapter, ``train.secagg_masked_input``, is where the site trains: the
 ClientApp's own training (``train_fn``: its site policy, its DP mechanism and ledger,
