@@ -71,6 +71,20 @@ def test_a_config_under_the_floor_is_refused_at_setup():
     SecAggClient(1, floor=Floor(min_cohort=4, min_threshold=2)).setup(config.to_message())
 
 
+def test_too_few_sites_drawing_the_graph_are_refused_before_any_key_is_made():
+    """The config names 6 sites; the server shows the floored site only 4 commitments to
+    the graph seed (the sites it keeps in the round): it reveals nothing and makes no key."""
+    cohort = [1, 2, 3, 4, 5, 6]
+    config = RoundConfig.create(1, cohort, length=4, bits=16, degree=COMPLETE, threshold=3)
+    clients = {u: SecAggClient(u, floor=Floor(min_cohort=5)) for u in cohort}
+    commitments = {u: clients[u].setup(config.to_message())["commitment"] for u in cohort}
+    few = {u: commitments[u] for u in (1, 2, 3, 4)}
+    with pytest.raises(ProtocolError, match="drew the graph holds 4 sites, below"):
+        clients[1].advertise({"commitments": few})
+    assert clients[1].stage == "aborted" and not hasattr(clients[1], "_c_sk")
+    assert "seed_share" in clients[2].advertise({"commitments": commitments})
+
+
 def test_a_server_that_shrinks_the_round_after_setup_gets_no_masked_input():
     """The config names 6 sites; the server drops 2 before the masked input: the floored
     site never masks (and an unfloored one would have)."""

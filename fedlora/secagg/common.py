@@ -82,7 +82,8 @@ class RoundConfig:
     def create(cls, round_id: int, cohort: Iterable[int], *, length: int, bits: int,
                degree: int | str | None = None,
                threshold: int | float | None = None, context: bytes = b"") -> RoundConfig:
-        """A config with resolved degree and threshold and a graph seed from OS entropy."""
+        """A config with resolved degree and threshold and a server nonce (``graph_seed``)
+        from OS entropy; the graph itself comes from the clients' joint seed."""
         cohort = tuple(cohort)
         k, t = choose_parameters(len(cohort), degree, threshold)
         return cls(round_id, cohort, k, t, bits, length, os.urandom(KEY_BYTES), context)

@@ -7,6 +7,8 @@ against what the round actually announces, at every stage where that can shrink:
 
 * at setup, the config it is asked to sign: ``len(cohort) >= min_cohort`` and
   ``threshold >= min_threshold``;
+* before it makes its keys, the set of clients that committed to the graph seed (those
+  that can be in the round at all): ``len(S) >= min_cohort``;
 * before masking, the set U2 of clients that shared their keys (the most that can end up
   in the sum): ``len(U2) >= min_cohort``, checked before the client masks (or trains), so
   that a round that fell below the floor never sees its masked input;
