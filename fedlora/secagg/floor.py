@@ -16,9 +16,9 @@ against what the round actually announces, at every stage where that can shrink:
   ``len(U3) >= min_cohort``; the client then reveals no share.
 
 A refusal is a :class:`~fedlora.secagg.common.ProtocolError` naming the floor and the
-announced value. The counts are of the node ids the round names: against a server that
-invents clients they count real ones only where keys are pinned (``trusted``
-identities, :mod:`fedlora.secagg.identity`).
+announced value. The counts are of the node ids the round names. A server that invents
+clients can pad them: pinned identities (``trusted``, :mod:`fedlora.secagg.identity`) make
+a client verify its own neighbours, not the clients elsewhere in the graph.
 """
 
 from __future__ import annotations
