@@ -122,7 +122,7 @@ class SecAggServer:
                 for u in sorted(self.u1)}
 
     def collect_shares(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 3 messages: each client of U2 gets the ciphertexts addressed to it, and U2."""
+        """Stage 4 messages: each client of U2 gets the ciphertexts addressed to it, and U2."""
         self._enter("shares", "masked")
         ciphertexts = {}
         for v, reply in replies.items():
@@ -137,7 +137,7 @@ class SecAggServer:
                     "u2": sorted(self.u2)} for u in sorted(self.u2)}
 
     def collect_masked(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 4 messages: each client of U3 (whose masked vector arrived) gets U3."""
+        """Stage 5 messages: each client of U3 (whose masked vector arrived) gets U3."""
         self._enter("masked", "signatures")
         self.masked = {}
         for u, reply in replies.items():
@@ -152,7 +152,7 @@ class SecAggServer:
         return {u: {"u3": sorted(self.u3)} for u in sorted(self.u3)}
 
     def collect_signatures(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 5 messages: neighbours' signatures on U3 and which shares to reveal."""
+        """Stage 6 messages: neighbours' signatures on U3 and which shares to reveal."""
         self._enter("signatures", "unmask")
         self.signatures = {u: _get(r, "signature") for u, r in replies.items()
                            if u in self.u3 and verify(

@@ -12,8 +12,10 @@ order, leaving the round's state as the first one left it.
 
 The masked-input stage holds the lock from the check that the node is ready, through its
 training, to the masked reply: the lock is re-entrant (the same thread takes it again in
-:func:`~fedlora.app.client.secure_aggregation.masked_reply`). The lock serialises the
-handlers of one process, where Flower's node state lives for the messages it runs.
+:func:`~fedlora.app.client.secure_aggregation.masked_reply`). The lock orders the
+handlers that run in one process on one node state object. Where each message runs in a
+process of its own on a copy of the node state, no lock in the handler can order them;
+each copy still refuses a stage its own state is not at.
 """
 
 from __future__ import annotations

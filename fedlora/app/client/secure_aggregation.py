@@ -59,7 +59,7 @@ STATE_KEY = "fedlora-secagg"  # this node's protocol state for the current round
 SEEN_KEY = "fedlora-secagg-seen"  # the last round this node set up (rounds only go forward)
 
 
-def _pinned(context: Context) -> dict[str, Any]:
+def _own_settings(context: Context) -> dict[str, Any]:
     """This site's long-term identity and its peers' (node-config ``secagg-identity`` and
     ``secagg-peers``, :mod:`fedlora.secagg.identity`) and its floor on the cohort and the
     threshold (``secagg-min-cohort``, ``secagg-min-threshold``), all read from its
@@ -83,7 +83,7 @@ def _load(context: Context) -> SecAggClient:
     if "done-round" in stored:
         raise ProtocolError(f"this node finished round {stored['done-round']}: it is not "
                             "ready for any stage without a new setup")
-    return load_client(unflatten(dict(stored)), **_pinned(context))
+    return load_client(unflatten(dict(stored)), **_own_settings(context))
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -171,8 +171,8 @@ def _stage(stage: str, msg: Message, context: Context) -> Message:
                 raise ProtocolError(f"round {round_id} was set up here already (last: "
                                     f"{int(seen['round'])}): a round runs once")
             context.state[SEEN_KEY] = ConfigRecord({"round": round_id})
-        client = (SecAggClient(int(context.node_id), **_pinned(context)) if stage == "setup"
-                  else _load(context))
+        client = (SecAggClient(int(context.node_id), **_own_settings(context))
+                  if stage == "setup" else _load(context))
         if stage == "consistency":
             try:
                 check_contributors(body, client, context)
