@@ -4,6 +4,8 @@ round announces, whatever the run-config says; a round under it sees no masked i
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -25,6 +27,9 @@ from fedlora.secagg.floor import Floor
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import SecureSum, from_records, message_type, resolve_graph, to_records
 from fedlora.wire import to_record
+from simulations.harness import node_config_mod
+
+from .test_simulation import run_in_process
 
 
 @pytest.mark.parametrize("key, value", [
@@ -225,3 +230,18 @@ def test_a_u2_under_the_floor_is_refused_before_the_site_trains(identity):
     assert dict(sites.states[7][STATE_KEY])["_stage"] == "aborted"
     sites.send("masked_input", 8, messages[8])
     assert len(trained) == 1  # a U2 that meets the floor goes on to train
+
+
+@pytest.mark.slow
+def test_in_a_run_a_site_under_its_floor_stays_out_and_says_why(custom_task):
+    """A whole run of 4 sites: the run-config's cohort of 4 is below site 0's floor of 5;
+    site 0 sends nothing but its refusal, naming the key, and the other 3 are summed."""
+    overrides = {**custom_task, "lora-rank": 2, "lora-alpha": 4.0, "num-server-rounds": 1,
+                 "local-steps": 1, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+                 "secure-aggregation": True, "secagg-clip": 0.05, "run-name": "floor"}
+    run_dir = run_in_process(overrides, num_nodes=4, mods=[
+        node_config_mod(lambda pid: {"secagg-min-cohort": 5} if pid == 0 else {})])
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["clients_accepted"] == 3, rounds[1]
+    reasons = [r["reason"] for r in rounds[1]["refused"]]
+    assert len(reasons) == 1 and "'secagg-min-cohort' = 5" in reasons[0], reasons
