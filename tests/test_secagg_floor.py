@@ -194,12 +194,15 @@ class Sites:
         self.config = round_config(cohort)
         self.server = SecAggServer(self.config)
 
-    def context(self, u):
+    def context(self, u, state=None):
         return Context(run_id=1, node_id=u, node_config=self.node_config,
-                       state=self.states[u], run_config=RUN_CONFIG)
+                       state=self.states[u] if state is None else state,
+                       run_config=RUN_CONFIG)
 
-    def send(self, stage, u, body):
-        return self.app.handlers[f"secagg_{stage}"](message(stage, u, body), self.context(u))
+    def send(self, stage, u, body, state=None):
+        """``stage`` to site ``u``, on its node state (or on ``state``, a copy of it)."""
+        return self.app.handlers[f"secagg_{stage}"](message(stage, u, body),
+                                                    self.context(u, state))
 
     def messages_for(self, stage):
         """The honest server's messages of ``stage``, every earlier stage answered."""

@@ -1,6 +1,7 @@
 """A site's secure-round state against stage messages delivered at once: two copies of a
-stage, or two stages together, run in two threads on one node's state; one goes through,
-the other is refused as out of order, and the state is the one the first left."""
+stage run in two threads, on one node state or each on its own copy of it (as Flower hands
+each message to a process of its own); one goes through, the other is refused as out of
+order, and the state is the one the first left."""
 
 from __future__ import annotations
 
@@ -117,3 +118,45 @@ def test_a_stage_out_of_order_is_refused_and_changes_nothing(identity):
     reply = rnd.send("consistency", 7, {"u3": COHORT})
     assert "cannot run 'consistency' now" in reply.content[STATUS_KEY]["reason"]
     assert dict(rnd.states[7][site.STATE_KEY]) == before
+
+
+def _copy(state):
+    """The node state as Flower hands it to one message: a copy."""
+    return RecordDict(dict(state.items()))
+
+
+def test_two_copies_of_share_keys_each_on_its_own_state_share_once(identity):
+    """Each copy reads a state at the share-keys stage (no lock orders two processes):
+    the stage record lets one through."""
+    rnd = sites([])
+    body = rnd.messages_for("share_keys")[7]
+    first, second = _copy(rnd.states[7]), _copy(rnd.states[7])
+    replies = at_once(lambda: rnd.send("share_keys", 7, body, state=first),
+                      lambda: rnd.send("share_keys", 7, body, state=second))
+    assert _statuses(replies) == ["could-not-train", "ok"]
+    refused = next(r for r in replies if r.content[STATUS_KEY]["status"] != "ok")
+    assert "cannot take stage 'share_keys'" in refused.content[STATUS_KEY]["reason"]
+    assert sum("ciphertexts@dict" in r.content["secagg"] for r in replies
+               if "secagg" in r.content) == 1
+
+
+def test_two_copies_of_the_masked_input_each_on_its_own_state_train_once(identity):
+    trained: list = []
+    rnd = sites(trained)
+    body = rnd.messages_for("masked_input")[7]
+    first, second = _copy(rnd.states[7]), _copy(rnd.states[7])
+    replies = at_once(lambda: rnd.send("masked_input", 7, body, state=first),
+                      lambda: rnd.send("masked_input", 7, body, state=second))
+    assert trained == [7]
+    assert sum("secagg-masked" in r.content for r in replies) == 1
+
+
+def test_a_stage_taken_on_another_copy_of_the_state_is_not_taken_again(identity):
+    """The node took the stage on one copy of its state; Flower kept the other (the older
+    one, say): the same stage sent again is refused by the stage record."""
+    rnd = sites([])
+    body = rnd.messages_for("share_keys")[7]
+    ahead = _copy(rnd.states[7])
+    assert rnd.send("share_keys", 7, body, state=ahead).content[STATUS_KEY]["status"] == "ok"
+    again = rnd.send("share_keys", 7, body)  # the node's own state, still before the stage
+    assert "cannot take stage 'share_keys'" in again.content[STATUS_KEY]["reason"]

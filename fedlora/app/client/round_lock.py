@@ -14,8 +14,9 @@ The masked-input stage holds the lock from the check that the node is ready, thr
 training, to the masked reply: the lock is re-entrant (the same thread takes it again in
 :func:`~fedlora.app.client.secure_aggregation.masked_reply`). The lock orders the
 handlers that run in one process on one node state object. Where each message runs in a
-process of its own on a copy of the node state, no lock in the handler can order them;
-each copy still refuses a stage its own state is not at.
+process of its own on a copy of the node state, no lock in the handler can order them:
+the node's record of the stages it took (:mod:`fedlora.app.client.stage_claims`) refuses
+the second copy there.
 """
 
 from __future__ import annotations

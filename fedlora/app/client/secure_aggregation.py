@@ -14,8 +14,10 @@ the global rank (a reply of another shape cannot be summed).
 A ClientApp keeps nothing between messages and each may run in another process: the
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
 ``context.state``, which stays on the node; each stage reads and writes it under the
-node's round lock (:mod:`fedlora.app.client.round_lock`), so that two stage messages
-delivered at once cannot both advance it. A stage the site refuses (a malformed or
+node's round lock (:mod:`fedlora.app.client.round_lock`) and is taken once, in order, in
+a file the node locks (:mod:`fedlora.app.client.stage_claims`), so that two stage messages
+delivered at once cannot both advance it, even when each was handed its own copy of the
+node state. A stage the site refuses (a malformed or
 inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
 saying why; the site then refuses the round's later stages.
 """
@@ -49,6 +51,7 @@ from fedlora.secure_sum import (
 from fedlora.wire import from_record
 
 from .round_lock import round_lock
+from .stage_claims import take
 
 __all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "register",
            "stage_fn"]
@@ -165,14 +168,19 @@ def _stage(stage: str, msg: Message, context: Context) -> Message:
         body = from_records(msg.content)
         if stage == "setup":
             check_round(body, msg, context)
-            round_id = RoundConfig.from_message(body).round_id
+            config = RoundConfig.from_message(body)
             seen = context.state.get(SEEN_KEY)
-            if seen is not None and round_id <= int(seen["round"]):
-                raise ProtocolError(f"round {round_id} was set up here already (last: "
-                                    f"{int(seen['round'])}): a round runs once")
-            context.state[SEEN_KEY] = ConfigRecord({"round": round_id})
-        client = (SecAggClient(int(context.node_id), **_own_settings(context))
-                  if stage == "setup" else _load(context))
+            if seen is not None and config.round_id <= int(seen["round"]):
+                raise ProtocolError(f"round {config.round_id} was set up here already "
+                                    f"(last: {int(seen['round'])}): a round runs once")
+            take(context, config.digest, stage)
+            context.state[SEEN_KEY] = ConfigRecord({"round": config.round_id})
+            loaded = SecAggClient(int(context.node_id), **_own_settings(context))
+        else:
+            loaded = _load(context)
+            if loaded.stage == stage:  # (any other stage is refused by the client itself)
+                take(context, loaded.config.digest, stage)
+        client = loaded
         if stage == "consistency":
             try:
                 check_contributors(body, client, context)
@@ -229,6 +237,7 @@ def _ready(msg: Message, context: Context) -> None:
         client.abort()  # a U2 under the site's floor (or malformed): the round ends here
         _save(context, client)
         raise
+    take(context, client.config.digest, "masked_input")  # once, whatever copy of the state
 
 
 def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
