@@ -46,7 +46,8 @@ __all__ = ["ACTIONS", "MASKED_KEY", "SECAGG_KEY", "SecureSum", "check_config", "
            "message_type", "protocol_bytes", "resolve_graph", "to_records", "transport_dtype"]
 
 #: The protocol's client stages and the train actions that carry them (``train.<action>``).
-ACTIONS = {"setup": "secagg_setup", "share_keys": "secagg_share_keys",
+ACTIONS = {"setup": "secagg_setup", "advertise": "secagg_advertise",
+           "share_keys": "secagg_share_keys",
            "masked_input": "secagg_masked_input", "consistency": "secagg_consistency",
            "unmask": "secagg_unmask"}
 SECAGG_KEY = "secagg"  # a stage's message (ConfigRecord, flattened)

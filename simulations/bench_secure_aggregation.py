@@ -42,7 +42,7 @@ from fedlora.secure_sum import protocol_bytes, to_records  # noqa: E402
 from fedlora.wire import encoded_bytes  # noqa: E402
 
 ADAPTER_ENTRIES = 74_498  # the default task's LoRA adapter (rank 8 on query and value, head)
-STAGES = ("setup", "share_keys", "masked_input", "consistency", "unmask")
+STAGES = ("setup", "advertise", "share_keys", "masked_input", "consistency", "unmask")
 
 
 def _size(body, bits: int) -> int:
@@ -61,8 +61,8 @@ def one_round(sites: int, length: int, levels: int, wire: str = "float32") -> di
     server = SecAggServer(config)
     up, down = defaultdict(int), defaultdict(int)
     site_seconds, server_seconds = defaultdict(float), 0.0
-    collect = (server.collect_keys, server.collect_shares, server.collect_masked,
-               server.collect_signatures, server.aggregate)
+    collect = (server.collect_commitments, server.collect_keys, server.collect_shares,
+               server.collect_masked, server.collect_signatures, server.aggregate)
     t = time.perf_counter()
     messages = server.setup()
     server_seconds += time.perf_counter() - t

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from .client import SecAggClient
 from .common import RoundConfig
 from .crypto import ID_BYTES, ids_bytes
+from .floor import Floor
 
 __all__ = ["dump_client", "flatten", "load_client", "unflatten"]
 
@@ -118,8 +119,9 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # How the attributes of a SecAggClient that are not plain values are written.
 _SETS = ("neighbours", "_u2", "_u3")
 _X25519 = ("_c_sk", "_s_sk")
-# Long-term identities are not written: the node reads them again (load_client's arguments).
-_SKIP = ("_identity", "_known", "_trusted")
+# Long-term identities and the floor are not written: the node reads them again from its own
+# settings (load_client's arguments), never from a state a stage could have altered.
+_SKIP = ("_identity", "_known", "_trusted", "_floor")
 
 
 def dump_client(client: SecAggClient) -> dict[str, Any]:
@@ -147,7 +149,8 @@ def dump_client(client: SecAggClient) -> dict[str, Any]:
 
 
 def load_client(state: Mapping[str, Any], *, identity: Ed25519PrivateKey | None = None,
-                trusted: frozenset[bytes] | None = None) -> SecAggClient:
+                trusted: frozenset[bytes] | None = None,
+                floor: Floor | None = None) -> SecAggClient:
     """The client :func:`dump_client` wrote (``ValueError`` for a malformed state, or for
     one written with a long-term identity that is not given again)."""
     try:
@@ -155,7 +158,8 @@ def load_client(state: Mapping[str, Any], *, identity: Ed25519PrivateKey | None 
         if pinned != (identity is not None):
             raise ValueError("the state and the identity given disagree on whether this "
                              "node signs with a long-term identity")
-        client = SecAggClient(int(state["node_id"][0]), identity=identity, trusted=trusted)
+        client = SecAggClient(int(state["node_id"][0]), identity=identity, trusted=trusted,
+                              floor=floor)
         if pinned and "config" in state:
             client._sig_sk = identity
         for name, value in state.items():

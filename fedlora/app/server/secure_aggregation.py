@@ -3,7 +3,7 @@
 As :class:`fedlora.app.server.user_level_strategy.UserLevelDpStrategy` does, this wraps a
 :class:`fedlora.app.server.strategy.LoraStrategy` and uses its public methods: the inner strategy
 samples the cohort and prepares the global adapter as usual; the wrapper then runs the
-round as the five stages of SecAgg+ (:mod:`fedlora.secagg`), each a Flower train action
+round as the six stages of SecAgg+ (:mod:`fedlora.secagg`), each a Flower train action
 sent to the sites still in the round (:data:`fedlora.secure_sum.ACTIONS`), the global
 adapter going out with the masked-input stage, where sites train. The server learns the
 sum of the survivors' quantised updates (:class:`fedlora.secure_sum.SecureSum`) and
@@ -133,7 +133,8 @@ class SecureAggregationStrategy(WrappingStrategy):
                     degree=COMPLETE if degree == len(nodes) - 1 else degree,
                     threshold=threshold, context=context))
                 exchange.server = server
-                stage = server.collect_keys(exchange.run("setup", server.setup()))
+                stage = server.collect_commitments(exchange.run("setup", server.setup()))
+                stage = server.collect_keys(exchange.run("advertise", stage))
                 stage = server.collect_shares(exchange.run("share_keys", stage))
                 stage = server.collect_masked(exchange.run("masked_input", stage))
                 need = distributed_dp.min_honest(self.cfg, len(nodes)) if distributed else 0
