@@ -13,9 +13,13 @@ round, ``n`` the sites in the set a message lists:
 ============  ==================================  =====================================
 stage         down (server to site)               up (site to server)
 ============  ==================================  =====================================
-setup         the round config: 132 + 8 n + c     its signed public keys: 183
-share_keys    its neighbours' keys: 17 + 310 m    a pair of encrypted shares each:
-                                                  24 + 189 m
+setup         the round config: 132 + 8 n + c     a commitment to its share of the
+                                                  graph seed: 42
+advertise     the commitments: 24 + 61 j          its share of the seed and its signed
+                                                  public keys: 225
+share_keys    every share of the seed, its        a pair of encrypted shares each:
+              neighbours' keys:                   24 + 189 m
+              41 + 61 j + 310 m
 masked_input  their shares for it, U2:            the masked vector: L x the bytes of
               30 + 189 m + 8 n                    the smallest unsigned dtype of k bits
 consistency   U3: 6 + 8 n                         its signature: 73
@@ -24,13 +28,15 @@ unmask        its neighbours' signatures, which   the shares asked for: 43 + 92 
               56 + 92 s + 8 (b + d)
 ============  ==================================  =====================================
 
-with ``s`` the neighbours that signed U3, ``b`` the neighbours in U3 (a share of their
-self-mask seed each) and ``d`` those that dropped after sharing their keys (a share of
-their mask key each).
+with ``j`` the sites that committed to a share of the graph seed (a commitment and a
+share are 32 bytes each, :mod:`fedlora.secagg.joint_seed`), ``s`` the neighbours that
+signed U3, ``b`` the neighbours in U3 (a share of their self-mask seed each) and ``d``
+those that dropped after sharing their keys (a share of their mask key each).
 
 :func:`round_bytes` gives a site's bytes of each stage in a round where no site drops out:
-they follow from the cohort size, the degree (neighbours per site), the vector length and
-the modulus bits; the threshold changes none (a Shamir share has one size whatever it is).
+they follow from the cohort size (every site commits, ``j = n``), the degree (neighbours
+per site), the vector length and the modulus bits; the threshold changes none (a Shamir
+share has one size whatever it is).
 :func:`expected_bytes` gives the bytes of one message of a round in progress from the
 server's view of who is still in it (:class:`fedlora.secagg.SecAggServer`), dropouts
 included.
@@ -47,10 +53,11 @@ from .secure_sum import transport_dtype
 
 __all__ = ["STAGES", "expected_bytes", "round_bytes"]
 
-STAGES = ("setup", "share_keys", "masked_input", "consistency", "unmask")
+STAGES = ("setup", "advertise", "share_keys", "masked_input", "consistency", "unmask")
 INT_BYTES = 8  # an integer of a flat record, as counted
 SIGNATURE_BYTES = 64  # Ed25519
 TAG_BYTES = 16  # ChaCha20-Poly1305
+SEED_BYTES = KEY_BYTES  # a commitment (SHA-256) to a share of the graph seed, or the share
 CIPHERTEXT_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + TAG_BYTES  # a neighbour's pair of shares
 _ID = "#" + "0" * (2 * ID_BYTES)  # a node id as a key segment: every one is this long
 _CONFIG = (("round_id", INT_BYTES), ("degree", INT_BYTES), ("threshold", INT_BYTES),
@@ -84,12 +91,26 @@ def setup_down(cohort: int, context: int) -> int:
             + _leaf("context", context))
 
 
+def _by_site(path: str, count: int) -> int:
+    """A dict of ``count`` node ids to ``SEED_BYTES`` each (commitments or seed shares)."""
+    return _marker(path) + count * _leaf(f"{path}/{_ID}", SEED_BYTES)
+
+
 def setup_up() -> int:
-    return sum(_leaf(name, size) for name, size in _KEYS)
+    return _leaf("commitment", SEED_BYTES)
 
 
-def share_keys_down(neighbours: int) -> int:
-    return _marker("keys") + neighbours * _per_id("keys", _KEYS)
+def advertise_down(committed: int) -> int:
+    return _by_site("commitments", committed)
+
+
+def advertise_up() -> int:
+    return _leaf("seed_share", SEED_BYTES) + sum(_leaf(name, size) for name, size in _KEYS)
+
+
+def share_keys_down(neighbours: int, committed: int) -> int:
+    return (_by_site("seed_shares", committed) + _marker("keys")
+            + neighbours * _per_id("keys", _KEYS))
 
 
 def share_keys_up(neighbours: int) -> int:
@@ -128,7 +149,8 @@ def round_bytes(cohort: int, degree: int, length: int, bits: int,
     in a round of ``cohort`` sites, ``degree`` neighbours each, that none leaves."""
     k = degree
     return {"setup": {"down": setup_down(cohort, context), "up": setup_up()},
-            "share_keys": {"down": share_keys_down(k), "up": share_keys_up(k)},
+            "advertise": {"down": advertise_down(cohort), "up": advertise_up()},
+            "share_keys": {"down": share_keys_down(k, cohort), "up": share_keys_up(k)},
             "masked_input": {"down": masked_input_down(k, cohort),
                              "up": masked_input_up(length, bits)},
             "consistency": {"down": consistency_down(cohort), "up": consistency_up()},
@@ -136,7 +158,7 @@ def round_bytes(cohort: int, degree: int, length: int, bits: int,
 
 
 def _near(server: SecAggServer, node: int, among: set[int]) -> int:
-    return sum(v in among for v in server.config.graph[node])
+    return sum(v in among for v in server.graph[node])
 
 
 def expected_bytes(server: SecAggServer, stage: str, direction: str, node: int) -> int:
@@ -147,9 +169,13 @@ def expected_bytes(server: SecAggServer, stage: str, direction: str, node: int) 
     if stage == "setup":
         return setup_down(len(cfg.cohort), len(cfg.context)) if direction == "down" \
             else setup_up()
+    if stage == "advertise":
+        return advertise_down(len(server.commitments)) if direction == "down" \
+            else advertise_up()
     if stage == "share_keys":
         m = _near(server, node, server.u1)
-        return share_keys_down(m) if direction == "down" else share_keys_up(m)
+        return share_keys_down(m, len(server.commitments)) if direction == "down" \
+            else share_keys_up(m)
     if stage == "masked_input":
         return masked_input_down(_near(server, node, server.u2), len(server.u2)) \
             if direction == "down" else masked_input_up(cfg.length, cfg.bits)

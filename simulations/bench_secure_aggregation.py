@@ -12,7 +12,7 @@ formulas of :mod:`fedlora.secagg_bytes`), over vectors of
 ``--length`` coordinates (default: the default task's LoRA adapter, 74,498 entries) at the
 run-config's default quantisation (``secagg-levels``), or on the integer wire of
 ``--wire int8``/``int4`` (127 or 7 levels). Printed per cohort size: bytes a site sends and
-receives in the round's five stages, against the adapter on the same wire, one array, each
+receives in the round's six stages, against the adapter on the same wire, one array, each
 way (the plain round); the site's protocol seconds (mean over sites: key agreement, sharing,
 masking, signing, unmasking) and the server's (checks, reconstruction, unmasking), against
 nothing for a plain round. Training time is the same with and without, so it is left out.

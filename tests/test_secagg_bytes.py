@@ -13,7 +13,8 @@ from fedlora.secagg import COMPLETE, RoundConfig, SecAggClient, SecAggServer
 from fedlora.secagg_bytes import STAGES, expected_bytes, round_bytes
 from fedlora.secure_sum import from_records, protocol_bytes, to_records
 
-COLLECT = {"setup": "collect_keys", "share_keys": "collect_shares",
+COLLECT = {"setup": "collect_commitments", "advertise": "collect_keys",
+           "share_keys": "collect_shares",
            "masked_input": "collect_masked", "consistency": "collect_signatures",
            "unmask": "aggregate"}
 
@@ -69,6 +70,19 @@ def test_every_message_of_a_round_with_dropouts_is_its_formula(sites, degree, th
     assert {(s, d) for s, d, *_ in pairs} == {(s, d) for s in STAGES for d in ("down", "up")}
 
 
+def test_a_site_that_never_commits_shrinks_what_the_advertise_and_share_keys_stages_carry():
+    cohort = [5, 2**33 + 7, 11, 2**62 + 3, 29, 2**64 - 2, 41, 97]
+    config = RoundConfig.create(3, cohort, length=20, bits=11, degree=COMPLETE, threshold=4)
+    gone = {"setup": {cohort[0]}, "share_keys": {cohort[1]}, "masked_input": {cohort[2]}}
+    total, pairs, _ = _run(config, gone)
+    assert len(total.survivors) == len(cohort) - 3
+    wrong = [(s, d, u, m, a) for s, d, u, m, a in pairs if m != a]
+    assert not wrong, wrong
+    # 7 commitments of 61 bytes each (a key of 29 characters, 32 bytes) under a 24-byte marker.
+    advertise = {a for s, d, _, _, a in pairs if (s, d) == ("advertise", "down")}
+    assert advertise == {24 + 61 * 7}
+
+
 def test_a_round_that_none_leaves_costs_each_site_its_stage_formulas():
     cohort = [3, 2**40 + 1, 17, 2**63 + 9]
     config = RoundConfig.create(2, cohort, length=50, bits=11, degree=COMPLETE)
@@ -77,8 +91,9 @@ def test_a_round_that_none_leaves_costs_each_site_its_stage_formulas():
     for (u, stage), measured in per_site.items():
         assert measured == predicted[stage], (u, stage)
     # The formulas themselves, pinned: 4 sites, 3 neighbours, 50 coordinates mod 2^11.
-    assert predicted == {"setup": {"down": 164, "up": 183},
-                         "share_keys": {"down": 947, "up": 591},
+    assert predicted == {"setup": {"down": 164, "up": 42},
+                         "advertise": {"down": 268, "up": 225},
+                         "share_keys": {"down": 1215, "up": 591},
                          "masked_input": {"down": 629, "up": 100},
                          "consistency": {"down": 38, "up": 73},
                          "unmask": {"down": 356, "up": 319}}

@@ -94,7 +94,8 @@ def _round_through_records(config, vectors, gone_at_masked=()):
             replies[u] = carry(reply)
         return replies
 
-    messages = server.collect_keys(deliver("setup", server.setup()))
+    messages = server.collect_commitments(deliver("setup", server.setup()))
+    messages = server.collect_keys(deliver("advertise", messages))
     messages = server.collect_shares(deliver("share_keys", messages))
     messages = server.collect_masked(deliver("masked_input", messages, gone=gone_at_masked))
     messages = server.collect_signatures(deliver("consistency", messages))
