@@ -11,7 +11,8 @@ from fedlora.report import load_run
 from fedlora.report.overhead import baseline_for, costs, stage_bytes
 from tests.test_report import COMMS_COLUMNS, MSG_BYTES, NODES, _write_csv, make_run, parse_page
 
-STAGE_BYTES = {"secagg_setup": (183, 164), "secagg_share_keys": (213, 327),
+STAGE_BYTES = {"secagg_setup": (42, 164), "secagg_advertise": (225, 268),
+               "secagg_share_keys": (213, 327),
                "secagg_masked_input": (2 * MSG_BYTES, 219), "secagg_consistency": (73, 22),
                "secagg_unmask": (135, 156)}  # (up, down) per site per round
 
@@ -85,7 +86,8 @@ def test_costs_are_per_site_and_training_round_and_stages_split_them(tmp_path):
     assert c.rounds == 3 and c.seconds == 3.0  # round 0 (the initial evaluation) left out
     assert c.up == sum(u for u, _ in STAGE_BYTES.values())
     stages = stage_bytes(run)
-    assert list(stages)[0] == "train" and stages["train"] == (0, MSG_BYTES)
+    assert list(stages) == ["train", *STAGE_BYTES]  # the protocol's order
+    assert stages["train"] == (0, MSG_BYTES)
     assert {k: v for k, v in stages.items() if k != "train"} == STAGE_BYTES
 
 

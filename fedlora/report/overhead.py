@@ -25,8 +25,8 @@ __all__ = ["Costs", "baseline_for", "costs", "overhead_html", "stage_bytes"]
 #: Config keys that belong to secure aggregation (or only name the run): not a difference.
 OWN_KEYS = ("secure-aggregation", "run-name", "output-dir")
 OWN_PREFIX = "secagg-"
-STAGE_ORDER = ("train", "secagg_setup", "secagg_share_keys", "secagg_masked_input",
-               "secagg_consistency", "secagg_unmask")
+STAGE_ORDER = ("train", "secagg_setup", "secagg_advertise", "secagg_share_keys",
+               "secagg_masked_input", "secagg_consistency", "secagg_unmask")
 
 
 def is_secure(run: RunData) -> bool:
