@@ -90,11 +90,12 @@ class CommsLog:
         return entry
 
     def record_bytes(self, server_round: int, node: int, direction: str, kind: str,
-                     nbytes: int, keys: str = "") -> CommsEntry:
-        """A message that is not adapter tensors (a secure aggregation stage): its bytes."""
+                     nbytes: int, analytic: int, keys: str = "") -> CommsEntry:
+        """A message that is not adapter tensors (a secure aggregation stage): its bytes as
+        measured, and as its formula predicts them (:mod:`fedlora.secagg_bytes`)."""
         entry = CommsEntry(round=int(server_round), node=int(node), direction=direction,
                            kind=str(kind).split(".")[-1], bytes=int(nbytes),
-                           analytic_bytes=int(nbytes), factor_bytes=0, head_bytes=0,
+                           analytic_bytes=int(analytic), factor_bytes=0, head_bytes=0,
                            num_arrays=0, wire_dtype="", keys=keys, array_bytes="")
         self.entries.append(entry)
         return entry

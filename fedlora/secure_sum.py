@@ -5,11 +5,15 @@ What a site sums is its update, the adapter it trained (or, under a local DP mod
 its mechanism releases) minus the adapter it received, over the tensors the method sends
 (:meth:`~fedlora.aggregation.Method.payload`, in sorted key order). Each coordinate is
 clipped to ``[-secagg-clip, secagg-clip]`` and stochastically rounded, with coins from OS
-entropy, to an integer multiple of the public step ``secagg-clip / secagg-levels``: an
-integer in ``[-levels, levels]``, unbiased. The modulus 2^k is
-``bits_for(cohort, levels, signed=True)``: no sum of a cohort's integers can wrap. Every
-site weighs the same (a public constant): the new global adapter is the received one plus
-``step * sum / survivors``, so no example count leaves a site.
+entropy, to an integer multiple of the public step ``secagg-clip / levels``: an integer in
+``[-levels, levels]``, unbiased. ``levels`` is ``secagg-levels`` on a float wire and the
+integer range of fedlora's integer wire under ``wire-dtype = "int8"`` (127) or ``"int4"``
+(7): one public scale for the round, the clip, so the sum dequantises exactly. The modulus
+2^k is ``bits_for(cohort, levels, signed=True)``: no sum of a cohort's integers can wrap.
+The masked vector travels as the smallest unsigned integer dtype that holds k bits
+(:func:`transport_dtype`). Every site weighs the same (a public constant): the new global
+adapter is the received one plus ``step * sum / survivors``, so no example count leaves a
+site.
 
 Which runs can use it is checked before round 1 (:func:`check_config`,
 :func:`resolve_graph`), with errors naming the key.
@@ -28,18 +32,22 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from .aggregation import METHODS
 from .config import ConfigError
 from .entropy import stochastic_round
+from .quantization import QMAX
+from .run_config import KEYS_BY_NAME
 from .secagg import bits_for, encode
 from .secagg.graph import COMPLETE, resolve_degree, resolve_threshold
 from .secagg.state import flatten, unflatten
+from .wire import STYPE
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
 __all__ = ["ACTIONS", "MASKED_KEY", "SECAGG_KEY", "SecureSum", "check_config", "from_records",
-           "message_type", "protocol_bytes", "resolve_graph", "to_records"]
+           "message_type", "protocol_bytes", "resolve_graph", "to_records", "transport_dtype"]
 
 #: The protocol's client stages and the train actions that carry them (``train.<action>``).
-ACTIONS = {"setup": "secagg_setup", "share_keys": "secagg_share_keys",
+ACTIONS = {"setup": "secagg_setup", "advertise": "secagg_advertise",
+           "share_keys": "secagg_share_keys",
            "masked_input": "secagg_masked_input", "consistency": "secagg_consistency",
            "unmask": "secagg_unmask"}
 SECAGG_KEY = "secagg"  # a stage's message (ConfigRecord, flattened)
@@ -76,6 +84,15 @@ def check_config(cfg: RunConfig) -> None:
                           "off, sample or update when secure-aggregation = true: user-level DP "
                           "(client) has the server clip and noise each site's update, which "
                           "it no longer sees (distributed noise is not implemented)")
+    wire_levels = QMAX.get(cfg.wire_dtype)
+    default_levels = KEYS_BY_NAME["secagg-levels"].default
+    if wire_levels is not None and cfg.secagg_levels not in (default_levels, wire_levels):
+        raise ConfigError("secagg-levels", cfg.secagg_levels,
+                          f"{wire_levels} or left at its default when wire-dtype = "
+                          f"'{cfg.wire_dtype}' and secure-aggregation = true: the sum is taken "
+                          f"on the {cfg.wire_dtype} wire's integers, [-{wire_levels}, "
+                          f"{wire_levels}] in steps of secagg-clip / {wire_levels} (a float "
+                          "wire-dtype takes secagg-levels)")
 
 
 def resolve_graph(cfg: RunConfig, cohort: int) -> tuple[int, int]:
@@ -113,7 +130,9 @@ class SecureSum:
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> SecureSum:
-        return cls(float(cfg.secagg_clip), int(cfg.secagg_levels))
+        """``secagg-clip`` in ``secagg-levels`` steps, or in the integer range of the
+        ``int8``/``int4`` wire (127 or 7) when ``wire-dtype`` names one."""
+        return cls(float(cfg.secagg_clip), int(QMAX.get(cfg.wire_dtype, cfg.secagg_levels)))
 
     @property
     def step(self) -> float:
@@ -161,33 +180,57 @@ class SecureSum:
         return out
 
 
-def _transport_dtype(vector: np.ndarray) -> np.dtype:
-    top = int(vector.max()) if vector.size else 0
+def transport_dtype(bits: int) -> np.dtype:
+    """The smallest unsigned integer dtype that holds every element of the ring mod
+    2^``bits``: what a masked vector travels as (uint16 for k <= 16, uint32 for k <= 32)."""
     return next(np.dtype(t) for t in ("uint8", "uint16", "uint32", "uint64")
-                if top <= np.iinfo(t).max)
+                if bits <= 8 * np.dtype(t).itemsize)
 
 
-def to_records(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A stage's message as records: the masked vector apart, the rest flattened."""
+def to_records(body: Mapping[str, Any], bits: int | None = None) -> dict[str, Any]:
+    """A stage's message as records: the masked vector apart, in
+    :func:`transport_dtype` of the round's modulus ``bits``; the rest flattened."""
     rest = {k: v for k, v in body.items() if k != "masked"}
     out: dict[str, Any] = {SECAGG_KEY: ConfigRecord(flatten(rest))}
     if "masked" in body:
+        if bits is None:
+            raise ValueError("a masked vector travels in the dtype of the round's modulus: "
+                             "give its bits")
         vector = np.asarray(body["masked"], dtype=np.uint64)
-        out[MASKED_KEY] = ArrayRecord({"masked": Array(vector.astype(_transport_dtype(vector)))})
+        if vector.size and int(vector.max()) >> bits:
+            raise ValueError(f"a masked vector holds an entry of 2^{bits} or more")
+        dtype = transport_dtype(bits)
+        out[MASKED_KEY] = ArrayRecord({"masked": Array(
+            dtype=dtype.name, shape=(int(vector.size),), stype=STYPE,
+            data=vector.astype(dtype.newbyteorder("<")).tobytes())})
     return out
+
+
+def _masked(array: Array) -> np.ndarray:
+    """A masked vector as :func:`to_records` wrote it (raw little-endian unsigned integers),
+    as uint64; ``ValueError`` for another form."""
+    if array.stype != STYPE or array.dtype not in ("uint8", "uint16", "uint32", "uint64") \
+            or len(array.shape) != 1:
+        raise ValueError(f"a masked vector must be a 1-d array of raw unsigned integers "
+                         f"({STYPE}), got {array.dtype} {tuple(array.shape)} ({array.stype})")
+    dtype = np.dtype(array.dtype).newbyteorder("<")
+    if len(array.data) != array.shape[0] * dtype.itemsize:
+        raise ValueError(f"a masked vector of {array.shape[0]} {array.dtype} holds "
+                         f"{len(array.data)} bytes")
+    return np.frombuffer(array.data, dtype=dtype).astype(np.uint64)
 
 
 def from_records(content: RecordDict) -> dict[str, Any]:
     """Inverse of :func:`to_records` (``ValueError``/``KeyError`` for a malformed one)."""
     body = unflatten(dict(content[SECAGG_KEY]))
     if MASKED_KEY in content:
-        body["masked"] = content[MASKED_KEY]["masked"].numpy().astype(np.uint64)
+        body["masked"] = _masked(content[MASKED_KEY]["masked"])
     return body
 
 
 def protocol_bytes(content: RecordDict) -> int:
-    """Bytes of the protocol's records in a message: byte strings and strings as written,
-    8 per integer, and the masked vector's serialised array."""
+    """Bytes of the protocol's records in a message: keys, byte strings and strings as
+    written, 8 per integer, and the masked vector's raw bytes."""
     total = 0
     if SECAGG_KEY in content:
         for key, value in content[SECAGG_KEY].items():

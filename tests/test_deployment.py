@@ -185,8 +185,8 @@ def test_secure_aggregation_over_tls_survives_a_killed_site(tmp_path):
     assert rounds[1]["test_accuracy"] == rounds[0]["test_accuracy"]  # the adapter as it was
     assert rounds[2]["test_accuracy"] != rounds[0]["test_accuracy"]  # the sums were applied
     comms = list(csv.DictReader((out / "secure" / "comms.csv").open()))
-    stages = {f"secagg_{s}" for s in ("setup", "share_keys", "masked_input", "consistency",
-                                       "unmask")}
+    stages = {f"secagg_{s}" for s in ("setup", "advertise", "share_keys", "masked_input",
+                                       "consistency", "unmask")}
     assert stages <= {r["kind"] for r in comms}
     up = {int(r["node"]) for r in comms if r["direction"] == "up" and r["round"] == "2"}
     assert up == {fed.node_ids[0], fed.node_ids[1]}

@@ -205,6 +205,8 @@ def test_a_distributed_round_releases_one_noised_step_of_the_head(custom_task, r
         _, count = SkellamSum.for_dims(spec_len - 1).decode(total, 1.0)
         # 200 examples over the 4 sites, seen through noise of std ~ sigma * Delta / weight
         assert len(survivors) == 4 and 100 < count < 300, count
+    # The round context (a digest of the DP parameters) in the setup: still its formula.
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
 
 
 @pytest.mark.slow
@@ -338,14 +340,19 @@ def test_sites_given_other_dp_parameters_refuse_each_others_round():
     told_one = RoundConfig(base.round_id, base.cohort, base.degree, base.threshold, base.bits,
                            base.length, base.graph_seed, contexts[1.0])
     clients = {u: SecAggClient(u) for u in cohort}
-    bundles = {u: clients[u].setup((told_one if u == 1 else base).to_message())
-               for u in cohort}
-    # Even a server that forwards every key: site 2 cannot verify site 1's keys, signed over
-    # another round config, and refuses the round (as site 1 refuses the others').
-    with pytest.raises(ProtocolError, match="not validly signed"):
-        clients[2].share_keys({"keys": {v: bundles[v] for v in (1, 3)}})
-    with pytest.raises(ProtocolError, match="not validly signed"):
-        clients[1].share_keys({"keys": {v: bundles[v] for v in (2, 3)}})
+    commitments = {u: clients[u].setup((told_one if u == 1 else base).to_message())
+                   ["commitment"] for u in cohort}
+    bundles = {u: clients[u].advertise({"commitments": commitments}) for u in cohort}
+    seed_shares = {u: b["seed_share"] for u, b in bundles.items()}
+    # Even a server that forwards everything: site 2 cannot open site 1's commitment to the
+    # graph seed, made for another round config, and refuses the round (as site 1 refuses
+    # the others').
+    with pytest.raises(ProtocolError, match="node 1's reveal does not open"):
+        clients[2].share_keys({"seed_shares": seed_shares,
+                               "keys": {v: bundles[v] for v in (1, 3)}})
+    with pytest.raises(ProtocolError, match="does not open"):
+        clients[1].share_keys({"seed_shares": seed_shares,
+                               "keys": {v: bundles[v] for v in (2, 3)}})
     with pytest.raises(RoundAborted):  # and the honest server's own check drops it
         run_local_round(base, {u: np.zeros(5, np.uint64) for u in cohort},
                         clients={u: SecAggClient(u) for u in cohort},
@@ -410,6 +417,7 @@ def test_a_site_counts_only_pinned_neighbours_and_refuses_for_good(tmp_path):
     config = RoundConfig.create(1, range(1, 9), length=3, bits=40, degree=2)
     client = SecAggClient(1, identity=load_identity(keys[0]), trusted=load_peers(peers))
     client.setup(config.to_message())
+    client.neighbours = frozenset({2, 8})  # as its key sharing leaves it: 2 neighbours
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
                   run_config=run_config)
     with pytest.raises(ProtocolError, match="pinned"):

@@ -15,6 +15,7 @@ from fedlora.secagg import (
     RoundConfig,
     SecAggClient,
     SecAggServer,
+    joint_seed,
     run_local_round,
 )
 from fedlora.secagg.common import keys_transcript
@@ -41,10 +42,15 @@ class Steps:
                           else method(message))
         return out
 
+    def until_keys(self) -> dict:
+        """Stages 1-2 (the graph seed drawn, the keys advertised); returns the server's
+        key-sharing messages."""
+        messages = self.server.collect_commitments(self.ask("setup", self.server.setup()))
+        return self.server.collect_keys(self.ask("advertise", messages))
+
     def until_masked(self, skip=()) -> dict:
-        """Stages 1-3; returns the server's consistency-check messages."""
-        messages = self.server.collect_keys(self.ask("setup", self.server.setup()))
-        messages = self.server.collect_shares(self.ask("share_keys", messages))
+        """Stages 1-4; returns the server's consistency-check messages."""
+        messages = self.server.collect_shares(self.ask("share_keys", self.until_keys()))
         return self.server.collect_masked(self.ask("masked_input", messages, skip))
 
     def until_unmask(self, skip=()) -> dict:
@@ -139,8 +145,7 @@ def test_equivocation_on_u3_gets_no_shares():
 def test_forged_or_moved_ciphertexts_are_rejected():
     config, inputs = small_round()
     steps = Steps(config, inputs)
-    messages = steps.server.collect_keys(steps.ask("setup", steps.server.setup()))
-    messages = steps.server.collect_shares(steps.ask("share_keys", messages))
+    messages = steps.server.collect_shares(steps.ask("share_keys", steps.until_keys()))
     to_one = messages[1]["ciphertexts"]
     flipped = bytearray(to_one[2])
     flipped[20] ^= 1
@@ -162,17 +167,18 @@ def test_forged_or_moved_ciphertexts_are_rejected():
 def test_bad_key_bundles_are_refused():
     config, inputs = small_round()
     steps = Steps(config, inputs)
-    messages = steps.server.collect_keys(steps.ask("setup", steps.server.setup()))
+    messages = steps.until_keys()
     keys = messages[1]["keys"]
     replayed = {**keys, 2: {**keys[3]}}  # node 3's signed keys presented as node 2's
     with pytest.raises(ProtocolError, match="not validly signed"):
-        steps.clients[1].share_keys({"keys": replayed})
+        steps.clients[1].share_keys({**messages[1], "keys": replayed})
     echo = steps.server.keys[2]  # node 2's own keys sent back to it, re-signed
     fake = Ed25519PrivateKey.generate()
     own = {"c_pk": echo["c_pk"], "s_pk": echo["s_pk"], "sig_pk": public_bytes(fake)}
-    own["signature"] = sign(fake, keys_transcript(config, 4, *own.values()))
+    own["signature"] = sign(fake, keys_transcript(config, 4, *own.values(),
+                                                  steps.server.seed_binding))
     with pytest.raises(ProtocolError, match="replayed"):
-        steps.clients[2].share_keys({"keys": {**messages[2]["keys"], 4: own}})
+        steps.clients[2].share_keys({**messages[2], "keys": {**messages[2]["keys"], 4: own}})
 
 
 def test_known_identities_stop_impersonation():
@@ -182,13 +188,14 @@ def test_known_identities_stop_impersonation():
     clients = {u: SecAggClient(u, identity=identities[u], known_identities=known)
                for u in config.cohort}
     steps = Steps(config, inputs, clients)
-    messages = steps.server.collect_keys(steps.ask("setup", steps.server.setup()))
+    messages = steps.until_keys()
     impostor = Ed25519PrivateKey.generate()  # the server poses as node 2 to node 1
     fake = {"c_pk": public_bytes(new_agreement_key()), "s_pk": messages[1]["keys"][2]["s_pk"],
             "sig_pk": public_bytes(impostor)}
-    fake["signature"] = sign(impostor, keys_transcript(config, 2, *fake.values()))
+    fake["signature"] = sign(impostor, keys_transcript(config, 2, *fake.values(),
+                                                       steps.server.seed_binding))
     with pytest.raises(ProtocolError, match="known identity"):
-        clients[1].share_keys({"keys": {**messages[1]["keys"], 2: fake}})
+        clients[1].share_keys({**messages[1], "keys": {**messages[1]["keys"], 2: fake}})
     result = run_local_round(config, inputs, clients={
         u: SecAggClient(u, identity=identities[u], known_identities=known)
         for u in config.cohort})
@@ -229,19 +236,25 @@ def test_a_client_outside_the_cohort_refuses_and_a_tampered_round_aborts():
 @pytest.mark.parametrize("field,value", [("graph_seed", bytes(32)), ("threshold", 7),
                                          ("round_id", 2)])
 def test_a_client_sent_another_config_is_cut_off(field, value):
+    """Node 1 is shown another round config: its commitment to the graph seed and its keys
+    are bound to that config, so no graph and no key of it serves the others' round."""
     config, inputs = small_round()
     steps = Steps(config, inputs)
     messages = steps.server.setup()
     messages[1] = {**messages[1], field: value}  # node 1 is shown another round config
-    replies = steps.ask("setup", messages)
-    forwarded = steps.server.collect_keys(replies)
-    assert 1 not in forwarded  # its keys are signed for another config
+    messages = steps.server.collect_commitments(steps.ask("setup", messages))
+    replies = steps.ask("advertise", messages)
+    with pytest.raises(RoundAborted, match="node 1's reveal does not open"):
+        steps.server.collect_keys(replies)
+    seed_shares = {u: r["seed_share"] for u, r in replies.items()}
+    with pytest.raises(ProtocolError, match="no graph"):  # a server that went on regardless
+        steps.clients[2].share_keys({"seed_shares": seed_shares, "keys": {}})
+    honest = Steps(config, inputs)  # the keys of node 1 cannot enter a round of the config
+    forwarded = honest.until_keys()
     with pytest.raises(ProtocolError, match="not validly signed"):
-        steps.clients[1].share_keys({"keys": {v: steps.server.keys[v]
-                                              for v in config.graph[1]}})
-    keys_of_1 = {**forwarded[2]["keys"], 1: replies[1]}
-    with pytest.raises(ProtocolError, match="not validly signed"):
-        steps.clients[2].share_keys({"keys": keys_of_1})
+        honest.clients[2].share_keys({**forwarded[2], "keys": {
+            **forwarded[2]["keys"], 1: {f: replies[1][f] for f in (
+                "c_pk", "s_pk", "sig_pk", "signature")}}})
 
 
 def test_stages_run_in_order():
@@ -257,11 +270,14 @@ def test_stages_run_in_order():
 def test_low_order_mask_key_is_refused_by_clients_and_server():
     config, inputs = small_round()
     steps = Steps(config, inputs)
-    replies = steps.ask("setup", steps.server.setup())
+    commitments = steps.server.collect_commitments(steps.ask("setup", steps.server.setup()))
+    replies = steps.ask("advertise", commitments)
+    binding = joint_seed.commitments_digest(config, commitments[1]["commitments"])
     rogue = Ed25519PrivateKey.generate()  # node 2 advertises an all-zero mask key
     bad = {"c_pk": replies[2]["c_pk"], "s_pk": bytes(32), "sig_pk": public_bytes(rogue)}
-    bad["signature"] = sign(rogue, keys_transcript(config, 2, *bad.values()))
+    bad["signature"] = sign(rogue, keys_transcript(config, 2, *bad.values(), binding))
+    bad["seed_share"] = replies[2]["seed_share"]
     messages = steps.server.collect_keys({**replies, 2: bad})
     assert 2 not in messages and 2 not in messages[1]["keys"]
     with pytest.raises(ProtocolError, match="malformed public keys"):
-        steps.clients[1].share_keys({"keys": {**messages[1]["keys"], 2: bad}})
+        steps.clients[1].share_keys({**messages[1], "keys": {**messages[1]["keys"], 2: bad}})

@@ -82,7 +82,7 @@ def test_a_pinned_clients_state_never_holds_its_private_key(identities):
     with pytest.raises(ValueError, match="identity"):
         load_client(state)  # the node must give its identity again
     again = load_client(state, identity=identity, trusted=load_peers(peers))
-    assert again.stage == "share_keys" and again.trusted == load_peers(peers)
+    assert again.stage == "advertise" and again.trusted == load_peers(peers)
 
 
 @pytest.mark.slow

@@ -90,11 +90,17 @@ def test_too_few_survivors_release_nothing():
 def test_clients_refuse_below_threshold_even_if_the_server_goes_on():
     config, _, inputs = make_round(12, 6)  # degree 6, threshold 4
     victim = config.cohort[0]
-    neighbours = list(config.graph[victim])
     refusals: dict = {}
+    dropouts: dict = {"masked_input": []}
+
+    def drop_three_neighbours(stage, messages):  # the graph is known once seeds are revealed
+        if stage == "share_keys":
+            dropouts["masked_input"] = sorted(messages[victim]["keys"])[:3]
+        return messages
+
     with pytest.raises(RoundAborted, match="released nothing"):
-        run_local_round(config, inputs, dropouts={"masked_input": neighbours[:3]},
-                        refusals=refusals)
+        run_local_round(config, inputs, dropouts=dropouts, refusals=refusals,
+                        tamper=drop_three_neighbours)
     assert isinstance(refusals[victim], ProtocolError)
     assert "neighbours in U3" in str(refusals[victim])
 

@@ -50,7 +50,8 @@ def test_a_round_survives_every_stage_in_another_process_and_a_dropout():
         return replies
 
     server = SecAggServer(config)
-    messages = server.collect_keys(deliver("setup", server.setup()))
+    messages = server.collect_commitments(deliver("setup", server.setup()))
+    messages = server.collect_keys(deliver("advertise", messages))
     messages = server.collect_shares(deliver("share_keys", messages))
     messages = server.collect_masked(deliver("masked_input", messages, gone=(9,)))
     messages = server.collect_signatures(deliver("consistency", messages))
@@ -142,7 +143,8 @@ def test_sites_answer_each_stage_from_their_node_state_and_refuse_a_foreign_conf
     _, threshold = resolve_graph(cfg, 3)
     server = SecAggServer(RoundConfig.create(1, cohort, length=3, bits=q.bits(3),
                                              degree=COMPLETE, threshold=threshold))
-    messages = server.collect_keys(deliver("setup", server.setup()))
+    messages = server.collect_commitments(deliver("setup", server.setup()))
+    messages = server.collect_keys(deliver("advertise", messages))
     messages = server.collect_shares(deliver("share_keys", messages))
     messages = server.collect_masked(deliver("masked_input", messages))
     messages = server.collect_signatures(deliver("consistency", messages))
@@ -194,7 +196,7 @@ def _capture_mod(folder: str):
         finally:
             secure_sum.SecureSum.quantise = original
         if "secagg-masked" in reply.content:
-            masked = reply.content["secagg-masked"]["masked"].numpy()
+            masked = secure_sum.from_records(reply.content)["masked"]
             np.save(Path(folder) / f"masked-{tag}.npy", masked)
         with open(Path(folder) / "replies.jsonl", "a") as f:
             f.write(json.dumps({"type": kind, "round": rnd, "node": context.node_id,
@@ -268,13 +270,14 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
     stages = [(set(types), timeout) for types, timeout in sends
               if types and types[0].startswith("train")]
     assert [types for types, _ in stages] == 2 * [{f"train.secagg_{s}"} for s in (
-        "setup", "share_keys", "masked_input", "consistency", "unmask")]
-    for r in range(2):  # one deadline for the round's five stages together
-        waits = [timeout for _, timeout in stages[5 * r: 5 * r + 5]]
+        "setup", "advertise", "share_keys", "masked_input", "consistency", "unmask")]
+    for r in range(2):  # one deadline for the round's six stages together
+        waits = [timeout for _, timeout in stages[6 * r: 6 * r + 6]]
         assert 110.0 < waits[0] <= 120.0 and waits == sorted(waits, reverse=True), waits
     replies = [json.loads(line) for line in (folder / "replies.jsonl").read_text().splitlines()]
     assert {r["type"] for r in replies if r["type"].startswith("train")} == {
-        "train.secagg_setup", "train.secagg_share_keys", "train.secagg_masked_input",
+        "train.secagg_setup", "train.secagg_advertise", "train.secagg_share_keys",
+        "train.secagg_masked_input",
         "train.secagg_consistency", "train.secagg_unmask"}
     for r in replies:  # no adapter, no metrics: protocol records and a status
         if r["type"].startswith("train"):
@@ -305,10 +308,14 @@ def test_the_server_sees_only_masked_vectors_and_releases_their_exact_mean(
 
     rows = list(csv.DictReader((run_dir / "comms.csv").open()))
     up = {r["kind"] for r in rows if r["direction"] == "up" and int(r["bytes"]) > 0}
-    assert up == {"secagg_setup", "secagg_share_keys", "secagg_masked_input",
-                  "secagg_consistency", "secagg_unmask"}, up  # the protocol's bytes counted
+    assert up == {"secagg_setup", "secagg_advertise", "secagg_share_keys",
+                  "secagg_masked_input", "secagg_consistency", "secagg_unmask"}, up  # the protocol's bytes counted
     assert rounds[1]["bytes_up"] == sum(int(r["bytes"]) for r in rows
                                         if r["direction"] == "up" and r["round"] == "1")
+    # Every stage's bytes, both ways, are what its formula predicts (fedlora.secagg_bytes).
+    assert all(r["bytes"] == r["analytic_bytes"] for r in rows), [
+        r for r in rows if r["bytes"] != r["analytic_bytes"]]
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
 
 @pytest.mark.slow
 def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(
@@ -331,3 +338,5 @@ def test_a_site_that_drops_after_sharing_is_removed_and_too_few_release_nothing(
     assert len(lines) == 1 and "left unchanged" in lines[0], lines
     assert not [x for x in records if "could not write" in x.getMessage()]  # the report
     assert "released nothing" in (run_dir / "report.html").read_text()
+    # Dropouts, refusals and an aborted round included: every stage's bytes are its formula.
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]

@@ -20,6 +20,12 @@ A site states instead, in the node-config its operator gives the SuperNode:
   ``1 / min-noise-share`` honest contributors, itself included.
 * ``require-secure-aggregation`` (optional, default false): the site trains only in runs
   with ``secure-aggregation = true`` and answers no federated evaluation.
+* ``secagg-min-cohort`` and ``secagg-min-threshold`` (optional counts): in a secure round
+  the fewest sites the round's cohort may have, and the fewest shares that may rebuild one
+  of the site's secrets. The site checks them against what the round announces (the round
+  config it signs, then the sets of sites that shared their keys and whose masked inputs
+  arrived), not against the run-config, and refuses a round below them before it masks or
+  trains (:class:`fedlora.secagg.floor.Floor`).
 * ``min-reply-seconds`` (optional): the site holds every training reply (trained or refused)
   until that many seconds after the instruction arrived. A site's compute time grows with
   its data; a server that times replies would learn about it. Replies held to a floor the
@@ -57,7 +63,8 @@ log = logging.getLogger("fedlora.client")
 
 #: The node-config keys of a site's privacy policy.
 POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier",
-               "min-noise-share", "min-reply-seconds", "require-secure-aggregation")
+               "min-noise-share", "min-reply-seconds", "require-secure-aggregation",
+               "secagg-min-cohort", "secagg-min-threshold")
 #: The ``accept-dp-modes`` token of distributed DP (sample-level DP on the secure sum).
 DISTRIBUTED = "distributed"
 
@@ -87,6 +94,23 @@ def _positive(node_config: Mapping[str, Any], key: str, upper: float | None = No
     return out
 
 
+def _count(node_config: Mapping[str, Any], key: str, low: int) -> int | None:
+    value = node_config.get(key)
+    if value is None or value == "":
+        return None
+    out = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = value
+    elif isinstance(value, float) and value.is_integer():
+        out = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        out = int(value.strip())
+    if out is None or out < low:
+        raise PolicyRefusal(f"node-config key '{key}' has bad value {value!r}: expected a "
+                            f"whole number >= {low}")
+    return out
+
+
 def _flag(node_config: Mapping[str, Any], key: str) -> bool:
     value = node_config.get(key, False)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", ""):
@@ -108,6 +132,8 @@ class SitePolicy:
     min_noise_share: float | None = None
     min_reply_seconds: float | None = None
     require_secure_aggregation: bool = False
+    secagg_min_cohort: int | None = None
+    secagg_min_threshold: int | None = None
     deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
 
     @classmethod
@@ -136,6 +162,8 @@ class SitePolicy:
                    min_noise_share=share,
                    min_reply_seconds=_positive(node_config, "min-reply-seconds"),
                    require_secure_aggregation=_flag(node_config, "require-secure-aggregation"),
+                   secagg_min_cohort=_count(node_config, "secagg-min-cohort", 2),
+                   secagg_min_threshold=_count(node_config, "secagg-min-threshold", 1),
                    deployed=node_config.get("partition-id") is None)
 
     @property

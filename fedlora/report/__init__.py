@@ -5,7 +5,8 @@ when differential privacy was on, ``privacy.csv``) and embeds its plots as base6
 data URIs, so the single HTML file can be mailed or archived on its own.
 
 Modules: :mod:`.reading` (a run folder as :class:`RunData`), :mod:`.series` (the numbers
-derived from it), :mod:`.reply_keys` (the keys of client replies), :mod:`.figures` (the plots) and
+derived from it), :mod:`.reply_keys` (the keys of client replies), :mod:`.overhead` (what
+secure aggregation costs against the same run without it), :mod:`.figures` (the plots) and
 :mod:`.pages` (the HTML of one run or a comparison); this module writes the page.
 """
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .figures import plots
+from .overhead import overhead_html
 from .reading import RunData, _num
 from .reply_keys import _count_reply_keys, audit_reply_keys
 from .series import epsilon_per_round, final_value
@@ -206,7 +207,7 @@ def render_run_page(run: RunData) -> str:
     """The HTML page of one run."""
     body = (f"<h1>fedlora run {_e(run.name)}</h1>"
             f"<p class=\"muted\">{_e(run.path.resolve())}</p>{_config_header(run)}"
-            f"<h2>Summary</h2>{_summary_table(run)}"
+            f"<h2>Summary</h2>{_summary_table(run)}{overhead_html([run])}"
             f"<h2>Audit of client replies</h2>{audit_html(run)}"
             f"{_notes_html(run)}{_refused_html(run)}"
             f"{'' if _causal(run) else _confusion_html(run)}"
@@ -219,7 +220,7 @@ def render_comparison_page(runs: Sequence[RunData]) -> str:
     names = ", ".join(r.name for r in runs)
     audits = "".join(f"<h3>{_e(r.name)}</h3>{audit_html(r)}" for r in runs)
     body = (f"<h1>fedlora comparison of {len(runs)} runs</h1><p>{_e(names)}</p>"
-            f"<h2>Summary</h2>{_comparison_table(runs)}"
+            f"<h2>Summary</h2>{_comparison_table(runs)}{overhead_html(runs)}"
             f"<h2>Audit of client replies</h2>{audits}"
             f"<h2>Plots</h2>{_dp_note(runs)}{_figures_html(runs)}")
     return _page(f"fedlora comparison: {names}", body)

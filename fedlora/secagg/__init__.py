@@ -3,7 +3,8 @@ check of SecAgg (Bonawitz et al., CCS 2017), as a pure library without Flower.
 
 The server learns the sum modulo 2^k of the clients' integer vectors, and nothing more
 about any one vector, as long as it colludes with fewer than t of any client's neighbours
-and the neighbour graph is drawn honestly; a server that also shows clients different
+(the neighbour graph comes from a seed the clients draw together, which the server cannot
+choose); a server that also shows clients different
 survivor sets needs only c <= 2t - k colluding neighbours (k of them), so against such a
 server the bound is that, not t. Clients may drop out at any stage; the sum then
 covers those that sent their masked vector, provided each secret still has t share holders.
@@ -16,6 +17,9 @@ Layout:
   signed encoding.
 * :mod:`~fedlora.secagg.graph`: the SecAgg+ neighbour graph, its degree and threshold.
 * :mod:`~fedlora.secagg.common`: the round config, errors and signed transcripts.
+* :mod:`~fedlora.secagg.joint_seed`: the graph seed the clients draw together (commit,
+  then reveal).
+* :mod:`~fedlora.secagg.floor`: a client's own floor on the cohort and the threshold.
 * :mod:`~fedlora.secagg.client`, :mod:`~fedlora.secagg.server`: the two sides of the
   protocol, over plain dict messages (the client module describes the stages).
 * :mod:`~fedlora.secagg.local`: one round run in-process.

@@ -6,34 +6,42 @@ finish the round, and nothing else about any one vector. Threat model: the serve
 fewer than t of any client's neighbours may collude and deviate from the protocol (drop,
 reorder, alter or forge messages, lie about who dropped); a server that shows clients
 different survivor sets needs only c <= 2t - k colluding neighbours (k the degree); clients trust only their own
-randomness and the public round config. The neighbour graph must be drawn honestly (see
-:mod:`fedlora.secagg.graph`). Messages travel through the server; pairwise encryption
+randomness and the public round config. The neighbour graph's seed is drawn by the clients
+together (:mod:`fedlora.secagg.joint_seed`): the server cannot choose the graph. Messages
+travel through the server; pairwise encryption
 keeps shares from it. Signing keys are fresh per round unless the client is given a
 long-term ``identity`` and the others' public identities (``known_identities`` by node id,
 or ``trusted``: a set of public identities, any of which a neighbour may sign with, each
 at most once), which stops a server from impersonating clients to each other or
 inserting parties of its own.
 
-A client ``u`` answers five stages, each a plain dict in and out, in this order:
+A client ``u`` answers six stages, each a plain dict in and out, in this order:
 
-1. :meth:`SecAggClient.setup`: reads the config, draws two X25519 key pairs (``c`` for
-   encryption, ``s`` for masks) and an Ed25519 signing key; returns the signed public keys.
-2. :meth:`SecAggClient.share_keys`: given its neighbours' keys (U1), draws a self-mask seed
+1. :meth:`SecAggClient.setup`: reads the config, draws its share of the graph seed from
+   OS entropy and returns only a commitment to it (:mod:`fedlora.secagg.joint_seed`).
+2. :meth:`SecAggClient.advertise`: given the commitments of the clients that committed,
+   draws two X25519 key pairs (``c`` for encryption, ``s`` for masks) and an Ed25519
+   signing key; returns its seed share and its public keys, signed over the config and
+   the commitments it was shown.
+3. :meth:`SecAggClient.share_keys`: given every committed client's seed share, derives the
+   joint graph seed, hence its neighbours; given their keys (U1), draws a self-mask seed
    b_u and Shamir-shares b_u and its ``s`` secret key among those neighbours (threshold t,
    the client itself holds no share); each neighbour's pair of shares is encrypted under
    the key both derive from their ``c`` keys.
-3. :meth:`SecAggClient.masked_input`: given the shares addressed to it and the set U2 of
+4. :meth:`SecAggClient.masked_input`: given the shares addressed to it and the set U2 of
    clients that shared, returns ``y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)`` over its
    neighbours v in U2 (+ if u < v, - otherwise), so pairwise masks cancel in a sum.
-4. :meth:`SecAggClient.consistency`: given the set U3 of clients whose y_u arrived, signs
+5. :meth:`SecAggClient.consistency`: given the set U3 of clients whose y_u arrived, signs
    (round, U3).
-5. :meth:`SecAggClient.unmask`: given its neighbours' signatures, all over the same U3,
+6. :meth:`SecAggClient.unmask`: given its neighbours' signatures, all over the same U3,
    reveals its share of b_v for neighbours v in U3 and of v's ``s`` key for neighbours in
    U2 but not U3; never both for one v, and only once.
 
 Any stage with fewer than t neighbours left, or a request inconsistent with what the client
 has seen or signed, raises :class:`~fedlora.secagg.common.ProtocolError`; a client that
-refused once refuses every later stage.
+refused once refuses every later stage. A client given a ``floor``
+(:class:`~fedlora.secagg.floor.Floor`) also refuses a round whose config, U2 or U3 is
+below it, whatever the config says.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from . import joint_seed
 from .common import ProtocolError, RoundConfig, consistency_transcript, keys_transcript
 from .crypto import (
     ENCRYPTION_LABEL,
@@ -62,12 +71,14 @@ from .crypto import (
     usable_public_key,
     verify,
 )
+from .floor import Floor
+from .graph import neighbour_graph
 from .masks import add, check_vector, prg, subtract
 from .shamir import SHARE_BYTES, share_from_bytes, share_to_bytes, split
 
 __all__ = ["SecAggClient"]
 
-STAGES = ("setup", "share_keys", "masked_input", "consistency", "unmask", "done")
+STAGES = ("setup", "advertise", "share_keys", "masked_input", "consistency", "unmask", "done")
 KEY_FIELDS = ("c_pk", "s_pk", "sig_pk")
 
 
@@ -92,8 +103,9 @@ class SecAggClient:
 
     def __init__(self, node_id: int, *, identity: Ed25519PrivateKey | None = None,
                  known_identities: Mapping[int, bytes] | None = None,
-                 trusted: frozenset[bytes] | None = None) -> None:
+                 trusted: frozenset[bytes] | None = None, floor: Floor | None = None) -> None:
         self.node_id = node_id
+        self._floor = floor if floor is not None else Floor()
         self._identity = identity
         self._known = dict(known_identities) if known_identities is not None else None
         self._trusted = frozenset(trusted) if trusted is not None else None
@@ -107,6 +119,11 @@ class SecAggClient:
     def trusted(self) -> frozenset[bytes] | None:
         """The public identities this client accepts from neighbours (None: any)."""
         return self._trusted
+
+    @property
+    def floor(self) -> Floor:
+        """The least cohort and threshold this client accepts."""
+        return self._floor
 
     @property
     def stage(self) -> str:
@@ -131,7 +148,8 @@ class SecAggClient:
                                 f"threshold is {self.config.threshold}")
 
     def setup(self, message: Mapping[str, Any]) -> dict[str, bytes]:
-        """Stage 1: read the config; return the signed public keys."""
+        """Stage 1: read the config; return a commitment to this client's share of the
+        graph seed."""
         self._enter("setup")
         try:
             self.config = RoundConfig.from_message(message)
@@ -139,14 +157,37 @@ class SecAggClient:
             raise ProtocolError(f"bad round config: {exc}") from exc
         if self.node_id not in self.config.cohort:
             raise ProtocolError(f"node {self.node_id} is not in the round's cohort")
-        self.neighbours = frozenset(self.config.graph[self.node_id])
+        self._floor.check_config(self.config)
+        self._seed_share = joint_seed.draw()
+        self._leave("setup")
+        return {"commitment": joint_seed.commitment(self.config, self.node_id,
+                                                    self._seed_share)}
+
+    def advertise(self, message: Mapping[str, Any]) -> dict[str, bytes]:
+        """Stage 2: keep the commitments of the graph seed; return this client's share of
+        it and its public keys, signed over the config and those commitments."""
+        self._enter("advertise")
+        try:
+            commitments = joint_seed.check_commitments(self.config,
+                                                       _field(message, "commitments"))
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from exc
+        own = joint_seed.commitment(self.config, self.node_id, self._seed_share)
+        if commitments.get(self.node_id) != own:
+            raise ProtocolError(f"the commitments do not hold node {self.node_id}'s own")
+        self._floor.check_cohort(len(commitments), "the set of sites that drew the graph")
+        self._enough(len(commitments) - 1, "other sites drew the graph seed")
+        self._commitments = commitments
+        self._seed_binding = joint_seed.commitments_digest(self.config, commitments)
         self._c_sk, self._s_sk = new_agreement_key(), new_agreement_key()
         self._sig_sk = self._identity if self._identity is not None else new_signing_key()
         keys = {"c_pk": public_bytes(self._c_sk), "s_pk": public_bytes(self._s_sk),
                 "sig_pk": public_bytes(self._sig_sk)}
-        transcript = keys_transcript(self.config, self.node_id, *keys.values())
-        self._leave("setup")
-        return {**keys, "signature": sign(self._sig_sk, transcript)}
+        transcript = keys_transcript(self.config, self.node_id, *keys.values(),
+                                     self._seed_binding)
+        self._leave("advertise")
+        return {"seed_share": self._seed_share, **keys,
+                "signature": sign(self._sig_sk, transcript)}
 
     def _check_bundle(self, v: int, bundle: Any) -> dict[str, bytes]:
         keys = {f: _field(bundle, f) for f in (*KEY_FIELDS, "signature")}
@@ -154,7 +195,8 @@ class SecAggClient:
                 or len(keys["sig_pk"]) != KEY_BYTES \
                 or not all(usable_public_key(keys[f]) for f in ("c_pk", "s_pk")):
             raise ProtocolError(f"malformed public keys for node {v}")
-        transcript = keys_transcript(self.config, v, *(keys[f] for f in KEY_FIELDS))
+        transcript = keys_transcript(self.config, v, *(keys[f] for f in KEY_FIELDS),
+                                     self._seed_binding)
         if not verify(keys["sig_pk"], keys["signature"], transcript):
             raise ProtocolError(f"the public keys of node {v} are not validly signed")
         if self._known is not None and self._known.get(v) != keys["sig_pk"]:
@@ -164,14 +206,25 @@ class SecAggClient:
         return keys
 
     def share_keys(self, message: Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
-        """Stage 2: check the neighbours' keys; return encrypted shares of b_u and s_sk_u."""
+        """Stage 3: draw the graph from the joint seed; check the neighbours' keys; return
+        encrypted shares of b_u and s_sk_u."""
         self._enter("share_keys")
+        try:
+            seed = joint_seed.joint_seed(self.config, self._commitments,
+                                         _field(message, "seed_shares"))
+        except ValueError as exc:
+            raise ProtocolError(f"no graph: {exc}") from exc
+        committed = set(self._commitments)
+        del self._commitments, self._seed_share  # what remains of them is the graph
+        graph = neighbour_graph(self.config.cohort, self.config.degree, seed)
+        self.neighbours = frozenset(graph[self.node_id])
         bundles = _field(message, "keys")
         if not isinstance(bundles, Mapping):
             raise ProtocolError("'keys' must map node ids to public keys")
-        strangers = _node_set(bundles, "'keys'") - self.neighbours
+        strangers = _node_set(bundles, "'keys'") - (self.neighbours & committed)
         if strangers:
-            raise ProtocolError(f"keys of non-neighbours {sorted(strangers)} were sent")
+            raise ProtocolError(f"keys of {sorted(strangers)}, not neighbours that drew the "
+                                "graph, were sent")
         self._peers = {v: self._check_bundle(v, b) for v, b in bundles.items()}
         own = [public_bytes(self._c_sk), public_bytes(self._s_sk)]
         every = own + [k[f] for k in self._peers.values() for f in ("c_pk", "s_pk")]
@@ -214,8 +267,23 @@ class SecAggClient:
             share_from_bytes(share)  # a field element, or ValueError
         return b_share, s_share
 
+    def check_u2(self, message: Mapping[str, Any]) -> set[int]:
+        """U2 of a masked-input request, checked without touching the input: it holds this
+        node, lies in the cohort and meets the floor (``ProtocolError`` otherwise)."""
+        self._expect("masked_input")
+        return self._read_u2(message)
+
+    def _read_u2(self, message: Mapping[str, Any]) -> set[int]:
+        u2 = _node_set(_field(message, "u2"), "'u2'")
+        if self.node_id not in u2:
+            raise ProtocolError(f"node {self.node_id} is missing from U2")
+        if not u2 <= set(self.config.cohort):
+            raise ProtocolError("U2 holds nodes outside the round's cohort")
+        self._floor.check_cohort(len(u2), "U2 (the sites that shared their keys)")
+        return u2
+
     def masked_input(self, message: Mapping[str, Any], vector: Any) -> dict[str, np.ndarray]:
-        """Stage 3: keep the shares addressed to u; return the masked vector y_u.
+        """Stage 4: keep the shares addressed to u; return the masked vector y_u.
 
         ``vector`` holds ``length`` integers in [0, 2^bits) (``ValueError`` otherwise).
         """
@@ -224,13 +292,9 @@ class SecAggClient:
         x = check_vector(vector, length, bits)
         self._enter("masked_input")
         ciphertexts = _field(message, "ciphertexts")
-        self._u2 = _node_set(_field(message, "u2"), "'u2'")
+        self._u2 = self._read_u2(message)
         if not isinstance(ciphertexts, Mapping):
             raise ProtocolError("'ciphertexts' must map node ids to bytes")
-        if self.node_id not in self._u2:
-            raise ProtocolError(f"node {self.node_id} is missing from U2")
-        if not self._u2 <= set(self.config.cohort):
-            raise ProtocolError("U2 holds nodes outside the round's cohort")
         live = self._u2 & self.neighbours
         if not live <= set(self._peers):
             raise ProtocolError("U2 holds neighbours whose keys this node never received")
@@ -250,13 +314,14 @@ class SecAggClient:
         return {"masked": y}
 
     def consistency(self, message: Mapping[str, Any]) -> dict[str, bytes]:
-        """Stage 4: check U3; return a signature over (round, U3)."""
+        """Stage 5: check U3; return a signature over (round, U3)."""
         self._enter("consistency")
         self._u3 = _node_set(_field(message, "u3"), "'u3'")
         if self.node_id not in self._u3:
             raise ProtocolError(f"node {self.node_id} is missing from U3")
         if not self._u3 <= self._u2:
             raise ProtocolError("U3 holds nodes that are not in U2")
+        self._floor.check_cohort(len(self._u3), "U3 (the sites whose masked input arrived)")
         self._enough(len(self._u3 & self.neighbours), "neighbours in U3")
         transcript = consistency_transcript(self.config, self._u3, public_bytes(self._c_sk),
                                             public_bytes(self._s_sk))
@@ -264,7 +329,7 @@ class SecAggClient:
         return {"signature": sign(self._sig_sk, transcript)}
 
     def unmask(self, message: Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
-        """Stage 5: check the neighbours' signatures on U3; return the requested shares."""
+        """Stage 6: check the neighbours' signatures on U3; return the requested shares."""
         self._enter("unmask")
         signatures = _field(message, "signatures")
         if not isinstance(signatures, Mapping):

@@ -1,11 +1,13 @@
 """What the server and the clients of a secure aggregation round share: the round's public
 config, the errors, and the byte strings that get signed.
 
-:class:`RoundConfig` is public: the round id, the cohort (node ids), the graph's degree and
-seed, the threshold t, the modulus bits k and the vector length. Every party derives the
-neighbour graph and the Shamir x-coordinates (a node's position in the sorted cohort, plus
-one) from it. Every signature covers the config's digest: a client whose neighbours were
-sent another config (another graph, threshold or cohort) sees their signatures fail.
+:class:`RoundConfig` is public: the round id, the cohort (node ids), the graph's degree,
+the server's nonce ``graph_seed``, the threshold t, the modulus bits k and the vector
+length. Every party derives the Shamir x-coordinates (a node's position in the sorted
+cohort, plus one) from it; the neighbour graph comes from it and a seed the clients draw
+together (:mod:`fedlora.secagg.joint_seed`), never from the server's nonce alone. Every
+signature covers the config's digest: a client whose neighbours were sent another config
+(another threshold, cohort or degree) sees their signatures fail.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from functools import cached_property
 from typing import Any
 
 from .crypto import KEY_BYTES, ids_bytes
-from .graph import check_parameters, choose_parameters, neighbour_graph
+from .graph import check_parameters, choose_parameters
 from .masks import MAX_BITS
 
 __all__ = ["ProtocolError", "RoundAborted", "RoundConfig", "SecAggError",
@@ -54,7 +56,7 @@ class RoundConfig:
     threshold: int
     bits: int
     length: int
-    graph_seed: bytes
+    graph_seed: bytes  # the server's nonce: the graph's seed is drawn by the clients
     # What the application binds to the round (e.g. a digest of its DP parameters): signed
     # with the rest, so sites given different contexts refuse each other's keys.
     context: bytes = b""
@@ -80,7 +82,8 @@ class RoundConfig:
     def create(cls, round_id: int, cohort: Iterable[int], *, length: int, bits: int,
                degree: int | str | None = None,
                threshold: int | float | None = None, context: bytes = b"") -> RoundConfig:
-        """A config with resolved degree and threshold and a graph seed from OS entropy."""
+        """A config with resolved degree and threshold and a server nonce (``graph_seed``)
+        from OS entropy; the graph itself comes from the clients' joint seed."""
         cohort = tuple(cohort)
         k, t = choose_parameters(len(cohort), degree, threshold)
         return cls(round_id, cohort, k, t, bits, length, os.urandom(KEY_BYTES), context)
@@ -110,11 +113,6 @@ class RoundConfig:
                               + ids_bytes(len(self.context)) + self.context).digest()
 
     @cached_property
-    def graph(self) -> dict[int, tuple[int, ...]]:
-        """Each node's neighbours."""
-        return neighbour_graph(self.cohort, self.degree, self.graph_seed)
-
-    @cached_property
     def _positions(self) -> dict[int, int]:
         return {node: i for i, node in enumerate(self.cohort)}
 
@@ -124,9 +122,11 @@ class RoundConfig:
 
 
 def keys_transcript(config: RoundConfig, node: int, c_pk: bytes, s_pk: bytes,
-                    sig_pk: bytes) -> bytes:
-    """The bytes a client signs when it advertises its public keys."""
-    return KEYS_LABEL + config.digest + ids_bytes(node) + c_pk + s_pk + sig_pk
+                    sig_pk: bytes, seed_commitments: bytes) -> bytes:
+    """The bytes a client signs when it advertises its public keys: the config, the digest
+    of the graph seed's commitments it was shown, and its keys."""
+    return (KEYS_LABEL + config.digest + seed_commitments + ids_bytes(node) + c_pk + s_pk
+            + sig_pk)
 
 
 def consistency_transcript(config: RoundConfig, survivors: Iterable[int], c_pk: bytes,

@@ -8,9 +8,9 @@ its secrets among, its k neighbours only, with reconstruction threshold t.
 The graph is a Harary graph: the cohort is placed on a ring in a random order and each
 client is joined to the k/2 nearest clients on either side. The order is the sort of the
 cohort by ChaCha20 words expanded from a public 32-byte graph seed, so every party computes
-the same graph from the round's public config. The seed must be drawn so that nobody can
-choose it (the server draws it from OS entropy): a party choosing the graph could surround
-a client with colluders. A degree of at least n - 1 (or ``"all"``) is the complete graph,
+the same graph from the same seed. The seed must be drawn so that nobody can choose it: a
+party choosing the graph could surround a client with colluders. The clients draw it
+together (:mod:`fedlora.secagg.joint_seed`). A degree of at least n - 1 (or ``"all"``) is the complete graph,
 that is SecAgg itself.
 
 The threshold t must exceed k/2: the shares of one client's secrets then cannot be

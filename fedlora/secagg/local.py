@@ -21,7 +21,7 @@ from .server import Aggregate, SecAggServer
 __all__ = ["STAGES", "Tamper", "run_local_round"]
 
 #: The client stages, in order (names of :class:`SecAggClient`'s methods).
-STAGES = ("setup", "share_keys", "masked_input", "consistency", "unmask")
+STAGES = ("setup", "advertise", "share_keys", "masked_input", "consistency", "unmask")
 
 #: Called as ``tamper(stage, messages)`` with the server's messages of a stage, it returns
 #: the messages to deliver (a test's stand-in for a dishonest server).
@@ -66,7 +66,8 @@ def run_local_round(config: RoundConfig, inputs: Mapping[int, np.ndarray], *,
         return replies
 
     server = SecAggServer(config)
-    messages = server.collect_keys(deliver("setup", server.setup()))
+    messages = server.collect_commitments(deliver("setup", server.setup()))
+    messages = server.collect_keys(deliver("advertise", messages))
     messages = server.collect_shares(deliver("share_keys", messages))
     messages = server.collect_masked(deliver("masked_input", messages))
     messages = server.collect_signatures(deliver("consistency", messages))

@@ -1,6 +1,10 @@
 """The server of secure aggregation (see :mod:`fedlora.secagg.client` for the protocol and
 the threat model).
 
+The server does not choose the neighbour graph: it learns it, as the clients do, from the
+seed they draw together (:mod:`fedlora.secagg.joint_seed`) once every client that
+committed to a share of it has revealed it.
+
 The server only routes messages and, at the end, removes the masks it is able to remove:
 the self masks of the clients in U3 (from t shares of each b_u) and the pairwise masks
 between each client that dropped after sharing (in U2, not in U3) and its neighbours in U3
@@ -20,8 +24,10 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from . import joint_seed
 from .common import RoundAborted, RoundConfig, consistency_transcript, keys_transcript
 from .crypto import KEY_BYTES, MASK_LABEL, agree, public_bytes, usable_public_key, verify
+from .graph import neighbour_graph
 from .masks import add, check_vector, decode, prg, subtract, zeros
 from .shamir import combine, share_from_bytes
 
@@ -65,12 +71,24 @@ class SecAggServer:
             raise RoundAborted(f"only {len(nodes)} clients {what}, at least {minimum} needed")
 
     def _near(self, node: int, among: set[int]) -> list[int]:
-        return [v for v in self.config.graph[node] if v in among]
+        return [v for v in self.graph[node] if v in among]
 
     def setup(self) -> dict[int, dict[str, Any]]:
         """Stage 1 messages: the round config, to every client of the cohort."""
-        self._enter("setup", "keys")
+        self._enter("setup", "commitments")
         return {u: self.config.to_message() for u in self.config.cohort}
+
+    def collect_commitments(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
+        """Stage 2 messages: each client that committed to its share of the graph seed gets
+        every such commitment."""
+        self._enter("commitments", "keys")
+        self.commitments = {u: _get(r, "commitment") for u, r in replies.items()
+                            if u in self.config.cohort
+                            and isinstance(_get(r, "commitment"), bytes)
+                            and len(_get(r, "commitment")) == KEY_BYTES}
+        self._require(set(self.commitments), "committed to the graph seed",
+                      self.config.threshold + 1)
+        return {u: {"commitments": dict(self.commitments)} for u in sorted(self.commitments)}
 
     def _valid_keys(self, u: int, reply: Any) -> bool:
         keys = [_get(reply, f) for f in KEY_FIELDS]
@@ -78,21 +96,33 @@ class SecAggServer:
                 and isinstance(keys[2], bytes) and len(keys[2]) == KEY_BYTES):
             return False
         return verify(keys[2], _get(reply, "signature"),
-                      keys_transcript(self.config, u, *keys))
+                      keys_transcript(self.config, u, *keys, self.seed_binding))
 
     def collect_keys(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 2 messages: each client of U1 gets its neighbours' signed public keys."""
+        """Stage 3 messages: every client of U1 gets every seed share (the graph is theirs
+        to draw) and its neighbours' signed public keys. A committed client that does not
+        reveal its share leaves no graph: the round aborts."""
         self._enter("keys", "shares")
+        shares = {u: _get(r, "seed_share") for u, r in replies.items()
+                  if u in self.commitments}
+        try:
+            seed = joint_seed.joint_seed(self.config, self.commitments, shares)
+        except ValueError as exc:
+            self._stage = "aborted"
+            raise RoundAborted(f"no neighbour graph ({exc})") from exc
+        self.seed_binding = joint_seed.commitments_digest(self.config, self.commitments)
+        self.graph = neighbour_graph(self.config.cohort, self.config.degree, seed)
         self.keys = {u: {f: r[f] for f in (*KEY_FIELDS, "signature")}
                      for u, r in replies.items()
-                     if u in self.config.cohort and self._valid_keys(u, r)}
+                     if u in self.commitments and self._valid_keys(u, r)}
         self.u1 = set(self.keys)
         self._require(self.u1, "advertised keys", self.config.threshold + 1)
-        return {u: {"keys": {v: self.keys[v] for v in self._near(u, self.u1)}}
+        return {u: {"seed_shares": dict(shares),
+                    "keys": {v: self.keys[v] for v in self._near(u, self.u1)}}
                 for u in sorted(self.u1)}
 
     def collect_shares(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 3 messages: each client of U2 gets the ciphertexts addressed to it, and U2."""
+        """Stage 4 messages: each client of U2 gets the ciphertexts addressed to it, and U2."""
         self._enter("shares", "masked")
         ciphertexts = {}
         for v, reply in replies.items():
@@ -107,7 +137,7 @@ class SecAggServer:
                     "u2": sorted(self.u2)} for u in sorted(self.u2)}
 
     def collect_masked(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 4 messages: each client of U3 (whose masked vector arrived) gets U3."""
+        """Stage 5 messages: each client of U3 (whose masked vector arrived) gets U3."""
         self._enter("masked", "signatures")
         self.masked = {}
         for u, reply in replies.items():
@@ -122,7 +152,7 @@ class SecAggServer:
         return {u: {"u3": sorted(self.u3)} for u in sorted(self.u3)}
 
     def collect_signatures(self, replies: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-        """Stage 5 messages: neighbours' signatures on U3 and which shares to reveal."""
+        """Stage 6 messages: neighbours' signatures on U3 and which shares to reveal."""
         self._enter("signatures", "unmask")
         self.signatures = {u: _get(r, "signature") for u, r in replies.items()
                            if u in self.u3 and verify(

@@ -5,11 +5,14 @@ the plain dict messages of :mod:`fedlora.secagg.client` and :mod:`fedlora.secagg
 as :func:`flatten` writes them, read back by :func:`unflatten`:
 
 * a nested dict becomes one key per leaf, its path joined by ``/``; an integer key (a node
-  id) is written ``#<id>``; every dict also leaves a ``<path>@dict`` marker, so that empty
-  ones survive;
-* a list or set of node ids becomes one decimal string ``<path>@ids`` (``"3,17"``): node
-  ids may exceed a signed 64-bit integer;
+  id) is written ``#`` and its 16 hex digits (``#0000000000000011`` for 17); every dict
+  also leaves a ``<path>@dict`` marker, so that empty ones survive;
+* a list or set of node ids becomes one byte string ``<path>@ids``, 8 big-endian bytes per
+  id (node ids may exceed a signed 64-bit integer);
 * bytes, ints and strings stay as they are.
+
+Every node id takes the same room whatever its value, so the size of a flat message
+follows from how many ids it names (:mod:`fedlora.secagg_bytes`).
 
 A client between two stages is its secrets and what it has seen; :func:`dump_client`
 turns a :class:`~fedlora.secagg.client.SecAggClient` into such a dict (private keys as raw
@@ -27,17 +30,22 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from .client import SecAggClient
 from .common import RoundConfig
+from .crypto import ID_BYTES, ids_bytes
+from .floor import Floor
 
 __all__ = ["dump_client", "flatten", "load_client", "unflatten"]
 
 _DICT, _IDS = "@dict", "@ids"
+_HEX = 2 * ID_BYTES  # hex digits of a node id in a key
 
 
 def _segment(key: Any) -> str:
     if isinstance(key, bool) or not isinstance(key, (int, str)):
         raise TypeError(f"cannot flatten a key of type {type(key).__name__}")
     if isinstance(key, int):
-        return f"#{key}"
+        if not 0 <= key < 2**64:
+            raise ValueError(f"a node id key must lie in [0, 2^64), got {key}")
+        return f"#{key:0{_HEX}x}"
     if not key or "/" in key or "@" in key or key.startswith("#"):
         raise ValueError(f"cannot flatten the key {key!r}")
     return key
@@ -55,7 +63,10 @@ def flatten(message: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             ids = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
             if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ids):
                 raise TypeError(f"{path}: only lists of node ids can be flattened")
-            out[path + _IDS] = ",".join(str(v) for v in ids)
+            try:
+                out[path + _IDS] = ids_bytes(*ids)
+            except ValueError as e:
+                raise TypeError(f"{path}: {e}") from None
         elif isinstance(value, (bytes, int, str)) and not isinstance(value, bool):
             out[path] = value
         else:
@@ -66,7 +77,9 @@ def flatten(message: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _key(segment: str) -> int | str:
     if segment.startswith("#"):
         try:
-            return int(segment[1:])
+            if len(segment) != 1 + _HEX:
+                raise ValueError
+            return int(segment[1:], 16)
         except ValueError:
             raise ValueError(f"bad node id segment {segment!r}") from None
     return segment
@@ -93,12 +106,10 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
         if path.endswith(_DICT):
             _place(out, path[: -len(_DICT)], {})
         elif path.endswith(_IDS):
-            if not isinstance(value, str):
-                raise ValueError(f"{path!r} must hold a string of node ids")
-            try:
-                ids = [int(v) for v in value.split(",")] if value else []
-            except ValueError:
-                raise ValueError(f"{path!r} holds something other than node ids") from None
+            if not isinstance(value, bytes) or len(value) % ID_BYTES:
+                raise ValueError(f"{path!r} must hold {ID_BYTES} bytes per node id")
+            ids = [int.from_bytes(value[i:i + ID_BYTES], "big")
+                   for i in range(0, len(value), ID_BYTES)]
             _place(out, path[: -len(_IDS)], ids)
         else:
             _place(out, path, value)
@@ -108,8 +119,9 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 # How the attributes of a SecAggClient that are not plain values are written.
 _SETS = ("neighbours", "_u2", "_u3")
 _X25519 = ("_c_sk", "_s_sk")
-# Long-term identities are not written: the node reads them again (load_client's arguments).
-_SKIP = ("_identity", "_known", "_trusted")
+# Long-term identities and the floor are not written: the node reads them again from its own
+# settings (load_client's arguments), never from a state a stage could have altered.
+_SKIP = ("_identity", "_known", "_trusted", "_floor")
 
 
 def dump_client(client: SecAggClient) -> dict[str, Any]:
@@ -137,7 +149,8 @@ def dump_client(client: SecAggClient) -> dict[str, Any]:
 
 
 def load_client(state: Mapping[str, Any], *, identity: Ed25519PrivateKey | None = None,
-                trusted: frozenset[bytes] | None = None) -> SecAggClient:
+                trusted: frozenset[bytes] | None = None,
+                floor: Floor | None = None) -> SecAggClient:
     """The client :func:`dump_client` wrote (``ValueError`` for a malformed state, or for
     one written with a long-term identity that is not given again)."""
     try:
@@ -145,7 +158,8 @@ def load_client(state: Mapping[str, Any], *, identity: Ed25519PrivateKey | None 
         if pinned != (identity is not None):
             raise ValueError("the state and the identity given disagree on whether this "
                              "node signs with a long-term identity")
-        client = SecAggClient(int(state["node_id"][0]), identity=identity, trusted=trusted)
+        client = SecAggClient(int(state["node_id"][0]), identity=identity, trusted=trusted,
+                              floor=floor)
         if pinned and "config" in state:
             client._sig_sk = identity
         for name, value in state.items():

@@ -1,11 +1,12 @@
 """A site's side of secure aggregation (``secure-aggregation = true``).
 
-The server runs each training round as the five stages of SecAgg+ (:mod:`fedlora.secagg`),
+The server runs each training round as the six stages of SecAgg+ (:mod:`fedlora.secagg`),
 one Flower train action each (:data:`fedlora.secure_sum.ACTIONS`). The stage that
 carries the global adapter, ``train.secagg_masked_input``, is where the site trains: the
 ClientApp's own training (``train_fn``: its site policy, its DP mechanism and ledger,
 exactly as in a plain round), after which the site sends its update clipped, quantised
-(:class:`fedlora.secure_sum.SecureSum`) and masked, and nothing else: no adapter, no
+(:class:`fedlora.secure_sum.SecureSum`: on the ``int8``/``int4`` wire, that wire's integers)
+and masked, in the smallest unsigned dtype that holds the round's modulus, and nothing else: no adapter, no
 metrics, no example count. The other stages answer with protocol messages only.
 At setup a site checks that the round's public parameters (degree, threshold, modulus,
 round) are the ones the run-config implies for the cohort it names, and that it trains at
@@ -13,7 +14,11 @@ the global rank (a reply of another shape cannot be summed).
 
 A ClientApp keeps nothing between messages and each may run in another process: the
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
-``context.state``, which stays on the node. A stage the site refuses (a malformed or
+``context.state``, which stays on the node; each stage reads and writes it under the
+node's round lock (:mod:`fedlora.app.client.round_lock`) and is taken once, in order, in
+a file the node locks (:mod:`fedlora.app.client.stage_claims`), so that two stage messages
+delivered at once cannot both advance it, even when each was handed its own copy of the
+node state. A stage the site refuses (a malformed or
 inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
 saying why; the site then refuses the round's later stages.
 """
@@ -34,6 +39,7 @@ from fedlora.models import cached_lora_model
 from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
+from fedlora.secagg.floor import Floor
 from fedlora.secagg.identity import load_identity, load_peers
 from fedlora.secagg.state import dump_client, flatten, load_client, unflatten
 from fedlora.secure_sum import (
@@ -45,6 +51,9 @@ from fedlora.secure_sum import (
 )
 from fedlora.wire import from_record
 
+from .round_lock import round_lock
+from .stage_claims import take
+
 __all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "register",
            "stage_fn"]
 
@@ -54,14 +63,20 @@ STATE_KEY = "fedlora-secagg"  # this node's protocol state for the current round
 SEEN_KEY = "fedlora-secagg-seen"  # the last round this node set up (rounds only go forward)
 
 
-def _pinned(context: Context) -> dict[str, Any]:
+def _own_settings(context: Context) -> dict[str, Any]:
     """This site's long-term identity and its peers' (node-config ``secagg-identity`` and
-    ``secagg-peers``, :mod:`fedlora.secagg.identity`); ``ProtocolError`` for a bad file."""
+    ``secagg-peers``, :mod:`fedlora.secagg.identity`) and its floor on the cohort and the
+    threshold (``secagg-min-cohort``, ``secagg-min-threshold``), all read from its
+    node-config at every stage; ``ProtocolError`` naming the key for a bad value."""
     identity, peers = (context.node_config.get(k) for k in ("secagg-identity", "secagg-peers"))
     try:
+        policy = SitePolicy.from_node_config(context.node_config)
         return {"identity": load_identity(identity) if identity else None,
-                "trusted": load_peers(peers) if peers else None}
-    except ValueError as e:
+                "trusted": load_peers(peers) if peers else None,
+                "floor": Floor(policy.secagg_min_cohort or 2, policy.secagg_min_threshold or 1,
+                               cohort_key="node-config key 'secagg-min-cohort'",
+                               threshold_key="node-config key 'secagg-min-threshold'")}
+    except ValueError as e:  # (PolicyRefusal is one)
         raise ProtocolError(str(e)) from None
 
 
@@ -72,7 +87,7 @@ def _load(context: Context) -> SecAggClient:
     if "done-round" in stored:
         raise ProtocolError(f"this node finished round {stored['done-round']}: it is not "
                             "ready for any stage without a new setup")
-    return load_client(unflatten(dict(stored)), **_pinned(context))
+    return load_client(unflatten(dict(stored)), **_own_settings(context))
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -91,8 +106,8 @@ def _refuse(msg: Message, reason: str) -> Message:
         reply_to=msg)
 
 
-def _answer(msg: Message, body: Mapping[str, Any]) -> Message:
-    content = RecordDict({**to_records(body), STATUS_KEY: ConfigRecord({"status": "ok"})})
+def _answer(msg: Message, body: Mapping[str, Any], bits: int | None = None) -> Message:
+    content = RecordDict({**to_records(body, bits), STATUS_KEY: ConfigRecord({"status": "ok"})})
     return Message(content=content, reply_to=msg)
 
 
@@ -143,20 +158,30 @@ def _own_payload(cfg, context: Context) -> dict[str, Any]:
 
 
 def stage_fn(stage: str, msg: Message, context: Context) -> Message:
-    """One protocol stage other than the masked input."""
+    """One protocol stage other than the masked input, under the node's round lock."""
+    with round_lock(context):
+        return _stage(stage, msg, context)
+
+
+def _stage(stage: str, msg: Message, context: Context) -> Message:
     client = None
     try:
         body = from_records(msg.content)
         if stage == "setup":
             check_round(body, msg, context)
-            round_id = RoundConfig.from_message(body).round_id
+            config = RoundConfig.from_message(body)
             seen = context.state.get(SEEN_KEY)
-            if seen is not None and round_id <= int(seen["round"]):
-                raise ProtocolError(f"round {round_id} was set up here already (last: "
-                                    f"{int(seen['round'])}): a round runs once")
-            context.state[SEEN_KEY] = ConfigRecord({"round": round_id})
-        client = (SecAggClient(int(context.node_id), **_pinned(context)) if stage == "setup"
-                  else _load(context))
+            if seen is not None and config.round_id <= int(seen["round"]):
+                raise ProtocolError(f"round {config.round_id} was set up here already "
+                                    f"(last: {int(seen['round'])}): a round runs once")
+            take(context, config.digest, stage)
+            context.state[SEEN_KEY] = ConfigRecord({"round": config.round_id})
+            loaded = SecAggClient(int(context.node_id), **_own_settings(context))
+        else:
+            loaded = _load(context)
+            if loaded.stage == stage:  # (any other stage is refused by the client itself)
+                take(context, loaded.config.digest, stage)
+        client = loaded
         if stage == "consistency":
             try:
                 check_contributors(body, client, context)
@@ -193,20 +218,37 @@ def check_contributors(body: Mapping[str, Any], client: SecAggClient,
 
 
 def ready_to_train(msg: Message, context: Context) -> None:
-    """``ProtocolError`` unless this node is in this round, at the masked-input stage:
-    checked before it trains, so that no training (no privacy budget) goes to a stage it
-    would refuse."""
+    """``ProtocolError`` unless this node is in this round, at the masked-input stage, with
+    a U2 it accepts (its floor included): checked before it trains, so that no training (no
+    privacy budget) goes to a stage it would refuse."""
+    with round_lock(context):
+        _ready(msg, context)
+
+
+def _ready(msg: Message, context: Context) -> None:
     client = _load(context)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
     if client.stage != "masked_input" or client.config.round_id != server_round:
         raise ProtocolError(f"this node is at stage {client.stage!r} of round "
                             f"{client.config.round_id}, not ready for the masked input of "
                             f"round {server_round}")
+    try:
+        client.check_u2(from_records(msg.content))
+    except (ProtocolError, ValueError, KeyError):
+        client.abort()  # a U2 under the site's floor (or malformed): the round ends here
+        _save(context, client)
+        raise
+    take(context, client.config.digest, "masked_input")  # once, whatever copy of the state
 
 
 def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
     """What a site that trained sends: its update, quantised and masked (the ``respond``
-    of the ClientApp's training)."""
+    of the ClientApp's training), under the node's round lock."""
+    with round_lock(context):
+        return _masked(msg, context, cfg, reply)
+
+
+def _masked(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Message:
     client = None
     try:
         client = _load(context)
@@ -226,7 +268,7 @@ def masked_reply(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) 
             _save(context, client)
         return _refuse(msg, str(e))
     _save(context, client)
-    return _answer(msg, out)
+    return _answer(msg, out, client.config.bits)
 
 
 def register(app: ClientApp, overrides: Mapping[str, Any] | None,
@@ -236,12 +278,13 @@ def register(app: ClientApp, overrides: Mapping[str, Any] | None,
     def handler(stage: str) -> Callable[[Message, Context], Message]:
         def run(msg: Message, context: Context) -> Message:
             context = with_overrides(context, overrides)
-            if stage == "masked_input":
-                try:
-                    ready_to_train(msg, context)
-                except (ProtocolError, ValueError) as e:
-                    return _refuse(msg, str(e))
-                return train_fn(msg, context, masked_reply)
+            if stage == "masked_input":  # one lock from the check to the masked reply
+                with round_lock(context):
+                    try:
+                        ready_to_train(msg, context)
+                    except (ProtocolError, ValueError, KeyError) as e:
+                        return _refuse(msg, str(e))
+                    return train_fn(msg, context, masked_reply)
             return stage_fn(stage, msg, context)
 
         return run

@@ -3,7 +3,7 @@
 As :class:`fedlora.app.server.user_level_strategy.UserLevelDpStrategy` does, this wraps a
 :class:`fedlora.app.server.strategy.LoraStrategy` and uses its public methods: the inner strategy
 samples the cohort and prepares the global adapter as usual; the wrapper then runs the
-round as the five stages of SecAgg+ (:mod:`fedlora.secagg`), each a Flower train action
+round as the six stages of SecAgg+ (:mod:`fedlora.secagg`), each a Flower train action
 sent to the sites still in the round (:data:`fedlora.secure_sum.ACTIONS`), the global
 adapter going out with the masked-input stage, where sites train. The server learns the
 sum of the survivors' quantised updates (:class:`fedlora.secure_sum.SecureSum`) and
@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from fedlora import distributed_dp, privacy
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
 from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
+from fedlora.secagg_bytes import expected_bytes
 from fedlora.secure_sum import (
     SecureSum,
     from_records,
@@ -41,6 +42,7 @@ from fedlora.secure_sum import (
     protocol_bytes,
     resolve_graph,
     to_records,
+    transport_dtype,
 )
 from fedlora.timing import RoundTimer
 from fedlora.wire import to_record
@@ -97,10 +99,11 @@ class SecureAggregationStrategy(WrappingStrategy):
                      distributed_dp.min_honest(self.cfg, cohort),
                      distributed_dp.round_bits(self.cfg, spec, cohort, self.dp_sigma))
             return found
+        bits = self.sum.bits(cohort)
         log.info("secure aggregation: cohorts of %d sites, %d neighbours each, %d shares to "
                  "rebuild a secret, %d coordinates clipped to %g in steps of %.3g, modulus "
-                 "2^%d", cohort, degree, threshold, self.length, self.sum.clip, self.sum.step,
-                 self.sum.bits(cohort))
+                 "2^%d (masked vectors as %s)", cohort, degree, threshold, self.length,
+                 self.sum.clip, self.sum.step, bits, transport_dtype(bits).name)
         return found
 
     # -- a training round ---------------------------------------------------------------
@@ -129,7 +132,9 @@ class SecureAggregationStrategy(WrappingStrategy):
                     server_round, nodes, length=length, bits=bits,
                     degree=COMPLETE if degree == len(nodes) - 1 else degree,
                     threshold=threshold, context=context))
-                stage = server.collect_keys(exchange.run("setup", server.setup()))
+                exchange.server = server
+                stage = server.collect_commitments(exchange.run("setup", server.setup()))
+                stage = server.collect_keys(exchange.run("advertise", stage))
                 stage = server.collect_shares(exchange.run("share_keys", stage))
                 stage = server.collect_masked(exchange.run("masked_input", stage))
                 need = distributed_dp.min_honest(self.cfg, len(nodes)) if distributed else 0
@@ -181,9 +186,10 @@ class SecureAggregationStrategy(WrappingStrategy):
 
     def summary(self) -> None:
         self.strategy.summary()
-        log.info("SecureAggregationStrategy: secagg-clip %g, secagg-levels %d, "
+        log.info("SecureAggregationStrategy: secagg-clip %g, %d levels (wire-dtype %s), "
                  "secagg-degree %s, secagg-threshold %s", self.sum.clip, self.sum.levels,
-                 self.cfg.secagg_degree or "default", self.cfg.secagg_threshold or "default")
+                 self.cfg.wire_dtype, self.cfg.secagg_degree or "default",
+                 self.cfg.secagg_threshold or "default")
         if self.cfg.fraction_evaluate > 0 and self.cfg.dp_mode == "off":
             log.info("federated evaluation is off under secure aggregation: each site's "
                      "validation loss, accuracy and example count would reach the server in "
@@ -202,6 +208,7 @@ class _Exchange:
         self.comms_log = owner.strategy.comms_log
         self.lora, self.config = content[LORA_KEY], content[CONFIG_KEY]
         self.left: set[int] = set()  # sites whose departure is noted in the outcome
+        self.server: SecAggServer | None = None  # whose state predicts each message's bytes
 
     def run(self, stage: str, messages: Mapping[int, Mapping[str, Any]]) -> dict[int, Any]:
         """Send ``messages`` (node -> body) as ``stage``; the well-formed answers."""
@@ -228,9 +235,10 @@ class _Exchange:
             if reply.has_error():
                 self._leave(node, short_reason(reply.error.reason), dropped=True)
                 continue
-            self._count(node, "up", stage, reply.content)
             status = reply.content.get(STATUS_KEY)
-            if status is None or status.get("status") != "ok":
+            ok = status is not None and status.get("status") == "ok"
+            self._count(node, "up", stage, reply.content, expected=ok)
+            if not ok:
                 reason = str(status.get("reason", "")) if status is not None else ""
                 self._leave(node, reason or "no status in its reply", dropped=False)
                 continue
@@ -244,10 +252,15 @@ class _Exchange:
                             dropped=True)
         return answers
 
-    def _count(self, node: int, direction: str, stage: str, content: RecordDict) -> None:
+    def _count(self, node: int, direction: str, stage: str, content: RecordDict, *,
+               expected: bool = True) -> None:
+        """Log a message's protocol bytes and what the round's state predicts for it (a
+        refusal, ``expected = False``, carries a status only: none)."""
         if self.comms_log is not None:
+            analytic = expected_bytes(self.server, stage, direction, node) \
+                if expected and self.server is not None else 0
             self.comms_log.record_bytes(self.server_round, node, direction, message_type(stage),
-                                     protocol_bytes(content))
+                                        protocol_bytes(content), analytic)
 
     def _leave(self, node: int, reason: str, *, dropped: bool, quiet: bool = False) -> None:
         self.left.add(node)
