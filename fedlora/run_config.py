@@ -87,6 +87,17 @@ class RunConfig:
     lora_dropout: float = key(0.05, "a float in [0, 1)", lambda v: 0 <= v < 1)
     lora_target_modules: str = key(
         "query,value", "a comma-separated list of module names, e.g. 'query,value'", _modules)
+    adapter: str = key(
+        "lora", "one of the registered adapter families (see fedlora.adapter_families)",
+        help="The adapter family: lora, dora (LoRA plus a magnitude per output row) or vera "
+        "(two vectors per layer on shared random matrices drawn from seed); see "
+        "docs/adapters.md for what each sends and which aggregators take it.")
+    lora_init: str = key(
+        "default", "one of default, gaussian, pissa, olora",
+        _choices("default", "gaussian", "pissa", "olora"),
+        help="How LoRA's factors start: default (peft's Kaiming-uniform A, zero B), gaussian "
+        "(A Gaussian, B zero), or derived from the base weights at every party: pissa (top "
+        "singular directions) or olora (QR); these two move that part out of the frozen base.")
     train_head: bool = key(
         True, "true or false",
         help="Train (and send) the classification head as well as the LoRA factors.")

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import privacy, runtime
 from fedlora.actor_pool import replace_dead_actors
+from fedlora.adapter_families import as_plain_lora, derives_base, get_family
 from fedlora.adapters import (
     adapter_state,
     factor_layout,
@@ -45,7 +46,7 @@ from fedlora.checkpoint import (
 )
 from fedlora.comms import CommsLog
 from fedlora.config import ConfigError, check_paths
-from fedlora.models import build_lora_model
+from fedlora.models import build_lora_model, cached_lora_model, initial_adapter_state
 from fedlora.protocol import with_overrides
 from fedlora.results import new_run_dir, save_adapter, write_json
 from fedlora.timing import RoundTimer
@@ -108,14 +109,23 @@ app = build_app()
 
 
 def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> None:
-    """Save the global model as one peft LoRA adapter (for stack: base + stacked update).
+    """Save the global model as one peft adapter (for stack: base + stacked update) that
+    plain peft applies to the unchanged base.
 
     The server's own model holds it when the layout matches (only the adapter is saved,
     and the next evaluation reloads what it needs); a stacked adapter of another rank
-    gets a model of its own.
+    gets a model of its own. Under an init that changes the base (``lora-init`` pissa or
+    olora) the adapter is saved as plain LoRA on the original base, the initial factors
+    beside the trained ones (:func:`fedlora.adapter_families.as_plain_lora`).
     """
     rank, alpha, state = method.export(global_state)
-    if (rank, alpha) != (spec.rank, spec.alpha):
+    if derives_base(spec.init):
+        rank, alpha, state = as_plain_lora(state, initial_adapter_state(spec), rank=rank,
+                                           alpha=alpha, init_rank=spec.rank,
+                                           init_alpha=spec.alpha)
+        model = cached_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha,
+                                                      freeze_a=False, init="default"))
+    elif (rank, alpha) != (spec.rank, spec.alpha):
         model = build_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False))
     load_adapter_state(model, state)
     save_adapter(model, path)
@@ -363,6 +373,12 @@ def _log_sizes(cfg: RunConfig, model, state: dict) -> None:
     log.info("adapter: %d LoRA modules, %d tensors; %s bytes of factors per message "
              "(full model: %s bytes, ratio %.5f)", len(factor_layout(state)), len(state),
              f"{per_update:,}", f"{full_bytes:,}", per_update / full_bytes)
+    family = get_family(cfg.adapter)
+    if not family.low_rank:
+        own = family.sent_keys(state)
+        log.info("adapter family '%s' sends %d tensors of its own (%s bytes per message as "
+                 "float32) besides any head", family.name, len(own),
+                 f"{sum(state[k].size for k in own) * 4:,}")
 
 
 def _log_round(cfg: RunConfig, causal_lm: bool, row: dict, outcome: RoundOutcome,
