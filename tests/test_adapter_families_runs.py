@@ -4,6 +4,7 @@ the server's own model."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -63,6 +64,18 @@ def test_a_family_runs_and_sends_only_its_keys(tmp_path, custom_task, tiny_model
         own = keys - head
         assert own and all(k.endswith(family.sends) for k in own), sorted(keys)
         assert {s for s in family.sends for k in own if k.endswith(s)} == set(family.sends)
+
+    # The communication audit: the family's bytes, measured == analytic.
+    comms = json.loads((run_dir / "comms.json").read_text())
+    up = next(e for e in train if e["direction"] == "up")
+    own_bytes = sum(a["bytes"] for k, a in up["arrays"].items() if k not in head)
+    assert own_bytes == 4 * sum(int(np.prod(a["shape"])) for k, a in up["arrays"].items()
+                                if k not in head)
+    assert comms["measured_equals_analytic"]
+    assert comms["bytes_per_client_update"] == sum(a["bytes"] for a in up["arrays"].values())
+    with open(run_dir / "comms.csv") as f:
+        row = next(r for r in csv.DictReader(f) if r["direction"] == "up")
+    assert int(row["factor_bytes"]) == own_bytes
 
     from fedlora.models import load_tokenizer
 
