@@ -135,7 +135,7 @@ def load_run_model(run_dir: str | Path) -> TrainedRun:
     _check_adapter(adapter, adapter_cfg, spec)
     # A run whose init changed the base saved plain LoRA on the original base (see
     # fedlora.adapter_families.inits), so the model is built with the default init.
-    spec = dataclasses.replace(spec, rank=int(adapter_cfg["r"]),
+    spec = dataclasses.replace(spec, rank=int(adapter_cfg.get("r", spec.rank)),
                                alpha=float(adapter_cfg.get("lora_alpha", spec.alpha)),
                                freeze_a=False, device="cpu", base_dtype="float32",
                                init="default")
@@ -147,8 +147,10 @@ def load_run_model(run_dir: str | Path) -> TrainedRun:
 def _check_adapter(adapter: Path, adapter_cfg: dict[str, Any], spec: LoraSpec) -> None:
     """The adapter was trained on the model and task the run-config names."""
     where = adapter / "adapter_config.json"
-    lora = adapter_cfg.get("peft_type", "LORA") == "LORA"  # VeRA's config has no lora_alpha
-    for key in ("r", "lora_alpha") if lora else ("r",):
+    # The numbers each peft family's config holds (VeRA's has no lora_alpha, C3A's no r).
+    required = {"LORA": ("r", "lora_alpha"), "VERA": ("r",)}.get(
+        adapter_cfg.get("peft_type", "LORA"), ())
+    for key in required:
         if not isinstance(adapter_cfg.get(key), (int, float)):
             raise ExportError(f"{where}: '{key}' is missing or not a number")
     task_type = adapter_cfg.get("task_type")

@@ -77,6 +77,7 @@ class LoraSpec:
     pooling: str = "model"  # "mean": fedlora.heads.PooledClassifier; "model": the model's own
     family: str = "lora"  # the adapter family (fedlora.adapter_families), run-config adapter
     init: str = "default"  # run-config lora-init (fedlora.adapter_families.inits)
+    c3a_block_size: int = 64  # run-config c3a-block-size (adapter = c3a)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, model_path: str, num_labels: int,
@@ -106,6 +107,7 @@ class LoraSpec:
             pooling=pooling,
             family=getattr(cfg, "adapter", "lora"),
             init=getattr(cfg, "lora_init", "default"),
+            c3a_block_size=getattr(cfg, "c3a_block_size", 64),
         )
 
     @property
@@ -316,9 +318,10 @@ def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
     try:
         model = get_peft_model(base, config)
     except ValueError as e:
+        keys = " and ".join(get_family(spec.family).shaped_by)
         raise ValueError(
-            f"lora-target-modules {','.join(spec.target_modules)!r} do not fit {spec.model_path}: {e}"
-        ) from None
+            f"{keys} (lora-target-modules {','.join(spec.target_modules)!r}) do not fit "
+            f"{spec.model_path} with adapter '{spec.family}': {e}") from None
     if spec.freeze_a:
         for name, param in model.named_parameters():
             if ".lora_A." in name:

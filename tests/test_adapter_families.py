@@ -1,4 +1,5 @@
-"""Adapter families (lora, dora, vera) and LoRA's inits: what each builds, sends and saves."""
+"""Adapter families (lora, dora, vera, c3a) and LoRA's inits: what each builds, sends and
+saves, and which run-configs refuse them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from fedlora.models import LoraSpec, build_lora_model, initial_adapter_state
 def _spec(path, family="lora", init="default", rank=4, head=True, **kw):
     return LoraSpec(model_path=str(path), num_labels=2, rank=rank, alpha=8.0, dropout=0.0,
                     target_modules=("query", "value"), train_head=head, family=family,
-                    init=init, **kw)
+                    init=init, c3a_block_size=8, **kw)
 
 
 def _base_weights(model) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def test_vera_projections_come_from_the_seed_and_are_never_sent(tiny_model_dir):
     assert not any("vera_A" in k or "vera_B" in k for k in adapter_state(a))
 
 
-def _vera_layer(model):
+def _first_layer(model):
     return next(m for n, m in model.named_modules() if n.endswith("layer.0.attention.self.query"))
 
 
@@ -124,7 +125,7 @@ def test_averaging_vera_vectors_is_exact_where_lambda_d_agrees(tiny_model_dir, s
     """The mean of sites' lambda_b with a shared lambda_d is exactly the mean of their
     updates (linear in lambda_b); with different lambda_d it is not (bilinear)."""
     model = build_lora_model(_spec(tiny_model_dir, family="vera"))
-    layer = _vera_layer(model)
+    layer = _first_layer(model)
     rng = np.random.default_rng(seed)
     n_sites = int(rng.integers(2, 6))
     p = rng.dirichlet(np.ones(n_sites))
@@ -153,6 +154,37 @@ def test_averaging_vera_vectors_is_exact_where_lambda_d_agrees(tiny_model_dir, s
     assert not get_family("vera").exact_mean
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_averaging_c3a_kernels_is_the_mean_of_the_updates(tiny_model_dir, seed):
+    """C3A's update is linear in its kernel: the weighted mean of the sites' kernels gives
+    exactly the weighted mean of their updates."""
+    model = build_lora_model(_spec(tiny_model_dir, family="c3a"))
+    layer = _first_layer(model)
+    rng = np.random.default_rng(seed)
+    n_sites = int(rng.integers(2, 6))
+    p = rng.dirichlet(np.ones(n_sites))
+    shape = layer.c3a_kernel["default"].shape
+
+    def delta(w):
+        with torch.no_grad():
+            layer.c3a_kernel["default"].copy_(w)
+            return layer.get_delta_weight("default").double()
+
+    kernels = [torch.as_tensor(rng.normal(size=shape), dtype=torch.float32)
+               for _ in range(n_sites)]
+    mean_of_deltas = sum(pk * delta(w) for pk, w in zip(p, kernels))
+    mean_kernel = torch.as_tensor(sum(pk * w.double() for pk, w in zip(p, kernels)),
+                                  dtype=torch.float32)
+    torch.testing.assert_close(delta(mean_kernel), mean_of_deltas, atol=1e-6, rtol=1e-5)
+    assert get_family("c3a").exact_mean
+
+
+def test_a_block_size_that_does_not_divide_names_the_key(tiny_model_dir):
+    with pytest.raises(ValueError, match="c3a-block-size"):
+        build_lora_model(dataclasses.replace(_spec(tiny_model_dir, family="c3a"),
+                                             c3a_block_size=7))
+
+
 def _parse(overrides):
     from fedlora import aggregation
     from fedlora.runtime import parse_run_config
@@ -171,7 +203,10 @@ def _parse(overrides):
     ({"adapter": "vera", "dp-mode": "sample"}, "adapter", "*.vera_lambda_d"),
     ({"adapter": "dora", "dp-mode": "sample"}, "adapter", "*.lora_magnitude_vector"),
     ({"lora-init": "pissa", "aggregator": "stack"}, "lora-init", "stack"),
-    ({"adapter": "ia3"}, "adapter", "lora, dora, vera"),
+    ({"adapter": "c3a", "aggregator": "fedsa"}, "aggregator", "*.c3a_kernel"),
+    ({"adapter": "c3a", "dp-mode": "sample+client"}, "adapter", "*.c3a_kernel"),
+    ({"adapter": "c3a", "lora-init": "gaussian"}, "lora-init", "default"),
+    ({"adapter": "ia3"}, "adapter", "lora, dora, vera, c3a"),
     ({"lora-init": "eva"}, "lora-init", "pissa"),
 ])
 def test_refused_combinations_name_the_key_and_tensors(overrides, key, names):
@@ -183,6 +218,7 @@ def test_refused_combinations_name_the_key_and_tensors(overrides, key, names):
 def test_accepted_combinations(tmp_path):
     for overrides in ({"adapter": "vera"}, {"adapter": "dora"}, {"lora-init": "pissa"},
                       {"adapter": "vera", "secure-aggregation": True},
+                      {"adapter": "c3a", "secure-aggregation": True, "dp-mode": "update"},
                       {"adapter": "dora", "dp-mode": "client"},
                       {"lora-init": "olora", "aggregator": "svd"}):
         cfg = _parse(overrides)

@@ -43,8 +43,9 @@ def _server_logits(run_dir, batch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{"adapter": "vera"}, {"adapter": "dora"},
+                                       {"adapter": "c3a", "c3a-block-size": 8},
                                        {"lora-init": "pissa"}, {"lora-init": "olora"}],
-                         ids=["vera", "dora", "pissa", "olora"])
+                         ids=["vera", "dora", "c3a", "pissa", "olora"])
 def test_a_family_runs_and_sends_only_its_keys(tmp_path, custom_task, tiny_model_dir,
                                                overrides):
     from fedlora.adapter_families import get_family

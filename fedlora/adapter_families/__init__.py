@@ -17,6 +17,7 @@ from .inits import BASE_DERIVED, INITS, as_plain_lora, derives_base, peft_init
 from . import lora as _lora  # noqa: E402,F401  isort: skip
 from . import dora as _dora  # noqa: E402,F401  isort: skip
 from . import vera as _vera  # noqa: E402,F401  isort: skip
+from . import c3a as _c3a  # noqa: E402,F401  isort: skip
 from .compat import check_config, other_tensors  # noqa: E402
 
 __all__ = [

@@ -38,6 +38,8 @@ class AdapterFamily:
     exactness: ClassVar[str] = ""
     #: Opacus computes per-example gradients of its layers (``dp-mode`` sample needs them).
     per_example_gradients: ClassVar[bool] = False
+    #: The run-config keys that shape its tensors (named when they do not fit a model).
+    shaped_by: ClassVar[tuple[str, ...]] = ("lora-target-modules", "lora-rank")
     #: The ``lora-init`` values it accepts.
     inits: ClassVar[tuple[str, ...]] = ("default",)
 

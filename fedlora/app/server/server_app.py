@@ -30,13 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import privacy, runtime
 from fedlora.actor_pool import replace_dead_actors
-from fedlora.adapter_families import as_plain_lora, derives_base, get_family
-from fedlora.adapters import (
-    adapter_state,
-    factor_layout,
-    is_factor_key,
-    load_adapter_state,
-)
+from fedlora.adapter_families import get_family
+from fedlora.adapters import adapter_state
 from fedlora.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -46,9 +41,10 @@ from fedlora.checkpoint import (
 )
 from fedlora.comms import CommsLog
 from fedlora.config import ConfigError, check_paths
-from fedlora.models import build_lora_model, cached_lora_model, initial_adapter_state
+from fedlora.global_adapter import save_global_adapter
+from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
-from fedlora.results import new_run_dir, save_adapter, write_json
+from fedlora.results import new_run_dir, write_json
 from fedlora.timing import RoundTimer
 from fedlora.training import evaluate
 from fedlora.wire import WireFormat, encoded_bytes, from_record, to_record
@@ -106,29 +102,6 @@ def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
 
 app = build_app()
-
-
-def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> None:
-    """Save the global model as one peft adapter (for stack: base + stacked update) that
-    plain peft applies to the unchanged base.
-
-    The server's own model holds it when the layout matches (only the adapter is saved,
-    and the next evaluation reloads what it needs); a stacked adapter of another rank
-    gets a model of its own. Under an init that changes the base (``lora-init`` pissa or
-    olora) the adapter is saved as plain LoRA on the original base, the initial factors
-    beside the trained ones (:func:`fedlora.adapter_families.as_plain_lora`).
-    """
-    rank, alpha, state = method.export(global_state)
-    if derives_base(spec.init):
-        rank, alpha, state = as_plain_lora(state, initial_adapter_state(spec), rank=rank,
-                                           alpha=alpha, init_rank=spec.rank,
-                                           init_alpha=spec.alpha)
-        model = cached_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha,
-                                                      freeze_a=False, init="default"))
-    elif (rank, alpha) != (spec.rank, spec.alpha):
-        model = build_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False))
-    load_adapter_state(model, state)
-    save_adapter(model, path)
 
 
 def write_report(run_dir: Path) -> None:
@@ -367,18 +340,12 @@ def _model_bytes(model) -> int:
 
 def _log_sizes(cfg: RunConfig, model, state: dict) -> None:
     wire = WireFormat.from_config(cfg)
-    per_update = sum(encoded_bytes(int(v.size), wire.dtype, wire.block_size)
-                     for k, v in state.items() if is_factor_key(k))
+    own = get_family(cfg.adapter).sent_keys(state)
+    per_update = sum(encoded_bytes(int(state[k].size), wire.dtype, wire.block_size) for k in own)
     full_bytes = _model_bytes(model)
-    log.info("adapter: %d LoRA modules, %d tensors; %s bytes of factors per message "
-             "(full model: %s bytes, ratio %.5f)", len(factor_layout(state)), len(state),
+    log.info("adapter '%s': %d tensors of its own, %d in all; %s bytes of its own per message "
+             "(full model: %s bytes, ratio %.5f)", cfg.adapter, len(own), len(state),
              f"{per_update:,}", f"{full_bytes:,}", per_update / full_bytes)
-    family = get_family(cfg.adapter)
-    if not family.low_rank:
-        own = family.sent_keys(state)
-        log.info("adapter family '%s' sends %d tensors of its own (%s bytes per message as "
-                 "float32) besides any head", family.name, len(own),
-                 f"{sum(state[k].size for k in own) * 4:,}")
 
 
 def _log_round(cfg: RunConfig, causal_lm: bool, row: dict, outcome: RoundOutcome,
