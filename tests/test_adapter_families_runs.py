@@ -5,19 +5,26 @@ the server's own model."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
+from safetensors.numpy import load_file
+from transformers import AutoModelForSequenceClassification
 
+from fedlora import runtime
+from fedlora.adapter_families import get_family
+from fedlora.adapters import adapter_state, load_adapter_state
+from fedlora.checkpoint import load_checkpoint
+from fedlora.export import load_run_model
+from fedlora.models import build_lora_model, load_tokenizer
 from tests.test_simulation import _inspect_mod, run_in_process
 
 
 def _plain_peft_logits(adapter_dir, model_dir, batch):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
     base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
@@ -26,13 +33,6 @@ def _plain_peft_logits(adapter_dir, model_dir, batch):
 
 def _server_logits(run_dir, batch):
     """The global adapter of the checkpoint in the model the server evaluates it with."""
-    import dataclasses
-
-    from fedlora import runtime
-    from fedlora.adapters import load_adapter_state
-    from fedlora.checkpoint import load_checkpoint
-    from fedlora.models import build_lora_model
-
     ckpt = load_checkpoint(run_dir)
     cfg = runtime.resolve_config(ckpt.config)
     model = build_lora_model(dataclasses.replace(runtime.model_spec(cfg), base_dtype="float32"))
@@ -48,7 +48,6 @@ def _server_logits(run_dir, batch):
                          ids=["vera", "dora", "c3a", "pissa", "olora"])
 def test_a_family_runs_and_sends_only_its_keys(tmp_path, custom_task, tiny_model_dir,
                                                overrides):
-    from fedlora.adapter_families import get_family
 
     log_path = tmp_path / "messages.jsonl"
     cfg = dict(custom_task, **overrides, **{"base-dtype": "float32"})
@@ -78,8 +77,6 @@ def test_a_family_runs_and_sends_only_its_keys(tmp_path, custom_task, tiny_model
         row = next(r for r in csv.DictReader(f) if r["direction"] == "up")
     assert int(row["factor_bytes"]) == own_bytes
 
-    from fedlora.models import load_tokenizer
-
     tok = load_tokenizer(str(tiny_model_dir))
     batch = dict(tok(["a fine film", "dull and slow, sadly"], padding=True,
                      return_tensors="pt"))
@@ -88,8 +85,28 @@ def test_a_family_runs_and_sends_only_its_keys(tmp_path, custom_task, tiny_model
     plain = _plain_peft_logits(run_dir / "adapter", tiny_model_dir, batch)
     torch.testing.assert_close(plain, server, atol=1e-5, rtol=1e-4)
 
-    from fedlora.export import load_run_model
-
     with torch.no_grad():
         exported = load_run_model(run_dir).model(**batch).logits
     torch.testing.assert_close(exported, server, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    {"adapter": "c3a", "c3a-block-size": 8, "secure-aggregation": True, "secagg-clip": 0.05},
+    {"adapter": "vera", "dp-mode": "client"},
+    {"adapter": "dora", "dp-mode": "update"},
+], ids=["c3a-secure-aggregation", "vera-client-dp", "dora-update-dp"])
+def test_a_family_runs_under_secure_aggregation_and_dp(tmp_path, custom_task, overrides):
+    cfg = dict(custom_task, **overrides, **{
+        "base-dtype": "float32", "num-server-rounds": 1, "fraction-train": 1.0,
+        "fraction-evaluate": 0.0, "target-delta": 1e-3, "local-steps": 1})
+    run_dir = run_in_process(cfg, num_nodes=4)
+    family = get_family(overrides["adapter"])
+    state = load_checkpoint(run_dir).global_state
+    own = family.sent_keys(state)
+    assert own and load_checkpoint(run_dir).round == 1
+    saved = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert {k for k in saved if k.endswith(family.sends)}
+    initial = adapter_state(build_lora_model(runtime.model_spec(runtime.resolve_config(
+        load_checkpoint(run_dir).config))))
+    assert any(not np.array_equal(state[k], initial[k]) for k in own)  # it trained
