@@ -1,11 +1,11 @@
 """``lora-init``: how LoRA's factors start, and what a data-free init does to the base.
 
 ``default`` is peft's own (Kaiming-uniform ``A``, zero ``B``: the adapter starts as no
-change), ``gaussian`` draws ``A`` from a Gaussian of variance ``1/r`` (``B`` zero). Both are
-drawn from the run's ``seed``, the same at every party. ``pissa`` and ``olora`` are derived
-from the base weights (PiSSA: the top ``r`` singular directions of each adapted matrix;
-OLoRA: the QR decomposition of its first ``r`` columns) and move that part out of the
-frozen base: a layer becomes ``W_res + s B A`` with ``W_res = W - s B0 A0``. The
+change), ``gaussian`` draws ``A`` from a Gaussian of standard deviation ``1/r`` (``B``
+zero). Both are drawn from the run's ``seed``, the same at every party. ``pissa`` and
+``olora`` are derived from the base weights (PiSSA: the top ``r`` singular directions of
+each adapted matrix; OLoRA: the first ``r`` columns of ``Q`` and rows of ``R`` of its QR
+decomposition) and move that part out of the frozen base: a layer becomes ``W_res + s B A`` with ``W_res = W - s B0 A0``. The
 decompositions are deterministic, so every site and the server derive the same ``A0``,
 ``B0`` and ``W_res`` from the same base and only the trained factors cross the wire.
 
