@@ -223,3 +223,22 @@ def test_accepted_combinations(tmp_path):
                       {"lora-init": "olora", "aggregator": "svd"}):
         cfg = _parse(overrides)
         assert cfg.adapter == overrides.get("adapter", "lora")
+
+
+def test_distributed_dp_refuses_a_family_with_other_tensors(monkeypatch):
+    """Secure aggregation with dp-mode = sample sums every tensor but A and B as the head's:
+    a family that sends others is refused, naming them, even where DP-SGD could clip it."""
+    from fedlora.adapter_families import base
+    from fedlora.adapter_families.lora import LoraFamily
+
+    class Scaled(LoraFamily):
+        name = "scaled"
+        sends = (*LoraFamily.sends, ".lora_scale")
+        per_example_gradients = True
+
+    monkeypatch.setitem(base.FAMILIES, "scaled", Scaled)
+    with pytest.raises(ConfigError) as e:
+        _parse({"adapter": "scaled", "aggregator": "fedavg", "secure-aggregation": True,
+                "dp-mode": "sample"})
+    assert "'adapter'" in str(e.value) and "*.lora_scale" in str(e.value), str(e.value)
+    _parse({"adapter": "scaled", "aggregator": "fedavg", "dp-mode": "sample"})

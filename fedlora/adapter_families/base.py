@@ -10,6 +10,12 @@ their updates), whether DP-SGD can clip its per-example gradients, which ``lora-
 values it takes, and the peft config it is built from.
 Every party builds the same model from the same run-config, so whatever a family derives
 from the base weights or a public seed is never sent.
+
+A site loads the global state the same way for every family: the tensors it receives are
+keyed by peft's portable state-dict names, which :func:`fedlora.adapters.load_adapter_state`
+sets in its model (every one of the family's sent tensors and the head, no other). What is
+not sent (VeRA's projections, the residual base of a PiSSA or OLoRA init) is already in the
+site's model, derived when the model was built.
 """
 
 from __future__ import annotations
