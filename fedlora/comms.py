@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .adapters import FACTOR_A, FACTOR_B
+from .adapter_families import SENT_SUFFIXES
 from .wire import ALL_WIRE_DTYPES, array_bytes, encoded_bytes
 
 __all__ = ["CommsEntry", "CommsLog", "analytic_record_bytes"]
@@ -31,14 +31,15 @@ def analytic_record_bytes(record: Mapping[str, Any], block_size: int = 64) -> tu
     """(factor bytes, head bytes) predicted from shapes, the wire dtype and (for int8/int4)
     the run's block size alone.
 
-    Factors: sum over LoRA modules of rank x (d_in + d_out) x dtype size; the head:
-    its element count x dtype size. Quantised: values, plus one float16 scale per block,
+    Factors (the adapter family's own tensors: for LoRA, sum over modules of
+    rank x (d_in + d_out); DoRA adds its magnitudes, VeRA has only its two vectors per layer):
+    element count x dtype size; the head: its element count x dtype size. Quantised: values, plus one float16 scale per block,
     plus a 4-byte header per array.
     """
     factor = head = 0
     for key, arr in record.items():
         n = _predicted_bytes(int(np.prod(arr.shape, dtype=np.int64)), arr.dtype, block_size)
-        if key.endswith(FACTOR_A) or key.endswith(FACTOR_B):
+        if key.endswith(SENT_SUFFIXES):
             factor += n
         else:
             head += n

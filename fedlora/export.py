@@ -133,9 +133,12 @@ def load_run_model(run_dir: str | Path) -> TrainedRun:
         raise ExportError(f"{run_dir / 'config.json'}: {e}") from None
     adapter_cfg = _read_json(adapter / "adapter_config.json", "the adapter config")
     _check_adapter(adapter, adapter_cfg, spec)
-    spec = dataclasses.replace(spec, rank=int(adapter_cfg["r"]),
-                               alpha=float(adapter_cfg["lora_alpha"]), freeze_a=False,
-                               device="cpu", base_dtype="float32")
+    # A run whose init changed the base saved plain LoRA on the original base (see
+    # fedlora.adapter_families.inits), so the model is built with the default init.
+    spec = dataclasses.replace(spec, rank=int(adapter_cfg.get("r", spec.rank)),
+                               alpha=float(adapter_cfg.get("lora_alpha", spec.alpha)),
+                               freeze_a=False, device="cpu", base_dtype="float32",
+                               init="default")
     model = _load_adapter(spec, adapter)
     return TrainedRun(run_dir=run_dir, cfg=cfg, spec=spec, model=model,
                       tokenizer=load_tokenizer(spec.model_path), label_names=labels)
@@ -144,7 +147,10 @@ def load_run_model(run_dir: str | Path) -> TrainedRun:
 def _check_adapter(adapter: Path, adapter_cfg: dict[str, Any], spec: LoraSpec) -> None:
     """The adapter was trained on the model and task the run-config names."""
     where = adapter / "adapter_config.json"
-    for key in ("r", "lora_alpha"):
+    # The numbers each peft family's config holds (VeRA's has no lora_alpha, C3A's no r).
+    required = {"LORA": ("r", "lora_alpha"), "VERA": ("r",)}.get(
+        adapter_cfg.get("peft_type", "LORA"), ())
+    for key in required:
         if not isinstance(adapter_cfg.get(key), (int, float)):
             raise ExportError(f"{where}: '{key}' is missing or not a number")
     task_type = adapter_cfg.get("task_type")

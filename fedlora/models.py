@@ -6,6 +6,7 @@ adapter layout (:class:`LoraSpec`) and swaps only the adapter tensors between cl
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 from transformers import (
@@ -27,6 +29,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from .adapter_families import get_family, is_adapter_parameter
+from .adapters import adapter_state
 from .config import ConfigError
 from .heads import PooledClassifier, resolve_head_pooling
 
@@ -34,8 +38,8 @@ if TYPE_CHECKING:
     from .run_config import RunConfig
 
 __all__ = ["LoraSpec", "load_tokenizer", "build_lora_model", "cached_lora_model",
-           "forget_cached_models", "head_name",
-           "choose_num_threads", "resolve_base_dtype", "cast_frozen_base", "BASE_DTYPES"]
+           "forget_cached_models", "head_name", "choose_num_threads", "resolve_base_dtype",
+           "cast_frozen_base", "BASE_DTYPES", "initial_adapter_state"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 # transformers 5 warns from inside its own code when peft inspects a model.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# VeRA's shared projections are drawn from the run's seed at every party on purpose (they are
+# never sent nor saved; see fedlora.adapter_families.vera).
+warnings.filterwarnings("ignore", message="Specified to not save vera_A and vera_B",
+                        category=UserWarning)
 
 _HEAD_NAMES = ("classifier", "score", "classification_head")
 
@@ -67,6 +75,9 @@ class LoraSpec:
     device: str = "cpu"  # where the model lives: "cpu", "cuda", "cuda:1", ...
     base_dtype: str = "float32"  # the frozen base weights' dtype; adapters stay float32
     pooling: str = "model"  # "mean": fedlora.heads.PooledClassifier; "model": the model's own
+    family: str = "lora"  # the adapter family (fedlora.adapter_families), run-config adapter
+    init: str = "default"  # run-config lora-init (fedlora.adapter_families.inits)
+    c3a_block_size: int = 64  # run-config c3a-block-size (adapter = c3a)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, model_path: str, num_labels: int,
@@ -94,6 +105,9 @@ class LoraSpec:
             device=device,
             base_dtype=resolve_base_dtype(getattr(cfg, "base_dtype", "auto"), device),
             pooling=pooling,
+            family=getattr(cfg, "adapter", "lora"),
+            init=getattr(cfg, "lora_init", "default"),
+            c3a_block_size=getattr(cfg, "c3a_block_size", 64),
         )
 
     @property
@@ -214,15 +228,16 @@ def resolve_base_dtype(requested: str, device: str) -> str:
 
 
 def _keep_float32(model: nn.Module) -> set[int]:
-    """Ids of the parameters that stay float32 under a lower-precision base: the LoRA
-    factors (trainable or frozen under FFA: they are the adapter on the wire) and every
-    parameter of a trained head (peft's modules_to_save wrapper, original included)."""
+    """Ids of the parameters that stay float32 under a lower-precision base: the adapter's
+    own (LoRA factors, trainable or frozen under FFA, DoRA's magnitude, VeRA's vectors: they
+    are the adapter on the wire) and every parameter of a trained head (peft's
+    modules_to_save wrapper, original included)."""
     keep: set[int] = set()
     for module in model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             keep.update(id(p) for p in module.parameters())
     for name, param in model.named_parameters():
-        if "lora_" in name:
+        if is_adapter_parameter(name):
             keep.add(id(param))
     return keep
 
@@ -289,24 +304,24 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
             f"train-head is true but no classification head ({', '.join(_HEAD_NAMES)}) "
             f"was found in {spec.model_path}"
         )
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
-        modules_to_save=[head] if spec.train_head else None,
-    )
+    config = get_family(spec.family).peft_config(
+        spec, modules_to_save=[head] if spec.train_head else None, task_type=None)
     return _attach_lora(base, config, spec)
 
 
 def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
-    """Wrap ``base`` in peft's LoRA per ``config``; freeze A for FFA; move to the device."""
+    """Wrap ``base`` in peft's adapter per ``config``; freeze A for FFA; move to the device.
+
+    A data-free init (``lora-init`` pissa or olora) is computed here, in float32 on the CPU
+    from the base weights, before any cast: every party derives the same factors and the
+    same residual base."""
     try:
         model = get_peft_model(base, config)
     except ValueError as e:
+        keys = " and ".join(get_family(spec.family).shaped_by)
         raise ValueError(
-            f"lora-target-modules {','.join(spec.target_modules)!r} do not fit {spec.model_path}: {e}"
-        ) from None
+            f"{keys} (lora-target-modules {','.join(spec.target_modules)!r}) do not fit "
+            f"{spec.model_path} with adapter '{spec.family}': {e}") from None
     if spec.freeze_a:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
@@ -320,11 +335,23 @@ def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
     return model
 
 
+@functools.lru_cache(maxsize=4)
+def _initial_state(spec: LoraSpec) -> tuple[tuple[str, np.ndarray], ...]:
+    return tuple(adapter_state(build_lora_model(spec)).items())
+
+
+def initial_adapter_state(spec: LoraSpec) -> dict[str, np.ndarray]:
+    """The adapter of ``spec`` as every party builds it, before any training (computed once
+    per process; copies are returned)."""
+    return {k: v.copy() for k, v in _initial_state(spec)}
+
+
 def forget_cached_models() -> None:
     """Drop this process's models and tokenizers (:func:`cached_lora_model`)."""
     with _LOCK:
         _MODELS.clear()
         _TOKENIZERS.clear()
+    _initial_state.cache_clear()
 
 
 def cached_lora_model(spec: LoraSpec) -> nn.Module:
@@ -353,11 +380,6 @@ def _build_causal_lm(spec: LoraSpec) -> nn.Module:
     base.config.use_cache = False  # never generates here: no key/value cache to build
     if base.config.pad_token_id is None:
         base.config.pad_token_id = load_tokenizer(spec.model_path).pad_token_id
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
-        task_type="CAUSAL_LM",
-    )
+    config = get_family(spec.family).peft_config(spec, modules_to_save=None,
+                                                  task_type="CAUSAL_LM")
     return _attach_lora(base, config, spec)

@@ -28,6 +28,7 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from . import entropy
+from .adapter_families import is_adapter_parameter
 from .dp_sgd import dropout_off, noise_only_step, private_step, release_grad_samples
 from .heads import head_inputs, head_module
 from .training import TrainResult
@@ -56,7 +57,7 @@ def _encoder_digest(model: nn.Module) -> str:
     head = {id(p) for p in head_module(model).parameters()}
     h = hashlib.blake2b(digest_size=16)
     for name, p in model.named_parameters():
-        if "lora_" in name and id(p) not in head:
+        if is_adapter_parameter(name) and id(p) not in head:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()

@@ -87,6 +87,23 @@ class RunConfig:
     lora_dropout: float = key(0.05, "a float in [0, 1)", lambda v: 0 <= v < 1)
     lora_target_modules: str = key(
         "query,value", "a comma-separated list of module names, e.g. 'query,value'", _modules)
+    adapter: str = key(
+        "lora", "one of the registered adapter families (see fedlora.adapter_families)",
+        help="The adapter family: lora, dora (LoRA plus a magnitude per output row), vera "
+        "(two vectors per layer on shared random matrices drawn from seed) or c3a (a "
+        "block-circulant kernel per layer, linear in what is sent); see "
+        "docs/adapters.md for what each sends and which aggregators take it.")
+    c3a_block_size: int = key(
+        64, "an integer in [1, 65536] dividing the input and output widths of every adapted "
+        "layer", lambda v: 1 <= v <= 65536,
+        help="With adapter = c3a: the size of the circulant blocks; a layer sends "
+        "d_out * d_in / c3a-block-size numbers.")
+    lora_init: str = key(
+        "default", "one of default, gaussian, pissa, olora",
+        _choices("default", "gaussian", "pissa", "olora"),
+        help="How LoRA's factors start: default (peft's Kaiming-uniform A, zero B), gaussian "
+        "(A Gaussian, B zero), or derived from the base weights at every party: pissa (top "
+        "singular directions) or olora (QR); these two move that part out of the frozen base.")
     train_head: bool = key(
         True, "true or false",
         help="Train (and send) the classification head as well as the LoRA factors.")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import aggregation, config, privacy, secure_sum
+from . import adapter_families, aggregation, config, privacy, secure_sum
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, forget_cached_models, load_tokenizer
 from .tasks import TASKS, client_source, get_task, load_task_data
@@ -39,11 +39,12 @@ def resolve_config(run_config: Mapping[str, Any], overrides: Mapping[str, Any] |
 
 def parse_run_config(run_config: Mapping[str, Any] | None = None,
                      overrides: Mapping[str, Any] | None = None, **known: Any):
-    """:func:`fedlora.config.parse_run_config` with the DP mechanisms' recipes and checks
-    and secure aggregation's (``known``: the tasks and aggregators to check against, none
+    """:func:`fedlora.config.parse_run_config` with the DP mechanisms' recipes and checks,
+    secure aggregation's and the adapter family's (``known``: the tasks and aggregators to check against, none
     unless given)."""
     cfg = config.parse_run_config(run_config, overrides, dp=privacy, **known)
     secure_sum.check_config(cfg)
+    adapter_families.check_config(cfg, aggregation.METHODS)
     return cfg
 
 

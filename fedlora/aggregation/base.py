@@ -64,6 +64,10 @@ class Method:
     # The new global adapter is a weighted mean of the tensors clients send (what a
     # noised mean, user-level DP, can release in its place).
     linear: ClassVar[bool] = True
+    # Its math reads every sent tensor other than a head as LoRA's A or B, so it refuses an
+    # adapter family that sends others (DoRA's magnitude, VeRA's vectors; see
+    # fedlora.adapter_families.compat).
+    factors_only: ClassVar[bool] = True
     alpha: float = 16.0
     rank: int = 8
     options: dict[str, Any] = field(default_factory=dict)
@@ -143,8 +147,10 @@ class Method:
     def aggregate(self, replies: list[State], weights: list[int], global_state: State) -> State:
         """The new global adapter from the replies (each in its own rank)."""
         updates = [state_to_factors(r, self.alpha / (state_rank(r) or self.rank)) for r in replies]
-        # The module-level aggregate(): this aggregator's math, validated and converted.
-        merged = aggregate(self.name, updates, weights, **self._options(global_state))
+        merged: Dict[str, LoraFactors] = {}
+        if any(updates):  # an adapter family without LoRA factors (VeRA) has none
+            # The module-level aggregate(): this aggregator's math, validated and converted.
+            merged = aggregate(self.name, updates, weights, **self._options(global_state))
         if any(f.rank != self.rank for f in merged.values()):
             merged = fit_rank(merged, self.rank)
         p = np.asarray(weights, dtype=np.float64) / float(sum(weights))

@@ -64,7 +64,11 @@ def fedavg(
 
 @register
 class FedAvgMethod(Method):
-    """A and B averaged separately (inexact); heterogeneous ranks zero-padded (HetLoRA)."""
+    """A and B averaged separately (inexact); heterogeneous ranks zero-padded (HetLoRA);
+    any other tensor averaged as it is."""
 
     name = "fedavg"
     combine = staticmethod(fedavg)
+    # Every other sent tensor (a head, DoRA's magnitude, VeRA's vectors) is averaged
+    # elementwise by the protocol.
+    factors_only = False

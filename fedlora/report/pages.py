@@ -134,8 +134,9 @@ def audit_html(run: RunData) -> str:
     others = audit_reply_keys(run.comms_rows)
     if not others:
         return (f"<p class=\"ok\">Every array key in the {replies} client replies "
-                f"({distinct} distinct keys) is a LoRA factor (<code>.lora_A.weight</code>, "
-                f"<code>.lora_B.weight</code>) or a classification-head key.</p>")
+                f"({distinct} distinct keys) is an adapter family's tensor (LoRA's "
+                f"<code>.lora_A.weight</code>, <code>.lora_B.weight</code>, DoRA's magnitude, "
+                f"VeRA's vectors) or a classification-head key.</p>")
     items = "".join(
         f"<li><code>{_e(key)}</code> in {len(where)} repl{'y' if len(where) == 1 else 'ies'} "
         f"(round/node: {_e(', '.join(f'{r}/{n}' for r, n in where[:5]))}"

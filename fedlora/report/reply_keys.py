@@ -5,7 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
-FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+from ..adapter_families import SENT_SUFFIXES
+
+#: What an adapter family sends (LoRA's factors, DoRA's magnitude, VeRA's vectors).
+FACTOR_SUFFIXES = SENT_SUFFIXES
 HEAD_MODULES = ("classifier", "score", "classification_head")
 
 
@@ -16,7 +19,8 @@ def is_head_key(key: str) -> bool:
 
 
 def audit_reply_keys(rows: Iterable[Mapping[str, str]]) -> dict[str, list[tuple[str, str]]]:
-    """Keys in client replies (``direction == "up"``) that are neither LoRA factors nor head.
+    """Keys in client replies (``direction == "up"``) that are neither an adapter family's
+    tensors nor head.
 
     Returns each such key with the (round, node) pairs of the replies that carried it.
     """

@@ -30,12 +30,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedlora import privacy, runtime
 from fedlora.actor_pool import replace_dead_actors
-from fedlora.adapters import (
-    adapter_state,
-    factor_layout,
-    is_factor_key,
-    load_adapter_state,
-)
+from fedlora.adapter_families import get_family
+from fedlora.adapters import adapter_state
 from fedlora.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -45,9 +41,10 @@ from fedlora.checkpoint import (
 )
 from fedlora.comms import CommsLog
 from fedlora.config import ConfigError, check_paths
+from fedlora.global_adapter import save_global_adapter
 from fedlora.models import build_lora_model
 from fedlora.protocol import with_overrides
-from fedlora.results import new_run_dir, save_adapter, write_json
+from fedlora.results import new_run_dir, write_json
 from fedlora.timing import RoundTimer
 from fedlora.training import evaluate
 from fedlora.wire import WireFormat, encoded_bytes, from_record, to_record
@@ -105,20 +102,6 @@ def build_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
 
 app = build_app()
-
-
-def save_global_adapter(method, spec, model, global_state: dict, path: Path) -> None:
-    """Save the global model as one peft LoRA adapter (for stack: base + stacked update).
-
-    The server's own model holds it when the layout matches (only the adapter is saved,
-    and the next evaluation reloads what it needs); a stacked adapter of another rank
-    gets a model of its own.
-    """
-    rank, alpha, state = method.export(global_state)
-    if (rank, alpha) != (spec.rank, spec.alpha):
-        model = build_lora_model(dataclasses.replace(spec, rank=rank, alpha=alpha, freeze_a=False))
-    load_adapter_state(model, state)
-    save_adapter(model, path)
 
 
 def write_report(run_dir: Path) -> None:
@@ -359,11 +342,11 @@ def _model_bytes(model) -> int:
 
 def _log_sizes(cfg: RunConfig, model, state: dict) -> None:
     wire = WireFormat.from_config(cfg)
-    per_update = sum(encoded_bytes(int(v.size), wire.dtype, wire.block_size)
-                     for k, v in state.items() if is_factor_key(k))
+    own = get_family(cfg.adapter).sent_keys(state)
+    per_update = sum(encoded_bytes(int(state[k].size), wire.dtype, wire.block_size) for k in own)
     full_bytes = _model_bytes(model)
-    log.info("adapter: %d LoRA modules, %d tensors; %s bytes of factors per message "
-             "(full model: %s bytes, ratio %.5f)", len(factor_layout(state)), len(state),
+    log.info("adapter '%s': %d tensors of its own, %d in all; %s bytes of its own per message "
+             "(full model: %s bytes, ratio %.5f)", cfg.adapter, len(own), len(state),
              f"{per_update:,}", f"{full_bytes:,}", per_update / full_bytes)
 
 
