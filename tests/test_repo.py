@@ -132,3 +132,11 @@ def test_one_docstring_style():
     found = [str(p.relative_to(ROOT)) for folder in ("fedlora", "simulations")
              for p in (ROOT / folder).rglob("*.py") if sections.search(p.read_text())]
     assert found == []
+
+
+def test_no_module_over_400_lines():
+    """One concept a module: the package, the simulations and the tests stay under 400 lines."""
+    long = {str(p.relative_to(ROOT)): n for folder in ("fedlora", "simulations", "tests")
+            for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
