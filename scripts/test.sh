@@ -8,4 +8,4 @@ bash scripts/setup.sh
 source scripts/env.sh
 # Tests start their own SuperLinks with private FLWR_HOMEs and stop them by PID.
 unset FLWR_HOME
-exec python -m pytest -ra "$@"
+exec python -m pytest -ra --durations=20 "$@"
