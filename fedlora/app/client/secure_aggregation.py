@@ -16,7 +16,8 @@ A ClientApp keeps nothing between messages and each may run in another process: 
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
 ``context.state``, which stays on the node; each stage reads and writes it under the
 node's round lock (:mod:`fedlora.app.client.round_lock`) and is taken once, in order, in
-a file the node locks (:mod:`fedlora.app.client.stage_claims`), so that two stage messages
+a file the node locks in a folder of its own (:mod:`fedlora.app.client.stage_claims`;
+the masked input once per round), so that two stage messages
 delivered at once cannot both advance it, even when each was handed its own copy of the
 node state. A stage the site refuses (a malformed or
 inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
