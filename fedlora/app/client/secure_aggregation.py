@@ -107,6 +107,7 @@ def _own_settings(context: Context) -> dict[str, Any]:
     identity, peers = (context.node_config.get(k) for k in ("secagg-identity", "secagg-peers"))
     try:
         policy = SitePolicy.from_node_config(context.node_config)
+        policy.check_pinned()
         return {"identity": load_identity(identity) if identity else None,
                 "trusted": load_peers(peers) if peers else None,
                 "floor": Floor(policy.secagg_min_cohort or 2, policy.secagg_min_threshold or 1,
