@@ -21,7 +21,11 @@ the masked input once per round), so that two stage messages
 delivered at once cannot both advance it, even when each was handed its own copy of the
 node state. A stage the site refuses (a malformed or
 inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
-saying why; the site then refuses the round's later stages.
+saying why; the site then refuses the round's later stages. Whether training went well is
+not such a reason: a site whose update has non-finite entries, or whose training failed,
+masks update 0 there (:func:`zero_update`) and stays in the sum, the details in its own
+log only. A deployed site that relies on secure aggregation takes part only with pinned
+identities (:meth:`fedlora.privacy.site_policy.SitePolicy.check_pinned`).
 """
 
 from __future__ import annotations
