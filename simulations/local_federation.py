@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.deploy import make_certificates, make_node_key
+from fedlora.secagg.crypto import public_bytes
+from fedlora.secagg.identity import generate, load_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -327,10 +329,18 @@ def parse_node_config(text: str) -> dict[str, Any]:
 def default_node_configs(n: int, workdir: Path, data_dir: Path | None,
                          extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Each site's node-config: partition i of the packaged data (or ``site<i>.*`` in
-    ``data_dir``), its own ledger file, and ``extra`` (e.g. the site's privacy policy)."""
-    configs = []
+    ``data_dir``), its own ledger file, its pinned secure-aggregation identity and the
+    federation's (``secagg-identity``, ``secagg-peers``), and ``extra`` (e.g. the site's
+    privacy policy)."""
+    configs, keys = [], [workdir / f"site{i}" / "secagg-identity.key" for i in range(n)]
+    for key in keys:
+        key.parent.mkdir(parents=True, exist_ok=True)
+    public = [public_bytes(load_identity(k)).hex() if k.exists() else generate(k) for k in keys]
+    peers = workdir / "secagg-peers.txt"
+    peers.write_text("".join(f"{p}\n" for p in public))
     for i in range(n):
         cfg: dict[str, Any] = {"privacy-state-path": str(workdir / f"site{i}" / "privacy.json"),
+                               "secagg-identity": str(keys[i]), "secagg-peers": str(peers),
                                **dict(extra or {})}
         if data_dir is not None:
             found = sorted(Path(data_dir).glob(f"site{i}.*"))

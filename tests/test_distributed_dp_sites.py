@@ -39,8 +39,12 @@ def test_a_site_opts_in_to_distributed_dp_and_floors_its_noise_share():
     with pytest.raises(PolicyRefusal, match="'min-noise-share'"):  # pinning is not enough
         SitePolicy.from_node_config({**deployed, "secagg-peers": "/etc/peers",
                                      "min-reply-seconds": 60}).check_run(cfg)
-    SitePolicy.from_node_config({**deployed, "min-noise-share": 0.1,
-                                 "min-reply-seconds": 60}).check_run(cfg)
+    with pytest.raises(PolicyRefusal, match="'secagg-identity' and 'secagg-peers'"):
+        SitePolicy.from_node_config({**deployed, "min-noise-share": 0.1,
+                                     "min-reply-seconds": 60}).check_run(cfg)
+    SitePolicy.from_node_config({**deployed, "min-noise-share": 0.1, "min-reply-seconds": 60,
+                                 "secagg-identity": "/etc/key",
+                                 "secagg-peers": "/etc/peers"}).check_run(cfg)
     with pytest.raises(PolicyRefusal, match="min-noise-share"):
         SitePolicy.from_node_config({"accept-dp-modes": "distributed", "min-noise-share": 1.5})
 

@@ -158,8 +158,9 @@ def test_a_site_refuses_a_round_the_run_config_allows_but_its_floor_does_not(
         identity, node_config, key):
     """The run-config (threshold 2 of 3 sites) is followed to the letter; the site's floor
     refuses it all the same, naming its key."""
-    state = RecordDict()
-    ctx = Context(run_id=1, node_id=7, node_config=node_config, state=state,
+    state = RecordDict()  # (a simulated site: a deployed one would also need pinning)
+    ctx = Context(run_id=1, node_id=7, node_config={**node_config, "partition-id": 0},
+                  state=state,
                   run_config=RUN_CONFIG)
     reply = stage_fn("setup", message("setup", 7, round_config([7, 8, 9]).to_message()), ctx)
     status = reply.content[STATUS_KEY]
@@ -224,7 +225,7 @@ def test_a_u2_under_the_floor_is_refused_before_the_site_trains(identity):
     cohort = [7, 8, 9, 10]
     trained = []
     sites = Sites(cohort, lambda msg, context, respond: trained.append(msg) or msg,
-                  node_config={"secagg-min-cohort": 4})
+                  node_config={"secagg-min-cohort": 4, "partition-id": 0})
     messages = sites.messages_for("masked_input")
     reply = sites.send("masked_input", 7, {**messages[7], "u2": [7, 8, 9]})
     status = reply.content[STATUS_KEY]

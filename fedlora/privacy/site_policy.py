@@ -26,6 +26,13 @@ A site states instead, in the node-config its operator gives the SuperNode:
   config it signs, then the sets of sites that shared their keys and whose masked inputs
   arrived), not against the run-config, and refuses a round below them before it masks or
   trains (:class:`fedlora.secagg.floor.Floor`).
+* Pinned identities: a deployed site that relies on secure aggregation for its privacy
+  (``require-secure-aggregation``, a ``secagg-min-cohort`` or ``secagg-min-threshold``
+  floor, or ``distributed`` in ``accept-dp-modes``) takes part in a secure round only with
+  node-config ``secagg-identity`` and ``secagg-peers`` set
+  (:mod:`fedlora.secagg.identity`). Without them it would take its neighbours' keys from
+  the server, which could then stand in for every neighbour and unmask the site's update
+  alone. A simulated site (with a ``partition-id``) may run unpinned.
 * ``min-reply-seconds`` (optional): the site holds every training reply (trained or refused)
   until that many seconds after the instruction arrived. A site's compute time grows with
   its data; a server that times replies would learn about it. Replies held to a floor the
@@ -57,7 +64,7 @@ if TYPE_CHECKING:
     from ..run_config import RunConfig
     from .mechanisms import DpPlan
 
-__all__ = ["POLICY_KEYS", "PolicyRefusal", "SitePolicy", "hold_reply"]
+__all__ = ["PINNING_KEYS", "POLICY_KEYS", "PolicyRefusal", "SitePolicy", "hold_reply"]
 
 log = logging.getLogger("fedlora.client")
 
@@ -65,6 +72,8 @@ log = logging.getLogger("fedlora.client")
 POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multiplier",
                "min-noise-share", "min-reply-seconds", "require-secure-aggregation",
                "secagg-min-cohort", "secagg-min-threshold")
+#: The node-config keys of a site's pinned identities (:mod:`fedlora.secagg.identity`).
+PINNING_KEYS = ("secagg-identity", "secagg-peers")
 #: The ``accept-dp-modes`` token of distributed DP (sample-level DP on the secure sum).
 DISTRIBUTED = "distributed"
 
@@ -135,6 +144,7 @@ class SitePolicy:
     secagg_min_cohort: int | None = None
     secagg_min_threshold: int | None = None
     deployed: bool = False  # no simulation partition-id: a real site, which needs a policy
+    unpinned: tuple[str, ...] = ()  # which of PINNING_KEYS its node-config leaves unset
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
@@ -164,7 +174,24 @@ class SitePolicy:
                    require_secure_aggregation=_flag(node_config, "require-secure-aggregation"),
                    secagg_min_cohort=_count(node_config, "secagg-min-cohort", 2),
                    secagg_min_threshold=_count(node_config, "secagg-min-threshold", 1),
-                   deployed=node_config.get("partition-id") is None)
+                   deployed=node_config.get("partition-id") is None,
+                   unpinned=tuple(k for k in PINNING_KEYS if not node_config.get(k)))
+
+    @property
+    def relies_on_secure_aggregation(self) -> bool:
+        """Whether the site's privacy leans on the secure sum (its mask hides its update)."""
+        return bool(self.require_secure_aggregation or self.secagg_min_cohort
+                    or self.secagg_min_threshold
+                    or (self.accept_dp_modes and DISTRIBUTED in self.accept_dp_modes))
+
+    def check_pinned(self) -> None:
+        """:class:`PolicyRefusal` for a secure round at a deployed site that relies on it
+        and has not pinned its own identity and its peers' (naming the missing keys)."""
+        if self.deployed and self.relies_on_secure_aggregation and self.unpinned:
+            raise PolicyRefusal(
+                "a deployed site relying on secure aggregation needs pinned identities: set "
+                f"node-config key {' and '.join(repr(k) for k in self.unpinned)} (without "
+                "them the server could stand in for every neighbour and unmask this site)")
 
     @property
     def private_only(self) -> bool:
@@ -172,7 +199,13 @@ class SitePolicy:
         return self.accept_dp_modes is not None and "off" not in self.accept_dp_modes
 
     def check_run(self, cfg: RunConfig) -> None:
-        """Refuse a run weaker than the policy (before the site touches its data)."""
+        """Refuse a run weaker than the policy (before the site touches its data), and a
+        secure run that :meth:`check_pinned` refuses."""
+        self._check_run(cfg)
+        if cfg.secure_aggregation:
+            self.check_pinned()
+
+    def _check_run(self, cfg: RunConfig) -> None:
         if self.require_secure_aggregation and not cfg.secure_aggregation:
             raise PolicyRefusal("the run does not aggregate securely and this site's "
                                 "node-config key 'require-secure-aggregation' is true")

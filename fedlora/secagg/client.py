@@ -280,7 +280,16 @@ class SecAggClient:
         if not u2 <= set(self.config.cohort):
             raise ProtocolError("U2 holds nodes outside the round's cohort")
         self._floor.check_cohort(len(u2), "U2 (the sites that shared their keys)")
+        self._check_pinned(u2, "the pinned sites in U2")
         return u2
+
+    def _check_pinned(self, nodes: set[int], what: str) -> None:
+        """With pinned identities, the floor on the sites this node verified itself (its
+        neighbours in ``nodes`` whose keys a pinned identity signed, and itself): the
+        server names the others, and could have made them up."""
+        if self._trusted is not None:
+            verified = len(nodes & set(getattr(self, "_peers", {}))) + 1
+            self._floor.check_cohort(verified, f"{what} (verified here, this site included)")
 
     def masked_input(self, message: Mapping[str, Any], vector: Any) -> dict[str, np.ndarray]:
         """Stage 4: keep the shares addressed to u; return the masked vector y_u.
@@ -322,6 +331,7 @@ class SecAggClient:
         if not self._u3 <= self._u2:
             raise ProtocolError("U3 holds nodes that are not in U2")
         self._floor.check_cohort(len(self._u3), "U3 (the sites whose masked input arrived)")
+        self._check_pinned(self._u3, "the pinned sites in U3")
         self._enough(len(self._u3 & self.neighbours), "neighbours in U3")
         transcript = consistency_transcript(self.config, self._u3, public_bytes(self._c_sk),
                                             public_bytes(self._s_sk))
@@ -345,6 +355,7 @@ class SecAggClient:
                 raise ProtocolError(f"node {v} did not sign the U3 this node signed "
                                     "(the server may be showing clients different sets)")
         self._enough(len(signatures), "valid consistency signatures")
+        self._check_pinned(set(signatures), "the pinned neighbours that signed U3")
         b_for = _node_set(_field(message, "b_shares_for"), "'b_shares_for'")
         sk_for = _node_set(_field(message, "sk_shares_for"), "'sk_shares_for'")
         if not b_for <= live:

@@ -16,9 +16,15 @@ against what the round actually announces, at every stage where that can shrink:
   ``len(U3) >= min_cohort``; the client then reveals no share.
 
 A refusal is a :class:`~fedlora.secagg.common.ProtocolError` naming the floor and the
-announced value. The counts are of the node ids the round names. A server that invents
-clients can pad them: pinned identities (``trusted``, :mod:`fedlora.secagg.identity`) make
-a client verify its own neighbours, not the clients elsewhere in the graph.
+announced value. The counts are of the node ids the round names. Without pinned
+identities that is all the floor guarantees: the server vouches for every site's keys, so
+a server that invents clients can pad every count, and the floor then bounds only what an
+honest server's round may be. With pinned identities (``trusted``,
+:mod:`fedlora.secagg.identity`) a client also counts, in U2 and U3 and among the
+signatures on U3, only the sites it verified: its neighbours whose keys a pinned identity
+signed (and that signed U3), itself included. Sites elsewhere in the graph cannot be
+verified, so a pinned client's floor is met only when enough of its own neighbours are in
+the round (a floor above the graph's degree plus one is never met).
 """
 
 from __future__ import annotations

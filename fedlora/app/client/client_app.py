@@ -147,7 +147,14 @@ def _train(msg: Message, context: Context, respond=None) -> Message:
     seed = cfg.seed * 1_000_003 + server_round * 7919 + (node.partition_id or 0)  # not for noise
     if ledger is None:
         t1 = time.perf_counter()
-        reply, result = _train_and_release(cfg, model, data, method, None, seed, server_round)
+        try:
+            reply, result = _train_and_release(cfg, model, data, method, None, seed,
+                                               server_round)
+        except Exception:  # noqa: BLE001  (under secure aggregation it must not show)
+            if respond is None:
+                raise
+            log.exception("Training failed at this site; update 0 is masked instead")
+            return respond(msg, context, cfg, secure_aggregation.zero_update())
         t2 = time.perf_counter()
         metrics = {"num-examples": data.num_train, "train-loss": result.loss,
                    "train-steps": result.steps, "train-seconds": t2 - t0,
@@ -187,9 +194,12 @@ def _train(msg: Message, context: Context, respond=None) -> Message:
             except Exception:  # noqa: BLE001  (whatever it was, it stays here)
                 # e.g. a diverged (non-finite) update: nothing is released,
                 # and the details stay here (they are about this site's data).
-                log.exception("Private training failed at this site; nothing was sent and "
-                              "the round was charged")
-                return Message(content=could_not_train(PRIVATE_FAILURE), reply_to=msg)
+                log.exception("Private training failed at this site; the round was charged "
+                              "and %s", "update 0 is masked" if respond else "nothing sent")
+                if respond is None:
+                    return Message(content=could_not_train(PRIVATE_FAILURE), reply_to=msg)
+                # Under secure aggregation a failure must not show: update 0, masked.
+                reply = secure_aggregation.zero_update(ledger.plan.noise_multiplier)
             dp_metrics = privacy.to_metrics(ledger.metrics())
     except (PrivacyStateError, PolicyRefusal) as e:  # the ledger is busy or unreadable, or
         # the plan is weaker than the site's floor: neither says anything about the data
@@ -286,6 +296,13 @@ DIVERGED = ("training diverged: the update has non-finite values (nothing was se
 
 def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply, metrics: dict,
            respond=None) -> Message:
+    if respond is not None:  # secure aggregation: the masked update alone, no metrics;
+        # a non-finite entry goes as update 0 (a refusal in the clear would single out
+        # this site's data), said in this site's log only
+        personal = method.personal_keys(reply)
+        if personal:
+            context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})
+        return respond(msg, context, cfg, reply)
     if not all(np.isfinite(np.asarray(v)).all() for v in reply.values()):
         # Said as a refusal, on every wire format (int8/int4 could not even encode it); under
         # DP the details stay here, as for any failure of private training.
@@ -295,8 +312,6 @@ def _reply(msg: Message, context: Context, cfg: RunConfig, method, reply, metric
     personal = method.personal_keys(reply)
     if personal:  # kept as released (under DP: the noised values), for the next round
         context.state[PERSONAL_STATE_KEY] = to_record({k: reply[k] for k in personal})
-    if respond is not None:  # secure aggregation: the masked update alone, no metrics
-        return respond(msg, context, cfg, reply)
     if cfg.dp_mode != "off":  # under any DP mode: nothing about the data outside the guarantee
         metrics = privacy.released_metrics(metrics)
     content = RecordDict(

@@ -16,11 +16,16 @@ A ClientApp keeps nothing between messages and each may run in another process: 
 site's secrets for the round (its keys, the shares it holds, its self-mask seed) live in
 ``context.state``, which stays on the node; each stage reads and writes it under the
 node's round lock (:mod:`fedlora.app.client.round_lock`) and is taken once, in order, in
-a file the node locks (:mod:`fedlora.app.client.stage_claims`), so that two stage messages
+a file the node locks in a folder of its own (:mod:`fedlora.app.client.stage_claims`;
+the masked input once per round), so that two stage messages
 delivered at once cannot both advance it, even when each was handed its own copy of the
 node state. A stage the site refuses (a malformed or
 inconsistent request: :class:`~fedlora.secagg.ProtocolError`) is answered with a status
-saying why; the site then refuses the round's later stages.
+saying why; the site then refuses the round's later stages. Whether training went well is
+not such a reason: a site whose update has non-finite entries, or whose training failed,
+masks update 0 there (:func:`zero_update`) and stays in the sum, the details in its own
+log only. A deployed site that relies on secure aggregation takes part only with pinned
+identities (:meth:`fedlora.privacy.site_policy.SitePolicy.check_pinned`).
 """
 
 from __future__ import annotations
@@ -55,12 +60,47 @@ from .round_lock import round_lock
 from .stage_claims import take
 
 __all__ = ["STATE_KEY", "check_round", "masked_reply", "ready_to_train", "register",
-           "stage_fn"]
+           "stage_fn", "zero_update"]
 
 log = logging.getLogger("fedlora.client")
 
 STATE_KEY = "fedlora-secagg"  # this node's protocol state for the current round
 SEEN_KEY = "fedlora-secagg-seen"  # the last round this node set up (rounds only go forward)
+ZERO_KEY = "fedlora-secagg-zero-update"  # a reply standing for no update (its noise's sigma)
+
+
+def zero_update(sigma: float = 0.0) -> dict[str, np.ndarray]:
+    """The reply of a site whose training failed: it sends update 0, masked as any other
+    (in a distributed DP round with its noise share of ``sigma``), so that whether a site
+    trained never shows in the clear."""
+    return {ZERO_KEY: np.asarray([sigma], np.float64)}
+
+
+def _finite(reply: Mapping[str, Any], received: Mapping[str, np.ndarray], cfg,
+            server_round: int) -> dict[str, Any]:
+    """What a site masks: ``reply`` with every non-finite entry replaced by the received
+    one (update 0 there; in a distributed DP vector, 0), or update 0 throughout for
+    :func:`zero_update`. That an update was not finite is said in the site's own log only:
+    a refusal in the clear would tell the server something about this site's data."""
+    if ZERO_KEY in reply:
+        sigma = float(np.asarray(reply[ZERO_KEY]).ravel()[0])
+        if distributed_dp.is_distributed_round(cfg, server_round):
+            length = distributed_dp.spec_for(runtime.method_for(cfg).payload(received)).length
+            return {distributed_dp.VECTOR_KEY: np.zeros(length, np.int64),
+                    distributed_dp.SIGMA_KEY: np.asarray([sigma])}
+        return {k: np.asarray(received[k]) for k, _ in SecureSum.from_config(cfg).layout(received)}
+    out = dict(reply)
+    for key, value in reply.items():
+        value = np.asarray(value)
+        finite = np.isfinite(value.astype(np.float64))
+        if key == distributed_dp.SIGMA_KEY or finite.all():
+            continue
+        log.error("Secure aggregation: %d non-finite entries of %s sent as update 0 (the "
+                  "sum keeps this site; nothing of this goes to the server)",
+                  int((~finite).sum()), key)
+        fill = 0 if key == distributed_dp.VECTOR_KEY or key not in received else received[key]
+        out[key] = np.where(finite, value, fill)
+    return out
 
 
 def _own_settings(context: Context) -> dict[str, Any]:
@@ -71,6 +111,7 @@ def _own_settings(context: Context) -> dict[str, Any]:
     identity, peers = (context.node_config.get(k) for k in ("secagg-identity", "secagg-peers"))
     try:
         policy = SitePolicy.from_node_config(context.node_config)
+        policy.check_pinned()
         return {"identity": load_identity(identity) if identity else None,
                 "trusted": load_peers(peers) if peers else None,
                 "floor": Floor(policy.secagg_min_cohort or 2, policy.secagg_min_threshold or 1,
@@ -253,6 +294,7 @@ def _masked(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Me
     try:
         client = _load(context)
         received = from_record(msg.content[LORA_KEY])
+        reply = _finite(reply, received, cfg, client.config.round_id)
         if distributed_dp.VECTOR_KEY in reply:  # its noise share, then the ring
             payload = runtime.method_for(cfg).payload(received)
             vector = encode(distributed_dp.noised(
