@@ -36,7 +36,7 @@ from .training import TrainResult
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["is_probe_round", "train_head"]
+__all__ = ["is_probe_round", "train_head", "train_head_as_configured"]
 
 # Per dataset (weakly held: a dataset dropped from the process takes its rows with it), the
 # rows the head read for (model, indices, adapter outside the head).
@@ -162,3 +162,10 @@ def _noise_only(head: nn.Module, steps: int, lr: float, noise_multiplier: float,
             noise_only_step(opt, params)
     finally:
         release_grad_samples(gsm, params)
+
+
+def train_head_as_configured(model: nn.Module, data: Any, indices: np.ndarray,
+                             cfg: RunConfig) -> TrainResult:
+    """A plain linear-probe round with the run-config's settings (no privacy)."""
+    return train_head(model, data, indices, steps=cfg.probe_steps,
+                      learning_rate=cfg.probe_learning_rate, batch_size=cfg.eval_batch_size)

@@ -7,12 +7,16 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from .data import CausalLMDataset, EncodedDataset
+
+if TYPE_CHECKING:
+    from .run_config import RunConfig
 
 __all__ = ["TrainResult", "EvalResult", "train", "evaluate", "trainable_parameters",
            "minibatches"]
@@ -204,3 +208,13 @@ def _evaluate_lm(model: nn.Module, data: CausalLMDataset, idx: np.ndarray, *,
     loss = nll / tokens
     return EvalResult(loss=loss, accuracy=correct / tokens, examples=len(idx),
                       perplexity=math.exp(min(loss, 700.0)))
+
+
+def train_as_configured(model: nn.Module, data: EncodedDataset,
+                        indices: Sequence[int] | np.ndarray, cfg: RunConfig,
+                        seed: int) -> TrainResult:
+    """Plain local training with the run-config's settings: what a site runs when no local
+    DP mechanism is on, and what a mechanism runs unless it trains otherwise."""
+    return train(model, data, indices, steps=cfg.local_steps, epochs=cfg.local_epochs,
+                 batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                 weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)

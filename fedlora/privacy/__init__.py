@@ -56,7 +56,6 @@ from .ledger import (
     save_state,
 )
 from .mechanisms import (
-    NO_LOCAL_DP,
     ClientMechanism,
     DpPlan,
     Mechanism,
@@ -87,7 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACCOUNTANTS", "BudgetExhausted", "CentralDp", "PrivacyBudget", "ClientMechanism",
-    "DpPlan", "Ledger", "LedgerBusy", "Mechanism", "NO_LOCAL_DP", "PRIVACY_COLUMNS",
+    "DpPlan", "Ledger", "LedgerBusy", "Mechanism", "PRIVACY_COLUMNS",
     "PRV_EPS_ERROR", "PrivacyConfigError", "PrivacyStateError", "RDP_ORDERS",
     "RELEASED_TRAIN_METRICS", "STATE_VERSION", "ServerMechanism", "calibrate_noise_multiplier",
     "calibrated_sigma", "check_dp_config", "check_privacy_params", "client_mechanism",

@@ -35,9 +35,9 @@ import numpy as np
 from ..aggregation import METHODS  # each aggregator declares whether it is linear
 from ..config import ConfigError
 from ..model_cache import _locked, cache_root
-from ..probe import train_head
+from ..probe import train_head_as_configured
 from ..results import atomic_write_text
-from ..training import train
+from ..training import train_as_configured
 from . import (
     accounting,  # calibrate_noise_multiplier looked up at call time (tests watch it)
 )
@@ -47,7 +47,7 @@ from .count import COUNT_NOISE_STD, UNWEIGHTED, count_history
 if TYPE_CHECKING:
     from ..run_config import RunConfig
 
-__all__ = ["NO_LOCAL_DP", "ClientMechanism", "DpPlan", "Mechanism", "PrivacyConfigError", "ServerMechanism",
+__all__ = ["ClientMechanism", "DpPlan", "Mechanism", "PrivacyConfigError", "ServerMechanism",
            "check_dp_config", "check_privacy_params", "client_mechanism", "dp_mode_choices",
            "get_mechanism", "parse_dp_mode", "register", "server_mechanism"]
 
@@ -205,16 +205,12 @@ class ClientMechanism(Mechanism):
     def train(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan, cfg: RunConfig,
               seed: int) -> Any:
         """Local training (non-private unless the mechanism says otherwise)."""
-        return train(model, data, indices, steps=cfg.local_steps, epochs=cfg.local_epochs,
-                     batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                     weight_decay=cfg.weight_decay, seed=seed, optimizer=cfg.optimizer)
+        return train_as_configured(model, data, indices, cfg, seed)
 
     def train_head(self, model: Any, data: Any, indices: np.ndarray, *, plan: DpPlan | None,
                    cfg: RunConfig) -> Any:
         """A linear-probe round: the head alone (non-private unless the mechanism says so)."""
-        return train_head(model, data, indices, steps=cfg.probe_steps,
-                          learning_rate=cfg.probe_learning_rate,
-                          batch_size=cfg.eval_batch_size)
+        return train_head_as_configured(model, data, indices, cfg)
 
     def release(self, trained: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray], *,
                 plan: DpPlan, cfg: RunConfig) -> dict[str, np.ndarray]:
@@ -222,16 +218,6 @@ class ClientMechanism(Mechanism):
         return dict(trained)
 
 
-class _NoLocalDp(ClientMechanism):
-    """What a client runs when no local mechanism is on: plain training, nothing noised."""
-
-    name = "off"
-    neighbouring = "none: no local guarantee"
-    probe = True
-
-
-#: The client mechanism of ``dp-mode = off`` and ``client`` (not registered).
-NO_LOCAL_DP: ClientMechanism = _NoLocalDp()
 
 
 class ServerMechanism(Mechanism):

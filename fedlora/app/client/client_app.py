@@ -33,7 +33,7 @@ from fedlora.data import DataError
 from fedlora.models import cached_lora_model
 from fedlora.privacy import BudgetExhausted, PrivacyStateError
 from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy, hold_reply
-from fedlora.probe import is_probe_round
+from fedlora.probe import is_probe_round, train_head_as_configured
 from fedlora.protocol import (
     CONFIG_KEY,
     LORA_KEY,
@@ -46,7 +46,7 @@ from fedlora.protocol import (
     with_overrides,
 )
 from fedlora.quantization import ErrorFeedback
-from fedlora.training import TrainResult, evaluate
+from fedlora.training import TrainResult, evaluate, train_as_configured
 from fedlora.wire import WireFormat, from_record, to_record
 
 from . import secure_aggregation
@@ -253,7 +253,7 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
     """Local training by the run's client mechanism (plain training without one; the head
     alone in a linear-probe round), then what the mechanism releases of the adapter.
     Returns ``(reply tensors, TrainResult)``."""
-    mechanism = privacy.client_mechanism(cfg.dp_mode) or privacy.NO_LOCAL_DP
+    mechanism = privacy.client_mechanism(cfg.dp_mode)  # None: plain training, nothing noised
     received = method.reply(model)  # the starting point, as it would be sent back
     if distributed_dp.is_distributed_round(cfg, server_round):  # noised when masked
         vector = distributed_dp.site_vector(model, data.data, data.train_idx, cfg=cfg,
@@ -261,7 +261,12 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
         return ({distributed_dp.VECTOR_KEY: vector,
                  distributed_dp.SIGMA_KEY: np.asarray([plan.noise_multiplier])},
                 TrainResult(loss=float("nan"), steps=1, examples=len(data.train_idx)))
-    if is_probe_round(cfg, server_round):
+    probe = is_probe_round(cfg, server_round)
+    if mechanism is None:
+        result = (train_head_as_configured(model, data.data, data.train_idx, cfg) if probe
+                  else train_as_configured(model, data.data, data.train_idx, cfg, seed))
+        return method.reply(model), result
+    if probe:
         result = mechanism.train_head(model, data.data, data.train_idx, plan=plan, cfg=cfg)
     else:
         result = mechanism.train(model, data.data, data.train_idx, plan=plan, cfg=cfg,
