@@ -68,15 +68,8 @@ def _one_ray_for_the_session_s_simulations():
         return (started.get("key"), repr(sorted(self.client_resources.items())),
                 repr(sorted((self.actor_kwargs or {}).items())))
 
-    def alive(actor) -> bool:
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=10)
-            return True
-        except Exception:
-            return False
-
     def forgot(actor) -> bool:
-        """The actor dropped the process state of the runs it served (as a fresh one)."""
+        """The actor is alive and dropped the process state of the runs it served."""
         try:
             ray.get(actor.__ray_call__.remote(lambda _: forget_process_state()), timeout=30)
             return True
@@ -89,7 +82,7 @@ def _one_ray_for_the_session_s_simulations():
         self.pool = BasicActorPool(actor_type=ClientAppActor,
                                    client_resources=self.client_resources,
                                    actor_kwargs=self.actor_kwargs)
-        kept = [a for a in idle.pop(pool_key(self), []) if alive(a) and forgot(a)]
+        kept = [a for a in idle.pop(pool_key(self), []) if forgot(a)]
         for actor in kept[self.pool.actors_capacity:]:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
