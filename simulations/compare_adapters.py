@@ -13,9 +13,7 @@ seconds the round's clients reported, summed over them and averaged over the rou
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -24,7 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from simulations.harness import parse_sets, read_metrics, run_inprocess  # noqa: E402
+from simulations.harness import (  # noqa: E402
+    comparison_args,
+    parse_comparison,
+    read_metrics,
+    run_inprocess,
+)
 
 VARIANTS = "lora,lora+gaussian,lora+pissa,lora+olora,dora,vera,c3a"
 
@@ -43,21 +46,9 @@ def _train_seconds(rounds: list[dict]) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--clients", type=int, default=20)
-    ap.add_argument("--local-steps", type=int, default=10)
+    ap = comparison_args(__doc__.split("\n")[0], ROOT / "results" / "compare-adapters")
     ap.add_argument("--variants", default=VARIANTS)
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "compare-adapters")
-    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra run-config entries for every run (repeatable)")
-    args = ap.parse_args(argv)
-    extra = parse_sets(args.set)
-    logging.basicConfig(level=logging.WARNING)
-    if args.quick:
-        args.rounds, args.local_steps = min(args.rounds, 2), min(args.local_steps, 3)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args, extra = parse_comparison(ap, argv)
     rows = []
     for variant in args.variants.split(","):
         overrides = {

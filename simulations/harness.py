@@ -8,6 +8,7 @@ run many configurations, give virtual nodes their own node-config (e.g. heteroge
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +19,8 @@ from flwr.app import Context
 
 log = logging.getLogger(__name__)
 
-__all__ = ["node_config_mod", "run_inprocess", "read_metrics", "parse_sets"]
+__all__ = ["comparison_args", "node_config_mod", "parse_comparison", "parse_sets",
+           "read_metrics", "run_inprocess"]
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -93,3 +95,29 @@ def run_inprocess(
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     """The metrics.json of a finished run."""
     return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def comparison_args(description: str, out: Path) -> argparse.ArgumentParser:
+    """The options every comparison of runs shares: rounds, clients, local steps, the output
+    folder (``out`` by default), ``--quick`` and repeatable ``--set KEY=VALUE``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--clients", type=int, default=20)
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra run-config entries for every run (repeatable)")
+    return ap
+
+
+def parse_comparison(ap: argparse.ArgumentParser, argv: Sequence[str] | None
+                     ) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """Parsed options (``--quick`` caps rounds at 2 and local steps at 3; the output folder
+    made) and the ``--set`` overrides."""
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.rounds, args.local_steps = min(args.rounds, 2), min(args.local_steps, 3)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args, parse_sets(args.set)
