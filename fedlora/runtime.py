@@ -162,8 +162,6 @@ def forget_process_state() -> None:
     _resolve.cache_clear()
     encoded_test_set.cache_clear()
     _ENCODED.clear()
-    for cached in (task_registry.load_task_data, task_registry._partitions,
-                   task_registry._site_rows):
-        cached.cache_clear()
+    task_registry.forget_cached_data()
     forget_cached_models()
     _THREADS_SET = False

@@ -8,4 +8,12 @@ bash scripts/setup.sh
 source scripts/env.sh
 # Tests start their own SuperLinks with private FLWR_HOMEs and stop them by PID.
 unset FLWR_HOME
-exec python -m pytest -ra --durations=20 "$@"
+# Two pytest-xdist workers (FEDLORA_TEST_WORKERS to change; 0 runs in this process): many
+# slow tests mostly wait (for processes to start, a heartbeat to miss, a straggler's
+# timeout), and the other worker uses that time. Tests that share a fixed port carry one
+# xdist_group and run in one worker, one after another (--dist loadgroup).
+WORKERS="${FEDLORA_TEST_WORKERS:-2}"
+if [ "$WORKERS" = "0" ]; then
+  exec python -m pytest -ra --durations=20 "$@"
+fi
+exec python -m pytest -ra --durations=20 -n "$WORKERS" --dist loadgroup "$@"

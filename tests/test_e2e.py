@@ -9,7 +9,9 @@ import pytest
 
 from .flwr_local import flwr_run, local_flwr
 
-pytestmark = pytest.mark.slow
+# `flwr run` against the local SuperLink uses its fixed ports: one such run at a time, so
+# every test here runs in the same pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local-superlink")]
 
 
 # svd exports the global factors as fedavg does; every aggregator also runs in process

@@ -140,3 +140,16 @@ def test_no_module_over_400_lines():
             for p in (ROOT / folder).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 400}
     assert long == {}
+
+
+def test_tests_on_the_fixed_local_superlink_share_one_worker():
+    """``scripts/test.sh`` runs the suite in pytest-xdist workers; `flwr run` against the
+    local SuperLink uses fixed ports, so every test module that starts one puts its tests
+    in the ``local-superlink`` group (one worker runs them, one after another)."""
+    script = (ROOT / "scripts" / "test.sh").read_text()
+    assert "--dist loadgroup" in script
+    users = [p for p in (ROOT / "tests").glob("test_*.py") if "flwr_local" in p.read_text()]
+    assert users, "no test module runs `flwr run` against the local SuperLink"
+    ungrouped = [p.name for p in users
+                 if 'xdist_group("local-superlink")' not in p.read_text()]
+    assert ungrouped == []

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..run_config import RunConfig
 
 __all__ = ["Task", "TASKS", "get_task", "register_task", "TaskData", "client_dataset",
-           "client_source",
+           "client_source", "forget_cached_data",
            "partition_indices", "load_task_data", "minilm_path"]
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,12 @@ def _site_rows(cfg: RunConfig, data_path: str) -> TextDataset:
         return read_texts(data_path, text_column=cfg.text_column, skip_bad_rows=skip)
     return read_table(data_path, text_column=cfg.text_column, label_column=cfg.label_column,
                       label_names=task.label_names(cfg), skip_bad_rows=skip)
+
+
+def forget_cached_data() -> None:
+    """Drop the task data, partitions and site rows this process has cached."""
+    for cached in (load_task_data, _partitions, _site_rows):
+        cached.cache_clear()
 
 
 def client_source(

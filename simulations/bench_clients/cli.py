@@ -19,6 +19,7 @@ from .configs import (
     PATTERNS,
     ROOT,
     bench_overrides,
+    default_patterns,
 )
 from .sampling import measure
 from .summary import CSV_COLUMNS, format_report, summarise
@@ -72,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "e.g. 0.1: ten workers per GPU). Above 0 the clients run with device "
                     "cuda and the GPUs' utilisation during the timed rounds and peak memory "
                     "are read with nvidia-smi (default 0: CPU only)")
-    ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS),
+    ap.add_argument("--patterns", default=None,
                     help=f"which ClientApps to run, of {', '.join(PATTERNS)} (default "
-                    f"{','.join(DEFAULT_PATTERNS)}); -bf16: the same ClientApp with its frozen "
-                    "base model in bfloat16 (run-config base-dtype)")
+                    f"{','.join(DEFAULT_PATTERNS)}, without -bf16 where the device has no "
+                    "native bfloat16); -bf16: the same ClientApp with its frozen base model "
+                    "in bfloat16 (run-config base-dtype)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="extra run-config overrides for both patterns (e.g. task=custom)")
     ap.add_argument("--sample-interval", type=float, default=0.2,
@@ -111,10 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or (8 if quick else 32)
     if rounds < 2:
         raise SystemExit("--rounds must be >= 2 (the first round is a warm-up)")
-    patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    unknown = sorted(set(patterns) - set(PATTERNS))
-    if unknown:
-        raise SystemExit(f"--patterns: unknown {unknown} (known: {', '.join(PATTERNS)})")
     extra = parse_sets(args.sets)
     if quick:
         extra = {"max-length": 32, **extra}
@@ -130,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit(f"--gpus-per-client {args.gpus_per_client:g}: torch "
                              f"{torch.__version__} sees no GPU on this machine")
+    device = "cuda" if args.gpus_per_client > 0 else "cpu"
+    chosen = args.patterns or ",".join(default_patterns(device))
+    patterns = [p.strip() for p in chosen.split(",") if p.strip()]
+    unknown = sorted(set(patterns) - set(PATTERNS))
+    if unknown:
+        raise SystemExit(f"--patterns: unknown {unknown} (known: {', '.join(PATTERNS)})")
+    if device == "cuda":
         extra = {"device": "cuda", **extra}
 
     out: Path = args.out

@@ -21,6 +21,17 @@ DEFAULT_PATTERNS = ("fedlora", "fedlora-bf16", "rebuild")
 BASELINE = "rebuild"
 
 
+def default_patterns(device: str = "cpu") -> tuple[str, ...]:
+    """:data:`DEFAULT_PATTERNS` where ``device`` computes bfloat16 natively; elsewhere
+    (a CPU without AVX512-BF16 or AMX, or ``FEDLORA_NATIVE_BF16=0``) without the ``-bf16``
+    pattern, which would time an emulated precision."""
+    from fedlora.models import resolve_base_dtype  # deferred: torch loads with the runs
+
+    if resolve_base_dtype("auto", device) == "bfloat16":
+        return DEFAULT_PATTERNS
+    return tuple(p for p in DEFAULT_PATTERNS if not p.endswith("-bf16"))
+
+
 def pattern_app(pattern: str) -> str:
     """The ClientApp of a pattern: fedlora or rebuild."""
     return pattern.split("-", 1)[0]
