@@ -60,3 +60,48 @@ def test_flwr_run_real_model_writes_results_and_a_loadable_adapter(tmp_path, agg
     accuracy = float(np.mean(np.concatenate(preds) == test.labels))
     # Same adapter, same examples; only padding differs from the server's batches.
     assert accuracy == pytest.approx(rounds[-1]["test_accuracy"], abs=1.5 / len(test))
+
+
+# One `flwr run` per adapter family and data-free init, on the tiny model (what crosses the
+# wire and the saved adapter against the server's model: tests/test_adapter_families_runs.py).
+@pytest.mark.parametrize("overrides", ["adapter='dora'", "adapter='vera'",
+                                       "adapter='c3a' c3a-block-size=8", "lora-init='pissa'",
+                                       "lora-init='olora'"],
+                         ids=["dora", "vera", "c3a", "pissa", "olora"])
+def test_flwr_run_trains_each_adapter_family_and_init(tmp_path, custom_task, tiny_model_dir,
+                                                      overrides):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "results"
+    keys = ("task", "model-path", "data-path", "test-data-path", "labels", "max-length")
+    task = " ".join(f"{k}={json.dumps(custom_task[k])}" for k in keys)
+    run_config = (f"{task} {overrides} num-server-rounds=1 local-steps=2 batch-size=8 "
+                  f"lora-rank=4 lora-alpha=8.0 fraction-train=1.0 fraction-evaluate=0.0 "
+                  f"num-partitions=2 base-dtype='float32' output-dir='{out}' run-name='family'")
+    with local_flwr(tmp_path / "flwr-home") as env:
+        proc = flwr_run(env, run_config, num_supernodes=2, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "[round 1/1]" in log and "done in" in log, log[-4000:]
+
+    run_dir = out / "family"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    wanted = dict(item.split("=", 1) for item in overrides.split())
+    for key, value in wanted.items():
+        assert str(metrics["config"][key]) == value.strip("'"), (key, metrics["config"][key])
+    assert metrics["rounds"][1]["clients_accepted"] == 2
+    assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
+
+    # The saved adapter is plain peft: it loads on the base model and answers.
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    family = wanted.get("adapter", "'lora'").strip("'")
+    assert adapter_config["peft_type"] == {"dora": "LORA", "lora": "LORA", "vera": "VERA",
+                                           "c3a": "C3A"}[family]
+    assert adapter_config.get("use_dora", False) == (family == "dora")
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=2)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[101, 2023, 3185, 102]])).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
