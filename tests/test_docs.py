@@ -120,3 +120,13 @@ def test_commands_shown_exist(page):
 def test_readme_shows_the_two_commands():
     text = README.read_text()
     assert "bash scripts/run.sh" in text and "bash scripts/test.sh" in text
+
+
+def test_the_architecture_page_names_every_module_of_the_package():
+    """docs/architecture.md maps every top-level module and subpackage of ``fedlora``."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    package = ROOT / "fedlora"
+    names = [p.name for p in package.glob("*.py") if p.name != "__init__.py"]
+    names += [p.name for p in package.iterdir() if (p / "__init__.py").is_file()]
+    unnamed = [n for n in names if f"fedlora/{n}" not in text and f"`{n}`" not in text]
+    assert unnamed == []
