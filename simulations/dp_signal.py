@@ -2,13 +2,15 @@
 
     python -m simulations.dp_signal                       # the default task, epsilon 8
     python -m simulations.dp_signal --epsilon 1 --set 'lora-target-modules="value"'
+    python -m simulations.dp_signal --set 'adapter="vera"'   # what DP-SGD would face on VeRA
 
 On one client's data (partition 0 of ``--clients``) with the model the DP recipe trains
 (under ``dp-mode = sample``: the mean-pooled head), the head is first fitted by
 ``--probe-steps`` full-batch steps *without* noise (roughly where the recipe's probe rounds
 leave it; this is a diagnostic on the packaged data and releases nothing). Then every
 example's gradient of the trainable parameters is taken and clipped to ``max-grad-norm`` C
-as DP-SGD clips it. Per group (head, LoRA A, LoRA B) the table gives:
+as DP-SGD clips it. Per group (the head, and what the adapter family trains: LoRA A
+and B; DoRA's magnitude too; VeRA's lambda_b and lambda_d; C3A's kernel) the table gives:
 
 * the noised dimensions and the median per-example gradient norm (before clipping);
 * the signal: the norm of the mean clipped gradient, what one DP-SGD step estimates;
@@ -34,6 +36,19 @@ if str(ROOT) not in sys.path:
 
 from simulations.harness import parse_sets  # noqa: E402
 
+#: What a family trains, by the name peft gives the parameter (its segment before the
+#: adapter's name), as the table shows it.
+GROUP_NAMES = {"lora_A": "LoRA A", "lora_B": "LoRA B", "lora_magnitude_vector": "DoRA magnitude",
+               "vera_lambda_b": "VeRA lambda_b", "vera_lambda_d": "VeRA lambda_d",
+               "c3a_kernel": "C3A kernel"}
+
+
+def _group_of(name: str) -> str:
+    for part in name.split("."):
+        if part in GROUP_NAMES:
+            return GROUP_NAMES[part]
+    raise ValueError(f"no group for trainable parameter {name!r}")
+
 
 def _groups(model) -> dict[str, list]:
     from fedlora.heads import head_module
@@ -43,9 +58,28 @@ def _groups(model) -> dict[str, list]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = "head" if id(p) in head else "LoRA A" if "lora_A" in name else "LoRA B"
+        kind = "head" if id(p) in head else _group_of(name)
         groups.setdefault(kind, []).append(p)
     return groups
+
+
+def _family_config(overrides: dict):
+    """The run-config of the plan (DP-SGD's sigma is the same for every family: it rests on
+    the client's count, the sampling and the steps) and the one the model is built from.
+    DP-SGD refuses families whose per-example gradients Opacus cannot take (dora, vera,
+    c3a); this diagnostic takes every example's gradient itself, so it shows what DP-SGD
+    would face on them."""
+    import dataclasses
+
+    from fedlora.run_config import field_name
+    from fedlora.runtime import resolve_config
+
+    family = {k: overrides[k] for k in ("adapter", "c3a-block-size") if k in overrides}
+    plan = resolve_config({"dp-mode": "sample",
+                           **{k: v for k, v in overrides.items() if k not in family}})
+    checked = resolve_config({**plan.to_dict(), **family, "dp-mode": "off"})  # its values
+    return plan, dataclasses.replace(plan, **{field_name(k): getattr(checked, field_name(k))
+                                              for k in family})
 
 
 def measure(overrides: dict, *, clients: int, probe_steps: int, max_examples: int | None,
@@ -57,14 +91,14 @@ def measure(overrides: dict, *, clients: int, probe_steps: int, max_examples: in
     from fedlora.models import build_lora_model
     from fedlora.privacy.mechanisms import get_mechanism
     from fedlora.probe import train_head
-    from fedlora.runtime import client_data, model_spec, resolve_config
+    from fedlora.runtime import client_data, model_spec
 
-    cfg = resolve_config({"dp-mode": "sample", **overrides})
+    cfg, model_cfg = _family_config(overrides)
     data = client_data(cfg, partition_id=0, num_partitions=clients, data_path=None)
     idx = np.asarray(data.train_idx)
     n = len(idx)
     sigma = get_mechanism(cfg.dp_mode).plan(cfg, n).noise_multiplier
-    model = build_lora_model(model_spec(cfg))
+    model = build_lora_model(model_spec(model_cfg))
     if probe_steps:
         train_head(model, data.data, idx, steps=probe_steps,
                    learning_rate=cfg.probe_learning_rate, batch_size=cfg.eval_batch_size)

@@ -128,3 +128,31 @@ def test_dp_signal_reports_clipped_signal_against_the_plans_noise(custom_task):
     assert joint <= 1e-4 * (1 + 1e-5)
     assert max(g["median_example_norm"] for g in tiny["groups"]) > 1e-3
     assert "| LoRA B |" in dp_signal.table(result)
+
+
+@pytest.mark.parametrize("family, groups", [
+    ("vera", {"head", "VeRA lambda_b", "VeRA lambda_d"}),
+    ("dora", {"head", "LoRA A", "LoRA B", "DoRA magnitude"}),
+    ("c3a", {"head", "C3A kernel"}),
+])
+def test_dp_signal_shows_what_dp_sgd_would_face_on_each_family(custom_task, family, groups):
+    """DP-SGD refuses these families (Opacus cannot take their per-example gradients); the
+    diagnostic takes them itself, with the plan's sigma as for LoRA."""
+    import math
+
+    from simulations import dp_signal
+
+    keep = {k: v for k, v in custom_task.items() if k not in ("run-name", "output-dir")}
+    common = {**keep, "target-epsilon": 8.0, "target-delta": 1e-3}
+    lora = dp_signal.measure(common, clients=4, probe_steps=0, max_examples=4,
+                             progress=lambda m: 0)
+    extra = {"c3a-block-size": 8} if family == "c3a" else {}
+    result = dp_signal.measure({**common, "adapter": family, **extra}, clients=4,
+                               probe_steps=0, max_examples=4, progress=lambda m: 0)
+    assert result["noise_multiplier"] == lora["noise_multiplier"]  # the same plan
+    got = {g["group"]: g for g in result["groups"]}
+    assert set(got) == groups
+    assert all(g["dimensions"] > 0 and math.isfinite(g["signal"]) for g in got.values())
+    assert sum(g["signal"] for g in got.values() if g["group"] != "head") > 0
+    assert got["head"]["dimensions"] == {g["group"]: g for g in lora["groups"]}["head"][
+        "dimensions"]
