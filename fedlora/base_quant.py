@@ -9,9 +9,10 @@ optimiser state stay float32: what crosses the wire is the same as with ``"none"
 embeddings, norms and the output layer are not quantised. The server evaluates the global
 adapter on the unquantised base (:func:`fedlora.runtime.server_spec`).
 
-Quantisation happens while the weights are read (transformers' bitsandbytes quantiser), so
-a site never holds the whole float32 base. Why bitsandbytes, and what it saves, is measured
-in docs/adapters.md (``python -m simulations.bench_base_quant``).
+The layers are quantised as transformers loads them (its bitsandbytes quantiser); the
+load itself still reads the float32 checkpoint, so what a site saves is the memory the base
+holds while it trains, not the peak of loading it. Why bitsandbytes, and what it saves,
+is measured in docs/adapters.md (``python -m simulations.bench_base_quant``).
 """
 
 from __future__ import annotations
