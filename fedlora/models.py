@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from .adapter_families import get_family, is_adapter_parameter
 from .adapters import adapter_state
-from .base_quant import load_kwargs
+from .base_quant import load_kwargs, release_loader_memory
 from .config import ConfigError
 from .heads import PooledClassifier, resolve_head_pooling
 
@@ -336,6 +336,7 @@ def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    release_loader_memory(spec.base_quant)
     if spec.base_dtype != "float32":
         # After the adapter is drawn (in float32, the same for every party).
         cast_frozen_base(model, getattr(torch, spec.base_dtype))

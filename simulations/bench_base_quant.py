@@ -8,9 +8,10 @@ Each value of ``base-quant`` runs in a fresh process, as one site does: it build
 model (SmolLM2-135M-Instruct, LoRA r = 8 on q/k/v/o/gate/up/down_proj), takes ``--steps``
 AdamW steps on client 0's rows (the same seeded batches for every value), and evaluates
 the perplexity of the held-out text (``--test-examples`` seeded test rows). It reports the
-process's peak RSS (``ru_maxrss``: after building the model, and over the whole run), the
-bytes of the model's tensors, seconds per training step and the perplexity, each with its
-ratio to the ``none`` run of the same command.
+process's peak RSS (``ru_maxrss``: after building the model, and over the whole run), its
+resident memory just after building (VmRSS), the bytes of the model's tensors (tied
+weights once), seconds per training step and the perplexity, each with its ratio to the
+``none`` run of the same command.
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _current_mb() -> float:
+    """This process's resident memory now (VmRSS), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def one(quant: str, *, base_dtype: str, steps: int, batch_size: int, test_examples: int,
         threads: int) -> dict:
     """One site's model with ``base-quant = quant``, trained and evaluated in this process."""
@@ -50,7 +59,7 @@ def one(quant: str, *, base_dtype: str, steps: int, batch_size: int, test_exampl
     before_model = _peak_mb()
     spec = model_spec(cfg)
     model = build_lora_model(spec)
-    built = _peak_mb()
+    built, resident = _peak_mb(), _current_mb()
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
     tensor_bytes = sum(t.numel() * t.element_size() for t in unique.values())
     t0 = time.perf_counter()
@@ -61,7 +70,7 @@ def one(quant: str, *, base_dtype: str, steps: int, batch_size: int, test_exampl
     t0 = time.perf_counter()
     ev = evaluate(model, test, batch_size=cfg.eval_batch_size)
     return {"quant": quant, "base_dtype": spec.base_dtype, "before_model_mb": before_model,
-            "built_mb": built, "trained_mb": trained, "peak_rss_mb": _peak_mb(),
+            "built_mb": built, "resident_after_build_mb": resident, "trained_mb": trained, "peak_rss_mb": _peak_mb(),
             "tensor_mb": tensor_bytes / 2**20, "seconds_per_step": step_s,
             "eval_s": time.perf_counter() - t0, "train_loss": res.loss,
             "perplexity": ev.perplexity, "test_examples": ev.examples}
@@ -102,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{r[k]:,.0f} ({r[k] / base[k]:.2f}x)" if k.endswith("mb") else \
             f"{r[k]:.2f} ({r[k] / base[k]:.3f}x)"
 
-    print("| base-quant | base dtype | model tensors MB | peak RSS after build MB | peak RSS "
-          "MB | s per step | perplexity |")
-    print("|---|---|---|---|---|---|---|")
+    print("| base-quant | base dtype | model tensors MB | resident after build MB | peak RSS "
+          "after build MB | peak RSS MB | s per step | perplexity |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| `{r['quant']}` | {r['base_dtype']} | {ratio(r, 'tensor_mb')} | "
-              f"{ratio(r, 'built_mb')} | {ratio(r, 'peak_rss_mb')} | "
+              f"{ratio(r, 'resident_after_build_mb')} | {ratio(r, 'built_mb')} | "
+              f"{ratio(r, 'peak_rss_mb')} | "
               f"{ratio(r, 'seconds_per_step')} | {ratio(r, 'perplexity')} |")
     print(f"({args.steps} steps of batch {args.batch_size}; perplexity on "
           f"{base['test_examples']} held-out rows; peak RSS before the model "
