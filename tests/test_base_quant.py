@@ -140,3 +140,16 @@ def test_a_run_with_a_quantised_base_sends_only_the_adapter(tmp_path, custom_tas
     for event in up:
         shapes = {k: tuple(v["shape"]) for k, v in event["arrays"].items()}
         assert shapes == {k: v.shape for k, v in expected.items()}
+
+
+@pytest.mark.slow
+def test_a_private_run_on_a_quantised_base(custom_task):
+    """dp-mode = sample (the DP recipe: the head probed first, then DP-SGD on LoRA) with the
+    sites' base in int8: every reply accepted, the budget spent as planned."""
+    cfg = dict(custom_task, **{"base-quant": "int8", "base-dtype": "float32",
+                               "dp-mode": "sample", "target-delta": 1e-3})
+    run_dir = run_in_process(cfg, num_nodes=4)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["clients_accepted"] == 2 and r["clients_refused"] == 0 for r in rounds[1:])
+    assert all(0 < r["max_epsilon"] <= 8.0 for r in rounds[1:])
