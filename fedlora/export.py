@@ -127,7 +127,7 @@ def load_run_model(run_dir: str | Path) -> TrainedRun:
     try:
         cfg = runtime.resolve_config(run_config_of(run_dir))
         task = get_task(cfg.task)
-        spec = runtime.model_spec(cfg)
+        spec = runtime.server_spec(cfg)
         labels = tuple(task.label_names(cfg))
     except (ConfigError, DataError, ValueError) as e:
         raise ExportError(f"{run_dir / 'config.json'}: {e}") from None

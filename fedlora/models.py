@@ -31,6 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from .adapter_families import get_family, is_adapter_parameter
 from .adapters import adapter_state
+from .base_quant import load_kwargs, release_loader_memory
 from .config import ConfigError
 from .heads import PooledClassifier, resolve_head_pooling
 
@@ -78,6 +79,7 @@ class LoraSpec:
     family: str = "lora"  # the adapter family (fedlora.adapter_families), run-config adapter
     init: str = "default"  # run-config lora-init (fedlora.adapter_families.inits)
     c3a_block_size: int = 64  # run-config c3a-block-size (adapter = c3a)
+    base_quant: str = "none"  # run-config base-quant: the frozen linear layers int8 or nf4
 
     @classmethod
     def from_config(cls, cfg: RunConfig, *, model_path: str, num_labels: int,
@@ -108,6 +110,7 @@ class LoraSpec:
             family=getattr(cfg, "adapter", "lora"),
             init=getattr(cfg, "lora_init", "default"),
             c3a_block_size=getattr(cfg, "c3a_block_size", 64),
+            base_quant=getattr(cfg, "base_quant", "none"),
         )
 
     @property
@@ -266,6 +269,12 @@ def cast_frozen_base(model: nn.Module, dtype: torch.dtype) -> None:
             module.register_forward_pre_hook(_float32_inputs)
 
 
+def _quant_kwargs(spec: LoraSpec) -> dict:
+    """``from_pretrained`` arguments for a quantised base (:mod:`fedlora.base_quant`)."""
+    return load_kwargs(spec.base_quant, compute_dtype=getattr(torch, spec.base_dtype),
+                       device=spec.device)
+
+
 def head_name(model: nn.Module) -> str | None:
     """Name of the classification head of a transformers model (trained with ``train-head``)."""
     children = dict(model.named_children())
@@ -286,15 +295,16 @@ def build_lora_model(spec: LoraSpec) -> nn.Module:
     hf_logging.disable_progress_bar()
     torch.manual_seed(spec.init_seed)
     if spec.pooling == "mean":
-        encoder = AutoModel.from_pretrained(spec.model_path, local_files_only=True)
+        encoder = AutoModel.from_pretrained(spec.model_path, local_files_only=True,
+                                            **_quant_kwargs(spec))
         dropout = getattr(encoder.config, "classifier_dropout", None)
         if dropout is None:
             dropout = getattr(encoder.config, "hidden_dropout_prob", 0.1)
         base = PooledClassifier(encoder, spec.num_labels, dropout=float(dropout))
     else:
         base = AutoModelForSequenceClassification.from_pretrained(
-            spec.model_path, num_labels=spec.num_labels, local_files_only=True
-        )
+            spec.model_path, num_labels=spec.num_labels, local_files_only=True,
+            **_quant_kwargs(spec))
     if base.config.pad_token_id is None:
         tok = load_tokenizer(spec.model_path)
         base.config.pad_token_id = tok.pad_token_id
@@ -326,6 +336,7 @@ def _attach_lora(base: nn.Module, config, spec: LoraSpec) -> nn.Module:
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
+    release_loader_memory(spec.base_quant)
     if spec.base_dtype != "float32":
         # After the adapter is drawn (in float32, the same for every party).
         cast_frozen_base(model, getattr(torch, spec.base_dtype))
@@ -363,8 +374,8 @@ def cached_lora_model(spec: LoraSpec) -> nn.Module:
     with _LOCK:
         model = _MODELS.get(spec)
         if model is None:
-            log.info("Loading base model %s (LoRA r=%d, base %s) once for this process",
-                     spec.model_path, spec.rank, spec.base_dtype)
+            log.info("Loading base model %s (LoRA r=%d, base %s, quantised %s) once for this "
+                     "process", spec.model_path, spec.rank, spec.base_dtype, spec.base_quant)
             model = build_lora_model(spec)
             _MODELS[spec] = model
         return model
@@ -376,7 +387,8 @@ def _build_causal_lm(spec: LoraSpec) -> nn.Module:
                          "train (LoraSpec.from_config turns it off for causal-LM tasks)")
     hf_logging.disable_progress_bar()
     torch.manual_seed(spec.init_seed)
-    base = AutoModelForCausalLM.from_pretrained(spec.model_path, local_files_only=True)
+    base = AutoModelForCausalLM.from_pretrained(spec.model_path, local_files_only=True,
+                                                **_quant_kwargs(spec))
     base.config.use_cache = False  # never generates here: no key/value cache to build
     if base.config.pad_token_id is None:
         base.config.pad_token_id = load_tokenizer(spec.model_path).pad_token_id

@@ -207,6 +207,12 @@ class RunConfig:
         "optimiser stay float32): bfloat16 halves the base model's memory and, on GPUs and "
         "on CPUs with AVX512-BF16 or AMX, speeds up training; auto picks bfloat16 where the "
         "hardware computes it natively. float16 needs a GPU.")
+    base_quant: str = key(
+        "none", "one of none, int8, nf4", _choices("none", "int8", "nf4"),
+        help="Quantise the sites' frozen base: int8 (LLM.int8()) or nf4 (4-bit NormalFloat, as "
+        "in QLoRA), with bitsandbytes (the 'quant' extra); LoRA and the head still train, and "
+        "are sent, in float32. The server evaluates on the unquantised base. Takes adapter = "
+        "lora only (docs/adapters.md).")
     client_num_threads: int = key(
         0, "an integer >= 0 (0: the CPU share the simulation gives each client)",
         lambda v: v >= 0)

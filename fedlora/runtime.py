@@ -6,6 +6,7 @@ clients parses the run-config, tokenises the data and loads the base model once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import adapter_families, aggregation, config, privacy, secure_sum
+from . import adapter_families, aggregation, base_quant, config, privacy, secure_sum
 from .data import CausalLMDataset, EncodedDataset, TextDataset, train_val_split
 from .models import LoraSpec, choose_num_threads, forget_cached_models, load_tokenizer
 from .tasks import TASKS, client_source, get_task, load_task_data
@@ -23,7 +24,7 @@ from .tasks import registry as task_registry
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["resolve_config", "model_spec", "method_for", "encode", "encoded_test_set", "ClientData",
+__all__ = ["resolve_config", "model_spec", "server_spec", "method_for", "encode", "encoded_test_set", "ClientData",
            "client_data", "set_threads_once", "forget_process_state"]
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def parse_run_config(run_config: Mapping[str, Any] | None = None,
     cfg = config.parse_run_config(run_config, overrides, dp=privacy, **known)
     secure_sum.check_config(cfg)
     adapter_families.check_config(cfg, aggregation.METHODS)
+    base_quant.check_config(cfg)
     return cfg
 
 
@@ -61,6 +63,12 @@ def model_spec(cfg: RunConfig, rank: int | None = None) -> LoraSpec:
         cfg, model_path=task.model_path(cfg), num_labels=len(task.label_names(cfg)), rank=rank,
         freeze_a=aggregation.METHODS[cfg.aggregator].freeze_a, causal_lm=task.causal_lm,
     )
+
+
+def server_spec(cfg: RunConfig) -> LoraSpec:
+    """The server's model: the run's layout on the unquantised base (``base-quant`` is a
+    site's memory saving; the global adapter is evaluated and exported on the full base)."""
+    return dataclasses.replace(model_spec(cfg), base_quant="none")
 
 
 def method_for(cfg: RunConfig) -> aggregation.Method:

