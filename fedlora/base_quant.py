@@ -85,7 +85,12 @@ def load_kwargs(base_quant: str, *, compute_dtype: torch.dtype, device: str) -> 
     if not _available():
         raise ConfigError("base-quant", base_quant, "none: bitsandbytes is not installed")
     if base_quant == "int8":
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(KEEP_FLOAT))
+        # No outlier decomposition (threshold 0): with it, the columns computed in float
+        # are those where *any* row of the batch exceeds the threshold, so one example
+        # would change how every other example of its batch is computed (their features
+        # and clipped gradients under DP). Without it each row is quantised on its own.
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=0.0,
+                                    llm_int8_skip_modules=list(KEEP_FLOAT))
     else:
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                     bnb_4bit_compute_dtype=compute_dtype,

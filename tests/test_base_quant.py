@@ -153,3 +153,28 @@ def test_a_private_run_on_a_quantised_base(custom_task):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(r["clients_accepted"] == 2 and r["clients_refused"] == 0 for r in rounds[1:])
     assert all(0 < r["max_epsilon"] <= 8.0 for r in rounds[1:])
+
+
+@pytest.mark.parametrize("base_quant", ["int8", "nf4"])
+def test_an_example_is_computed_the_same_whatever_else_is_in_its_batch(tiny_model_dir,
+                                                                        base_quant):
+    """Under DP an example's features and gradient must depend on that example alone. An
+    attacker's example with huge activations beside it changes nothing for the others (with
+    int8's outlier decomposition it would: the columns computed in float are chosen over the
+    whole batch). Checked in eval mode, as features are read, on every quantised layer."""
+    model = build_lora_model(_spec(tiny_model_dir, base_quant)).eval()
+    layers = quantised_layers(model)
+    assert layers
+    gen = torch.Generator().manual_seed(0)
+    for name, layer in layers.items():
+        x = torch.randn(2, 5, layer.in_features, generator=gen)  # (examples, tokens, width)
+        attacker = torch.full((1, 5, layer.in_features), 50.0)
+        attacker[..., ::3] = -80.0
+        # (inputs that require grad: bitsandbytes' packed nf4 inference path for AVX512-BF16
+        # CPUs cannot take the tiny model's 32-wide layers)
+        # (Same shapes: only the other example's values differ, not the batch's size.)
+        x.requires_grad_(True)
+        benign = torch.randn(1, 5, layer.in_features, generator=gen)
+        beside_benign = layer(torch.cat([x, benign]))[:2]
+        beside_attacker = layer(torch.cat([x, attacker]))[:2]
+        assert torch.equal(beside_benign, beside_attacker), name
