@@ -10,10 +10,11 @@ source scripts/env.sh
 unset FLWR_HOME
 # Two pytest-xdist workers (FEDLORA_TEST_WORKERS to change; 0 runs in this process): many
 # slow tests mostly wait (for processes to start, a heartbeat to miss, a straggler's
-# timeout), and the other worker uses that time. Tests that share a fixed port carry one
-# xdist_group and run in one worker, one after another (--dist loadgroup).
+# timeout), and the other worker uses that time. A test module's tests run in one worker
+# (--dist loadfile): the `flwr run` tests, which share the local SuperLink's fixed ports,
+# live in one module (and take a lock besides).
 WORKERS="${FEDLORA_TEST_WORKERS:-2}"
 if [ "$WORKERS" = "0" ]; then
   exec python -m pytest -ra --durations=20 "$@"
 fi
-exec python -m pytest -ra --durations=20 -n "$WORKERS" --dist loadgroup "$@"
+exec python -m pytest -ra --durations=20 -n "$WORKERS" --dist loadfile "$@"

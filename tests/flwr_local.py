@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -69,16 +71,24 @@ def _alive_group(pgid: int) -> bool:
     return bool(subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).stdout.strip())
 
 
+#: Held while a test runs `flwr run` against the local SuperLink (its ports are fixed): a
+#: test in another pytest-xdist worker, or another pytest session, waits for it.
+LOCK = Path(tempfile.gettempdir()) / f"fedlora-local-superlink-{os.getuid()}.lock"
+
+
 @contextlib.contextmanager
 def local_flwr(flwr_home: Path):
-    """Environment for `flwr run` with a private FLWR_HOME; stops its SuperLink on exit."""
-    if superlink_reachable():
-        raise RuntimeError("another local SuperLink already listens on 127.0.0.1:39093; stop it "
-                           "first (bash scripts/stop-superlink.sh)")
-    try:
-        yield flwr_env(flwr_home)
-    finally:
-        stop_local_superlink(flwr_home)
+    """Environment for `flwr run` with a private FLWR_HOME; stops its SuperLink on exit.
+    One at a time on this machine (:data:`LOCK`)."""
+    with LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if superlink_reachable():
+            raise RuntimeError("another local SuperLink already listens on 127.0.0.1:39093; "
+                               "stop it first (bash scripts/stop-superlink.sh)")
+        try:
+            yield flwr_env(flwr_home)
+        finally:
+            stop_local_superlink(flwr_home)
 
 
 def flwr_run(env: dict[str, str], run_config: str, num_supernodes: int, timeout: float):

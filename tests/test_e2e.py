@@ -9,9 +9,10 @@ import pytest
 
 from .flwr_local import flwr_run, local_flwr
 
-# `flwr run` against the local SuperLink uses its fixed ports: one such run at a time, so
-# every test here runs in the same pytest-xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local-superlink")]
+# `flwr run` against the local SuperLink uses its fixed ports: one such run at a time
+# (tests.flwr_local.local_flwr holds a lock; with --dist loadfile this module's tests also
+# run in one pytest-xdist worker, so none waits for another).
+pytestmark = pytest.mark.slow
 
 
 # svd exports the global factors as fedavg does; every aggregator also runs in process

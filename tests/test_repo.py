@@ -142,14 +142,20 @@ def test_no_module_over_400_lines():
     assert long == {}
 
 
-def test_tests_on_the_fixed_local_superlink_share_one_worker():
-    """``scripts/test.sh`` runs the suite in pytest-xdist workers; `flwr run` against the
-    local SuperLink uses fixed ports, so every test module that starts one puts its tests
-    in the ``local-superlink`` group (one worker runs them, one after another)."""
-    script = (ROOT / "scripts" / "test.sh").read_text()
-    assert "--dist loadgroup" in script
-    users = [p for p in (ROOT / "tests").glob("test_*.py") if "flwr_local" in p.read_text()]
-    assert users, "no test module runs `flwr run` against the local SuperLink"
-    ungrouped = [p.name for p in users
-                 if 'xdist_group("local-superlink")' not in p.read_text()]
-    assert ungrouped == []
+def test_tests_on_the_fixed_local_superlink_run_one_at_a_time():
+    """``scripts/test.sh`` runs the suite in pytest-xdist workers, a module's tests in one
+    (``--dist loadfile``); `flwr run` against the local SuperLink uses fixed ports, so only
+    one module starts it, and ``local_flwr`` holds a lock that another worker or session
+    waits for."""
+    from tests import flwr_local
+
+    assert "--dist loadfile" in (ROOT / "scripts" / "test.sh").read_text()
+    users = [p.name for p in (ROOT / "tests").glob("test_*.py")
+             if "flwr_run(" in p.read_text() and p.name != "test_repo.py"]
+    assert users == ["test_e2e.py"]
+    with flwr_local.local_flwr(ROOT / ".pytest-lock-probe"):  # (starts no SuperLink)
+        probe = subprocess.run(
+            [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+             "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(flwr_local.LOCK)],
+            capture_output=True, text=True)
+    assert probe.returncode != 0 and "BlockingIOError" in probe.stderr  # held meanwhile
