@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -36,26 +37,54 @@ from torch.func import functional_call, grad, vmap
 from .adapters import is_factor_key
 from .dp_sgd import dropout_off
 from .heads import head_module
-from .privacy.skellam import SkellamSum, skellam_share
+from .privacy import get_mechanism, site_mechanism
+from .privacy.distributed_user_level import update_spec
+from .privacy.skellam import SIGMA_KEY, VECTOR_KEY, SkellamSum, skellam_share
 from .probe import features, is_probe_round
 from .secagg import bits_for
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["HeadStep", "VECTOR_KEY", "head_keys", "is_distributed_round", "min_honest",
-           "noised", "round_bits", "round_context", "site_vector", "spec_for"]
+__all__ = ["HeadStep", "Release", "SIGMA_KEY", "VECTOR_KEY", "head_keys", "is_distributed_round",
+           "min_honest", "noised", "release_for", "round_bits", "round_context", "site_vector",
+           "spec_for", "update_mean"]
 
 log = logging.getLogger("fedlora.client")
 
-VECTOR_KEY = "distributed-dp-sum"  # a site's encoded sum, before its noise share
-SIGMA_KEY = "distributed-dp-sigma"  # the plan's noise multiplier, for its share
 
 
 def is_distributed_round(cfg: RunConfig, server_round: int) -> bool:
-    """Whether ``server_round`` is a distributed DP-SGD step of the head."""
-    return (cfg.secure_aggregation and cfg.dp_mode == "sample"
-            and is_probe_round(cfg, server_round))
+    """Whether the sites release ``server_round`` together, each adding a share of the
+    noise: a DP-SGD step of the head (``sample``) or their clipped updates (``client``)."""
+    if not cfg.secure_aggregation:
+        return False
+    return cfg.dp_mode == "client" or (cfg.dp_mode == "sample"
+                                       and is_probe_round(cfg, server_round))
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a distributed round sums: the encoding, its noise multiplier, and what one
+    site's vector may hold (examples of a step; one update under ``client``)."""
+
+    kind: str  # "head-step" or "user-update"
+    spec: SkellamSum
+    sigma: float
+    clip: float
+    max_terms: int
+
+
+def release_for(cfg: RunConfig, payload: Mapping[str, Any], server_round: int) -> Release | None:
+    """The round's release, from the run-config and the sent tensors' shapes alone (so every
+    site and the server derive the same one); None: not a distributed round."""
+    if not is_distributed_round(cfg, server_round):
+        return None
+    if cfg.dp_mode == "client":
+        return Release("user-update", update_spec(payload), site_mechanism(cfg).sigma(cfg),
+                       float(cfg.update_max_norm), 1)
+    return Release("head-step", spec_for(payload), get_mechanism("sample").distributed_sigma(cfg),
+                   float(cfg.max_grad_norm), int(cfg.max_num_examples))
 
 
 def min_honest(cfg: RunConfig, cohort: int) -> int:
@@ -71,28 +100,31 @@ def head_keys(payload: Mapping[str, Any]) -> list[str]:
 
 
 def spec_for(payload: Mapping[str, Any]) -> SkellamSum:
+    """The encoding of a step of the head (the head's entries and the count)."""
     return SkellamSum.for_dims(sum(int(np.prod(np.shape(payload[k])))
                                    for k in head_keys(payload)))
 
 
-def round_context(cfg: RunConfig, spec: SkellamSum, cohort: int, sigma: float) -> bytes:
+def round_context(cfg: RunConfig, release: Release, cohort: int) -> bytes:
     """A digest of every parameter the round's noise and sensitivity rest on. It goes into
     the signed round config (:class:`fedlora.secagg.RoundConfig`): a site refuses a round
     whose digest is not its own, and sites given different parameters refuse each other's
     keys, so no site can be made to add less noise than another site's ledger assumes."""
-    fields = (f"skellam|sigma={sigma!r}|t={min_honest(cfg, cohort)}|cohort={cohort}|"
-              f"dims={spec.dims}|units={spec.units}|count={spec.count_weight}|"
-              f"clip={float(cfg.max_grad_norm)!r}|max-examples={int(cfg.max_num_examples)}|"
+    spec = release.spec
+    fields = (f"skellam|{release.kind}|sigma={release.sigma!r}|t={min_honest(cfg, cohort)}|"
+              f"cohort={cohort}|dims={spec.dims}|units={spec.units}|count={spec.count_weight}|"
+              f"clip={release.clip!r}|max-terms={release.max_terms}|"
               f"eps={float(cfg.target_epsilon)!r}|delta={float(cfg.target_delta)!r}|"
-              f"rounds={int(cfg.num_server_rounds)}")
+              f"rounds={int(cfg.num_server_rounds)}|cap={int(cfg.participation_cap)}")
     return hashlib.sha256(fields.encode()).digest()
 
 
-def round_bits(cfg: RunConfig, spec: SkellamSum, cohort: int, sigma: float) -> int:
-    """Modulus bits: ``cohort`` sites of at most ``max-num-examples`` examples each, with
-    their noise shares, cannot wrap."""
-    share = spec.variance(sigma) / min_honest(cfg, cohort)
-    return bits_for(cohort, spec.max_abs(int(cfg.max_num_examples), share), signed=True)
+def round_bits(cfg: RunConfig, release: Release, cohort: int) -> int:
+    """Modulus bits: ``cohort`` sites' vectors (at most ``max_terms`` examples or updates
+    each) with their noise shares cannot wrap."""
+    spec = release.spec
+    share = spec.variance(release.sigma) / min_honest(cfg, cohort)
+    return bits_for(cohort, spec.max_abs(release.max_terms, share), signed=True)
 
 
 # -- a site -------------------------------------------------------------------------------
@@ -183,11 +215,10 @@ def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunCon
 
 
 def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,
-           payload: Mapping[str, Any], bits: int | None = None) -> np.ndarray:
+           spec: SkellamSum, bits: int | None = None) -> np.ndarray:
     """``vector`` plus this site's Skellam share (variance ``v / t``, from OS entropy);
     with ``bits``, as signed values of that ring (a noise draw beyond the modulus' tail
     bound wraps instead of failing: whether a site answers never depends on the draw)."""
-    spec = spec_for(payload)
     vector = np.asarray(vector, dtype=np.int64)
     if vector.shape != (spec.length,):
         raise ValueError(f"a distributed DP vector of {spec.length} entries, got {vector.shape}")
@@ -232,3 +263,18 @@ class HeadStep:
             out[key] = (cur - step[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
             at += cur.size
         return out
+
+
+def update_mean(release: Release, state: Mapping[str, np.ndarray], total: np.ndarray,
+                survivors: int) -> dict[str, np.ndarray]:
+    """``client`` on the secure sum: the sent tensors (sorted keys of ``state``) plus the
+    noised mean update, ``clip / units x total / survivors`` (the number in the sum is
+    public): post-processing of the released sum."""
+    update, _ = release.spec.decode(total, release.clip)
+    update /= max(int(survivors), 1)
+    out, at = {}, 0
+    for key in sorted(state):
+        cur = np.asarray(state[key], dtype=np.float64)
+        out[key] = (cur + update[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
+        at += cur.size
+    return out

@@ -274,10 +274,17 @@ class RunConfig:
     dp_min_honest: float = key(
         0.8, "a fraction in (0, 1] of the cohort or a whole count > 1",
         lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
-        help="Distributed DP (dp-mode = sample with secure-aggregation = true): how many "
+        help="Distributed DP (dp-mode = sample or client with secure-aggregation = true): how many "
         "sampled sites must add their share of the noise, a count or a fraction of the "
         "cohort (rounded up). Each adds 1/t of it; a round with fewer contributors releases "
         "nothing, so the noise is never short while that many are honest.")
+    participation_cap: int = key(
+        0, "an integer >= 0 (0: num-server-rounds x fraction-train, rounded up)",
+        lambda v: v >= 0,
+        help="Distributed user-level DP (dp-mode = client with secure-aggregation = true): "
+        "the most rounds one site contributes to. Each site calibrates its noise share for "
+        "that many releases and its ledger refuses any more; the server picks cohorts "
+        "among the sites under the cap (no amplification by sampling is claimed).")
 
     @property
     def target_modules(self) -> list[str]:

@@ -79,11 +79,12 @@ def check_config(cfg: RunConfig) -> None:
                           "fedavg or ffa when secure-aggregation = true: the server learns only "
                           f"the sum of the updates, and '{cfg.aggregator}' cannot use it: "
                           f"{reason}")
-    if "client" in cfg.dp_mode.split("+"):
+    if "client" in cfg.dp_mode.split("+") and cfg.dp_mode != "client":
         raise ConfigError("dp-mode", cfg.dp_mode,
-                          "off, sample or update when secure-aggregation = true: user-level DP "
-                          "(client) has the server clip and noise each site's update, which "
-                          "it no longer sees (distributed noise is not implemented)")
+                          "off, sample, update or client when secure-aggregation = true: with "
+                          "client the sites clip their updates and add the noise in shares "
+                          "(distributed user-level DP); a local mechanism under it is not "
+                          "built")
     wire_levels = QMAX.get(cfg.wire_dtype)
     default_levels = KEYS_BY_NAME["secagg-levels"].default
     if wire_levels is not None and cfg.secagg_levels not in (default_levels, wire_levels):

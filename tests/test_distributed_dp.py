@@ -147,7 +147,7 @@ def _audit(noise_cut: float, claim: float, m: int = 1000, sites: int = 4) -> flo
         grads[np.arange(len(rows)), rows] = 5.0  # clipped to 1
         vector = spec.encode(grads, clip=1.0)
         total += distributed_dp.noised(vector, sigma=sigma * noise_cut, cohort=sites, cfg=cfg,
-                                       payload=payload)
+                                       spec=distributed_dp.spec_for(payload))
     scores = total[:-1].astype(np.float64)
     sizes = [(50, 50), (100, 100), (200, 200), (m // 2, m // 2)]
     return audit.audit_guesses(scores, included, sizes=sizes, delta=1e-5).epsilon_lower_bound

@@ -61,7 +61,7 @@ def test_a_sites_sum_is_bounded_publicly_and_its_noise_wraps_instead_of_failing(
     cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True})
     payload = {"base_model.model.classifier.weight": np.zeros((2, 3))}
     wrapped = distributed_dp.noised(np.full(7, 2**11, np.int64), sigma=1e-3, cohort=4,
-                                    cfg=cfg, payload=payload, bits=12)
+                                    cfg=cfg, spec=distributed_dp.spec_for(payload), bits=12)
     assert wrapped.min() >= -(2**11) and wrapped.max() < 2**11  # no refusal, a wrapped value
 
 
@@ -98,7 +98,7 @@ def test_the_whole_noise_path_adds_v_over_t_per_site_whatever_the_cohort():
     payload = {"base_model.model.classifier.weight": np.zeros((100, 100))}
     spec = distributed_dp.spec_for(payload)
     draws = distributed_dp.noised(np.zeros(spec.length, np.int64), sigma=2.0, cohort=10,
-                                  cfg=cfg, payload=payload).astype(np.float64)
+                                  cfg=cfg, spec=spec).astype(np.float64)
     expected = spec.variance(2.0) / 5  # t = 5 of a cohort of 10: a fifth of v each
     assert abs(draws.var() / expected - 1) < 5 * math.sqrt(2 / spec.length)
     # Neither the numpy nor the torch global seed, nor the run's seed, fixes the coins.
@@ -111,7 +111,7 @@ def test_the_whole_noise_path_adds_v_over_t_per_site_whatever_the_cohort():
         torch.manual_seed(0)
         outs.append((SkellamSum.for_dims(10_000).encode(g, clip=1.0),
                      distributed_dp.noised(np.zeros(spec.length, np.int64), sigma=2.0,
-                                           cohort=10, cfg=cfg, payload=payload)))
+                                           cohort=10, cfg=cfg, spec=spec)))
     assert not np.array_equal(outs[0][0], outs[1][0])
     assert not np.array_equal(outs[0][1], outs[1][1])
 
@@ -130,7 +130,9 @@ def test_sites_given_other_dp_parameters_refuse_each_others_round():
                                 "target-epsilon": eps})
         sigma = __import__("fedlora.privacy", fromlist=["x"]).client_mechanism(
             "sample").distributed_sigma(cfg)
-        contexts[eps] = distributed_dp.round_context(cfg, spec, 3, sigma)
+        release = distributed_dp.Release("head-step", spec, sigma, cfg.max_grad_norm,
+                                         cfg.max_num_examples)
+        contexts[eps] = distributed_dp.round_context(cfg, release, 3)
     assert contexts[1.0] != contexts[100.0]
     base = RoundConfig.create(1, cohort, length=5, bits=40, context=contexts[100.0])
     told_one = RoundConfig(base.round_id, base.cohort, base.degree, base.threshold, base.bits,
@@ -229,7 +231,6 @@ def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
     refused at setup, before any budget is spent."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-    from fedlora import privacy
     from fedlora.app.client.secure_aggregation import _own_payload, stage_fn
     from fedlora.protocol import CONFIG_KEY, STATUS_KEY
     from fedlora.secagg import RoundConfig
@@ -243,13 +244,13 @@ def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
         return Context(run_id=1, node_id=7, node_config={"partition-id": 0},
                        state=RecordDict(), run_config=run_config)
 
-    spec = distributed_dp.spec_for(_own_payload(cfg, context()))
-    sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
+    release = distributed_dp.release_for(cfg, _own_payload(cfg, context()), 1)
+    spec = release.spec
     _, threshold = resolve_graph(cfg, 3)
-    bits = distributed_dp.round_bits(cfg, spec, 3, sigma)
+    bits = distributed_dp.round_bits(cfg, release, 3)
 
     def setup(length=spec.length, ctx_bytes=None):
-        digest = distributed_dp.round_context(cfg, spec, 3, sigma) if ctx_bytes is None \
+        digest = distributed_dp.round_context(cfg, release, 3) if ctx_bytes is None \
             else ctx_bytes
         config = RoundConfig.create(1, [7, 8, 9], length=length, bits=bits, degree="all",
                                     threshold=threshold, context=digest)
@@ -263,6 +264,6 @@ def test_a_site_refuses_a_round_config_that_is_not_its_own_dp_parameters(
     assert stripped["status"] != "ok" and "run-config" in stripped["reason"]
     other_cfg = parse_run_config({**run_config, "target-epsilon": 100.0})
     other = distributed_dp.round_context(
-        other_cfg, spec, 3, privacy.client_mechanism("sample").distributed_sigma(other_cfg))
+        other_cfg, distributed_dp.release_for(other_cfg, _own_payload(cfg, context()), 1), 3)
     assert "run-config" in setup(ctx_bytes=other)["reason"]
     assert "entries" in setup(length=spec.length + 1)["reason"]

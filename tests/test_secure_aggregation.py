@@ -78,7 +78,6 @@ def test_quantisation_is_unbiased_bounded_and_its_mean_adds_to_the_received_adap
 @pytest.mark.parametrize("changes, key", [
     ({"aggregator": "svd"}, "aggregator"),
     ({"aggregator": "stack"}, "aggregator"),
-    ({"dp-mode": "client"}, "dp-mode"),
     ({"secagg-threshold": 0.5}, "secagg-threshold"),
     ({"secagg-threshold": 3.5}, "secagg-threshold"),
 ])

@@ -69,6 +69,7 @@ from .mechanisms import (
     get_mechanism,
     parse_dp_mode,
     server_mechanism,
+    site_mechanism,
 )
 
 # The mechanisms: importing a module registers it (one line per mechanism).
@@ -95,13 +96,13 @@ __all__ = [
     "gaussian_noise_like", "get_mechanism", "global_norm", "load_state", "parse_dp_mode",
     "plan_for", "planned_steps", "privacy_row", "private_numpy_rng", "private_torch_generator",
     "privatize_reply", "released_metrics", "reply_norm_bound", "reply_weights", "save_state", "server_hook",
-    "server_mechanism", "to_metrics", "to_record_dict", "update_noise_std",
+    "server_mechanism", "site_mechanism", "to_metrics", "to_record_dict", "update_noise_std",
 ]
 
 
 def plan_for(cfg: RunConfig, num_examples: int) -> DpPlan | None:
     """The client's plan under ``cfg.dp_mode`` (None when no mechanism runs on clients)."""
-    mechanism = client_mechanism(cfg.dp_mode)
+    mechanism = site_mechanism(cfg)
     return None if mechanism is None else mechanism.plan(cfg, num_examples)
 
 

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ClientMechanism", "DpPlan", "Mechanism", "PrivacyConfigError", "ServerMechanism",
            "check_dp_config", "check_privacy_params", "client_mechanism", "dp_mode_choices",
-           "get_mechanism", "parse_dp_mode", "register", "server_mechanism"]
+           "get_mechanism", "parse_dp_mode", "register", "server_mechanism", "site_mechanism"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,11 @@ class ServerMechanism(Mechanism):
     def server_hook(self, cfg: RunConfig) -> Any:
         raise NotImplementedError
 
+    def site_side(self, cfg: RunConfig) -> ClientMechanism | None:
+        """What each site runs instead when it, not the server, must clip and noise
+        (``secure-aggregation = true``: the server sees only a sum); None: nothing."""
+        return None
+
 
 _REGISTRY: dict[str, Mechanism] = {}
 
@@ -268,6 +273,16 @@ def client_mechanism(dp_mode: str) -> ClientMechanism | None:
     return found[0] if found else None
 
 
+def site_mechanism(cfg: RunConfig) -> ClientMechanism | None:
+    """What a site runs under ``cfg``: the local part of ``dp-mode``, or the site's side of
+    its server mechanism on the secure sum (distributed user-level DP); None: nothing."""
+    local = client_mechanism(cfg.dp_mode)
+    if local is not None:
+        return local
+    server = server_mechanism(cfg.dp_mode)
+    return None if server is None else server.site_side(cfg)
+
+
 def server_mechanism(dp_mode: str) -> ServerMechanism | None:
     """The part of ``dp-mode`` the server runs, or None."""
     found = [m for m in parse_dp_mode(dp_mode) if isinstance(m, ServerMechanism)]
@@ -281,6 +296,9 @@ def check_dp_config(cfg: RunConfig) -> None:
                          max_grad_norm=cfg.max_grad_norm, mode=cfg.dp_mode)
     for mechanism in modes:
         mechanism.check_config(cfg)
+    site = site_mechanism(cfg)
+    if site is not None and site not in modes:
+        site.check_config(cfg)
 
 
 def check_privacy_params(*, target_epsilon: float, target_delta: float, max_grad_norm: float,

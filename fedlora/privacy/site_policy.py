@@ -14,7 +14,9 @@ A site states instead, in the node-config its operator gives the SuperNode:
 * ``min-noise-multiplier`` (optional): a floor on the noise multiplier of its local mechanism.
 * Distributed DP (``dp-mode = "sample"`` with ``secure-aggregation = true``) adds only a
   share of the noise at each site, ``1/t`` of it for ``dp-min-honest`` t: the site must list
-  ``distributed`` in ``accept-dp-modes`` (``sample`` alone means its own DP-SGD noise), and
+  ``distributed`` in ``accept-dp-modes`` (``sample`` alone means its own DP-SGD noise;
+  ``distributed-client`` for ``dp-mode = "client"`` on the secure sum, where the site clips
+  and noises its update itself, while ``client`` alone trusts the server with it), and
   ``min-noise-share`` (optional, a fraction in (0, 1]) is the least share it adds: it
   refuses a round whose ``t`` would give it less, so its guarantee needs at most
   ``1 / min-noise-share`` honest contributors, itself included.
@@ -58,7 +60,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .mechanisms import client_mechanism, dp_mode_choices, parse_dp_mode
+from .mechanisms import dp_mode_choices, parse_dp_mode, site_mechanism
 
 if TYPE_CHECKING:
     from ..run_config import RunConfig
@@ -76,6 +78,9 @@ POLICY_KEYS = ("accept-dp-modes", "max-epsilon", "max-delta", "min-noise-multipl
 PINNING_KEYS = ("secagg-identity", "secagg-peers")
 #: The ``accept-dp-modes`` token of distributed DP (sample-level DP on the secure sum).
 DISTRIBUTED = "distributed"
+#: ... and of distributed user-level DP (client on the secure sum: the sites clip and noise).
+DISTRIBUTED_CLIENT = "distributed-client"
+DISTRIBUTED_TOKENS = {"sample": DISTRIBUTED, "client": DISTRIBUTED_CLIENT}
 
 _EXAMPLE = ("--node-config \"accept-dp-modes='sample' max-epsilon=8.0 max-delta=1e-5 "
             "privacy-state-path='<file>'\"")
@@ -153,7 +158,7 @@ class SitePolicy:
         accepted = None
         if modes is not None and str(modes).strip() != "":
             names = [m.strip() for m in str(modes).split(",") if m.strip()]
-            choices = (*dp_mode_choices(), DISTRIBUTED)
+            choices = (*dp_mode_choices(), *DISTRIBUTED_TOKENS.values())
             bad = [m for m in names if m not in choices]
             if bad or not names:
                 raise PolicyRefusal(f"node-config key 'accept-dp-modes' has bad value "
@@ -182,7 +187,8 @@ class SitePolicy:
         """Whether the site's privacy leans on the secure sum (its mask hides its update)."""
         return bool(self.require_secure_aggregation or self.secagg_min_cohort
                     or self.secagg_min_threshold
-                    or (self.accept_dp_modes and DISTRIBUTED in self.accept_dp_modes))
+                    or bool(self.accept_dp_modes
+                         and set(DISTRIBUTED_TOKENS.values()) & self.accept_dp_modes))
 
     def check_pinned(self) -> None:
         """:class:`PolicyRefusal` for a secure round at a deployed site that relies on it
@@ -217,13 +223,14 @@ class SitePolicy:
                     "accept-dp-modes='off' allows non-private runs on purpose")
             return
         mode = cfg.dp_mode
-        local = client_mechanism(mode)
-        if cfg.secure_aggregation and mode == "sample":  # distributed: a share of the noise
-            if DISTRIBUTED not in self.accept_dp_modes:
+        local = site_mechanism(cfg)
+        if cfg.secure_aggregation and mode in DISTRIBUTED_TOKENS:  # a share of the noise
+            token = DISTRIBUTED_TOKENS[mode]
+            if token not in self.accept_dp_modes:
                 raise PolicyRefusal(
-                    "the run's dp-mode = 'sample' with secure-aggregation = true adds only a "
+                    f"the run's dp-mode = '{mode}' with secure-aggregation = true adds only a "
                     "share of the noise at each site (distributed DP), and this site's "
-                    f"node-config key 'accept-dp-modes' does not list '{DISTRIBUTED}'")
+                    f"node-config key 'accept-dp-modes' does not list '{token}'")
             missing = [k for k, v in (("min-noise-share", self.min_noise_share),
                                       ("min-reply-seconds", self.min_reply_seconds))
                        if v is None]

@@ -45,7 +45,13 @@ import numpy as np
 from ..entropy import private_numpy_rng, stochastic_round
 from .accounting import INTEGER_RDP_ORDERS
 
-__all__ = ["INTEGER_ORDERS", "SkellamSum", "epsilon_of_rdp", "skellam_share"]
+__all__ = ["INTEGER_ORDERS", "SIGMA_KEY", "SkellamSum", "VECTOR_KEY", "epsilon_of_rdp",
+           "skellam_share"]
+
+#: What a site's training hands to its masking: its encoded vector, before its noise share,
+#: and the plan's noise multiplier, from which the share follows.
+VECTOR_KEY = "distributed-dp-sum"
+SIGMA_KEY = "distributed-dp-sigma"
 
 #: Integer Renyi orders: the Skellam bound is proven for these (the ledger's ``rdp-int``).
 INTEGER_ORDERS = INTEGER_RDP_ORDERS
@@ -74,11 +80,15 @@ class SkellamSum:
     count_weight: int  # what each example adds to the count coordinate
 
     @classmethod
-    def for_dims(cls, dims: int, resolution: int = RESOLUTION) -> SkellamSum:
+    def for_dims(cls, dims: int, resolution: int = RESOLUTION, *,
+                 counted: bool = True) -> SkellamSum:
+        """The encoding of ``dims`` coordinates; ``counted = False`` leaves the count
+        coordinate at 0 (a sum whose number of terms is public: one update per site)."""
         if dims < 1:
             raise ValueError(f"dims must be >= 1, got {dims}")
         units = int(math.ceil(resolution * math.sqrt(dims)))
-        return cls(dims=int(dims), units=units, count_weight=int(math.ceil(units / 4)))
+        return cls(dims=int(dims), units=units,
+                   count_weight=int(math.ceil(units / 4)) if counted else 0)
 
     @property
     def length(self) -> int:
@@ -149,7 +159,8 @@ class SkellamSum:
         total = np.asarray(total, dtype=np.float64)
         if total.shape != (self.length,):
             raise ValueError(f"expected a vector of {self.length}, got {total.shape}")
-        return total[:-1] * (clip / self.units), float(total[-1]) / self.count_weight
+        count = float(total[-1]) / self.count_weight if self.count_weight else 0.0
+        return total[:-1] * (clip / self.units), count
 
     def max_abs(self, examples: int, variance: float, tail: float = 40.0) -> int:
         """A bound on any coordinate of a sum over ``examples`` examples plus noise of

@@ -84,6 +84,7 @@ from ..aggregation import Method, refit_state, state_rank
 from ..config import ConfigError
 from ..entropy import private_numpy_rng
 from .budget import PrivacyBudget, PrivacyStateError
+from .distributed_user_level import DistributedUserLevel
 from .gaussian import clip_update, gaussian_noise_like
 from .ledger import BudgetExhausted
 from .mechanisms import (
@@ -315,5 +316,9 @@ class UserLevel(ServerMechanism):
                          "aggregator's global adapter is not that mean")
     accepts_local = ("sample",)
 
-    def server_hook(self, cfg: RunConfig) -> CentralDp:
-        return CentralDp.from_config(cfg)
+    def server_hook(self, cfg: RunConfig) -> CentralDp | None:
+        """The server's release (None on the secure sum: the sites release together)."""
+        return None if cfg.secure_aggregation else CentralDp.from_config(cfg)
+
+    def site_side(self, cfg: RunConfig) -> DistributedUserLevel | None:
+        return DistributedUserLevel() if cfg.secure_aggregation else None

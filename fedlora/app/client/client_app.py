@@ -90,7 +90,7 @@ def _ledger(cfg: RunConfig, node: NodeInfo, context: Context, num_examples: int,
     plan follows from the site's example count as the ledger released it (noised, once:
     :mod:`fedlora.privacy.count`), never from ``num_examples`` itself.
     """
-    mechanism = privacy.client_mechanism(cfg.dp_mode)
+    mechanism = privacy.site_mechanism(cfg)
     if mechanism is None:
         return None
     if node.partition_id is None and node.privacy_state_path is None:
@@ -253,9 +253,10 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
     """Local training by the run's client mechanism (plain training without one; the head
     alone in a linear-probe round), then what the mechanism releases of the adapter.
     Returns ``(reply tensors, TrainResult)``."""
-    mechanism = privacy.client_mechanism(cfg.dp_mode)  # None: plain training, nothing noised
+    mechanism = privacy.site_mechanism(cfg)  # None: plain training, nothing noised
     received = method.reply(model)  # the starting point, as it would be sent back
-    if distributed_dp.is_distributed_round(cfg, server_round):  # noised when masked
+    release = distributed_dp.release_for(cfg, received, server_round)
+    if release is not None and release.kind == "head-step":  # noised when masked
         vector = distributed_dp.site_vector(model, data.data, data.train_idx, cfg=cfg,
                                             payload=received, batch_size=cfg.eval_batch_size)
         return ({distributed_dp.VECTOR_KEY: vector,

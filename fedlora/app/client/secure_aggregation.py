@@ -38,7 +38,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import distributed_dp, privacy, runtime
+from fedlora import distributed_dp, runtime
 from fedlora.adapters import adapter_state
 from fedlora.models import cached_lora_model
 from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
@@ -84,9 +84,10 @@ def _finite(reply: Mapping[str, Any], received: Mapping[str, np.ndarray], cfg,
     a refusal in the clear would tell the server something about this site's data."""
     if ZERO_KEY in reply:
         sigma = float(np.asarray(reply[ZERO_KEY]).ravel()[0])
-        if distributed_dp.is_distributed_round(cfg, server_round):
-            length = distributed_dp.spec_for(runtime.method_for(cfg).payload(received)).length
-            return {distributed_dp.VECTOR_KEY: np.zeros(length, np.int64),
+        release = distributed_dp.release_for(cfg, runtime.method_for(cfg).payload(received),
+                                             server_round)
+        if release is not None:
+            return {distributed_dp.VECTOR_KEY: np.zeros(release.spec.length, np.int64),
                     distributed_dp.SIGMA_KEY: np.asarray([sigma])}
         return {k: np.asarray(received[k]) for k, _ in SecureSum.from_config(cfg).layout(received)}
     out = dict(reply)
@@ -161,24 +162,25 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
     degree, threshold = resolve_graph(cfg, n)
     server_round = int(msg.content[CONFIG_KEY].get("server-round", -1))
     bits, round_context = SecureSum.from_config(cfg).bits(n), b""
-    if distributed_dp.is_distributed_round(cfg, server_round):
+    # This site's own tensors, not the server's word for them (said before any budget is spent)
+    release = (distributed_dp.release_for(cfg, _own_payload(cfg, context), server_round)
+               if distributed_dp.is_distributed_round(cfg, server_round) else None)
+    if release is not None:
         t = distributed_dp.min_honest(cfg, n)
         if n < t:
             raise ProtocolError(f"a cohort of {n} cannot hold dp-min-honest = "
                                 f"{cfg.dp_min_honest:g} contributors")
-        sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
-        # This site's own head, not the server's word for it (said before any budget is spent)
-        spec = distributed_dp.spec_for(_own_payload(cfg, context))
+        spec = release.spec
         if config.length != spec.length:
-            raise ProtocolError(f"the round sums {config.length} entries; this site's head "
-                                f"and count make {spec.length}")
-        own = spec.gaussian_equivalent(spec.variance(sigma) / t)  # its share alone
+            raise ProtocolError(f"the round sums {config.length} entries; this site's "
+                                f"{release.kind} makes {spec.length}")
+        own = spec.gaussian_equivalent(spec.variance(release.sigma) / t)  # its share alone
         try:  # the site's own floors on its share of the noise
             SitePolicy.from_node_config(context.node_config).check_noise_share(t, own)
         except PolicyRefusal as e:
             raise ProtocolError(str(e)) from None
-        bits = distributed_dp.round_bits(cfg, spec, n, sigma)
-        round_context = distributed_dp.round_context(cfg, spec, n, sigma)
+        bits = distributed_dp.round_bits(cfg, release, n)
+        round_context = distributed_dp.round_context(cfg, release, n)
     expected = {"round_id": server_round, "degree": degree, "threshold": threshold,
                 "bits": bits, "context": round_context}
     wrong = {k: v for k, v in expected.items() if getattr(config, k) != v}
@@ -295,12 +297,16 @@ def _masked(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Me
         client = _load(context)
         received = from_record(msg.content[LORA_KEY])
         reply = _finite(reply, received, cfg, client.config.round_id)
-        if distributed_dp.VECTOR_KEY in reply:  # its noise share, then the ring
-            payload = runtime.method_for(cfg).payload(received)
+        release = distributed_dp.release_for(cfg, runtime.method_for(cfg).payload(received),
+                                             client.config.round_id)
+        if (release is None) != (distributed_dp.VECTOR_KEY not in reply):
+            raise ProtocolError("a distributed DP round masks the site's noised vector, and "
+                                "only such a round")
+        if release is not None:  # its noise share, then the ring
             vector = encode(distributed_dp.noised(
                 reply[distributed_dp.VECTOR_KEY],
                 sigma=float(np.asarray(reply[distributed_dp.SIGMA_KEY]).ravel()[0]),
-                cohort=len(client.config.cohort), cfg=cfg, payload=payload,
+                cohort=len(client.config.cohort), cfg=cfg, spec=release.spec,
                 bits=client.config.bits), client.config.bits)
         else:
             vector = SecureSum.from_config(cfg).quantise(reply, received, client.config.bits)

@@ -28,10 +28,14 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora import distributed_dp, privacy
+from fedlora import distributed_dp
+from fedlora.privacy import epsilon_of_history, site_mechanism
+from fedlora.privacy.distributed_user_level import participation_cap
+from fedlora.privacy.user_level import check_population
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
 from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
 from fedlora.secagg_bytes import expected_bytes
@@ -73,11 +77,17 @@ class SecureAggregationStrategy(WrappingStrategy):
         payload = strategy.method.payload(strategy.template)
         self.layout = SecureSum.layout(payload)
         self.length = SecureSum.length(self.layout)
-        # Distributed DP rounds sum one step of the head instead (fedlora.distributed_dp).
-        self.head_step = self.dp_sigma = None
+        self.payload = payload
+        # Distributed DP rounds sum one step of the head (sample) or the sites' clipped
+        # updates (client) instead, each site adding a share of the noise
+        # (fedlora.distributed_dp).
+        self.head_step = None
         if cfg.dp_mode == "sample" and cfg.probe_rounds:
             self.head_step = distributed_dp.HeadStep(cfg, payload)
-            self.dp_sigma = privacy.client_mechanism("sample").distributed_sigma(cfg)
+        self.user_level = cfg.dp_mode == "client"
+        self.cap = participation_cap(cfg) if self.user_level else 0
+        self.site_plan = site_mechanism(cfg).plan(cfg, None) if self.user_level else None
+        self.participations: dict[int, int] = {}  # node -> rounds it was sent to train in
 
     def cohort_size(self, num_nodes: int) -> int:
         """How many sites a training round samples out of ``num_nodes``."""
@@ -88,16 +98,19 @@ class SecureAggregationStrategy(WrappingStrategy):
         """The inner strategy's, then the graph checked against the cohort (before round 1:
         ``ConfigError`` naming the key)."""
         found = self.strategy.identify_nodes(grid, timeout=timeout)
-        cohort = self.cohort_size(len(list(grid.get_node_ids())))
+        num_nodes = len(list(grid.get_node_ids()))
+        cohort = self.cohort_size(num_nodes)
         degree, threshold = resolve_graph(self.cfg, cohort)
-        if self.head_step is not None:
-            spec = self.head_step.spec
-            log.info("distributed DP: cohorts of %d sites, %d neighbours each, %d shares to "
-                     "rebuild a secret; each round sums %d integers (the head's clipped "
-                     "gradients and the count), noise shared by dp-min-honest = %d sites, "
-                     "modulus 2^%d", cohort, degree, threshold, spec.length,
-                     distributed_dp.min_honest(self.cfg, cohort),
-                     distributed_dp.round_bits(self.cfg, spec, cohort, self.dp_sigma))
+        if self.user_level:
+            check_population(target_delta=self.cfg.target_delta, num_clients=num_nodes)
+        release = distributed_dp.release_for(self.cfg, self.payload, 1)
+        if release is not None:
+            log.info("distributed DP (%s): cohorts of %d sites, %d neighbours each, %d shares "
+                     "to rebuild a secret; each round sums %d integers, noise shared by "
+                     "dp-min-honest = %d sites, modulus 2^%d%s", release.kind, cohort, degree,
+                     threshold, release.spec.length, distributed_dp.min_honest(self.cfg, cohort),
+                     distributed_dp.round_bits(self.cfg, release, cohort),
+                     f"; at most {self.cap} rounds per site" if self.user_level else "")
             return found
         bits = self.sum.bits(cohort)
         log.info("secure aggregation: cohorts of %d sites, %d neighbours each, %d shares to "
@@ -112,22 +125,27 @@ class SecureAggregationStrategy(WrappingStrategy):
                     timer: RoundTimer) -> RoundOutcome:
         """Sample, then run the protocol's stages; the new adapter from the revealed sum."""
         with timer.phase("train_exchange"):
-            sent = list(self.strategy.configure_train(server_round, arrays, config, grid))
+            if self.user_level:
+                nodes = self._capped_cohort(grid, server_round)
+                sent = self.strategy.send_train(server_round, arrays, config, nodes, grid)
+                self.strategy.outcome.privacy.extend(
+                    (node, self._planned_spend(node)) for node in nodes)
+            else:
+                sent = list(self.strategy.configure_train(server_round, arrays, config, grid))
             outcome = self.strategy.outcome
             if not sent:
                 return outcome
             nodes = [int(m.metadata.dst_node_id) for m in sent]
             exchange = _Exchange(self, grid, server_round, timeout, sent[0].content)
-            distributed = distributed_dp.is_distributed_round(self.cfg, server_round)
+            release = distributed_dp.release_for(self.cfg, self.payload, server_round)
+            distributed = release is not None
             try:
                 degree, threshold = resolve_graph(self.cfg, len(nodes))
                 length, bits, context = self.length, self.sum.bits(len(nodes)), b""
                 if distributed:
-                    spec = self.head_step.spec
-                    length = spec.length
-                    bits = distributed_dp.round_bits(self.cfg, spec, len(nodes), self.dp_sigma)
-                    context = distributed_dp.round_context(self.cfg, spec, len(nodes),
-                                                           self.dp_sigma)
+                    length = release.spec.length
+                    bits = distributed_dp.round_bits(self.cfg, release, len(nodes))
+                    context = distributed_dp.round_context(self.cfg, release, len(nodes))
                 server = SecAggServer(RoundConfig.create(
                     server_round, nodes, length=length, bits=bits,
                     degree=COMPLETE if degree == len(nodes) - 1 else degree,
@@ -157,7 +175,10 @@ class SecureAggregationStrategy(WrappingStrategy):
             exchange.settle(total.survivors)
             outcome.accepted = list(total.survivors)
             received = {k: self.strategy.received[k] for k, _ in self.layout}
-            if distributed:  # one step of the head on the noised sum
+            if self.user_level:  # the noised mean of the clipped updates
+                update = distributed_dp.update_mean(release, received, total.signed(),
+                                                    len(total.survivors))
+            elif distributed:  # one step of the head on the noised sum
                 update = self.head_step.apply(received, total.signed())
             else:
                 update = self.sum.mean(total.signed(), len(total.survivors), received)
@@ -166,6 +187,37 @@ class SecureAggregationStrategy(WrappingStrategy):
             log.info("round %d: secure sum of %d of %d sampled sites", server_round,
                      len(total.survivors), len(nodes))
         return outcome
+
+    def _capped_cohort(self, grid: Grid, server_round: int) -> list[int]:
+        """A cohort among the sites sent fewer than ``participation-cap`` rounds, the least
+        used first (ties in a seeded order: no privacy rests on this choice). Each one
+        counts as used: it may charge its ledger whatever happens after."""
+        nodes = self.strategy.ordered_nodes(grid)
+        rng = np.random.default_rng([self.cfg.seed, server_round, 0xCA9])
+        order = rng.permutation(len(nodes))
+        eligible = [nodes[int(i)] for i in order if self.participations.get(nodes[int(i)], 0)
+                    < self.cap]
+        eligible.sort(key=lambda n: self.participations.get(n, 0))  # stable: keeps the ties
+        picked = eligible[:self.cohort_size(len(nodes))]
+        if len(picked) < self.cohort_size(len(nodes)):
+            log.warning("round %d: %d sites are under participation-cap = %d, fewer than a "
+                        "cohort of %d", server_round, len(eligible), self.cap,
+                        self.cohort_size(len(nodes)))
+        for node in picked:
+            self.participations[node] = self.participations.get(node, 0) + 1
+        chosen = set(picked)
+        return [n for n in nodes if n in chosen]  # in sampling order
+
+    def _planned_spend(self, node: int) -> dict[str, Any]:
+        """What a site's ledger holds after the rounds it was sent so far, from the plan and
+        the public count alone (each is charged when the site trains, whatever follows)."""
+        rounds = self.participations.get(node, 0)
+        sigma = self.site_plan.noise_multiplier
+        eps = epsilon_of_history([(sigma, 1.0, rounds)], delta=self.cfg.target_delta,
+                                 accountant=self.site_plan.accountant)
+        return {"mode": "client", "epsilon": eps, "delta": self.cfg.target_delta,
+                "noise-multiplier": sigma, "sample-rate": 1.0, "steps": rounds,
+                "target-epsilon": self.cfg.target_epsilon}
 
     def _released_nothing(self, server_round: int, exchange: _Exchange,
                           reason: str) -> RoundOutcome:
