@@ -165,6 +165,8 @@ def build_strategy(cfg: RunConfig, method, state: dict, comms_log: CommsLog) -> 
     if cfg.secure_aggregation:
         strategy = SecureAggregationStrategy(strategy, cfg)
     for mechanism in privacy.parse_dp_mode(cfg.dp_mode):
+        if isinstance(mechanism, privacy.ServerMechanism):  # on the secure sum: the sites'
+            mechanism = mechanism.site_side(cfg) or mechanism
         log.info("dp-mode '%s' protects: %s", mechanism.name, mechanism.neighbouring)
         plan = mechanism.describe(cfg)
         if plan:
