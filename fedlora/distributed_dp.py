@@ -1,23 +1,26 @@
-"""Distributed DP-SGD of the head on the secure sum (``dp-mode = "sample"`` with
-``secure-aggregation = true``).
+"""Distributed DP on the secure sum: what a round sums, its public parameters, a site's
+noise share and what the server makes of the revealed sum.
 
-Every round is one DP-SGD step of the classification head over the union of the sampled
-sites' data, released by the Skellam mechanism (:mod:`fedlora.privacy.skellam`) through
-the secure sum:
+With ``secure-aggregation = true``:
 
-* a site reads what the head reads (the encoder once, as a probe round does), takes every
-  example's gradient of the head (``torch.func``, the head's dropout off), and encodes
-  their clipped, scaled, rounded sum with the count appended (:func:`site_vector`); just
-  before masking it adds its share of the noise, ``v / t`` per coordinate, ``t`` the
-  round's :func:`min_honest` (:func:`noised`);
-* the server unmasks only the sum of at least ``t`` contributors (a round with fewer
+* ``dp-mode = "sample"``: every round is one DP-SGD step over the union of the sampled
+  sites' data, released by the Skellam mechanism (:mod:`fedlora.privacy.skellam`). A probe
+  round steps the head, a later round every tensor the aggregator sends (LoRA factors and
+  head). Each site encodes its examples' clipped, scaled, rounded gradients with the count
+  appended (:mod:`fedlora.distributed_grads`); just before masking it adds its share of the
+  noise, ``v / t`` per coordinate, ``t`` the round's :func:`min_honest` (:func:`noised`).
+  The server unmasks only the sum of at least ``t`` contributors (a round with fewer
   releases nothing; the sites refuse to reveal shares for fewer), divides the gradient by
-  the noised count and takes an Adam step on the head (:class:`HeadStep`): post-processing.
+  the noised count and takes an Adam step (:class:`ServerStep`): post-processing.
+* ``dp-mode = "client"``: the sites' clipped updates, each with its noise share
+  (:mod:`fedlora.privacy.distributed_user_level`); the server adds their mean
+  (:func:`update_mean`).
 
-The round's public parameters follow from the run-config alone, so every site and the
-server derive the same ones: the noise multiplier of the plan (the same for every site:
-every round is a full-batch step), the vector length (the head's entries plus one) and
-the modulus (no sum of a cohort can wrap: :func:`round_bits`).
+A round's public parameters follow from the run-config and the sent tensors' shapes alone
+(:func:`release_for`), so every site and the server derive the same ones: the noise
+multiplier of the plan, the vector's length and the modulus (no sum of a cohort can wrap:
+:func:`round_bits`); a digest of them is in the round config every site signs
+(:func:`round_context`).
 """
 
 from __future__ import annotations
@@ -30,24 +33,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from .adapters import is_factor_key
-from .dp_sgd import dropout_off
-from .heads import head_module
 from .privacy import get_mechanism, site_mechanism
 from .privacy.distributed_user_level import update_spec
 from .privacy.skellam import SIGMA_KEY, VECTOR_KEY, SkellamSum, skellam_share
-from .probe import features, is_probe_round
+from .probe import is_probe_round
 from .secagg import bits_for
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["HeadStep", "Release", "SIGMA_KEY", "VECTOR_KEY", "head_keys", "is_distributed_round",
-           "min_honest", "noised", "release_for", "round_bits", "round_context", "site_vector",
+__all__ = ["ServerStep", "Release", "SIGMA_KEY", "VECTOR_KEY", "head_keys", "is_distributed_round",
+           "min_honest", "noised", "release_for", "round_bits", "round_context",
            "spec_for", "update_mean"]
 
 log = logging.getLogger("fedlora.client")
@@ -56,11 +54,8 @@ log = logging.getLogger("fedlora.client")
 
 def is_distributed_round(cfg: RunConfig, server_round: int) -> bool:
     """Whether the sites release ``server_round`` together, each adding a share of the
-    noise: a DP-SGD step of the head (``sample``) or their clipped updates (``client``)."""
-    if not cfg.secure_aggregation:
-        return False
-    return cfg.dp_mode == "client" or (cfg.dp_mode == "sample"
-                                       and is_probe_round(cfg, server_round))
+    noise: a DP-SGD step (``sample``) or their clipped updates (``client``)."""
+    return cfg.secure_aggregation and cfg.dp_mode in ("sample", "client")
 
 
 @dataclass(frozen=True)
@@ -68,11 +63,12 @@ class Release:
     """What a distributed round sums: the encoding, its noise multiplier, and what one
     site's vector may hold (examples of a step; one update under ``client``)."""
 
-    kind: str  # "head-step" or "user-update"
+    kind: str  # "head-step", "lora-step" or "user-update"
     spec: SkellamSum
     sigma: float
     clip: float
     max_terms: int
+    keys: tuple[str, ...]  # the tensors summed, in order
 
 
 def release_for(cfg: RunConfig, payload: Mapping[str, Any], server_round: int) -> Release | None:
@@ -82,9 +78,14 @@ def release_for(cfg: RunConfig, payload: Mapping[str, Any], server_round: int) -
         return None
     if cfg.dp_mode == "client":
         return Release("user-update", update_spec(payload), site_mechanism(cfg).sigma(cfg),
-                       float(cfg.update_max_norm), 1)
-    return Release("head-step", spec_for(payload), get_mechanism("sample").distributed_sigma(cfg),
-                   float(cfg.max_grad_norm), int(cfg.max_num_examples))
+                       float(cfg.update_max_norm), 1, tuple(sorted(payload)))
+    sigma = get_mechanism("sample").distributed_sigma(cfg)
+    if is_probe_round(cfg, server_round):
+        return Release("head-step", spec_for(payload), sigma, float(cfg.max_grad_norm),
+                       int(cfg.max_num_examples), tuple(head_keys(payload)))
+    dims = sum(int(np.prod(np.shape(payload[k]))) for k in payload)
+    return Release("lora-step", SkellamSum.for_dims(dims), sigma, float(cfg.max_grad_norm),
+                   int(cfg.max_num_examples), tuple(sorted(payload)))
 
 
 def min_honest(cfg: RunConfig, cohort: int) -> int:
@@ -127,93 +128,7 @@ def round_bits(cfg: RunConfig, release: Release, cohort: int) -> int:
     return bits_for(cohort, spec.max_abs(release.max_terms, share), signed=True)
 
 
-# -- a site -------------------------------------------------------------------------------
-def _param_keys(head: nn.Module, keys: list[str]) -> list[tuple[str, str]]:
-    """(head parameter name, adapter key) pairs in adapter-key order."""
-    names = [n for n, p in head.named_parameters() if p.requires_grad]
-    pairs = []
-    for key in keys:
-        match = [n for n in names if key.endswith("." + n)]
-        if len(match) != 1:
-            raise ValueError(f"cannot match adapter key {key!r} to one head parameter")
-        pairs.append((match[0], key))
-    if sorted(n for n, _ in pairs) != sorted(names):
-        raise ValueError("the head's parameters and the adapter's head keys differ")
-    return pairs
-
-
-def per_example_grads(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor,
-                      names: list[str]) -> np.ndarray:
-    """``(n, dims)`` gradients of each example's cross-entropy, in ``names`` order."""
-    params = {n: p.detach() for n, p in head.named_parameters()}
-
-    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = functional_call(head, p, (x.unsqueeze(0),))
-        return nn.functional.cross_entropy(out, y.unsqueeze(0))
-
-    with dropout_off(head):
-        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, feats, labels)
-    out = torch.cat([g[n].reshape(len(labels), -1) for n in names], 1).double().cpu().numpy()
-    # A row with a non-finite entry (a head the server crafted to overflow on some inputs)
-    # counts as an example that adds nothing: never an error, whose presence would be a
-    # noiseless answer about the data.
-    out[~np.isfinite(out).all(axis=1)] = 0.0
-    return out
-
-
-#: Examples per chunk: what the head reads and its per-example gradients are taken this many
-#: examples at a time, so a chunk's memory is bounded by public settings (the chunk, the
-#: run's max-length, the model), not by the site's data.
-CHUNK = 64
-
-
-def _chunk_gradients(model: nn.Module, head: nn.Module, data: Any, idx: np.ndarray, *,
-                     names: list[str], spec: SkellamSum, clip: float,
-                     batch_size: int) -> np.ndarray:
-    """The encoded sum of the gradients of examples ``idx`` (without the count)."""
-    feats = features(model, data, idx, min(batch_size, CHUNK)).float()
-    labels = data.labels[torch.as_tensor(idx)].to(feats.device)
-    head_dtype = next(head.parameters()).dtype
-    grads = per_example_grads(head, feats.to(head_dtype), labels, names)
-    return spec.encode(grads, clip)[:-1]
-
-
-def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
-                payload: Mapping[str, Any], batch_size: int = 128) -> np.ndarray:
-    """This site's encoded sum of clipped per-example head gradients and its count (no
-    noise yet: :func:`noised` adds the share just before the vector is masked).
-
-    Taken :data:`CHUNK` examples at a time. A chunk that fails for any reason is taken
-    again one example at a time, and an example that fails on its own adds no gradient but
-    still counts: a failure changes the sum by at most what one example could, and the
-    site answers whatever its data hold (a refusal would be a noiseless answer)."""
-    spec = spec_for(payload)
-    head = head_module(model)
-    names = [n for n, _ in _param_keys(head, head_keys(payload))]  # the model's shape only
-    idx = np.asarray(indices, dtype=np.int64)
-    total = np.zeros(spec.dims, dtype=np.int64)
-    clip, failed = float(cfg.max_grad_norm), 0
-    for start in range(0, len(idx), CHUNK):
-        part = idx[start:start + CHUNK]
-        try:
-            total += _chunk_gradients(model, head, data, part, names=names, spec=spec,
-                                      clip=clip, batch_size=batch_size)
-            continue
-        except Exception:  # noqa: BLE001  (whatever it was: one example at a time)
-            pass
-        for one in part:
-            try:
-                total += _chunk_gradients(model, head, data, np.array([one]), names=names,
-                                          spec=spec, clip=clip, batch_size=batch_size)
-            except Exception:  # noqa: BLE001  (it adds no gradient; it still counts)
-                failed += 1
-    if failed:  # the details stay in this site's log
-        log.error("Distributed DP: the gradients of %d examples could not be taken; they "
-                  "count, with no gradient, this round", failed)
-    vector = np.concatenate([total, [np.int64(spec.count_weight) * len(idx)]])
-    return spec.bound_sum(vector, int(cfg.max_num_examples))
-
-
+# -- a site ------------------------------------------------------------------------------
 def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,
            spec: SkellamSum, bits: int | None = None) -> np.ndarray:
     """``vector`` plus this site's Skellam share (variance ``v / t``, from OS entropy);
@@ -231,37 +146,36 @@ def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,
 
 
 # -- the server ---------------------------------------------------------------------------
-class HeadStep:
-    """The server's step on the head from a revealed sum: Adam at ``probe-learning-rate``
-    on the noised mean gradient (post-processing of the released sum)."""
+class ServerStep:
+    """The server's DP-SGD steps from revealed sums: Adam on the noised mean gradient
+    (post-processing of the released sum), at ``probe-learning-rate`` for the head and
+    ``learning-rate`` for the LoRA factors, each tensor's moments kept across rounds."""
 
     BETAS = (0.9, 0.999)
     EPS = 1e-8
 
-    def __init__(self, cfg: RunConfig, payload: Mapping[str, Any]) -> None:
-        self.lr = float(cfg.probe_learning_rate)
-        self.clip = float(cfg.max_grad_norm)
-        self.keys = head_keys(payload)
-        self.spec = spec_for(payload)
-        self.m = np.zeros(self.spec.dims)
-        self.v = np.zeros(self.spec.dims)
-        self.t = 0
+    def __init__(self, cfg: RunConfig) -> None:
+        self.head_lr = float(cfg.probe_learning_rate)
+        self.lora_lr = float(cfg.learning_rate)
+        self.moments: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
 
-    def apply(self, state: Mapping[str, np.ndarray], total: np.ndarray) -> dict[str, np.ndarray]:
-        """The head's tensors after one step on the summed vector ``total`` (signed)."""
-        grad_sum, count = self.spec.decode(total, self.clip)
+    def apply(self, release: Release, state: Mapping[str, np.ndarray],
+              total: np.ndarray) -> dict[str, np.ndarray]:
+        """The released tensors after one step on the summed vector ``total`` (signed)."""
+        grad_sum, count = release.spec.decode(total, release.clip)
         g = grad_sum / max(count, 1.0)
-        self.t += 1
         b1, b2 = self.BETAS
-        self.m = b1 * self.m + (1 - b1) * g
-        self.v = b2 * self.v + (1 - b2) * g * g
-        step = self.lr * (self.m / (1 - b1 ** self.t)) / (
-            np.sqrt(self.v / (1 - b2 ** self.t)) + self.EPS)
         out, at = {}, 0
-        for key in self.keys:
+        for key in release.keys:
             cur = np.asarray(state[key], dtype=np.float64)
-            out[key] = (cur - step[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
+            gk = g[at:at + cur.size].reshape(cur.shape)
             at += cur.size
+            m, v, t = self.moments.get(key, (np.zeros(cur.shape), np.zeros(cur.shape), 0))
+            m, v, t = b1 * m + (1 - b1) * gk, b2 * v + (1 - b2) * gk * gk, t + 1
+            self.moments[key] = (m, v, t)
+            lr = self.lora_lr if is_factor_key(key) else self.head_lr
+            step = lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + self.EPS)
+            out[key] = (cur - step).astype(np.float32)
         return out
 
 
@@ -273,7 +187,7 @@ def update_mean(release: Release, state: Mapping[str, np.ndarray], total: np.nda
     update, _ = release.spec.decode(total, release.clip)
     update /= max(int(survivors), 1)
     out, at = {}, 0
-    for key in sorted(state):
+    for key in release.keys:
         cur = np.asarray(state[key], dtype=np.float64)
         out[key] = (cur + update[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
         at += cur.size

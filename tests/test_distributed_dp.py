@@ -161,10 +161,20 @@ def test_a_canary_audit_stays_under_the_claim_and_flags_a_tenfold_noise_cut():
 
 
 # -- rounds in a Flower simulation ------------------------------------------------------------
-def test_distributed_runs_refuse_lora_rounds_and_prv():
+def test_distributed_lora_rounds_are_full_batch_steps_of_every_sent_tensor_and_prv_is_refused():
     base = {"dp-mode": "sample", "secure-aggregation": True}
-    with pytest.raises(ConfigError, match="probe-rounds"):
-        parse_run_config({**base, "num-server-rounds": 4, "probe-rounds": 2})
+    cfg = parse_run_config({**base, "num-server-rounds": 4, "probe-rounds": 2})
+    payload = {"m.lora_A.weight": np.zeros((2, 5)), "m.lora_B.weight": np.zeros((3, 2)),
+               "classifier.weight": np.zeros((2, 3))}
+    kinds = [distributed_dp.release_for(cfg, payload, r) for r in (1, 2, 3, 4)]
+    assert [k.kind for k in kinds] == ["head-step"] * 2 + ["lora-step"] * 2
+    assert kinds[0].spec.dims == 6 and kinds[2].spec.dims == 22
+    assert kinds[2].keys == tuple(sorted(payload))
+    # Every site's plan: four full-batch steps at one sigma, the one the server assumes.
+    mechanism = __import__("fedlora.privacy", fromlist=["x"]).client_mechanism("sample")
+    plan = mechanism.plan(cfg, 300)
+    assert [plan.cost(r) for r in (1, 3)] == [(1.0, 1), (1.0, 1)]
+    assert plan.noise_multiplier == kinds[3].sigma == mechanism.distributed_sigma(cfg)
     with pytest.raises(ConfigError, match="accountant"):
         parse_run_config({**base, "accountant": "prv"})
     with pytest.raises(ConfigError, match="dp-min-honest"):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fedlora import distributed_dp
+from fedlora import distributed_dp, distributed_grads
 from fedlora.privacy.skellam import SkellamSum
 from fedlora.runtime import parse_run_config
 
@@ -79,7 +79,7 @@ def test_a_head_crafted_to_overflow_on_some_inputs_gets_no_refusal():
         head.bias[0] = 3e38
     feats = torch.tensor([[-1.0, 0.0, 0.0], [0.5, 0.0, 0.0], [2.0, 0.0, 0.0]])
     labels = torch.tensor([1, 1, 0])
-    grads = distributed_dp.per_example_grads(head, feats, labels, ["weight", "bias"])
+    grads = distributed_grads.per_example_grads(head, feats, labels, ["weight", "bias"])
     assert np.isfinite(grads).all()
     # The example below the threshold keeps its own gradient; the overflowing ones add none.
     x = feats[0].clone()
@@ -131,7 +131,7 @@ def test_sites_given_other_dp_parameters_refuse_each_others_round():
         sigma = __import__("fedlora.privacy", fromlist=["x"]).client_mechanism(
             "sample").distributed_sigma(cfg)
         release = distributed_dp.Release("head-step", spec, sigma, cfg.max_grad_norm,
-                                         cfg.max_num_examples)
+                                         cfg.max_num_examples, ("classifier.weight",))
         contexts[eps] = distributed_dp.round_context(cfg, release, 3)
     assert contexts[1.0] != contexts[100.0]
     base = RoundConfig.create(1, cohort, length=5, bits=40, context=contexts[100.0])
@@ -164,7 +164,7 @@ def test_an_example_that_fails_adds_no_gradient_but_counts_and_no_other_is_lost(
     import torch
     from torch import nn
 
-    from fedlora import distributed_dp as ddp
+    from fedlora import distributed_grads as ddp
 
     head = nn.Linear(4, 2)
     feats = torch.randn(150, 4)
@@ -184,12 +184,13 @@ def test_an_example_that_fails_adds_no_gradient_but_counts_and_no_other_is_lost(
     payload = {"base_model.model.classifier.bias": np.zeros(2),
                "base_model.model.classifier.weight": np.zeros((2, 4))}
     cfg = parse_run_config({"dp-mode": "sample", "secure-aggregation": True})
-    spec = ddp.spec_for(payload)
+    spec = distributed_dp.spec_for(payload)
     monkeypatch.setattr(ddp, "features", lambda model, data, idx, bs: feats[idx])
     without_bad = ddp.site_vector(None, Data(), np.delete(np.arange(150), bad), cfg=cfg,
-                                  payload=payload)
+                                  payload=payload, spec=spec)
     monkeypatch.setattr(ddp, "features", features)
-    with_bad = ddp.site_vector(None, Data(), np.arange(150), cfg=cfg, payload=payload)
+    with_bad = ddp.site_vector(None, Data(), np.arange(150), cfg=cfg, payload=payload,
+                               spec=spec)
     assert real is not features
     assert with_bad[-1] == 150 * spec.count_weight  # every example counts, the bad one too
     # Only rounding differs between the two (the other 149 gradients are all there): far

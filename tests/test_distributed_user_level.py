@@ -218,3 +218,20 @@ def test_rounds_sum_clipped_noised_updates_and_no_site_passes_its_cap(custom_tas
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and {r["steps"] for r in rows} == {"1"}  # one release per site
     assert all(0 < float(r["epsilon"]) <= 8.0 for r in rows)
+
+
+def test_a_site_reveals_nothing_for_a_sum_of_fewer_than_t_contributors():
+    from flwr.app import Context, RecordDict
+
+    from fedlora.app.client.secure_aggregation import check_contributors
+    from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
+
+    run_config = {**BASE, "dp-min-honest": 4.0, "num-server-rounds": 2}
+    config = RoundConfig.create(2, range(1, 7), length=3, bits=40)
+    client = SecAggClient(1)
+    client.setup(config.to_message())
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config=run_config)
+    with pytest.raises(ProtocolError, match="dp-min-honest"):
+        check_contributors({"u3": [1, 2, 3]}, client, ctx)  # t - 1 = 3 in the sum
+    check_contributors({"u3": [1, 2, 3, 4]}, client, ctx)  # t: it takes part

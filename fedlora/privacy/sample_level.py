@@ -110,8 +110,12 @@ class SampleLevel(ClientMechanism):
     def describe(self, cfg: RunConfig) -> str:
         """The plan's choices in one line (the server logs it once at the start)."""
         if cfg.secure_aggregation:
+            lora = cfg.num_server_rounds - min(cfg.probe_rounds, cfg.num_server_rounds)
+            what = "the head" if not lora else (
+                f"the head in rounds 1-{cfg.probe_rounds}, of the LoRA factors and the head "
+                f"(Adam at {cfg.learning_rate:g}) in the last {lora}")
             return (f"dp-mode sample, distributed: each of the {cfg.num_server_rounds} rounds "
-                    f"is one DP-SGD step of the head over the union of the sampled sites' "
+                    f"is one DP-SGD step of {what} over the union of the sampled sites' "
                     f"data (every example clipped to {cfg.max_grad_norm:g}), released by the "
                     f"secure sum with Skellam noise of noise multiplier "
                     f"{self.distributed_sigma(cfg):.4g}, each site adding its share for "
@@ -144,14 +148,10 @@ class SampleLevel(ClientMechanism):
 
     @staticmethod
     def _check_distributed(cfg: RunConfig) -> None:
-        """Distributed DP: every round a full-batch step of the head, the same noise
-        multiplier at every site (no round depends on a site's count), Renyi accounting."""
-        if cfg.probe_rounds != cfg.num_server_rounds:
-            raise ConfigError("probe-rounds", cfg.probe_rounds,
-                              f"num-server-rounds ({cfg.num_server_rounds}) with dp-mode = "
-                              "'sample' and secure-aggregation = true: every round is a "
-                              "distributed DP-SGD step of the head (local LoRA training with "
-                              "only a share of the noise would not be private)")
+        """Distributed DP: every round one full-batch step (of the head in a probe round, of
+        every sent tensor after), the same noise multiplier at every site (no round depends
+        on a site's count), Renyi accounting. No round trains locally: local steps with only
+        a share of the noise would not be private."""
         if _causal_lm(cfg.task) or not cfg.train_head:
             raise ConfigError("secure-aggregation", cfg.secure_aggregation,
                               "false with dp-mode = 'sample' for a task without a trained "
@@ -167,13 +167,18 @@ class SampleLevel(ClientMechanism):
 
     def distributed_sigma(self, cfg: RunConfig) -> float:
         """The noise multiplier of every distributed step: what :meth:`plan` gives any site
-        (its rounds are full-batch steps, whatever its count)."""
+        (its rounds are full-batch steps, whatever its count; the same phases, so the same
+        calibration)."""
         probe = min(cfg.probe_rounds, cfg.num_server_rounds)
-        return calibrated_sigma(cfg.target_epsilon, cfg.target_delta, 1.0, probe,
-                                self.plan_accountant(cfg), (),
+        lora = cfg.num_server_rounds - probe
+        phases = [*([(1.0, lora)] if lora else []), *([(1.0, probe)] if probe else [])]
+        return calibrated_sigma(cfg.target_epsilon, cfg.target_delta, *phases[0],
+                                self.plan_accountant(cfg), tuple(phases[1:]),
                                 tuple(count_history(COUNT_NOISE_STD)))
 
     def plan_round(self, cfg: RunConfig, num_examples: int | None) -> tuple[float, int]:
+        if cfg.secure_aggregation:  # one distributed full-batch step per round
+            return 1.0, 1
         return min(1.0, cfg.batch_size / num_examples), cfg.local_steps  # the released count
 
     def reply_norm_bound(self, cfg: RunConfig, server_round: int, released_count: int,

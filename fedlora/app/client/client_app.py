@@ -26,7 +26,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from fedlora import distributed_dp, privacy, runtime
+from fedlora import distributed_dp, distributed_grads, privacy, runtime
 from fedlora.adapters import adapter_state, load_adapter_state
 from fedlora.config import ConfigError
 from fedlora.data import DataError
@@ -256,9 +256,15 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
     mechanism = privacy.site_mechanism(cfg)  # None: plain training, nothing noised
     received = method.reply(model)  # the starting point, as it would be sent back
     release = distributed_dp.release_for(cfg, received, server_round)
-    if release is not None and release.kind == "head-step":  # noised when masked
-        vector = distributed_dp.site_vector(model, data.data, data.train_idx, cfg=cfg,
-                                            payload=received, batch_size=cfg.eval_batch_size)
+    if release is not None and release.kind != "user-update":  # noised when masked
+        if release.kind == "head-step":
+            vector = distributed_grads.site_vector(model, data.data, data.train_idx, cfg=cfg,
+                                                   payload=received, spec=release.spec,
+                                                   batch_size=cfg.eval_batch_size)
+        else:
+            vector = distributed_grads.lora_step_vector(model, data.data, data.train_idx,
+                                                        cfg=cfg, payload=received,
+                                                        spec=release.spec)
         return ({distributed_dp.VECTOR_KEY: vector,
                  distributed_dp.SIGMA_KEY: np.asarray([plan.noise_multiplier])},
                 TrainResult(loss=float("nan"), steps=1, examples=len(data.train_idx)))

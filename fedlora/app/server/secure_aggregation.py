@@ -81,9 +81,7 @@ class SecureAggregationStrategy(WrappingStrategy):
         # Distributed DP rounds sum one step of the head (sample) or the sites' clipped
         # updates (client) instead, each site adding a share of the noise
         # (fedlora.distributed_dp).
-        self.head_step = None
-        if cfg.dp_mode == "sample" and cfg.probe_rounds:
-            self.head_step = distributed_dp.HeadStep(cfg, payload)
+        self.dp_step = distributed_dp.ServerStep(cfg) if cfg.dp_mode == "sample" else None
         self.user_level = cfg.dp_mode == "client"
         self.cap = participation_cap(cfg) if self.user_level else 0
         self.site_plan = site_mechanism(cfg).plan(cfg, None) if self.user_level else None
@@ -178,8 +176,8 @@ class SecureAggregationStrategy(WrappingStrategy):
             if self.user_level:  # the noised mean of the clipped updates
                 update = distributed_dp.update_mean(release, received, total.signed(),
                                                     len(total.survivors))
-            elif distributed:  # one step of the head on the noised sum
-                update = self.head_step.apply(received, total.signed())
+            elif distributed:  # one DP-SGD step on the noised sum
+                update = self.dp_step.apply(release, received, total.signed())
             else:
                 update = self.sum.mean(total.signed(), len(total.survivors), received)
             merged = {**self.strategy.global_state, **update}
