@@ -8,8 +8,9 @@ With ``secure-aggregation = true``:
   round steps the head, a later round every tensor the aggregator sends (LoRA factors and
   head). Each site encodes its examples' clipped, scaled, rounded gradients with the count
   appended (:mod:`fedlora.distributed_grads`); just before masking it adds its share of the
-  noise, ``v / t`` per coordinate, ``t`` the round's :func:`min_honest` (:func:`noised`).
-  The server unmasks only the sum of at least ``t`` contributors (a round with fewer
+  noise, ``v / (t - d)`` per coordinate (:func:`share_divisor`: ``t`` honest sites assumed
+  in the cohort, at most ``d`` missing from a sum, every missing one counted as honest).
+  The server unmasks only the sum of at least ``cohort - d`` contributors (a round with fewer
   releases nothing; the sites refuse to reveal shares for fewer), divides the gradient by
   the noised count and takes an Adam step (:class:`ServerStep`): post-processing.
 * ``dp-mode = "client"``: the sites' clipped updates, each with its noise share
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from .run_config import RunConfig
 
 __all__ = ["ServerStep", "Release", "SIGMA_KEY", "VECTOR_KEY", "head_keys", "is_distributed_round",
-           "min_honest", "noised", "release_for", "round_bits", "round_context",
+           "max_dropouts", "min_contributors", "min_honest", "noised", "share_divisor", "release_for", "round_bits", "round_context",
            "spec_for", "update_mean"]
 
 log = logging.getLogger("fedlora.client")
@@ -95,6 +96,29 @@ def min_honest(cfg: RunConfig, cohort: int) -> int:
     return max(1, t)
 
 
+def max_dropouts(cfg: RunConfig, cohort: int) -> int:
+    """``dp-max-dropouts`` for a cohort: a count, or a fraction of it (rounded down)."""
+    value = float(cfg.dp_max_dropouts)
+    return int(value) if value >= 1 else math.floor(value * cohort + 1e-9)
+
+
+def min_contributors(cfg: RunConfig, cohort: int) -> int:
+    """The fewest sites a released sum may hold: the cohort less ``dp-max-dropouts``."""
+    return cohort - max_dropouts(cfg, cohort)
+
+
+def share_divisor(cfg: RunConfig, cohort: int) -> int:
+    """Each site adds ``v / share_divisor`` of the noise: the honest sites any sum of at
+    least :func:`min_contributors` holds, counting every missing site as an honest one (the
+    server decides who is dropped). ``ValueError`` when none would be left."""
+    left = min(min_honest(cfg, cohort), cohort) - max_dropouts(cfg, cohort)
+    if left < 1:
+        raise ValueError(f"dp-max-dropouts = {cfg.dp_max_dropouts:g} of a cohort of {cohort} "
+                         f"with dp-min-honest = {cfg.dp_min_honest:g} leaves no honest site "
+                         "in a sum")
+    return left
+
+
 def head_keys(payload: Mapping[str, Any]) -> list[str]:
     """The adapter keys of the head's tensors (every key that is not a LoRA factor)."""
     return sorted(k for k in payload if not is_factor_key(k))
@@ -113,6 +137,7 @@ def round_context(cfg: RunConfig, release: Release, cohort: int) -> bytes:
     keys, so no site can be made to add less noise than another site's ledger assumes."""
     spec = release.spec
     fields = (f"skellam|{release.kind}|sigma={release.sigma!r}|t={min_honest(cfg, cohort)}|"
+              f"dropouts={max_dropouts(cfg, cohort)}|"
               f"cohort={cohort}|dims={spec.dims}|units={spec.units}|count={spec.count_weight}|"
               f"clip={release.clip!r}|max-terms={release.max_terms}|"
               f"eps={float(cfg.target_epsilon)!r}|delta={float(cfg.target_delta)!r}|"
@@ -124,7 +149,7 @@ def round_bits(cfg: RunConfig, release: Release, cohort: int) -> int:
     """Modulus bits: ``cohort`` sites' vectors (at most ``max_terms`` examples or updates
     each) with their noise shares cannot wrap."""
     spec = release.spec
-    share = spec.variance(release.sigma) / min_honest(cfg, cohort)
+    share = spec.variance(release.sigma) / share_divisor(cfg, cohort)
     return bits_for(cohort, spec.max_abs(release.max_terms, share), signed=True)
 
 
@@ -137,7 +162,7 @@ def noised(vector: np.ndarray, *, sigma: float, cohort: int, cfg: RunConfig,
     vector = np.asarray(vector, dtype=np.int64)
     if vector.shape != (spec.length,):
         raise ValueError(f"a distributed DP vector of {spec.length} entries, got {vector.shape}")
-    share = skellam_share(spec.variance(sigma), min_honest(cfg, cohort), spec.length)
+    share = skellam_share(spec.variance(sigma), share_divisor(cfg, cohort), spec.length)
     out = vector + share
     if bits is not None and bits < 63:  # (a sum that wide cannot reach int64's edge)
         half = np.int64(1) << np.int64(bits - 1)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .run_config import RunConfig
 
 __all__ = ["CHUNK", "example_gradients", "lora_step_vector", "payload_parameters",
-           "per_example_grads", "site_vector"]
+           "per_example_grads", "site_vector", "step_vector"]
 
 log = logging.getLogger("fedlora.client")
 
@@ -176,3 +176,13 @@ def lora_step_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: R
     return _sum_chunks(indices, spec, float(cfg.max_grad_norm),
                        lambda idx: example_gradients(model, data, idx, keys),
                        int(cfg.max_num_examples))
+
+
+def step_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
+                payload: Mapping[str, Any], release: Any) -> np.ndarray:
+    """The site's vector for a DP-SGD round's release (:class:`fedlora.distributed_dp.Release`):
+    a step of the head or of every sent tensor."""
+    if release.kind == "head-step":
+        return site_vector(model, data, indices, cfg=cfg, payload=payload, spec=release.spec,
+                           batch_size=cfg.eval_batch_size)
+    return lora_step_vector(model, data, indices, cfg=cfg, payload=payload, spec=release.spec)

@@ -274,10 +274,17 @@ class RunConfig:
     dp_min_honest: float = key(
         0.8, "a fraction in (0, 1] of the cohort or a whole count > 1",
         lambda v: 0 < v <= 1 or (v > 1 and float(v).is_integer()),
-        help="Distributed DP (dp-mode = sample or client with secure-aggregation = true): how many "
-        "sampled sites must add their share of the noise, a count or a fraction of the "
-        "cohort (rounded up). Each adds 1/t of it; a round with fewer contributors releases "
-        "nothing, so the noise is never short while that many are honest.")
+        help="Distributed DP (dp-mode = sample or client with secure-aggregation = true): how "
+        "many of a round's sampled sites are assumed honest, a count or a fraction of the "
+        "cohort (rounded up). With dp-max-dropouts d, each site adds 1/(t - d) of the noise, "
+        "so any sum the server may assemble holds enough honest shares.")
+    dp_max_dropouts: float = key(
+        0.0, "0, a fraction in (0, 1) of the cohort or a whole count >= 1",
+        lambda v: v == 0 or 0 < v < 1 or (v >= 1 and float(v).is_integer()),
+        help="Distributed DP: how many sampled sites may be missing from a sum (a count or a "
+        "fraction of the cohort, rounded down). The server decides who counts as dropped, so "
+        "each site assumes every missing one was honest: it adds 1/(t - d) of the noise and "
+        "reveals nothing for a sum of fewer than cohort - d sites.")
     participation_cap: int = key(
         0, "an integer >= 0 (0: num-server-rounds x fraction-train, rounded up)",
         lambda v: v >= 0,

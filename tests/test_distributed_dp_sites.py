@@ -33,7 +33,10 @@ def test_a_site_opts_in_to_distributed_dp_and_floors_its_noise_share():
         site.check_noise_share(4, 1.99)
     # A deployed site bounds whom it trusts, else the server's cohort would decide its share,
     # and hides its compute time, which grows with its data.
-    deployed = {"accept-dp-modes": "distributed", "max-epsilon": 8.0}
+    with pytest.raises(PolicyRefusal, match="'max-epsilon' and 'max-delta'"):  # its budget
+        SitePolicy.from_node_config({"accept-dp-modes": "distributed", "min-noise-share": 0.1,
+                                     "min-reply-seconds": 60}).check_run(cfg)
+    deployed = {"accept-dp-modes": "distributed", "max-epsilon": 8.0, "max-delta": 1e-5}
     with pytest.raises(PolicyRefusal, match="'min-noise-share' and 'min-reply-seconds'"):
         SitePolicy.from_node_config(deployed).check_run(cfg)
     with pytest.raises(PolicyRefusal, match="'min-noise-share'"):  # pinning is not enough

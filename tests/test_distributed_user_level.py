@@ -176,6 +176,11 @@ def test_a_site_policy_must_accept_the_mode_and_its_epsilon_cap_holds():
                                  "max-epsilon": 8.0}).check_run(cfg)
     with pytest.raises(PolicyRefusal, match="min-noise-share"):  # a deployed site
         SitePolicy.from_node_config({"accept-dp-modes": "distributed-client", "max-epsilon": 8.0,
+                                     "max-delta": 1e-5, "secagg-identity": "x",
+                                     "secagg-peers": "y"}).check_run(cfg)
+    with pytest.raises(PolicyRefusal, match="'max-delta'"):  # its own, not the server's
+        SitePolicy.from_node_config({"accept-dp-modes": "distributed-client", "max-epsilon": 8.0,
+                                     "min-noise-share": 0.1, "min-reply-seconds": 60,
                                      "secagg-identity": "x", "secagg-peers": "y"}).check_run(cfg)
 
 
@@ -220,18 +225,40 @@ def test_rounds_sum_clipped_noised_updates_and_no_site_passes_its_cap(custom_tas
     assert all(0 < float(r["epsilon"]) <= 8.0 for r in rows)
 
 
-def test_a_site_reveals_nothing_for_a_sum_of_fewer_than_t_contributors():
+def test_a_server_that_calls_honest_sites_dropped_cannot_short_the_noise():
+    """The server decides who is missing from a sum. With c colluders in a cohort of n and t
+    honest assumed, a sum of t sites could hold only t - c honest shares; so a site reveals
+    nothing for a sum of fewer than n - d sites and adds v / (t - d): every missing site
+    counted as an honest one, the sum still holds v."""
     from flwr.app import Context, RecordDict
 
     from fedlora.app.client.secure_aggregation import check_contributors
     from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient
 
-    run_config = {**BASE, "dp-min-honest": 4.0, "num-server-rounds": 2}
-    config = RoundConfig.create(2, range(1, 7), length=3, bits=40)
+    config = RoundConfig.create(2, range(1, 7), length=3, bits=40)  # a cohort of 6
     client = SecAggClient(1)
     client.setup(config.to_message())
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
-                  run_config=run_config)
-    with pytest.raises(ProtocolError, match="dp-min-honest"):
-        check_contributors({"u3": [1, 2, 3]}, client, ctx)  # t - 1 = 3 in the sum
-    check_contributors({"u3": [1, 2, 3, 4]}, client, ctx)  # t: it takes part
+
+    def context(**keys):
+        return Context(run_id=1, node_id=1, node_config={"partition-id": 0},
+                       state=RecordDict(), run_config={**BASE, "dp-min-honest": 4.0,
+                                                       "num-server-rounds": 2, **keys})
+
+    with pytest.raises(ProtocolError, match="fewer than 6"):  # one honest site "dropped"
+        check_contributors({"u3": [1, 2, 3, 4, 5]}, client, context())
+    check_contributors({"u3": list(range(1, 7))}, client, context())
+    one = context(**{"dp-max-dropouts": 1.0})
+    check_contributors({"u3": [1, 2, 3, 4, 5]}, client, one)
+    with pytest.raises(ProtocolError, match="fewer than 5"):
+        check_contributors({"u3": [1, 2, 3, 4]}, client, one)
+    # ... and with one dropout allowed, each site adds v / (4 - 1): three honest shares of
+    # the sum's five are enough.
+    cfg = parse_run_config(dict(one.run_config))
+    assert distributed_dp.share_divisor(cfg, 6) == 3
+    spec = update_spec({"b": np.zeros(20_000)})
+    share = distributed_dp.noised(np.zeros(spec.length, np.int64), sigma=1.0, cohort=6,
+                                  cfg=cfg, spec=spec).astype(np.float64)
+    assert abs(share.var() / (spec.variance(1.0) / 3) - 1) < 5 * math.sqrt(2 / spec.length)
+    with pytest.raises(ValueError, match="no honest site"):
+        distributed_dp.share_divisor(parse_run_config({**BASE, "dp-min-honest": 2.0,
+                                                       "dp-max-dropouts": 2.0}), 6)

@@ -232,16 +232,20 @@ class SitePolicy:
                     "share of the noise at each site (distributed DP), and this site's "
                     f"node-config key 'accept-dp-modes' does not list '{token}'")
             missing = [k for k, v in (("min-noise-share", self.min_noise_share),
-                                      ("min-reply-seconds", self.min_reply_seconds))
+                                      ("min-reply-seconds", self.min_reply_seconds),
+                                      ("max-epsilon", self.max_epsilon),
+                                      ("max-delta", self.max_delta))
                        if v is None]
             if self.deployed and missing:
                 raise PolicyRefusal(
                     "distributed DP at a deployed site needs node-config keys "
                     f"{' and '.join(repr(k) for k in missing)}: 'min-noise-share' bounds how "
                     "little noise it adds (else the server's cohort and dp-min-honest decide "
-                    "it; pinned peers stop invented sites, not colluding ones), and "
+                    "it; pinned peers stop invented sites, not colluding ones), "
                     "'min-reply-seconds' keeps its compute time, which grows with its data, "
-                    "from the server")
+                    "from the server, and 'max-epsilon' and 'max-delta' keep the budget its "
+                    "own (else the first run's target-epsilon and target-delta, which the "
+                    "server writes, would cap its ledger)")
         elif mode not in self.accept_dp_modes and (
                 local is None or local.name not in self.accept_dp_modes):
             raise PolicyRefusal(f"the run's dp-mode = '{mode}' is not accepted by this site "

@@ -257,14 +257,8 @@ def _train_and_release(cfg: RunConfig, model, data, method, plan, seed: int, ser
     received = method.reply(model)  # the starting point, as it would be sent back
     release = distributed_dp.release_for(cfg, received, server_round)
     if release is not None and release.kind != "user-update":  # noised when masked
-        if release.kind == "head-step":
-            vector = distributed_grads.site_vector(model, data.data, data.train_idx, cfg=cfg,
-                                                   payload=received, spec=release.spec,
-                                                   batch_size=cfg.eval_batch_size)
-        else:
-            vector = distributed_grads.lora_step_vector(model, data.data, data.train_idx,
-                                                        cfg=cfg, payload=received,
-                                                        spec=release.spec)
+        vector = distributed_grads.step_vector(model, data.data, data.train_idx, cfg=cfg,
+                                               payload=received, release=release)
         return ({distributed_dp.VECTOR_KEY: vector,
                  distributed_dp.SIGMA_KEY: np.asarray([plan.noise_multiplier])},
                 TrainResult(loss=float("nan"), steps=1, examples=len(data.train_idx)))

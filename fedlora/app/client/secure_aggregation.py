@@ -166,10 +166,13 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
     release = (distributed_dp.release_for(cfg, _own_payload(cfg, context), server_round)
                if distributed_dp.is_distributed_round(cfg, server_round) else None)
     if release is not None:
-        t = distributed_dp.min_honest(cfg, n)
-        if n < t:
+        if n < distributed_dp.min_honest(cfg, n):
             raise ProtocolError(f"a cohort of {n} cannot hold dp-min-honest = "
                                 f"{cfg.dp_min_honest:g} contributors")
+        try:
+            t = distributed_dp.share_divisor(cfg, n)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
         spec = release.spec
         if config.length != spec.length:
             raise ProtocolError(f"the round sums {config.length} entries; this site's "
@@ -242,22 +245,27 @@ def _stage(stage: str, msg: Message, context: Context) -> Message:
 
 def check_contributors(body: Mapping[str, Any], client: SecAggClient,
                        context: Context) -> None:
-    """In a distributed DP round, ``ProtocolError`` (this site reveals nothing) unless at
-    least ``dp-min-honest`` sites are in the sum: with fewer the noise would be short."""
+    """In a distributed DP round, ``ProtocolError`` (this site reveals nothing) unless the
+    sum holds at least the cohort less ``dp-max-dropouts`` sites: the server decides who
+    counts as dropped, and with more missing (every one perhaps an honest site) the honest
+    noise shares would not make up the planned noise."""
     cfg = runtime.resolve_config(context.run_config)
     if not distributed_dp.is_distributed_round(cfg, client.config.round_id):
         return
-    need = distributed_dp.min_honest(cfg, len(client.config.cohort))
+    need = distributed_dp.min_contributors(cfg, len(client.config.cohort))
     u3 = body.get("u3")
     cohort = set(client.config.cohort)
     if not isinstance(u3, (list, tuple)) or len(set(u3) & cohort) < need:
-        raise ProtocolError(f"fewer than dp-min-honest = {need} sites in the sum: their "
-                            "noise shares would not make up the planned noise")
+        raise ProtocolError(f"fewer than {need} sites in the sum (the cohort less "
+                            f"dp-max-dropouts = {cfg.dp_max_dropouts:g}): the honest noise "
+                            "shares in it would not make up the planned noise "
+                            f"(dp-min-honest = {cfg.dp_min_honest:g})")
     if client.trusted is not None:  # only parties this site pinned count: its neighbours
         verified = len(set(u3) & set(client.neighbours)) + 1
         if verified < need:
             raise ProtocolError(f"only {verified} pinned sites (this one included) in the "
-                                f"sum, fewer than dp-min-honest = {need}")
+                                f"sum, fewer than the {need} it needs (dp-min-honest, "
+                                "dp-max-dropouts)")
 
 
 def ready_to_train(msg: Message, context: Context) -> None:

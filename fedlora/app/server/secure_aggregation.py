@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedlora import distributed_dp
+from fedlora.config import ConfigError
 from fedlora.privacy import epsilon_of_history, site_mechanism
 from fedlora.privacy.distributed_user_level import participation_cap
 from fedlora.privacy.user_level import check_population
@@ -103,10 +104,15 @@ class SecureAggregationStrategy(WrappingStrategy):
             check_population(target_delta=self.cfg.target_delta, num_clients=num_nodes)
         release = distributed_dp.release_for(self.cfg, self.payload, 1)
         if release is not None:
+            try:
+                distributed_dp.share_divisor(self.cfg, cohort)
+            except ValueError as e:
+                raise ConfigError("dp-max-dropouts", self.cfg.dp_max_dropouts,
+                                  f"fewer missing sites than honest ones: {e}") from None
             log.info("distributed DP (%s): cohorts of %d sites, %d neighbours each, %d shares "
-                     "to rebuild a secret; each round sums %d integers, noise shared by "
-                     "dp-min-honest = %d sites, modulus 2^%d%s", release.kind, cohort, degree,
-                     threshold, release.spec.length, distributed_dp.min_honest(self.cfg, cohort),
+                     "to rebuild a secret; each round sums %d integers, each site adding "
+                     "1/%d of the noise, modulus 2^%d%s", release.kind, cohort, degree,
+                     threshold, release.spec.length, distributed_dp.share_divisor(self.cfg, cohort),
                      distributed_dp.round_bits(self.cfg, release, cohort),
                      f"; at most {self.cap} rounds per site" if self.user_level else "")
             return found
@@ -153,10 +159,12 @@ class SecureAggregationStrategy(WrappingStrategy):
                 stage = server.collect_keys(exchange.run("advertise", stage))
                 stage = server.collect_shares(exchange.run("share_keys", stage))
                 stage = server.collect_masked(exchange.run("masked_input", stage))
-                need = distributed_dp.min_honest(self.cfg, len(nodes)) if distributed else 0
+                need = (distributed_dp.min_contributors(self.cfg, len(nodes))
+                        if distributed else 0)
                 if len(stage) < need:
-                    raise RoundAborted(f"{len(stage)} sites sent their share, fewer than "
-                                       f"dp-min-honest = {need}: the noise would be short")
+                    raise RoundAborted(f"{len(stage)} sites sent their share, fewer than the "
+                                       f"{need} the sites require (dp-min-honest, "
+                                       "dp-max-dropouts): the noise could be short")
                 stage = server.collect_signatures(exchange.run("consistency", stage))
                 revealed = exchange.run("unmask", stage)
             except (RoundAborted, ValueError) as e:
