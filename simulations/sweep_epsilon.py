@@ -13,6 +13,8 @@ At each epsilon two methods are measured in this one command:
 * ``distributed``: distributed DP (``secure-aggregation = true``, its own recipe: every
   round one DP-SGD step of the head over the union of the sites' data, the noise added once
   to the secure sum; ``--rounds`` does not apply). Not run unless named in ``--methods``.
+* ``distributed-lora``: the same, its last :data:`DISTRIBUTED_LORA_ROUNDS` rounds full-batch
+  steps of the LoRA factors and the head. Not run unless named in ``--methods``.
 
 plus the non-private run (``--no-baseline`` skips it). Writes ``table.md``, ``table.json``
 and ``accuracy_vs_epsilon.png`` (accuracy against epsilon, one line per method, with the
@@ -43,10 +45,13 @@ from fedlora.privacy.sample_level import DISTRIBUTED_ROUNDS  # noqa: E402
 from simulations.harness import parse_sets  # noqa: E402
 from simulations.privacy_modes import measure  # noqa: E402
 
-METHODS = ("lora", "probe", "distributed")
+METHODS = ("lora", "probe", "distributed", "distributed-lora")
 LABELS = {"lora": "LoRA (DP recipe: probe rounds, then LoRA)",
           "probe": "linear probe only (head-only rounds)",
-          "distributed": "distributed DP (secure sum, one step of the head per round)"}
+          "distributed": "distributed DP (secure sum, one step of the head per round)",
+          "distributed-lora": "distributed DP, its last rounds full-batch steps of LoRA and head"}
+#: ``distributed-lora``: the distributed recipe's rounds, the last this many LoRA steps.
+DISTRIBUTED_LORA_ROUNDS = 5
 
 
 def majority_accuracy(overrides: dict) -> float:
@@ -235,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for method in methods:
                     more = {"probe-rounds": args.rounds} if method == "probe" else {}
-                    if method == "distributed":  # its recipe's rounds, not --rounds
+                    if method.startswith("distributed"):  # its recipe's rounds, not --rounds
                         more = {"secure-aggregation": True,
                                 "num-server-rounds": DISTRIBUTED_ROUNDS}
+                    if method == "distributed-lora":
+                        more["probe-rounds"] = DISTRIBUTED_ROUNDS - DISTRIBUTED_LORA_ROUNDS
                     name = f"{method}-eps-{eps:g}" + (f"-run{repeat + 1}"
                                                       if args.repeats > 1 else "")
                     row = measure("sample", eps, clients=args.clients, out=out,
