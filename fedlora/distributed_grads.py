@@ -8,7 +8,10 @@ before the noise share :func:`fedlora.distributed_dp.noised` adds.
 * A LoRA round steps every tensor the aggregator sends (the LoRA factors and the head):
   every example's gradient through the whole model, Opacus' per-example gradients
   (:func:`lora_step_vector`). Every example of the site takes part (a full-batch step:
-  q = 1, what the ledger charges), dropout off.
+  q = 1, what the ledger charges), dropout off, every example padded to the run's
+  ``max-length`` so that it is computed in the same shapes whatever else is in its chunk.
+  The per-example argument assumes a model whose examples do not interact (no layer mixes
+  the examples of a batch, no random layer drop): the packaged models are such.
 
 Both take :data:`CHUNK` examples at a time (memory bounded by public settings, not by the
 site's data). A chunk that fails for any reason is taken again one example at a time, and
@@ -41,7 +44,7 @@ from .training import trainable_parameters
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["CHUNK", "example_gradients", "lora_step_vector", "payload_parameters",
+__all__ = ["CHUNK", "example_gradients", "fixed_width", "lora_step_vector", "payload_parameters",
            "per_example_grads", "site_vector", "step_vector"]
 
 log = logging.getLogger("fedlora.client")
@@ -144,23 +147,42 @@ def payload_parameters(model: nn.Module, keys: list[str]) -> list[nn.Parameter]:
     return [by_key[k] for k in keys]
 
 
-def example_gradients(model: nn.Module, data: Any, idx: np.ndarray,
-                      keys: list[str]) -> np.ndarray:
+def fixed_width(batch: dict[str, torch.Tensor], width: int,
+                pad_id: int) -> dict[str, torch.Tensor]:
+    """``batch`` padded to ``width`` tokens (a public setting, the run's ``max-length``): an
+    example is then computed in the same shapes whatever else is in its chunk."""
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id)
+    out["attention_mask"] = nn.functional.pad(batch["attention_mask"], (0, extra), value=0)
+    return out
+
+
+def example_gradients(model: nn.Module, data: Any, idx: np.ndarray, keys: list[str],
+                      width: int = 0) -> np.ndarray:
     """``(len(idx), dims)`` gradients of each example's loss with respect to the tensors of
-    adapter keys ``keys`` (in that order), dropout off; a row with a non-finite entry is zero.
-    Opacus wraps the model for the call and is removed after (the model is cached)."""
+    adapter keys ``keys`` (in that order), dropout off, every example padded to ``width``;
+    a row with a non-finite entry is zero. Opacus wraps the model for the call and is
+    removed after (the model is cached)."""
     params = payload_parameters(model, keys)
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
     gsm.train()
     try:
         with dropout_off(model):
             device = params[0].device
-            batch = {k: v.to(device) for k, v in data.collate(idx).items()}
+            batch = fixed_width(data.collate(idx), width, getattr(data, "pad_id", 0))
+            batch = {k: v.to(device) for k, v in batch.items()}
             gsm(**batch).loss.backward()  # cross-entropy: a mean of per-example losses
-            rows = [torch.zeros((len(idx), p.numel()), dtype=torch.float64)
-                    if getattr(p, "grad_sample", None) is None
-                    else p.grad_sample.detach().reshape(len(idx), -1).double().cpu()
-                    for p in params]
+            rows = []
+            for p in params:
+                sample = getattr(p, "grad_sample", None)
+                if sample is not None and sample.shape[0] != len(idx):
+                    raise ValueError("per-example gradients of another batch size")
+                rows.append(torch.zeros((len(idx), p.numel()), dtype=torch.float64)
+                            if sample is None
+                            else sample.detach().reshape(len(idx), -1).double().cpu())
     finally:
         release_grad_samples(gsm, trainable_parameters(model))
     return _rows_finite(torch.cat(rows, 1).numpy())
@@ -174,7 +196,8 @@ def lora_step_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: R
     if sum(p.numel() for p in payload_parameters(model, keys)) != spec.dims:
         raise ValueError("the sent tensors and the round's vector differ in size")
     return _sum_chunks(indices, spec, float(cfg.max_grad_norm),
-                       lambda idx: example_gradients(model, data, idx, keys),
+                       lambda idx: example_gradients(model, data, idx, keys,
+                                                     int(cfg.max_length)),
                        int(cfg.max_num_examples))
 
 

@@ -12,9 +12,9 @@ noise is added once, in shares:
    from OS entropy): :class:`~fedlora.privacy.skellam.SkellamSum` without a count
    coordinate (how many sites are in a sum is public);
 3. just before masking it adds its share of the noise, symmetric Skellam of variance
-   ``v / t`` per coordinate (``t`` = ``dp-min-honest``), as distributed DP-SGD does
-   (:func:`fedlora.distributed_dp.noised`);
-4. the server unmasks only the sum of at least ``t`` contributors and adds
+   ``v / (t - m)`` per coordinate (``t`` = ``dp-min-honest``, ``m`` = ``dp-max-dropouts``),
+   as distributed DP-SGD does (:func:`fedlora.distributed_dp.noised`);
+4. the server unmasks only the sum of at least ``cohort - m`` contributors and adds
    ``C / K x sum / survivors`` to the global adapter: post-processing.
 
 Neighbouring relation: zero-out of one site (everything it contributes over the run

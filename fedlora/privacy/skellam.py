@@ -1,17 +1,20 @@
 """Distributed DP on the secure sum: the Skellam mechanism (Agarwal, Kairouz, Liu, NeurIPS 2021).
 
-Under ``dp-mode = "sample"`` with ``secure-aggregation = true`` the sites of a linear-probe
-round release one DP-SGD step of the head *together*: each site clips every example's
-gradient to ``C`` (``max-grad-norm``), scales it to ``units`` integer steps per ``C`` and
-rounds it stochastically (coins from OS entropy), appends ``count_weight`` for the
-example's count, sums its examples, and adds its *share* of integer noise: a symmetric
-Skellam variable of variance ``v / t`` per coordinate (``Poisson(v/2t) - Poisson(v/2t)``,
-from OS entropy), ``t`` being ``dp-min-honest``. Sums of independent Skellam variables are
-Skellam, so when at least ``t`` contributors are honest the secure sum carries noise of
-variance at least ``v`` on every coordinate: one central DP-SGD step on the union of the
-sites' data, with ``sqrt(t)`` less noise on the mean than each site noising its own step.
-The server unmasks only the sum; dividing the gradient coordinates by the noised count is
-post-processing.
+Under ``dp-mode = "sample"`` with ``secure-aggregation = true`` the sites of a round
+release one DP-SGD step *together*: each site clips every example's gradient to ``C``
+(``max-grad-norm``), scales it to ``units`` integer steps per ``C`` and rounds it
+stochastically (coins from OS entropy), appends ``count_weight`` for the example's count,
+sums its examples, and adds its *share* of integer noise: a symmetric Skellam variable of
+variance ``v / (t - m)`` per coordinate (two Poisson draws, from OS entropy), ``t`` being
+``dp-min-honest`` and ``m`` ``dp-max-dropouts``. Sums of independent Skellam variables are
+Skellam, so a sum of at least ``cohort - m`` contributors, at least ``t - m`` of them
+honest, carries noise of variance at least ``v`` on every coordinate: one central DP-SGD
+step on the union of the sites' data. The server unmasks only the sum; dividing the
+gradient coordinates by the noised count is post-processing. (``dp-mode = "client"`` on the
+secure sum uses the same noise on the sites' clipped updates,
+:mod:`fedlora.privacy.distributed_user_level`.) Poisson rates are drawn in pieces small
+enough for numpy's double-precision sampler to be exact, and a share that would need rates
+above :data:`MAX_SHARE_RATE` is refused before any site trains.
 
 Neighbouring relation: add or remove one training example of one site. One example moves
 the sum by its own rounded vector: after clipping and scaling its gradient has L2 norm at
@@ -45,8 +48,8 @@ import numpy as np
 from ..entropy import private_numpy_rng, stochastic_round
 from .accounting import INTEGER_RDP_ORDERS
 
-__all__ = ["INTEGER_ORDERS", "SIGMA_KEY", "SkellamSum", "VECTOR_KEY", "epsilon_of_rdp",
-           "skellam_share"]
+__all__ = ["INTEGER_ORDERS", "MAX_SHARE_RATE", "SIGMA_KEY", "SkellamSum", "VECTOR_KEY",
+           "check_share", "epsilon_of_rdp", "skellam_share"]
 
 #: What a site's training hands to its masking: its encoded vector, before its noise share,
 #: and the plan's noise multiplier, from which the share follows.
@@ -169,12 +172,42 @@ class SkellamSum:
         return int(examples * per + tail * math.sqrt(variance)) + 1
 
 
+#: The largest Poisson rate drawn at once: numpy's sampler works in double precision, and
+#: far above this its draws lose their low bits (at 2^53 every draw is even).
+POISSON_PIECE = 2.0 ** 36
+#: The largest rate of a share's Poisson halves: a round asking for more is refused before
+#: any site trains (:func:`check_share`), so a share takes at most 16 pieces.
+MAX_SHARE_RATE = 2.0 ** 40
+
+
+def check_share(variance: float, share: int) -> None:
+    """``ValueError`` when a share of ``variance / share`` would need Poisson rates above
+    :data:`MAX_SHARE_RATE` (a function of the run-config alone)."""
+    lam = float(variance) / (2 * share)
+    if not lam <= MAX_SHARE_RATE:
+        raise ValueError(f"a noise share of variance {2 * lam:.4g} per coordinate is above "
+                         f"what is drawn exactly ({2 * MAX_SHARE_RATE:.4g}): the plan's noise "
+                         "multiplier is too large for this share (a larger target-epsilon or "
+                         "more honest sites per sum)")
+
+
+def _poisson(gen: np.random.Generator, lam: float, length: int) -> np.ndarray:
+    """Poisson(``lam``) draws as sums of draws of rate at most :data:`POISSON_PIECE` (a sum
+    of independent Poisson variables is Poisson), each exact in double precision."""
+    pieces = max(1, math.ceil(lam / POISSON_PIECE))
+    out = np.zeros(length, dtype=np.int64)
+    for _ in range(pieces):
+        out += gen.poisson(lam / pieces, length).astype(np.int64)
+    return out
+
+
 def skellam_share(variance: float, share: int, length: int,
                   rng: np.random.Generator | None = None) -> np.ndarray:
     """One contributor's noise: symmetric Skellam of variance ``variance / share`` per
     coordinate, from OS entropy unless ``rng`` (tests only)."""
     if share < 1:
         raise ValueError(f"share must be >= 1, got {share}")
+    check_share(variance, share)
     lam = float(variance) / (2 * share)
     gen = rng or private_numpy_rng()
-    return (gen.poisson(lam, length) - gen.poisson(lam, length)).astype(np.int64)
+    return _poisson(gen, lam, length) - _poisson(gen, lam, length)

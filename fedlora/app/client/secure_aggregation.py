@@ -42,6 +42,7 @@ from fedlora import distributed_dp, runtime
 from fedlora.adapters import adapter_state
 from fedlora.models import cached_lora_model
 from fedlora.privacy.site_policy import PolicyRefusal, SitePolicy
+from fedlora.privacy.skellam import check_share
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY, NodeInfo, with_overrides
 from fedlora.secagg import ProtocolError, RoundConfig, SecAggClient, encode
 from fedlora.secagg.floor import Floor
@@ -177,6 +178,10 @@ def check_round(body: Mapping[str, Any], msg: Message, context: Context) -> None
         if config.length != spec.length:
             raise ProtocolError(f"the round sums {config.length} entries; this site's "
                                 f"{release.kind} makes {spec.length}")
+        try:  # a share numpy draws exactly (a function of the run-config alone)
+            check_share(spec.variance(release.sigma), t)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from None
         own = spec.gaussian_equivalent(spec.variance(release.sigma) / t)  # its share alone
         try:  # the site's own floors on its share of the noise
             SitePolicy.from_node_config(context.node_config).check_noise_share(t, own)
@@ -311,9 +316,11 @@ def _masked(msg: Message, context: Context, cfg, reply: Mapping[str, Any]) -> Me
             raise ProtocolError("a distributed DP round masks the site's noised vector, and "
                                 "only such a round")
         if release is not None:  # its noise share, then the ring
+            sigma = float(np.asarray(reply[distributed_dp.SIGMA_KEY]).ravel()[0])
+            if sigma != release.sigma:  # what it charged is what the round binds
+                raise ProtocolError("the plan's noise multiplier is not the round's")
             vector = encode(distributed_dp.noised(
-                reply[distributed_dp.VECTOR_KEY],
-                sigma=float(np.asarray(reply[distributed_dp.SIGMA_KEY]).ravel()[0]),
+                reply[distributed_dp.VECTOR_KEY], sigma=sigma,
                 cohort=len(client.config.cohort), cfg=cfg, spec=release.spec,
                 bits=client.config.bits), client.config.bits)
         else:

@@ -36,6 +36,7 @@ from fedlora import distributed_dp
 from fedlora.config import ConfigError
 from fedlora.privacy import epsilon_of_history, site_mechanism
 from fedlora.privacy.distributed_user_level import participation_cap
+from fedlora.privacy.skellam import check_share
 from fedlora.privacy.user_level import check_population
 from fedlora.protocol import CONFIG_KEY, LORA_KEY, STATUS_KEY
 from fedlora.secagg import COMPLETE, RoundAborted, RoundConfig, SecAggServer
@@ -105,10 +106,14 @@ class SecureAggregationStrategy(WrappingStrategy):
         release = distributed_dp.release_for(self.cfg, self.payload, 1)
         if release is not None:
             try:
-                distributed_dp.share_divisor(self.cfg, cohort)
+                divisor = distributed_dp.share_divisor(self.cfg, cohort)
             except ValueError as e:
                 raise ConfigError("dp-max-dropouts", self.cfg.dp_max_dropouts,
                                   f"fewer missing sites than honest ones: {e}") from None
+            try:
+                check_share(release.spec.variance(release.sigma), divisor)
+            except ValueError as e:
+                raise ConfigError("target-epsilon", self.cfg.target_epsilon, str(e)) from None
             log.info("distributed DP (%s): cohorts of %d sites, %d neighbours each, %d shares "
                      "to rebuild a secret; each round sums %d integers, each site adding "
                      "1/%d of the noise, modulus 2^%d%s", release.kind, cohort, degree,
