@@ -349,8 +349,7 @@ class EncodedDataset:
     """A :class:`TextDataset` tokenised once; batches are padded to their own longest row."""
 
     def __init__(self, data: TextDataset, tokenizer, max_length: int) -> None:
-        # Never past the model's own positions: a longer row would crash the model, and
-        # under DP a crash that depends on one row would be an un-noised bit about it.
+        # Never past the model's own positions (a crash on one row would be a bit about it).
         limit = getattr(tokenizer, "model_max_length", None)
         if isinstance(limit, int) and 0 < limit < 1_000_000:
             max_length = min(max_length, limit)
@@ -359,6 +358,7 @@ class EncodedDataset:
         self.input_ids: list[list[int]] = enc.get("input_ids", [])
         self.labels = torch.as_tensor(data.labels, dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.max_length = max_length  # no row is longer (the model's own limit applied)
         self.data = data
 
     def __len__(self) -> int:

@@ -9,7 +9,8 @@ before the noise share :func:`fedlora.distributed_dp.noised` adds.
   every example's gradient through the whole model, Opacus' per-example gradients
   (:func:`lora_step_vector`). Every example of the site takes part (a full-batch step:
   q = 1, what the ledger charges), dropout off, every example padded to the run's
-  ``max-length`` so that it is computed in the same shapes whatever else is in its chunk.
+  ``max-length`` (within the model's own limit) so that it is computed at the same width
+  whatever else is in its chunk (a chunk's size still varies: its last bits may).
   The per-example argument assumes a model whose examples do not interact (no layer mixes
   the examples of a batch, no random layer drop): the packaged models are such.
 
@@ -197,7 +198,7 @@ def lora_step_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: R
         raise ValueError("the sent tensors and the round's vector differ in size")
     return _sum_chunks(indices, spec, float(cfg.max_grad_norm),
                        lambda idx: example_gradients(model, data, idx, keys,
-                                                     int(cfg.max_length)),
+                                                     int(getattr(data, "max_length", 0))),
                        int(cfg.max_num_examples))
 
 

@@ -239,13 +239,13 @@ def test_huge_noise_keeps_its_low_bits_and_a_share_beyond_exact_draws_is_refused
     and a share whose rate passes the cap is refused (before any site trains)."""
     from fedlora.privacy.skellam import MAX_SHARE_RATE, check_share
 
-    variance = 2 * MAX_SHARE_RATE  # a share at the cap: 16 pieces of 2^36
+    variance = 2 * MAX_SHARE_RATE  # a share at the cap: 256 pieces of 2^30
     draws = skellam_share(variance, 1, 40_000)
     counts = np.bincount((draws % 64).astype(np.int64), minlength=64)
     assert stats.chisquare(counts).pvalue > 1e-4  # the low bits are uniform
     assert abs(draws.astype(np.float64).var() / variance - 1) < 5 * math.sqrt(2 / 40_000)
-    with pytest.raises(ValueError, match="drawn exactly"):
+    with pytest.raises(ValueError, match="drawn accurately"):
         check_share(2 ** 59, 1)  # what a server asking for sigma 131072 on the head gets
-    with pytest.raises(ValueError, match="drawn exactly"):
+    with pytest.raises(ValueError, match="drawn accurately"):
         skellam_share(2 ** 59, 1, 10)
-    check_share(2 ** 59, 2 ** 18)  # the same noise split over enough honest sites is fine
+    check_share(2 ** 59, 2 ** 20)  # the same noise split over enough honest sites is fine

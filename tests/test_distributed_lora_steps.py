@@ -118,3 +118,17 @@ def test_lora_rounds_step_every_sent_tensor_on_the_noised_sum(custom_task, monke
     b = [v for k, v in saved.items() if "lora_B" in k]
     assert b and all(np.abs(v).max() > 0 for v in b)  # B moved off its zero init
     assert json.loads((run_dir / "comms.json").read_text())["measured_equals_analytic"]
+
+
+def test_the_fixed_width_stays_within_the_models_positions(custom_task):
+    """A server asking for max-length 4096 on a 128-position model must not make every
+    example fail (its LoRA rounds would release pure noise)."""
+    cfg = parse_run_config({**custom_task, "dp-mode": "sample", "secure-aggregation": True,
+                            "max-length": 4096})
+    model = build_lora_model(model_spec(cfg))
+    data = client_data(cfg, partition_id=0, num_partitions=4, data_path=None)
+    assert data.data.max_length <= 128
+    keys = sorted(method_for(cfg).payload(adapter_state(model)))
+    grads = example_gradients(model, data.data, np.asarray(data.train_idx[:3]), keys,
+                              data.data.max_length)
+    assert grads.shape[0] == 3 and np.abs(grads).sum() > 0

@@ -277,9 +277,10 @@ class SitePolicy:
         multiplier (its share alone, as a Gaussian-equivalent) is below its
         ``min-noise-multiplier``."""
         if self.min_noise_share is not None and 1.0 / contributors < self.min_noise_share:
-            raise PolicyRefusal(f"the round's dp-min-honest = {contributors} gives this site "
-                                f"a noise share of 1/{contributors}, below its node-config "
-                                f"key 'min-noise-share' = {self.min_noise_share:g}")
+            raise PolicyRefusal(f"the round's dp-min-honest and dp-max-dropouts give this "
+                                f"site a noise share of 1/{contributors}, below its "
+                                f"node-config key 'min-noise-share' = "
+                                f"{self.min_noise_share:g}")
         own = own_noise_multiplier
         if self.min_noise_multiplier is not None and own < self.min_noise_multiplier:
             raise PolicyRefusal(f"this site's share of the noise, noise multiplier {own:.4g}, "

@@ -12,9 +12,10 @@ honest, carries noise of variance at least ``v`` on every coordinate: one centra
 step on the union of the sites' data. The server unmasks only the sum; dividing the
 gradient coordinates by the noised count is post-processing. (``dp-mode = "client"`` on the
 secure sum uses the same noise on the sites' clipped updates,
-:mod:`fedlora.privacy.distributed_user_level`.) Poisson rates are drawn in pieces small
-enough for numpy's double-precision sampler to be exact, and a share that would need rates
-above :data:`MAX_SHARE_RATE` is refused before any site trains.
+:mod:`fedlora.privacy.distributed_user_level`.) Poisson rates are drawn in pieces of at most
+:data:`POISSON_PIECE`, where numpy's double-precision sampler is accurate to about 1e-5 in
+a draw's log-probability (not exact: far larger rates lose the draws' low bits), and a share
+that would need rates above :data:`MAX_SHARE_RATE` is refused before any site trains.
 
 Neighbouring relation: add or remove one training example of one site. One example moves
 the sum by its own rounded vector: after clipping and scaling its gradient has L2 norm at
@@ -173,11 +174,12 @@ class SkellamSum:
 
 
 #: The largest Poisson rate drawn at once: numpy's sampler works in double precision, and
-#: far above this its draws lose their low bits (at 2^53 every draw is even).
-POISSON_PIECE = 2.0 ** 36
+#: its acceptance test loses precision as the rate grows (at 2^53 every draw is even; at
+#: 2^36 a draw's log-probability is off by up to 3e-4, at 2^30 by about 7e-6).
+POISSON_PIECE = 2.0 ** 30
 #: The largest rate of a share's Poisson halves: a round asking for more is refused before
-#: any site trains (:func:`check_share`), so a share takes at most 16 pieces.
-MAX_SHARE_RATE = 2.0 ** 40
+#: any site trains (:func:`check_share`), so a share takes at most 256 pieces.
+MAX_SHARE_RATE = 2.0 ** 38
 
 
 def check_share(variance: float, share: int) -> None:
@@ -186,14 +188,14 @@ def check_share(variance: float, share: int) -> None:
     lam = float(variance) / (2 * share)
     if not lam <= MAX_SHARE_RATE:
         raise ValueError(f"a noise share of variance {2 * lam:.4g} per coordinate is above "
-                         f"what is drawn exactly ({2 * MAX_SHARE_RATE:.4g}): the plan's noise "
+                         f"what is drawn accurately ({2 * MAX_SHARE_RATE:.4g}): the plan's noise "
                          "multiplier is too large for this share (a larger target-epsilon or "
                          "more honest sites per sum)")
 
 
 def _poisson(gen: np.random.Generator, lam: float, length: int) -> np.ndarray:
     """Poisson(``lam``) draws as sums of draws of rate at most :data:`POISSON_PIECE` (a sum
-    of independent Poisson variables is Poisson), each exact in double precision."""
+    of independent Poisson variables is Poisson), where numpy's sampler is accurate."""
     pieces = max(1, math.ceil(lam / POISSON_PIECE))
     out = np.zeros(length, dtype=np.int64)
     for _ in range(pieces):
