@@ -84,6 +84,10 @@ class SecureAggregationStrategy(WrappingStrategy):
         # updates (client) instead, each site adding a share of the noise
         # (fedlora.distributed_dp).
         self.dp_step = distributed_dp.ServerStep(cfg) if cfg.dp_mode == "sample" else None
+        if self.dp_step is not None and cfg.probe_rounds < cfg.num_server_rounds:
+            log.warning("distributed DP: rounds %d-%d are full-batch LoRA steps, measured once "
+                        "to collapse the model at Adam 0.02 (docs/privacy.md, distributed DP); "
+                        "not a recipe yet", cfg.probe_rounds + 1, cfg.num_server_rounds)
         self.user_level = cfg.dp_mode == "client"
         self.cap = participation_cap(cfg) if self.user_level else 0
         self.site_plan = site_mechanism(cfg).plan(cfg, None) if self.user_level else None
