@@ -18,6 +18,7 @@ from torch import nn
 __all__ = [
     "FACTOR_A",
     "FACTOR_B",
+    "adapter_parameters",
     "adapter_state",
     "load_adapter_state",
     "is_factor_key",
@@ -40,6 +41,17 @@ def adapter_state(model: nn.Module) -> dict[str, np.ndarray]:
     """The adapter tensors of a peft model (LoRA factors and any trained head), as float32."""
     sd = get_peft_model_state_dict(_unwrap(model))
     return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in sd.items()}
+
+
+def adapter_parameters(model: nn.Module, keys: list[str]) -> list[nn.Parameter]:
+    """The model's parameters behind the adapter keys ``keys``, in that order: each key's
+    tensor in peft's state dict shares its parameter's storage."""
+    sd = get_peft_model_state_dict(_unwrap(model))
+    by_storage = {p.data_ptr(): p for p in model.parameters()}
+    missing = [k for k in keys if k not in sd or sd[k].data_ptr() not in by_storage]
+    if missing:
+        raise ValueError(f"cannot match adapter keys {missing[:3]} to the model's parameters")
+    return [by_storage[sd[k].data_ptr()] for k in keys]
 
 
 def load_adapter_state(model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:

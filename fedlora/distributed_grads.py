@@ -25,8 +25,9 @@ refusal would be a noiseless answer). A site's sum is clipped per coordinate to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .adapters import is_factor_key
+from .adapters import adapter_parameters, is_factor_key
 from .dp_sgd import dropout_off, release_grad_samples
 from .heads import head_module
 from .privacy.skellam import SkellamSum
@@ -45,7 +46,7 @@ from .training import trainable_parameters
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["CHUNK", "example_gradients", "fixed_width", "lora_step_vector", "payload_parameters",
+__all__ = ["CHUNK", "example_gradients", "fixed_width", "lora_step_vector", "per_example",
            "per_example_grads", "site_vector", "step_vector"]
 
 log = logging.getLogger("fedlora.client")
@@ -135,17 +136,17 @@ def site_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunCon
 
 
 # -- a step of every sent tensor ------------------------------------------------------------
-def payload_parameters(model: nn.Module, keys: list[str]) -> list[nn.Parameter]:
-    """The model's parameters of the adapter keys ``keys``, in that order (an adapter key is
-    its parameter's name without peft's adapter name and ``modules_to_save``)."""
-    by_key = {}
-    for name, p in model.named_parameters():
-        key = name.replace(".modules_to_save", "").replace(".default", "")
-        by_key[key] = p
-    missing = [k for k in keys if k not in by_key]
-    if missing:
-        raise ValueError(f"cannot match adapter keys {missing[:3]} to the model's parameters")
-    return [by_key[k] for k in keys]
+@contextlib.contextmanager
+def per_example(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` wrapped by Opacus for per-example gradients, dropout off; unwrapped after
+    (the model is cached and serves other rounds)."""
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    gsm.train()
+    try:
+        with dropout_off(model):
+            yield gsm
+    finally:
+        release_grad_samples(gsm, trainable_parameters(model))
 
 
 def fixed_width(batch: dict[str, torch.Tensor], width: int,
@@ -161,45 +162,45 @@ def fixed_width(batch: dict[str, torch.Tensor], width: int,
     return out
 
 
+def _grads_in(gsm: nn.Module, params: list[nn.Parameter], data: Any, idx: np.ndarray,
+              width: int) -> np.ndarray:
+    """One chunk's per-example gradients of ``params`` through the wrapped model ``gsm``."""
+    batch = fixed_width(data.collate(idx), width, getattr(data, "pad_id", 0))
+    batch = {k: v.to(params[0].device) for k, v in batch.items()}
+    gsm(**batch).loss.backward()  # cross-entropy: a mean of per-example losses
+    rows = []
+    for p in params:
+        sample = getattr(p, "grad_sample", None)
+        if sample is not None and sample.shape[0] != len(idx):
+            raise ValueError("per-example gradients of another batch size")
+        rows.append(torch.zeros((len(idx), p.numel()), dtype=torch.float64) if sample is None
+                    else sample.detach().reshape(len(idx), -1).double().cpu())
+        p.grad_sample = None
+    return _rows_finite(torch.cat(rows, 1).numpy())
+
+
 def example_gradients(model: nn.Module, data: Any, idx: np.ndarray, keys: list[str],
                       width: int = 0) -> np.ndarray:
     """``(len(idx), dims)`` gradients of each example's loss with respect to the tensors of
     adapter keys ``keys`` (in that order), dropout off, every example padded to ``width``;
-    a row with a non-finite entry is zero. Opacus wraps the model for the call and is
-    removed after (the model is cached)."""
-    params = payload_parameters(model, keys)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
-    gsm.train()
-    try:
-        with dropout_off(model):
-            device = params[0].device
-            batch = fixed_width(data.collate(idx), width, getattr(data, "pad_id", 0))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            gsm(**batch).loss.backward()  # cross-entropy: a mean of per-example losses
-            rows = []
-            for p in params:
-                sample = getattr(p, "grad_sample", None)
-                if sample is not None and sample.shape[0] != len(idx):
-                    raise ValueError("per-example gradients of another batch size")
-                rows.append(torch.zeros((len(idx), p.numel()), dtype=torch.float64)
-                            if sample is None
-                            else sample.detach().reshape(len(idx), -1).double().cpu())
-    finally:
-        release_grad_samples(gsm, trainable_parameters(model))
-    return _rows_finite(torch.cat(rows, 1).numpy())
+    a row with a non-finite entry is zero."""
+    params = adapter_parameters(model, keys)
+    with per_example(model) as gsm:
+        return _grads_in(gsm, params, data, idx, width)
 
 
 def lora_step_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,
                      payload: Mapping[str, Any], spec: SkellamSum) -> np.ndarray:
     """A LoRA round's vector: every sent tensor's clipped per-example gradients (sorted
-    keys), summed, counted."""
-    keys = sorted(payload)
-    if sum(p.numel() for p in payload_parameters(model, keys)) != spec.dims:
+    keys), summed, counted; the model wrapped once for the round."""
+    params = adapter_parameters(model, sorted(payload))
+    if sum(p.numel() for p in params) != spec.dims:
         raise ValueError("the sent tensors and the round's vector differ in size")
-    return _sum_chunks(indices, spec, float(cfg.max_grad_norm),
-                       lambda idx: example_gradients(model, data, idx, keys,
-                                                     int(getattr(data, "max_length", 0))),
-                       int(cfg.max_num_examples))
+    width = int(getattr(data, "max_length", 0))
+    with per_example(model) as gsm:
+        return _sum_chunks(indices, spec, float(cfg.max_grad_norm),
+                           lambda idx: _grads_in(gsm, params, data, idx, width),
+                           int(cfg.max_num_examples))
 
 
 def step_vector(model: nn.Module, data: Any, indices: np.ndarray, *, cfg: RunConfig,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from fedlora import distributed_dp
-from fedlora.adapters import adapter_state
-from fedlora.distributed_grads import example_gradients, lora_step_vector, payload_parameters
+from fedlora.adapters import adapter_parameters, adapter_state
+from fedlora.distributed_grads import example_gradients, lora_step_vector
 from fedlora.models import build_lora_model
 from fedlora.privacy.skellam import SkellamSum
 from fedlora.runtime import client_data, method_for, model_spec, parse_run_config
@@ -27,7 +27,7 @@ def site(custom_task):
     cfg = parse_run_config({**custom_task, "dp-mode": "sample", "secure-aggregation": True,
                             "num-server-rounds": 3, "probe-rounds": 1})
     model = build_lora_model(model_spec(cfg))
-    for p in payload_parameters(model, sorted(adapter_state(model))):  # B away from 0
+    for p in adapter_parameters(model, sorted(adapter_state(model))):  # B away from 0
         p.data.normal_(0, 0.1)
     data = client_data(cfg, partition_id=0, num_partitions=4, data_path=None)
     payload = method_for(cfg).payload(adapter_state(model))
@@ -39,7 +39,7 @@ def test_each_examples_gradient_is_its_own_and_dropout_is_off(site):
     keys = sorted(payload)
     idx = np.asarray(data.train_idx[:5])
     together = example_gradients(model, data.data, idx, keys)
-    params = payload_parameters(model, keys)
+    params = adapter_parameters(model, keys)
     for row, i in enumerate(idx):  # plain autograd on the example alone, dropout off
         model.eval()
         model.zero_grad(set_to_none=True)
@@ -77,14 +77,14 @@ def test_a_non_finite_example_adds_nothing_and_still_counts(site, monkeypatch):
     spec = SkellamSum.for_dims(sum(int(np.size(v)) for v in payload.values()))
     import fedlora.distributed_grads as grads_module
 
-    real = grads_module.example_gradients
+    real = grads_module._grads_in
 
-    def poisoned(model, data, idx, keys):
-        out = real(model, data, idx, keys)
+    def poisoned(gsm, params, data, idx, width):
+        out = real(gsm, params, data, idx, width)
         out[0] = np.inf  # the first example of every chunk overflows
         return grads_module._rows_finite(out)
 
-    monkeypatch.setattr(grads_module, "example_gradients", poisoned)
+    monkeypatch.setattr(grads_module, "_grads_in", poisoned)
     idx = np.asarray(data.train_idx[:10])
     vector = lora_step_vector(model, data.data, idx, cfg=cfg, payload=payload, spec=spec)
     assert vector[-1] == 10 * spec.count_weight and np.isfinite(vector).all()
