@@ -41,6 +41,7 @@ from .privacy.distributed_user_level import update_spec
 from .privacy.skellam import SIGMA_KEY, VECTOR_KEY, SkellamSum, skellam_share
 from .probe import is_probe_round
 from .secagg import bits_for
+from .secure_sum import add_flat
 
 if TYPE_CHECKING:
     from .run_config import RunConfig
@@ -210,10 +211,4 @@ def update_mean(release: Release, state: Mapping[str, np.ndarray], total: np.nda
     noised mean update, ``clip / units x total / survivors`` (the number in the sum is
     public): post-processing of the released sum."""
     update, _ = release.spec.decode(total, release.clip)
-    update /= max(int(survivors), 1)
-    out, at = {}, 0
-    for key in release.keys:
-        cur = np.asarray(state[key], dtype=np.float64)
-        out[key] = (cur + update[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
-        at += cur.size
-    return out
+    return add_flat(state, release.keys, update / max(int(survivors), 1))

@@ -42,7 +42,8 @@ from .wire import STYPE
 if TYPE_CHECKING:
     from .run_config import RunConfig
 
-__all__ = ["ACTIONS", "MASKED_KEY", "SECAGG_KEY", "SecureSum", "check_config", "from_records",
+__all__ = ["ACTIONS", "MASKED_KEY", "SECAGG_KEY", "SecureSum", "add_flat", "check_config",
+           "flat_update", "from_records",
            "message_type", "protocol_bytes", "resolve_graph", "to_records", "transport_dtype"]
 
 #: The protocol's client stages and the train actions that carry them (``train.<action>``).
@@ -161,9 +162,7 @@ class SecureSum:
                 tuple(np.shape(reply[k])) != shape for k, shape in layout):
             raise ValueError("secure aggregation needs a reply with exactly the tensors and "
                              "shapes received (every site at the global rank)")
-        update = np.concatenate([
-            (np.asarray(reply[k], np.float64) - np.asarray(received[k], np.float64)).ravel()
-            for k, _ in layout]) if layout else np.zeros(0)
+        update = flat_update(reply, received, [k for k, _ in layout])
         scaled = np.clip(update, -self.clip, self.clip) / self.step
         values = np.clip(stochastic_round(scaled), -self.levels, self.levels)
         return encode(values, bits)
@@ -172,13 +171,27 @@ class SecureSum:
              received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``received + step * total / survivors`` per tensor (``total``: the signed sum)."""
         delta = np.asarray(total, np.float64) * (self.step / survivors)
-        out, at = {}, 0
-        for key, shape in self.layout(received):
-            size = math.prod(shape)
-            out[key] = (np.asarray(received[key], np.float64)
-                        + delta[at:at + size].reshape(shape)).astype(np.float32)
-            at += size
-        return out
+        return add_flat(received, [k for k, _ in self.layout(received)], delta)
+
+
+def flat_update(reply: Mapping[str, Any], received: Mapping[str, Any],
+                keys: list[str]) -> np.ndarray:
+    """``reply - received`` over ``keys``, as one float64 vector in that order."""
+    if not keys:
+        return np.zeros(0)
+    return np.concatenate([(np.asarray(reply[k], np.float64)
+                            - np.asarray(received[k], np.float64)).ravel() for k in keys])
+
+
+def add_flat(received: Mapping[str, Any], keys: list[str] | tuple[str, ...],
+             delta: np.ndarray) -> dict[str, np.ndarray]:
+    """``received`` plus the flat vector ``delta`` laid over ``keys`` in order (float32)."""
+    out, at = {}, 0
+    for key in keys:
+        cur = np.asarray(received[key], np.float64)
+        out[key] = (cur + delta[at:at + cur.size].reshape(cur.shape)).astype(np.float32)
+        at += cur.size
+    return out
 
 
 def transport_dtype(bits: int) -> np.dtype:

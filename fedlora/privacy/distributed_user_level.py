@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..config import ConfigError
+from ..secure_sum import flat_update
 from .mechanisms import ClientMechanism, DpPlan, calibrated_sigma, check_privacy_params
 from .skellam import SIGMA_KEY, VECTOR_KEY, SkellamSum
 
@@ -80,9 +81,7 @@ def update_vector(trained: Mapping[str, np.ndarray], received: Mapping[str, np.n
     keys = sorted(received)
     if sorted(trained) != keys:
         raise ValueError("the trained tensors must be exactly the received ones")
-    update = np.concatenate([
-        (np.asarray(trained[k], np.float64) - np.asarray(received[k], np.float64)).ravel()
-        for k in keys])
+    update = flat_update(trained, received, keys)
     update[~np.isfinite(update)] = 0.0
     spec = update_spec(received)
     return spec.bound_sum(spec.encode(update[None, :], clip, rng), 1)

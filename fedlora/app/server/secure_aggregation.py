@@ -118,16 +118,16 @@ class SecureAggregationStrategy(WrappingStrategy):
                 check_share(release.spec.variance(release.sigma), divisor)
             except ValueError as e:
                 raise ConfigError("target-epsilon", self.cfg.target_epsilon, str(e)) from None
-            if degree + 1 < distributed_dp.min_contributors(self.cfg, cohort):
+            need = distributed_dp.min_contributors(self.cfg, cohort)
+            if degree + 1 < need:
                 log.warning("distributed DP: %d neighbours per site, and a site with pinned "
                             "identities counts only itself and its pinned neighbours towards "
                             "the %d a sum needs: such sites will refuse every round (raise "
-                            "secagg-degree)", degree,
-                            distributed_dp.min_contributors(self.cfg, cohort))
+                            "secagg-degree)", degree, need)
             log.info("distributed DP (%s): cohorts of %d sites, %d neighbours each, %d shares "
                      "to rebuild a secret; each round sums %d integers, each site adding "
                      "1/%d of the noise, modulus 2^%d%s", release.kind, cohort, degree,
-                     threshold, release.spec.length, distributed_dp.share_divisor(self.cfg, cohort),
+                     threshold, release.spec.length, divisor,
                      distributed_dp.round_bits(self.cfg, release, cohort),
                      f"; at most {self.cap} rounds per site" if self.user_level else "")
             return found
