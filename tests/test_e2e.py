@@ -15,6 +15,18 @@ from .flwr_local import flwr_run, local_flwr
 pytestmark = pytest.mark.slow
 
 
+def _run_to_the_end(tmp_path, run_config: str, run_dir, *, supernodes: int, timeout: int,
+                    rounds: int) -> tuple:
+    """`flwr run` on the local SuperLink; asserts it finished every round. Returns the run
+    folder and its metrics.json."""
+    with local_flwr(tmp_path / "flwr-home") as env:
+        proc = flwr_run(env, run_config, num_supernodes=supernodes, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert f"[round {rounds}/{rounds}]" in log and "done in" in log, log[-4000:]
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
 # svd exports the global factors as fedavg does; every aggregator also runs in process
 # (tests/test_methods.py).
 @pytest.mark.parametrize("aggregator", ["fedavg", "ffa", "stack"])
@@ -23,14 +35,8 @@ def test_flwr_run_real_model_writes_results_and_a_loadable_adapter(tmp_path, agg
     run_config = (f"num-server-rounds=2 local-steps=4 fraction-train=0.5 fraction-evaluate=0.25 "
                   f"lora-rank=4 test-fraction=0.03 aggregator='{aggregator}' "
                   f"output-dir='{out}' run-name='e2e'")
-    with local_flwr(tmp_path / "flwr-home") as env:
-        proc = flwr_run(env, run_config, num_supernodes=4, timeout=900)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "[round 2/2]" in log and "done in" in log, log[-4000:]
-
-    run_dir = out / "e2e"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = _run_to_the_end(tmp_path, run_config, out / "e2e", supernodes=4,
+                                       timeout=900, rounds=2)
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert metrics["config"]["lora-rank"] == 4  # the run-config override took effect
@@ -81,14 +87,8 @@ def test_flwr_run_trains_each_adapter_family_and_init(tmp_path, custom_task, tin
     run_config = (f"{task} {overrides} num-server-rounds=1 local-steps=2 batch-size=8 "
                   f"lora-rank=4 lora-alpha=8.0 fraction-train=1.0 fraction-evaluate=0.0 "
                   f"num-partitions=2 base-dtype='float32' output-dir='{out}' run-name='family'")
-    with local_flwr(tmp_path / "flwr-home") as env:
-        proc = flwr_run(env, run_config, num_supernodes=2, timeout=600)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "[round 1/1]" in log and "done in" in log, log[-4000:]
-
-    run_dir = out / "family"
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    run_dir, metrics = _run_to_the_end(tmp_path, run_config, out / "family", supernodes=2,
+                                       timeout=600, rounds=1)
     wanted = dict(item.split("=", 1) for item in overrides.split())
     for key, value in wanted.items():
         assert str(metrics["config"][key]) == value.strip("'"), (key, metrics["config"][key])
